@@ -1,0 +1,43 @@
+# Two commands on a fresh clone: `make run` and `make test`. Both set up .venv first (once; a stamp
+# file makes the second time a no-op). torch==2.13.0 goes in alone first so pip takes the local CPU
+# wheel; everything else is installed under constraints.txt (exact pins).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.medprune-installed
+EXP    ?=
+ARGS   ?=
+
+export NO_ALBUMENTATIONS_UPDATE := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup run test test-slow ui sweep clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@if $(BIN)/python -m pip list 2>/dev/null | grep -i '^nvidia-'; then \
+		echo "error: CUDA (nvidia-*) packages were pulled in; check constraints.txt" >&2; exit 1; fi
+	touch $@
+
+run: setup
+	$(BIN)/python -m pipeline.run $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow $(ARGS)
+
+sweep: setup
+	$(BIN)/python -m pipeline.run -m $(if $(EXP),experiment=$(EXP)) $(ARGS)
+
+ui: setup
+	$(BIN)/python -m pipeline.tracking ui
+
+clean:
+	rm -rf outputs

@@ -1,0 +1,318 @@
+"""ISIC 2018 Task 1 (lesion boundary segmentation), read from the official folder layout.
+
+Full-size dermoscopy JPEGs (up to 3072x2304) are decoded once, at reduced scale (JPEG draft mode),
+resized to `image_size` and kept in memory; decoding them per item would make the loader, not the
+model, the bottleneck of every epoch and benchmark. Every file is checked while loading, and all
+problems are reported together in one DatasetError before any training starts.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from data.base import ArrayDataset, DatasetError, SegmentationData
+from data.splits import carve, check_disjoint, check_fraction
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
+
+log = logging.getLogger(__name__)
+
+TRAIN_DIRS = ("ISIC2018_Task1-2_Training_Input", "ISIC2018_Task1_Training_GroundTruth")
+# Official held-out folders: used as the val/test split when they are there with their ground truth.
+OFFICIAL_DIRS = {
+    "val": ("ISIC2018_Task1-2_Validation_Input", "ISIC2018_Task1_Validation_GroundTruth"),
+    "test": ("ISIC2018_Task1-2_Test_Input", "ISIC2018_Task1_Test_GroundTruth"),
+}
+IMAGE_NAME = re.compile(r"^(ISIC_[^.]+)\.(jpg|jpeg)$", re.IGNORECASE)
+MASK_SUFFIX = "_segmentation.png"
+MAX_PROBLEMS_SHOWN = 20
+_BINARISE = [0] * 128 + [255] * 128  # value > 127 is lesion, as the challenge's masks are {0,255}
+
+
+@dataclass(frozen=True)
+class Pair:
+    case_id: str
+    image: Path
+    mask: Path
+
+
+class _Problem(Exception):
+    """One bad file; collected so that a single error lists them all."""
+
+
+def scan_folder(input_dir: Path, mask_dir: Path) -> tuple[list[Pair], int, list[str]]:
+    """Pairs ISIC_*.jpg with their masks. Returns (pairs sorted by id, files ignored, problems)."""
+    if not mask_dir.is_dir():
+        raise DatasetError(
+            f"mask folder {mask_dir} is missing: expected it beside {input_dir.name}, holding "
+            f"ISIC_XXXXXXX{MASK_SUFFIX} for every image"
+        )
+    pairs, problems, ignored = [], [], 0
+    for entry in sorted(os.scandir(input_dir), key=lambda e: e.name):
+        match = IMAGE_NAME.match(entry.name)
+        if not match or not entry.is_file():
+            ignored += 1  # LICENSE.txt, ATTRIBUTION.txt, superpixel PNGs, ...
+            continue
+        case_id = match.group(1)
+        mask = mask_dir / f"{case_id}{MASK_SUFFIX}"
+        if not mask.is_file():
+            problems.append(f"image {Path(entry.path)} has no mask: expected {mask}")
+            continue
+        pairs.append(Pair(case_id, Path(entry.path), mask))
+    mask_names = {f"{p.case_id}{MASK_SUFFIX}" for p in pairs}
+    ignored += sum(1 for name in os.listdir(mask_dir) if name not in mask_names)
+    return pairs, ignored, problems
+
+
+def load_pair(pair: Pair, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decodes and resizes one pair: (uint8 [size,size,3], uint8 [size,size] in {0,1}); raises _Problem."""
+    try:
+        with Image.open(pair.image) as im:
+            image_size = im.size
+            im.draft("RGB", (size, size))  # JPEG decodes at 1/2..1/8 scale, still >= size: far faster
+            rgb = im.convert("RGB").resize((size, size), Image.BILINEAR)
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        raise _Problem(f"image {pair.image} cannot be read ({type(err).__name__}: {err}); expected a complete RGB JPEG")
+    try:
+        with Image.open(pair.mask) as m:
+            if m.size != image_size:
+                raise _Problem(
+                    f"mask {pair.mask} is {m.size[0]}x{m.size[1]} but its image {pair.image} is "
+                    f"{image_size[0]}x{image_size[1]}: expected the same size"
+                )
+            m.load()
+            if m.mode in ("RGB", "RGBA"):
+                channels = np.asarray(m.convert("RGB"))
+                if not ((channels[..., 0] == channels[..., 1]).all() and (channels[..., 1] == channels[..., 2]).all()):
+                    raise _Problem(
+                        f"mask {pair.mask} is {m.mode} with differing channels: expected a single-channel "
+                        f"(grayscale) mask with values {{0,255}}"
+                    )
+            elif m.mode not in ("1", "L", "LA", "P", "PA", "I", "I;16", "I;16B", "I;16L", "F"):
+                raise _Problem(f"mask {pair.mask} has mode {m.mode}: expected a single-channel (grayscale) mask")
+            gray = m if m.mode == "L" else m.convert("L")
+    except _Problem:
+        raise
+    except Exception as err:
+        raise _Problem(f"mask {pair.mask} cannot be read ({type(err).__name__}: {err}); expected a PNG mask")
+    low, high = gray.getextrema()
+    if 0 < high <= 127:
+        raise _Problem(
+            f"mask {pair.mask} has values {low}..{high}: expected {{0,255}} (lesion = value > 127); "
+            f"a 0/1 label mask would read as empty"
+        )
+    # Binarise at full resolution, then area-average and re-threshold: a majority vote per output pixel
+    # keeps the lesion outline better than picking one full-resolution pixel in 40 (nearest).
+    binary = gray.point(_BINARISE).resize((size, size), Image.BOX)
+    mask = (np.asarray(binary) > 127).astype(np.uint8)
+    return np.asarray(rgb, dtype=np.uint8), mask
+
+
+def _check_int(value, key: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{key}={value!r} is invalid: expected an integer >= {low}")
+    return int(value)
+
+
+def _check_triple(value, key: str, positive: bool) -> tuple[float, float, float]:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        out = ()
+    if len(out) != 3 or (positive and min(out) <= 0):
+        kind = "positive numbers" if positive else "numbers"
+        raise ValueError(f"{key}={value!r} is invalid: expected a list of 3 {kind} (one per RGB channel)")
+    return out
+
+
+class ISIC2018(SegmentationData):
+    """ISIC 2018 Task 1: RGB dermoscopy images, one binary lesion mask each.
+
+    Official validation/test folders (with ground truth) are used as the val/test splits when present;
+    a split without them is carved from the training pairs with `split_seed` (not the run's seed, so a
+    sweep over seeds keeps one test set).
+    """
+
+    in_channels = 3
+    num_classes = 1
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 256,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        limit: Optional[int] = None,
+        rotate_limit: float = 15.0,
+        hflip_p: float = 0.5,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        workers: int = 2,
+        split_seed: int = 0,
+    ):
+        super().__init__()
+        if root is None or str(root).strip() == "":
+            raise ValueError("root is not set: expected the folder holding ISIC2018_Task1-2_Training_Input")
+        self.root = Path(str(root)).expanduser()
+        self.image_size = _check_int(image_size, "image_size", 8)
+        self.val_fraction = check_fraction(val_fraction, "val_fraction")
+        self.test_fraction = check_fraction(test_fraction, "test_fraction")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} is invalid: "
+                f"expected < 1 so that training keeps some pairs"
+            )
+        self.limit = None if limit is None else _check_int(limit, "limit", 1)
+        if isinstance(rotate_limit, bool) or not isinstance(rotate_limit, (int, float)) or not 0 <= rotate_limit <= 180:
+            raise ValueError(f"rotate_limit={rotate_limit!r} is invalid: expected degrees in [0, 180]")
+        self.rotate_limit = float(rotate_limit)
+        if isinstance(hflip_p, bool) or not isinstance(hflip_p, (int, float)) or not 0 <= hflip_p <= 1:
+            raise ValueError(f"hflip_p={hflip_p!r} is invalid: expected a probability in [0, 1]")
+        self.hflip_p = float(hflip_p)
+        self.mean = _check_triple(mean, "mean", positive=False)
+        self.std = _check_triple(std, "std", positive=True)
+        self.workers = _check_int(workers, "workers", 1)
+        self.split_seed = _check_int(split_seed, "split_seed", 0)
+        self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._transforms: dict[bool, object] = {}
+        self._seed = 0
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def _find_pairs(self) -> tuple[dict[str, list[Pair]], dict[str, float], list[str]]:
+        """Lists every pair to load, per source ("train" and any official "val"/"test")."""
+        if not self.root.is_dir():
+            raise DatasetError(
+                f"dataset root {self.root} does not exist or is not a folder: expected the ISIC 2018 folder "
+                f"holding {TRAIN_DIRS[0]}/ and {TRAIN_DIRS[1]}/"
+            )
+        input_dir = self.root / TRAIN_DIRS[0]
+        if not input_dir.is_dir():
+            present = sorted(os.listdir(self.root))[:10]
+            hint = ""
+            if self.root.name == TRAIN_DIRS[0]:
+                hint = f"; root points at the image folder itself: use its parent {self.root.parent}"
+            raise DatasetError(
+                f"training input folder {input_dir} is missing: expected {TRAIN_DIRS[0]}/ in {self.root} "
+                f"(found: {', '.join(present) or 'nothing'}){hint}"
+            )
+        sources: dict[str, list[Pair]] = {}
+        stats: dict[str, float] = {}
+        problems: list[str] = []
+        ignored = 0
+        pairs, n_ignored, found = scan_folder(input_dir, self.root / TRAIN_DIRS[1])
+        if not pairs and not found:
+            raise DatasetError(
+                f"no ISIC_*.jpg images found in {input_dir}: expected files named ISIC_XXXXXXX.jpg"
+            )
+        stats["train_pairs_found"] = len(pairs)
+        ignored += n_ignored
+        problems += found
+        if self.limit is not None:
+            pairs = pairs[: self.limit]
+        sources["train"] = pairs
+        for split, (in_name, gt_name) in OFFICIAL_DIRS.items():
+            official_in, official_gt = self.root / in_name, self.root / gt_name
+            stats[f"official_{split}"] = 0
+            if not official_in.is_dir():
+                continue
+            if not official_gt.is_dir():
+                log.warning("%s has no ground truth folder %s: carving %s from training instead", official_in, gt_name, split)
+                continue
+            pairs, n_ignored, found = scan_folder(official_in, official_gt)
+            if not pairs and not found:
+                raise DatasetError(f"no ISIC_*.jpg images found in {official_in}: expected files named ISIC_XXXXXXX.jpg")
+            sources[split] = pairs
+            stats[f"official_{split}"] = 1
+            ignored += n_ignored
+            problems += found
+        stats["files_ignored"] = ignored
+        return sources, stats, problems
+
+    def setup(self, seed: int) -> None:
+        start = time.perf_counter()
+        sources, stats, problems = self._find_pairs()
+        train_pairs = sources["train"]
+        carved = {s: f for s, f in (("val", self.val_fraction), ("test", self.test_fraction)) if s not in sources}
+        split_ids = {"train": [p.case_id for p in train_pairs]}
+        if carved and not problems:
+            source = f"{self.root / TRAIN_DIRS[0]}" + (f" (limit={self.limit})" if self.limit is not None else "")
+            split_ids = carve(split_ids["train"], carved, self.split_seed, source=source)
+        for split in ("val", "test"):
+            if split in sources:
+                split_ids[split] = [p.case_id for p in sources[split]]
+        check_disjoint(split_ids)
+
+        by_id = {p.case_id: p for pairs in sources.values() for p in pairs}
+        to_load = [by_id[i] for split in ("train", "val", "test") for i in split_ids.get(split, [])]
+        images = np.empty((len(to_load), self.image_size, self.image_size, 3), dtype=np.uint8)
+        masks = np.empty((len(to_load), self.image_size, self.image_size), dtype=np.uint8)
+
+        def work(index: int) -> Optional[str]:
+            try:
+                images[index], masks[index] = load_pair(to_load[index], self.image_size)
+            except _Problem as problem:
+                return str(problem)
+            return None
+
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            results = pool.map(work, range(len(to_load)))
+            bar = tqdm(results, total=len(to_load), desc=f"ISIC 2018 @{self.image_size}px", unit="img", disable=None, leave=False)
+            problems += [r for r in bar if r is not None]
+        if problems:
+            shown = "\n  - ".join(problems[:MAX_PROBLEMS_SHOWN])
+            more = f"\n  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
+            raise DatasetError(f"{len(problems)} problem(s) in the ISIC 2018 data under {self.root}:\n  - {shown}{more}")
+
+        offset = 0
+        self._arrays = {}
+        for split in ("train", "val", "test"):
+            n = len(split_ids[split])
+            self._arrays[split] = (images[offset:offset + n], masks[offset:offset + n])
+            offset += n
+        self._split_ids = {split: list(split_ids[split]) for split in ("train", "val", "test")}
+        self._seed = int(seed)
+        self._transforms = {}
+
+        foreground = masks.reshape(len(masks), -1).mean(axis=1) if len(masks) else np.zeros(0)
+        empty = int((foreground == 0).sum())
+        if empty:
+            log.warning("%d mask(s) are empty at %dpx (lesion absent or smaller than a pixel)", empty, self.image_size)
+        stats.update(
+            pairs_found=stats["train_pairs_found"] + sum(len(p) for s, p in sources.items() if s != "train"),
+            pairs_loaded=len(to_load),
+            n_train=len(split_ids["train"]),
+            n_val=len(split_ids["val"]),
+            n_test=len(split_ids["test"]),
+            empty_masks=empty,
+            foreground_fraction=float(foreground.mean()) if len(foreground) else 0.0,
+            image_size=self.image_size,
+            load_seconds=time.perf_counter() - start,
+        )
+        self._stats = stats
+        log.info(
+            "ISIC 2018: %d train / %d val / %d test pairs at %dpx in %.1fs (%d files ignored)",
+            stats["n_train"], stats["n_val"], stats["n_test"], self.image_size, stats["load_seconds"], stats["files_ignored"],
+        )
+
+    # -- serving -----------------------------------------------------------------------------------
+
+    def dataset(self, split: str, augment: bool = False) -> ArrayDataset:
+        self._check_split(split)
+        self._require_setup()
+        augment = bool(augment)
+        if augment not in self._transforms:
+            self._transforms[augment] = build_transform(
+                augment, self.mean, self.std, self.rotate_limit, self.hflip_p, seed=self._seed
+            )
+        images, masks = self._arrays[split]
+        return ArrayDataset(images, masks, self._split_ids[split], self._transforms[augment])

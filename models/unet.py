@@ -1,0 +1,84 @@
+"""Classic UNet (Ronneberger et al., 2015), with BatchNorm, laid out like an smp model.
+
+The attribute names (``encoder`` / ``decoder`` / ``segmentation_head``) match segmentation-models-
+pytorch so the pruning code can treat both families alike (e.g. ignore ``segmentation_head``).
+The forward uses plain ``torch.cat`` / ``F.pad`` so torch-pruning can trace the skip connections.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DoubleConv(nn.Sequential):
+    """(3x3 conv -> BN -> ReLU) x 2; no conv bias since BN follows."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class Down(nn.Module):
+    """One encoder level; the first level has no pooling so every level has the same layout."""
+
+    def __init__(self, in_channels: int, out_channels: int, pool: bool):
+        super().__init__()
+        self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
+        self.conv = DoubleConv(in_channels, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.pool(x))
+
+
+class Up(nn.Module):
+    """2x2 transposed conv halving the channels, concatenation with the skip, double conv."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(in_channels, in_channels // 2, kernel_size=2, stride=2)
+        self.conv = DoubleConv(in_channels // 2 + out_channels, out_channels)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = self.up(x)
+        dy, dx = skip.shape[-2] - x.shape[-2], skip.shape[-1] - x.shape[-1]
+        if dy or dx:  # input size not divisible by 2**depth: pooling floored, so pad back
+            x = F.pad(x, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])
+        return self.conv(torch.cat([skip, x], dim=1))
+
+
+class UNet(nn.Module):
+    """``depth`` = number of down-samplings; level i has ``width * 2**i`` channels.
+
+    The defaults (width 64, depth 4) are the paper's network: about 31.04 M parameters.
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 1, width: int = 64, depth: int = 4):
+        super().__init__()
+        if depth < 1 or width < 1:
+            raise ValueError(f"UNet needs depth >= 1 and width >= 1, got depth={depth}, width={width}")
+        channels = [width * 2**i for i in range(depth + 1)]
+        self.depth = depth
+        self.encoder = nn.ModuleList(
+            [Down(in_channels, channels[0], pool=False)]
+            + [Down(channels[i - 1], channels[i], pool=True) for i in range(1, depth + 1)]
+        )
+        self.decoder = nn.ModuleList([Up(channels[i], channels[i - 1]) for i in range(depth, 0, -1)])
+        self.segmentation_head = nn.Conv2d(channels[0], num_classes, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for level in self.encoder:
+            x = level(x)
+            skips.append(x)
+        x = skips.pop()  # bottleneck
+        for up in self.decoder:
+            x = up(x, skips.pop())
+        return self.segmentation_head(x)

@@ -1,0 +1,183 @@
+"""Typed configuration schema, checked before any work starts.
+
+Hydra composes conf/ on top of `MedpruneConfig` (registered as `medprune_schema`), so an unknown key
+or a wrong type in the fixed groups fails at compose time with the key's full name. Three groups vary
+by what they build (dataset, model, criterion): their keys are checked against the signature of their
+`_target_`. Ranges that types cannot express (a ratio in [0, 1)) are checked by `validate`.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key."""
+
+
+class Stage(str, Enum):
+    train = "train"
+    score = "score"
+    prune = "prune"
+    finetune = "finetune"
+    evaluate = "evaluate"
+
+
+class Scope(str, Enum):
+    encoder = "encoder"
+    decoder = "decoder"
+    all = "all"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 8
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    lr_step_size: int = 30  # StepLR: multiply the lr by lr_gamma every lr_step_size epochs
+    lr_gamma: float = 0.1
+    amp: bool = False  # CUDA mixed precision (ignored on CPU, with a warning)
+    num_workers: int = 0
+    dice_weight: float = 1.0  # loss = bce_weight * BCE + dice_weight * soft Dice
+    bce_weight: float = 1.0
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    epochs: int = 3
+
+
+@dataclass
+class PruneConfig:
+    schedule: str = "uniform"
+    ratio: float = 0.5  # fraction of output channels removed in every prunable layer
+    scope: Scope = Scope.all
+    round_to: Optional[int] = None  # keep channel counts a multiple of this
+
+
+@dataclass
+class EvaluateConfig:
+    batch_size: int = 8
+    threshold: float = 0.5
+    latency_warmup: int = 5
+    latency_runs: int = 30
+    latency_threads: Optional[int] = None  # None: all cores (os.cpu_count()); the count used is logged
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else the SQLite store in outputs/
+    experiment: str = "medprune"
+    run_name: Optional[str] = None  # None: "<model>-<dataset>-<criterion>-r<ratio>"
+
+
+@dataclass
+class PathsConfig:
+    outputs: str = MISSING
+
+
+@dataclass
+class MedpruneConfig:
+    dataset: Any = MISSING
+    model: Any = MISSING
+    criterion: Any = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    stages: List[Stage] = field(
+        default_factory=lambda: [Stage.train, Stage.score, Stage.prune, Stage.finetune, Stage.evaluate]
+    )
+    baseline: Optional[str] = None  # an MLflow run id, a run folder or a model folder to start from
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+def register_schema() -> None:
+    ConfigStore.instance().store(name="medprune_schema", node=MedpruneConfig)
+
+
+# Schedules are looked up by name; pipeline.pruning registers them.
+SCHEDULES = ("uniform",)
+
+
+def _import_target(path: str, key: str):
+    module_name, _, attr = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"{key}._target_={path!r} cannot be imported: {err}") from err
+
+
+def check_target_keys(node: DictConfig, key: str) -> None:
+    """Every key of `node` must be a parameter of its `_target_`."""
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        raise ConfigError(f"{key} must be a mapping with a _target_ (got {OmegaConf.to_container(node) if isinstance(node, DictConfig) else node!r})")
+    target = _import_target(node._target_, key)
+    params = inspect.signature(target).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [n for n in params if n != "self"]
+    for name in node.keys():
+        if name.startswith("_"):
+            continue
+        if name not in params:
+            raise ConfigError(
+                f"Unknown key {key}.{name} for {node._target_}; accepted keys: {', '.join(accepted)}"
+            )
+
+
+def _check_range(value: float, key: str, low: float, high: float | None, high_open: bool = True) -> None:
+    ok = value >= low and (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        bound = "" if high is None else (f" and < {high}" if high_open else f" and <= {high}")
+        raise ConfigError(f"{key}={value} is out of range: expected >= {low}{bound}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks what the schema's types cannot; raises ConfigError naming the key."""
+    check_target_keys(cfg.dataset, "dataset")
+    from models import model_kwargs_check  # also knows each smp architecture's own keys
+
+    try:
+        model_kwargs_check(cfg.model)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    check_target_keys(cfg.criterion, "criterion")
+
+    _check_range(cfg.prune.ratio, "prune.ratio", 0.0, 1.0)
+    if cfg.prune.schedule not in SCHEDULES:
+        raise ConfigError(f"prune.schedule={cfg.prune.schedule!r} is unknown; expected one of {', '.join(SCHEDULES)}")
+    if cfg.prune.round_to is not None:
+        _check_range(cfg.prune.round_to, "prune.round_to", 1, None)
+    for group in ("train", "finetune"):
+        node = cfg[group]
+        _check_range(node.epochs, f"{group}.epochs", 0 if group == "finetune" else 1, None)
+        _check_range(node.batch_size, f"{group}.batch_size", 1, None)
+        _check_range(node.lr, f"{group}.lr", 0.0, None)
+        _check_range(node.lr_step_size, f"{group}.lr_step_size", 1, None)
+        _check_range(node.lr_gamma, f"{group}.lr_gamma", 0.0, 1.0, high_open=False)
+        _check_range(node.num_workers, f"{group}.num_workers", 0, None)
+    _check_range(cfg.evaluate.threshold, "evaluate.threshold", 0.0, 1.0)
+    _check_range(cfg.evaluate.latency_runs, "evaluate.latency_runs", 1, None)
+    _check_range(cfg.evaluate.latency_warmup, "evaluate.latency_warmup", 0, None)
+
+    stages = [str(s.value if isinstance(s, Enum) else s) for s in cfg.stages]
+    if not stages:
+        raise ConfigError("stages is empty: expected a list such as [train, score, prune, finetune, evaluate]")
+    if len(set(stages)) != len(stages):
+        raise ConfigError(f"stages={stages} lists a stage twice")
+    order = [s.value for s in Stage]
+    if stages != sorted(stages, key=order.index):
+        raise ConfigError(f"stages={stages} is out of order: expected a subsequence of {order}")
+    if not (cfg.device == "auto" or cfg.device == "cpu" or str(cfg.device).startswith("cuda")):
+        raise ConfigError(f"device={cfg.device!r}: expected auto, cpu, cuda or cuda:N")

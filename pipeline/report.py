@@ -1,0 +1,22 @@
+"""Result tables in Markdown."""
+from __future__ import annotations
+
+LABELS = {"baseline": "baseline", "pruned": "pruned", "final": "fine-tuned"}
+COLUMNS = [
+    ("Dice", "dice", "{:.4f}"),
+    ("IoU", "iou", "{:.4f}"),
+    ("Params (M)", "params_m", "{:.3f}"),
+    ("FLOPs (G)", "flops_g", "{:.3f}"),
+    ("Size (MB)", "size_mb", "{:.2f}"),
+    ("Latency (ms)", "latency_ms", "{:.2f}"),
+]
+
+
+def results_table(results: dict[str, dict]) -> str:
+    """One row per evaluated network (baseline / pruned / fine-tuned)."""
+    lines = ["| Network | " + " | ".join(c[0] for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for key, label in LABELS.items():
+        if key in results:
+            r = results[key]
+            lines.append(f"| {label} | " + " | ".join(fmt.format(r[field]) for _, field, fmt in COLUMNS) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,36 @@
+"""Fine-tune the pruned network with its own settings (finetune.epochs=0: keep it as it is)."""
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import replace
+
+from models.io import load_model, save_model
+from pipeline.state import Context, RunState, seed_everything
+from pipeline.training import fit
+
+log = logging.getLogger(__name__)
+
+
+def run(ctx: Context, state: RunState) -> RunState:
+    cfg, data = ctx.cfg, ctx.data
+    if not state.pruned:
+        raise RuntimeError("finetune needs a pruned model: add prune to stages or set baseline=<a run folder that pruned>")
+    if cfg.finetune.epochs == 0:
+        log.info("finetune.epochs=0: the pruned network is the final one")
+        return replace(state, final=state.pruned)
+    seed_everything(cfg.seed)
+    model = load_model(state.pruned)
+    history, best_dice = fit(
+        model, data.dataset("train", augment=True), data.dataset("val"), cfg.finetune, ctx.device, cfg.seed,
+        log_metrics=ctx.tracker.log_metrics, desc="finetune",
+    )
+    folder = ctx.stage_dir("final")
+    save_model(model.cpu(), cfg.model, data.in_channels, data.num_classes, folder / "model")
+    with open(folder / "history.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["epoch", *history[0].keys()])
+        writer.writeheader()
+        writer.writerows({"epoch": i + 1, **row} for i, row in enumerate(history))
+    ctx.tracker.log_metrics({"finetune/best_val_dice": best_dice})
+    ctx.tracker.log_artifact(folder / "model", "final_model")
+    return replace(state, final=str(folder / "model"))

@@ -1,0 +1,83 @@
+"""The small explicit state passed from stage to stage, and what every stage may use.
+
+Stages hand each other *folders*, not objects: each stage persists its output (a model folder, a
+scores folder, metrics) and records the path here, and `state.json` in the run folder is rewritten
+after every stage. A later job can therefore start at any stage from an earlier run's state.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from pipeline.tracking import Tracker
+
+
+@dataclass(frozen=True)
+class RunState:
+    baseline: Optional[str] = None  # model folder of the trained baseline
+    baseline_key: Optional[str] = None
+    baseline_run_id: Optional[str] = None  # MLflow run that trained it
+    scores: Optional[str] = None  # scores folder (scores.safetensors + scores.json)
+    pruned: Optional[str] = None  # model folder right after pruning
+    final: Optional[str] = None  # model folder after fine-tuning (== pruned when finetune.epochs=0)
+    metrics: dict = field(default_factory=dict)
+
+    def save(self, run_dir: Path) -> Path:
+        path = Path(run_dir) / "state.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "RunState":
+        raw = json.loads((Path(run_dir) / "state.json").read_text())
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+@dataclass
+class Context:
+    """Everything a stage reads besides the state: config, data, device, tracker, folders."""
+
+    cfg: DictConfig
+    run_dir: Path
+    outputs: Path
+    device: torch.device
+    data: object  # data.SegmentationData
+    tracker: Tracker
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        return (1, self.data.in_channels, self.data.image_size, self.data.image_size)
+
+    def example_input(self) -> torch.Tensor:
+        return torch.randn(self.input_shape)
+
+    def stage_dir(self, name: str) -> Path:
+        path = self.run_dir / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name} was asked for but CUDA is not available here; use device=cpu or device=auto")
+    return device

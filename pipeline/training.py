@@ -1,0 +1,114 @@
+"""The one training loop, used by the train and fine-tune stages.
+
+Dice + BCE loss, Adam, StepLR; the weights with the best validation Dice are kept. Mixed precision
+(`amp`) applies on CUDA only.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from pipeline.metrics import SegmentationMeter
+
+log = logging.getLogger(__name__)
+
+
+def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0, bce_weight: float = 1.0) -> torch.Tensor:
+    """BCE plus soft Dice (1 - Dice of the probabilities, per image and channel, averaged)."""
+    logits = logits.float()
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    prob = torch.sigmoid(logits).flatten(2)
+    tgt = target.flatten(2)
+    inter = (prob * tgt).sum(-1)
+    soft_dice = (2 * inter + 1.0) / (prob.sum(-1) + tgt.sum(-1) + 1.0)
+    return bce_weight * bce + dice_weight * (1 - soft_dice.mean())
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int, device: torch.device) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        generator=generator,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
+        drop_last=False,
+    )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, threshold: float = 0.5) -> dict[str, float]:
+    model.eval()
+    meter = SegmentationMeter(threshold)
+    for images, masks in loader:
+        meter.update(model(images.to(device, non_blocking=True)), masks.to(device, non_blocking=True))
+    return meter.compute()
+
+
+def fit(
+    model: nn.Module,
+    train_set: Dataset,
+    val_set: Dataset,
+    settings,
+    device: torch.device,
+    seed: int,
+    log_metrics: Optional[Callable[[dict[str, float], int], None]] = None,
+    desc: str = "train",
+) -> tuple[list[dict[str, float]], float]:
+    """Trains in place and leaves the best-validation-Dice weights (epoch 0 included) in `model`.
+
+    Returns the per-epoch history (epochs 1..N) and the best validation Dice."""
+    model.to(device)
+    history: list[dict[str, float]] = []
+    if settings.epochs == 0:
+        return history, float("nan")
+    train_loader = make_loader(train_set, settings.batch_size, True, settings.num_workers, seed, device)
+    val_loader = make_loader(val_set, settings.batch_size, False, settings.num_workers, seed, device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=settings.lr_step_size, gamma=settings.lr_gamma)
+    use_amp = bool(settings.amp) and device.type == "cuda"
+    if settings.amp and not use_amp:
+        log.warning("%s.amp=true is ignored on %s (mixed precision is for CUDA)", desc, device.type)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    # The starting weights are a candidate too: fine-tuning must not end worse (on validation) than it began.
+    best_dice, best_state = evaluate(model, val_loader, device)["dice"], copy.deepcopy(model.state_dict())
+    if log_metrics:
+        log_metrics({f"{desc}/val_dice": best_dice}, 0)
+
+    for epoch in range(1, settings.epochs + 1):
+        model.train()
+        total, seen = 0.0, 0
+        bar = tqdm(train_loader, desc=f"{desc} {epoch}/{settings.epochs}", leave=False, file=sys.stderr, dynamic_ncols=True)
+        for images, masks in bar:
+            images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                loss = dice_bce_loss(model(images), masks, settings.dice_weight, settings.bce_weight)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total += float(loss.detach()) * images.shape[0]
+            seen += images.shape[0]
+            bar.set_postfix(loss=f"{total / seen:.4f}")
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        val = evaluate(model, val_loader, device)
+        row = {"loss": total / max(seen, 1), "val_dice": val["dice"], "val_iou": val["iou"], "lr": lr}
+        history.append(row)
+        log.info("%s epoch %d/%d: loss %.4f, val Dice %.4f", desc, epoch, settings.epochs, row["loss"], row["val_dice"])
+        if log_metrics:
+            log_metrics({f"{desc}/{k}": v for k, v in row.items()}, epoch)
+        if val["dice"] > best_dice:
+            best_dice, best_state = val["dice"], copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    return history, best_dice

@@ -1,0 +1,128 @@
+"""Structural pruning really removes channels and keeps the network consistent."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import models  # noqa: F401  (torchvision compatibility)
+from models.unet import UNet
+from pipeline.criteria.magnitude import MagnitudeCriterion, filter_norms
+from pipeline.profiling import count_flops, count_params
+from pipeline.pruning import in_scope, prunable_layers, prune
+from pipeline.training import dice_bce_loss
+
+
+def l1_scores(model):
+    return MagnitudeCriterion("l1", 1).score(model, prunable_layers(model), None)
+
+
+def small_unet(width=8, depth=3, classes=1):
+    torch.manual_seed(0)
+    return UNet(in_channels=3, num_classes=classes, width=width, depth=depth).eval()
+
+
+X = torch.randn(1, 3, 64, 64)
+
+
+def test_head_is_not_prunable_and_scores_cover_every_other_conv():
+    model = small_unet()
+    layers = prunable_layers(model)
+    assert not any(n.startswith("segmentation_head") for n in layers)
+    assert set(l1_scores(model)) == set(layers)
+
+
+def test_l1_and_l2_are_filter_norms():
+    conv = torch.nn.Conv2d(2, 3, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[1.0, -2.0], [3.0, 4.0], [0.0, 0.0]]).view(3, 2, 1, 1))
+    assert filter_norms(conv, 1).tolist() == [3.0, 7.0, 0.0]
+    assert filter_norms(conv, 2).tolist() == pytest.approx([5 ** 0.5, 5.0, 0.0])
+    up = torch.nn.ConvTranspose2d(3, 2, 2)  # weight (in, out, k, k): scores are per *output* channel
+    assert filter_norms(up, 1).shape == (2,)
+
+
+def test_ratio_zero_gives_the_identical_network():
+    model = small_unet()
+    result = prune(model, l1_scores(model), X, ratio=0.0)
+    assert all(r["before"] == r["after"] for r in result.channels)
+    for (k1, v1), (k2, v2) in zip(model.state_dict().items(), result.model.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2)
+    assert torch.equal(model(X), result.model(X))
+
+
+def test_half_pruning_removes_half_the_channels_of_every_layer_and_keeps_the_head():
+    model = small_unet(classes=2)
+    result = prune(model, l1_scores(model), X, ratio=0.5)
+    for row in result.channels:
+        assert row["after"] == row["before"] // 2, row
+    assert result.model.segmentation_head.out_channels == 2
+    out = result.model(X)
+    assert out.shape == (1, 2, 64, 64)
+    assert count_params(result.model) < 0.3 * count_params(model)
+
+
+def test_the_lowest_scored_channels_go():
+    model = small_unet()
+    scores = l1_scores(model)
+    first = next(iter(prunable_layers(model)))  # the input conv: its input channels never change
+    n = scores[first].numel()
+    # Make the first layer's ranking unmistakable: channel i scores i (its coupled layers are unscored).
+    scores = {k: (torch.arange(v.numel(), dtype=torch.float) if k == first else v) for k, v in scores.items()}
+    kept_weights = dict(model.named_modules())[first].weight[n // 2 :]
+    result = prune(model, scores, X, ratio=0.5)
+    assert torch.equal(dict(result.model.named_modules())[first].weight, kept_weights)
+
+
+@pytest.mark.parametrize("scope", ["encoder", "decoder"])
+def test_scope_limits_which_layers_lose_channels(scope):
+    model = small_unet()
+    result = prune(model, l1_scores(model), X, ratio=0.5, scope=scope)
+    for row in result.channels:
+        if in_scope(row["layer"], scope):
+            assert row["after"] < row["before"], row
+        else:
+            assert row["after"] == row["before"], row
+    assert result.model(X).shape == (1, 1, 64, 64)
+
+
+def test_round_to_keeps_channel_multiples():
+    model = small_unet(width=12)
+    result = prune(model, l1_scores(model), X, ratio=0.3, round_to=4)
+    for row in result.channels:
+        assert row["after"] % 4 == 0, row
+        assert row["after"] < row["before"] or row["before"] % 4 == 0
+
+
+def test_pruned_network_trains():
+    model = small_unet()
+    pruned = prune(model, l1_scores(model), X, ratio=0.5).model.train()
+    opt = torch.optim.Adam(pruned.parameters(), lr=1e-2)
+    x, y = torch.randn(2, 3, 32, 32), (torch.rand(2, 1, 32, 32) > 0.5).float()
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = dice_bce_loss(pruned(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+
+
+def test_default_classic_unet_at_half_keeps_at_most_30_percent_of_flops():
+    torch.manual_seed(0)
+    model = UNet(in_channels=3, num_classes=1).eval()  # width 64, depth 4: ~31 M parameters
+    shape = (1, 3, 128, 128)
+    result = prune(model, l1_scores(model), torch.randn(shape), ratio=0.5)
+    before, after = count_flops(model, shape), count_flops(result.model, shape)
+    assert after <= 0.30 * before, (before, after)
+    assert result.model(torch.randn(shape)).shape == (1, 1, 128, 128)
+
+
+def test_smp_unet_with_resnet_encoder_prunes_across_residuals_and_skips():
+    from models.smp import build_smp
+
+    model = build_smp("Unet", in_channels=3, num_classes=1, encoder_name="resnet18").eval()
+    result = prune(model, l1_scores(model), X, ratio=0.5)
+    assert count_params(result.model) < 0.35 * count_params(model)
+    assert result.model(X).shape == (1, 1, 64, 64)
+    assert result.model.segmentation_head[0].out_channels == 1

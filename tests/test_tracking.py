@@ -1,0 +1,57 @@
+"""The MLflow store: fixed location, explicit artifact root, runs end FINISHED or FAILED."""
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import tracking
+
+
+def test_uri_precedence(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.resolve_uri(None, tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    assert tracking.resolve_uri(None, tmp_path) == "http://127.0.0.1:9"
+    assert tracking.resolve_uri("sqlite:////x/y.db", tmp_path) == "sqlite:////x/y.db"
+
+
+def test_default_store_does_not_depend_on_the_working_directory(monkeypatch, tmp_path):
+    monkeypatch.delenv("MEDPRUNE_OUTPUTS", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = tracking.resolve_uri(None)
+    monkeypatch.chdir(tmp_path)
+    assert tracking.resolve_uri(None) == first
+    assert first.endswith("/outputs/mlflow.db")
+
+
+def test_flatten_gives_dotted_params():
+    flat = tracking.flatten({"prune": {"ratio": 0.5, "scope": "all"}, "stages": ["train", "prune"], "baseline": None})
+    assert flat == {"prune.ratio": "0.5", "prune.scope": "all", "stages": '["train", "prune"]', "baseline": "null"}
+
+
+def test_run_is_finished_and_artifacts_stay_beside_the_store(tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    uri = tracking.default_uri(store)
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with tracking.start_run(uri, "exp", "ok-run", {"k": "v"}) as tracker:
+        tracker.log_params({"prune.ratio": 0.5})
+        tracker.log_metrics({"final/dice": 0.9})
+        note = tmp_path / "note.txt"
+        note.write_text("hello")
+        tracker.log_artifact(note, "notes")
+    run = MlflowClient(uri).get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["prune.ratio"] == "0.5"
+    assert run.data.metrics["final/dice"] == 0.9
+    assert run.info.artifact_uri.startswith((store / "mlartifacts").as_uri())
+    assert (store / "mlartifacts").is_dir() and not list(elsewhere.iterdir())
+
+
+def test_a_failing_job_marks_the_run_failed(tmp_path):
+    uri = tracking.default_uri(tmp_path)
+    with pytest.raises(RuntimeError):
+        with tracking.start_run(uri, "exp", "bad-run", {}) as tracker:
+            raise RuntimeError("boom")
+    assert MlflowClient(uri).get_run(tracker.run_id).info.status == "FAILED"
