@@ -75,7 +75,8 @@ def ensure_torchvision() -> bool:
     except RuntimeError as exc:
         raise exc from original
     APPLIED = True
-    log.warning(
+    # INFO, not WARNING: it happens on every start here and needs no action unless a detection op is called.
+    log.info(
         "torchvision C++ extension did not load (torch %s, torchvision %s): "
         "defined placeholder op schemas so it imports; torchvision ops (nms, roi_align, ...) are unavailable",
         torch.__version__,

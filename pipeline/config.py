@@ -37,7 +37,7 @@ class Scope(str, Enum):
 
 @dataclass
 class TrainConfig:
-    epochs: int = 8
+    epochs: int = 10
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -51,7 +51,7 @@ class TrainConfig:
 
 @dataclass
 class FinetuneConfig(TrainConfig):
-    epochs: int = 3
+    epochs: int = 5
 
 
 @dataclass

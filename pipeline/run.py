@@ -11,6 +11,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import json  # noqa: E402
 import logging  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import hydra  # noqa: E402
@@ -109,7 +110,11 @@ def _rows(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    metrics = execute(cfg)
+    try:
+        metrics = execute(cfg)
+    except ConfigError as err:  # a clear one-line message, not a traceback
+        print(f"medprune: configuration error: {err}", file=sys.stderr)
+        sys.exit(2)
     return metrics.get("final/dice")  # the value an Optuna sweeper would optimise
 
 

@@ -27,10 +27,12 @@ def test_default_config_composes_and_validates():
 
 @pytest.mark.parametrize(
     "choice",
-    ["dataset=isic2018", "model=unet", "model=smp_unet", "model=smp_unetplusplus", "criterion=l2", "train=default"],
+    ["dataset=isic2018", "model=unet", "model=smp_unet", "model=smp_unetplusplus", "criterion=l2", "train=default",
+     "experiment=isic2018_unet"],
 )
 def test_every_group_option_validates(choice):
-    overrides = [choice] + (["dataset.root=/data/isic"] if choice == "dataset=isic2018" else [])
+    needs_root = choice in ("dataset=isic2018", "experiment=isic2018_unet")
+    overrides = [choice] + (["dataset.root=/data/isic"] if needs_root else [])
     validate(load(*overrides))
 
 
@@ -62,6 +64,12 @@ def test_unknown_scope_is_rejected_with_the_choices():
         load("prune.scope=middle")
     text = str(err.value) + str(err.value.__cause__)
     assert "scope" in text and "encoder" in text
+
+
+def test_experiment_preset_sets_the_papers_setting():
+    cfg = load("experiment=isic2018_unet", "dataset.root=/data/isic")
+    assert cfg.model.width == 64 and cfg.dataset.image_size == 256 and cfg.prune.ratio == 0.4
+    assert cfg.dataset._target_ == "data.isic.ISIC2018"
 
 
 def test_unknown_criterion_is_rejected_with_the_choices():
