@@ -226,7 +226,7 @@ class SyntheticISIC2018(ISIC2018):
         std: Sequence[float] = IMAGENET_STD,
         workers: int = 2,
         split_seed: int = 0,
-        count: int = 60,
+        count: int = 100,
         synthetic_seed: int = 0,
     ):
         super().__init__(root, image_size, val_fraction, test_fraction, limit, rotate_limit, hflip_p, mean, std, workers, split_seed)

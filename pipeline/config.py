@@ -106,7 +106,7 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="medprune_schema", node=MedpruneConfig)
 
 
-# Schedules are looked up by name; pipeline.pruning registers them.
+# The prune schedules the prune stage implements (later: per-layer, global, iterative, budget).
 SCHEDULES = ("uniform",)
 
 

@@ -1,5 +1,8 @@
-"""Result tables in Markdown."""
+"""Result tables: Markdown for people, CSV for tools."""
 from __future__ import annotations
+
+import csv
+from pathlib import Path
 
 LABELS = {"baseline": "baseline", "pruned": "pruned", "final": "fine-tuned"}
 COLUMNS = [
@@ -20,3 +23,12 @@ def results_table(results: dict[str, dict]) -> str:
             r = results[key]
             lines.append(f"| {label} | " + " | ".join(fmt.format(r[field]) for _, field, fmt in COLUMNS) + " |")
     return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    """Rows of one shape (the first row's keys are the header)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path

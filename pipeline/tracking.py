@@ -13,8 +13,10 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -130,13 +132,23 @@ def client_for(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 @contextmanager
 def start_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, Any]) -> Iterator[Tracker]:
-    """Yields a Tracker; the run ends FINISHED, or FAILED (KILLED on Ctrl-C) if the body raises."""
+    """Yields a Tracker; the run ends FINISHED, or FAILED (KILLED on Ctrl-C) if the body raises.
+
+    SIGTERM (a scheduler's time limit, a killed sweep) becomes SystemExit, so the run is still closed
+    as FAILED instead of being left RUNNING.
+    """
     client = client_for(uri)
     experiment_id = get_or_create_experiment(client, experiment, uri)
     run = _retry(client.create_run, experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
     tracker = Tracker(client, run.info.run_id, uri, experiment)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
     status = "FAILED"
     try:
         yield tracker
@@ -145,6 +157,8 @@ def start_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, Any])
         status = "KILLED"
         raise
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
         _retry(client.set_terminated, run.info.run_id, status)
 
 

@@ -6,8 +6,10 @@ Dice + BCE loss, Adam, StepLR; the weights with the best validation Dice are kep
 from __future__ import annotations
 
 import copy
+import csv
 import logging
 import sys
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -17,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline.metrics import SegmentationMeter
+from pipeline.report import write_csv
 
 log = logging.getLogger(__name__)
 
@@ -112,3 +115,14 @@ def fit(
             best_dice, best_state = val["dice"], copy.deepcopy(model.state_dict())
     model.load_state_dict(best_state)
     return history, best_dice
+
+
+def write_history(history: list[dict[str, float]], path: Path) -> None:
+    write_csv([{"epoch": i + 1, **row} for i, row in enumerate(history)], path)
+
+
+def read_history(path: Path) -> list[dict[str, float]]:
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]

@@ -91,7 +91,7 @@ def test_acts_on_missing_op_independently_of_installed_torchvision(tmp_path):
         """
         import json, logging, io
         stream = io.StringIO()
-        logging.basicConfig(stream=stream, level=logging.WARNING)
+        logging.basicConfig(stream=stream, level=logging.INFO)
         import models
         print(json.dumps({"applied": models.compat.APPLIED, "again": models.compat.ensure_torchvision(),
                           "log": stream.getvalue()}))

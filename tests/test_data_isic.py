@@ -17,7 +17,7 @@ from PIL import Image
 
 from data import DatasetError, SegmentationData, build_data
 from data.isic import ISIC2018, MASK_SUFFIX, OFFICIAL_DIRS, TRAIN_DIRS
-from data.synthetic import STAMP, SyntheticISIC2018, read_stamp, write_synthetic_isic
+from data.synthetic import SyntheticISIC2018, read_stamp, write_synthetic_isic
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_ISIC = Path(__file__).resolve().parents[2] / "shared/realdata/isic2018_subset"

@@ -1,6 +1,9 @@
 """The MLflow store: fixed location, explicit artifact root, runs end FINISHED or FAILED."""
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -55,3 +58,22 @@ def test_a_failing_job_marks_the_run_failed(tmp_path):
         with tracking.start_run(uri, "exp", "bad-run", {}) as tracker:
             raise RuntimeError("boom")
     assert MlflowClient(uri).get_run(tracker.run_id).info.status == "FAILED"
+
+
+def test_a_terminated_job_is_marked_failed_not_left_running(tmp_path):
+    uri = tracking.default_uri(tmp_path)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit):
+        with tracking.start_run(uri, "exp", "killed-run", {}) as tracker:
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.sigtimedwait([signal.SIGTERM], 5)  # not reached: the handler raises first
+    assert MlflowClient(uri).get_run(tracker.run_id).info.status == "FAILED"
+    assert signal.getsignal(signal.SIGTERM) is before  # the job's handler is removed again
+
+
+def test_interrupt_marks_the_run_killed(tmp_path):
+    uri = tracking.default_uri(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.start_run(uri, "exp", "interrupted", {}) as tracker:
+            raise KeyboardInterrupt
+    assert MlflowClient(uri).get_run(tracker.run_id).info.status == "KILLED"

@@ -1,7 +1,6 @@
 """Test-split quality and cost of the baseline, the pruned and the final network, side by side."""
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from dataclasses import replace
@@ -13,7 +12,7 @@ from pipeline.profiling import count_flops, count_params, measure_latency
 from pipeline.report import results_table
 from pipeline.state import Context, RunState
 from pipeline.training import evaluate as test_metrics
-from pipeline.training import make_loader
+from pipeline.training import make_loader, read_history
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +64,12 @@ def run(ctx: Context, state: RunState) -> RunState:
     (folder / "metrics.json").write_text(json.dumps(results, indent=2))
     table = results_table(results)
     (folder / "results.md").write_text(table + "\n")
-    histories = {name: _history(Path(p).parent / "history.csv" if name == "finetune" else Path(p) / "history.csv")
-                 for name, p in (("train", state.baseline), ("finetune", state.final)) if p}
+    # the baseline folder holds its training history; a fine-tuned model folder has it one level up
+    histories = {"train": read_history(Path(state.baseline) / "history.csv") if state.baseline else [],
+                 "finetune": read_history(Path(state.final).parent / "history.csv") if state.final else []}
     histories = {k: v for k, v in histories.items() if v}
     if histories:
         plots.curves(histories, folder / "curves.png")
     ctx.tracker.log_artifact(folder, "evaluate")
     return replace(state, metrics={**state.metrics, **flat})
 
-
-def _history(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path) as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]

@@ -1,13 +1,12 @@
 """Fine-tune the pruned network with its own settings (finetune.epochs=0: keep it as it is)."""
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import replace
 
 from models.io import load_model, save_model
 from pipeline.state import Context, RunState, seed_everything
-from pipeline.training import fit
+from pipeline.training import fit, write_history
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +26,7 @@ def run(ctx: Context, state: RunState) -> RunState:
     )
     folder = ctx.stage_dir("final")
     save_model(model.cpu(), cfg.model, data.in_channels, data.num_classes, folder / "model")
-    with open(folder / "history.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["epoch", *history[0].keys()])
-        writer.writeheader()
-        writer.writerows({"epoch": i + 1, **row} for i, row in enumerate(history))
+    write_history(history, folder / "history.csv")
     ctx.tracker.log_metrics({"finetune/best_val_dice": best_dice})
     ctx.tracker.log_artifact(folder / "model", "final_model")
     return replace(state, final=str(folder / "model"))

@@ -1,13 +1,13 @@
 """Remove channels structurally from the baseline, by the saved scores and the prune settings."""
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import replace
 
 from models.io import load_model, save_model
 from pipeline import plots
 from pipeline.profiling import count_params
+from pipeline.report import write_csv
 from pipeline.pruning import in_scope, prunable_layers, prune
 from pipeline.stages import score as score_stage
 from pipeline.state import Context, RunState
@@ -38,11 +38,7 @@ def run(ctx: Context, state: RunState) -> RunState:
 
     folder = ctx.stage_dir("pruned")
     save_model(result.model, cfg.model, data.in_channels, data.num_classes, folder / "model")
-    table = folder / "channels.csv"
-    with open(table, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(result.channels[0]))
-        writer.writeheader()
-        writer.writerows(result.channels)
+    table = write_csv(result.channels, folder / "channels.csv")
     plot = plots.channels_before_after(result.channels, folder / "channels.png", f"{cfg.criterion.name}, ratio {p.ratio}, scope {scope}")
     before, after = count_params(model), count_params(result.model)
     ctx.tracker.log_metrics({"prune/params_kept": after / before, "prune/channels_kept": sum(r["after"] for r in result.channels) / sum(r["before"] for r in result.channels)})

@@ -1,7 +1,6 @@
 """Score every prunable output channel of the baseline with the configured criterion."""
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from dataclasses import replace
@@ -14,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from models.io import load_model
 from pipeline.criteria import ScoringContext
 from pipeline.pruning import prunable_layers
+from pipeline.report import write_csv
 from pipeline.state import Context, RunState
 from pipeline.training import make_loader
 
@@ -43,10 +43,7 @@ def save(scores: dict[str, torch.Tensor], criterion: str, folder: Path) -> list[
          "min": float(s.min()), "max": float(s.max())}
         for name, s in scores.items()
     ]
-    with open(folder / "layer_stats.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, folder / "layer_stats.csv")
     return rows
 
 

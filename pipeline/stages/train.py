@@ -1,7 +1,6 @@
 """Train the baseline, or reuse the one already trained with the same key."""
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -13,7 +12,7 @@ from models.io import save_model
 from pipeline import baseline as baselines
 from pipeline.state import Context, RunState, seed_everything
 from pipeline.tracking import file_lock
-from pipeline.training import fit
+from pipeline.training import fit, write_history
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +50,7 @@ def _train(ctx: Context, key: str, target) -> dict:
     tmp = target.with_name(f"{key}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(model.cpu(), cfg.model, data.in_channels, data.num_classes, tmp)
-    with open(tmp / "history.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["epoch", *history[0].keys()])
-        writer.writeheader()
-        writer.writerows({"epoch": i + 1, **row} for i, row in enumerate(history))
+    write_history(history, tmp / "history.csv")
     meta = {
         "key": key,
         "run_id": ctx.tracker.run_id,
