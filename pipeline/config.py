@@ -11,7 +11,7 @@ import importlib
 import inspect
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -23,6 +23,7 @@ class ConfigError(ValueError):
 
 class Stage(str, Enum):
     train = "train"
+    sensitivity = "sensitivity"
     score = "score"
     prune = "prune"
     finetune = "finetune"
@@ -44,6 +45,7 @@ class TrainConfig:
     lr_step_size: int = 30  # StepLR: multiply the lr by lr_gamma every lr_step_size epochs
     lr_gamma: float = 0.1
     amp: bool = False  # CUDA mixed precision (ignored on CPU, with a warning)
+    bn_l1: float = 0.0  # network slimming: L1 penalty on BatchNorm gammas added to the loss
     num_workers: int = 0
     dice_weight: float = 1.0  # loss = bce_weight * BCE + dice_weight * soft Dice
     bce_weight: float = 1.0
@@ -54,12 +56,33 @@ class FinetuneConfig(TrainConfig):
     epochs: int = 5
 
 
+# uniform: one ratio for every prunable layer; per_layer: ratios by layer-name glob pattern
+# (layer_ratios), `ratio` for the rest; global: one ranking across layers, at most max_layer_ratio of
+# any layer; iterative: `steps` steps to `ratio`, fine-tuning epochs_between epochs between steps;
+# budget: the ratio (uniform, or global with global_ranking) that keeps at most target_flops of the FLOPs.
+# (Functional API: a member may then be called `global`.)
+Schedule = Enum("Schedule", {n: n for n in ("uniform", "per_layer", "global", "iterative", "budget")}, type=str)
+
+
 @dataclass
 class PruneConfig:
-    schedule: str = "uniform"
-    ratio: float = 0.5  # fraction of output channels removed in every prunable layer
+    schedule: Schedule = Schedule.uniform
+    ratio: float = 0.5  # fraction of output channels removed (per layer; overall for global)
     scope: Scope = Scope.all
     round_to: Optional[int] = None  # keep channel counts a multiple of this
+    layer_ratios: Dict[str, float] = field(default_factory=dict)  # per_layer: {"encoder.4.*": 0.5, ...}
+    max_layer_ratio: float = 0.9  # global / budget with global ranking: cap per layer
+    steps: int = 1  # iterative
+    epochs_between: int = 1  # iterative: fine-tuning epochs between steps
+    target_flops: Optional[float] = None  # budget: fraction of the baseline FLOPs to keep, in (0, 1)
+    global_ranking: bool = False  # budget: search a global-ranking ratio instead of a uniform one
+
+
+@dataclass
+class SensitivityConfig:
+    ratios: List[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
+    target_flops: float = 0.5  # the derived per-layer rates keep at most this fraction of FLOPs
+    max_batches: Optional[int] = None  # validation batches per measurement (None: all)
 
 
 @dataclass
@@ -91,6 +114,7 @@ class MedpruneConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -105,9 +129,6 @@ class MedpruneConfig:
 def register_schema() -> None:
     ConfigStore.instance().store(name="medprune_schema", node=MedpruneConfig)
 
-
-# The prune schedules the prune stage implements (later: per-layer, global, iterative, budget).
-SCHEDULES = ("uniform",)
 
 
 def _import_target(path: str, key: str):
@@ -154,11 +175,31 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(str(err)) from err
     check_target_keys(cfg.criterion, "criterion")
 
-    _check_range(cfg.prune.ratio, "prune.ratio", 0.0, 1.0)
-    if cfg.prune.schedule not in SCHEDULES:
-        raise ConfigError(f"prune.schedule={cfg.prune.schedule!r} is unknown; expected one of {', '.join(SCHEDULES)}")
-    if cfg.prune.round_to is not None:
-        _check_range(cfg.prune.round_to, "prune.round_to", 1, None)
+    p = cfg.prune
+    _check_range(p.ratio, "prune.ratio", 0.0, 1.0)
+    if p.round_to is not None:
+        _check_range(p.round_to, "prune.round_to", 1, None)
+    for pattern, ratio in p.layer_ratios.items():
+        _check_range(ratio, f"prune.layer_ratios[{pattern}]", 0.0, 1.0)
+    _check_range(p.max_layer_ratio, "prune.max_layer_ratio", 0.0, 1.0)
+    _check_range(p.steps, "prune.steps", 1, None)
+    _check_range(p.epochs_between, "prune.epochs_between", 0, None)
+    schedule = p.schedule.value if isinstance(p.schedule, Enum) else str(p.schedule)
+    if schedule == "per_layer" and not p.layer_ratios:
+        raise ConfigError("prune.schedule=per_layer needs prune.layer_ratios ({glob pattern: ratio})")
+    if schedule == "budget":
+        if p.target_flops is None:
+            raise ConfigError("prune.schedule=budget needs prune.target_flops (fraction of FLOPs to keep, e.g. 0.3)")
+    if p.target_flops is not None:
+        _check_range(p.target_flops, "prune.target_flops", 0.0, 1.0)
+        if p.target_flops == 0:
+            raise ConfigError("prune.target_flops=0 keeps nothing: expected a fraction in (0, 1)")
+    if schedule == "iterative" and p.steps < 2:
+        raise ConfigError("prune.schedule=iterative needs prune.steps >= 2")
+    for i, r in enumerate(cfg.sensitivity.ratios):
+        _check_range(r, f"sensitivity.ratios[{i}]", 0.0, 1.0)
+    _check_range(cfg.sensitivity.target_flops, "sensitivity.target_flops", 0.0, 1.0)
+    _check_range(cfg.train.bn_l1, "train.bn_l1", 0.0, None)
     for group in ("train", "finetune"):
         node = cfg[group]
         _check_range(node.epochs, f"{group}.epochs", 0 if group == "finetune" else 1, None)

@@ -43,3 +43,21 @@ def curves(history: dict[str, list[dict]], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def sensitivity_heatmap(rows: list[dict], layers: list[str], ratios: list[float], path: Path) -> Path:
+    """Validation Dice drop per layer (rows) and ratio (columns), each layer pruned alone."""
+    drop = {(r["layer"], r["ratio"]): r["dice_drop"] for r in rows}
+    grid = [[drop[(layer, ratio)] for ratio in ratios] for layer in layers]
+    fig, ax = plt.subplots(figsize=(2 + 0.9 * len(ratios), max(3, 0.26 * len(layers))))
+    image = ax.imshow(grid, aspect="auto", cmap="magma_r")
+    ax.set_xticks(range(len(ratios)))
+    ax.set_xticklabels([f"{r:g}" for r in ratios])
+    ax.set_yticks(range(len(layers)))
+    ax.set_yticklabels(layers, fontsize=6)
+    ax.set_xlabel("ratio (this layer alone)")
+    fig.colorbar(image, ax=ax, label="validation Dice drop")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -4,29 +4,45 @@ The dependency graph finds the layers coupled to each output channel (the next c
 BatchNorm, the decoder conv behind a skip concatenation, residual adds), so removing a channel keeps
 the network consistent. We only decide *which* channels go: saved per-layer scores (pipeline.criteria)
 are reduced over each dependency group by `ScoreTableImportance`, and the schedule sets how many.
-Out-of-scope layers and the segmentation head are passed as ignored layers, so the output keeps
-one channel per class.
+Out-of-scope layers, the segmentation head and any layer a model lists in `unprunable_modules()` are
+passed as ignored layers, so the output keeps one channel per class.
+
+One function, `prune`, covers the schedules: a uniform ratio, per-layer ratios by name pattern, a
+global ranking across layers (capped per layer), and iterative steps (re-scored, with a callback for
+fine-tuning between steps). `ratio_for_flops` searches the ratio that meets a FLOPs budget.
 """
 from __future__ import annotations
 
 import copy
+import fnmatch
+import logging
 from dataclasses import dataclass
+from typing import Callable, Mapping, Optional
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
+log = logging.getLogger(__name__)
+
 PRUNABLE_TYPES = (nn.Conv2d, nn.ConvTranspose2d)
 HEAD = "segmentation_head"
 
 
+def unprunable(model: nn.Module) -> set[nn.Module]:
+    """Layers whose output channels must stay: the head, and what the model itself lists."""
+    fixed = set(getattr(model, HEAD).modules()) if hasattr(model, HEAD) else set()
+    hook = getattr(model, "unprunable_modules", None)
+    if callable(hook):
+        for module in hook():
+            fixed.update(module.modules())
+    return fixed
+
+
 def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every conv whose output channels may be removed: all but the segmentation head's."""
-    return {
-        name: m
-        for name, m in model.named_modules()
-        if isinstance(m, PRUNABLE_TYPES) and not (name == HEAD or name.startswith(HEAD + "."))
-    }
+    """Every conv whose output channels may be removed: all but the head's and the model's unprunable ones."""
+    fixed = unprunable(model)
+    return {name: m for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES) and m not in fixed}
 
 
 def in_scope(name: str, scope: str) -> bool:
@@ -44,8 +60,8 @@ class ScoreTableImportance(tp.importance.GroupMagnitudeImportance):
     share torch-pruning's group reduction (`_reduce`, mean over coupled layers, aligned by root index).
     """
 
-    def __init__(self, scores: dict[str, torch.Tensor], names: dict[nn.Module, str]):
-        super().__init__(p=1, group_reduction="mean", normalizer=None)
+    def __init__(self, scores: dict[str, torch.Tensor], names: dict[nn.Module, str], normalizer: str | None = None):
+        super().__init__(p=1, group_reduction="mean", normalizer=normalizer)
         self.scores, self.names = scores, names
 
     @torch.no_grad()
@@ -61,7 +77,7 @@ class ScoreTableImportance(tp.importance.GroupMagnitudeImportance):
             group_idxs.append(group[i].root_idxs)
         if not group_imp:
             return None
-        return self._reduce(group_imp, group_idxs)
+        return self._normalize(self._reduce(group_imp, group_idxs), self.normalizer)
 
 
 @dataclass
@@ -74,6 +90,25 @@ def out_channels(model: nn.Module) -> dict[str, int]:
     return {name: m.out_channels for name, m in prunable_layers(model).items()}
 
 
+def match_layer_ratios(layer_names: list[str], patterns: Mapping[str, float]) -> dict[str, float]:
+    """Per-layer ratios from glob patterns over layer names; the first matching pattern wins.
+
+    A pattern that matches no prunable layer is an error (a typo would otherwise prune nothing)."""
+    ratios: dict[str, float] = {}
+    for pattern, ratio in patterns.items():
+        hits = [n for n in layer_names if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise ValueError(
+                f"prune.layer_ratios pattern {pattern!r} matches no prunable layer; layers are named like "
+                f"{', '.join(layer_names[:4])}, ..."
+            )
+        if not 0 <= float(ratio) < 1:
+            raise ValueError(f"prune.layer_ratios[{pattern!r}]={ratio}: expected 0 <= ratio < 1")
+        for n in hits:
+            ratios.setdefault(n, float(ratio))
+    return ratios
+
+
 def prune(
     model: nn.Module,
     scores: dict[str, torch.Tensor],
@@ -81,26 +116,58 @@ def prune(
     ratio: float,
     scope: str = "all",
     round_to: int | None = None,
+    *,
+    layer_ratios: Optional[Mapping[str, float]] = None,
+    global_ranking: bool = False,
+    max_layer_ratio: float = 1.0,
+    steps: int = 1,
+    rescore: Optional[Callable[[nn.Module], dict[str, torch.Tensor]]] = None,
+    between_steps: Optional[Callable[[nn.Module, int], None]] = None,
 ) -> PruneResult:
-    """Removes `ratio` of the output channels of every in-scope layer group (a pruned copy; `model` is kept)."""
+    """Removes output channels from a copy of `model` (the original is kept).
+
+    ratio: fraction removed from every in-scope layer group (uniform), or overall (global ranking).
+    layer_ratios: {glob pattern: ratio}; matched layers use their ratio, the others `ratio`.
+    global_ranking: rank all groups together (scores normalised by their group mean) and remove the
+        lowest `ratio` of all channels, at most `max_layer_ratio` of any layer (see `global_layer_ratios`).
+    steps > 1: reach the ratios in equal steps; before each later step the pruned model is re-scored
+        with `rescore` and `between_steps(model, step)` may fine-tune it.
+    """
+    if steps < 1:
+        raise ValueError(f"steps={steps}: expected >= 1")
     model = copy.deepcopy(model).eval()
     before = out_channels(model)
     layers = prunable_layers(model)
-    missing = [n for n, _ in layers.items() if in_scope(n, scope) and n not in scores]
+    missing = [n for n in layers if in_scope(n, scope) and n not in scores]
     if missing:
         raise ValueError(f"no scores for layers {missing[:5]}{'...' if len(missing) > 5 else ''}: the scores do not match this model")
     names = {m: n for n, m in model.named_modules()}
-    ignored = [m for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES) and not in_scope(n, scope)]
-    ignored += [m for n, m in model.named_modules() if n == HEAD]
+    in_scope_names = [n for n in layers if in_scope(n, scope)]
+    fixed = unprunable(model)
+    ignored = [m for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES) and (m in fixed or not in_scope(n, scope))]
+    ignored += [getattr(model, HEAD)] if hasattr(model, HEAD) else []
+    per_layer = match_layer_ratios(in_scope_names, layer_ratios) if layer_ratios else {}
+    if global_ranking:
+        per_layer = global_layer_ratios(model, scores, names, example_inputs, ratio, max_layer_ratio, ignored)
+        ratio = 0.0
+    importance = ScoreTableImportance(scores, names)
     pruner = tp.pruner.BasePruner(
         model,
         example_inputs,
-        importance=ScoreTableImportance(scores, names),
+        importance=importance,
         pruning_ratio=ratio,
+        pruning_ratio_dict={layers[n]: r for n, r in per_layer.items()} or None,
+        iterative_steps=steps,
         ignored_layers=ignored,
         round_to=round_to,
     )
-    pruner.step()  # at ratio 0 this removes nothing (tested), so one path serves every ratio
+    for step in range(1, steps + 1):
+        if step > 1:
+            if between_steps is not None:
+                between_steps(model, step - 1)
+            if rescore is not None:
+                importance.scores = rescore(model)
+        pruner.step()  # at ratio 0 this removes nothing (tested), so one path serves every ratio
     after = out_channels(model)
     rows = [
         {"layer": n, "scope": "encoder" if n.startswith("encoder.") else "decoder" if n.startswith("decoder.") else "other",
@@ -108,3 +175,69 @@ def prune(
         for n in before
     ]
     return PruneResult(model=model, channels=rows)
+
+
+def global_layer_ratios(model, scores, names, example_inputs, ratio, max_layer_ratio, ignored) -> dict[str, float]:
+    """One ranking across dependency groups -> the ratio of each group's root layer.
+
+    Scores are divided by their group's mean so layers of different scale compete fairly; the lowest
+    `ratio` of all channels go, but never more than `max_layer_ratio` of one layer (torch-pruning's
+    own global mode can overshoot that cap in a one-shot step, so the cap is applied here and the
+    ratios are handed to the per-layer path)."""
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    importance = ScoreTableImportance(scores, names, normalizer="mean")
+    roots, values = [], []
+    for group in graph.get_all_groups(ignored_layers=list(ignored), root_module_types=list(PRUNABLE_TYPES)):
+        imp = importance(group)
+        if imp is not None:
+            roots.append(names[group[0].dep.target.module])
+            values.append(imp)
+    if not values:
+        return {}
+    every = torch.cat(values)
+    n_remove = int(every.numel() * ratio)
+    if n_remove == 0:
+        return {}
+    threshold = torch.kthvalue(every, n_remove).values
+    out = {}
+    for root, imp in zip(roots, values):
+        count = min(int((imp <= threshold).sum()), int(max_layer_ratio * imp.numel()))
+        if count > 0:  # torch-pruning keeps int(C * (1 - r)): r = (count - 0.5) / C removes exactly `count`
+            out[root] = (count - 0.5) / imp.numel()
+    return out
+
+
+def ratio_for_flops(
+    model: nn.Module,
+    scores: dict[str, torch.Tensor],
+    example_inputs: torch.Tensor,
+    target: float,
+    flops: Callable[[nn.Module], int],
+    tolerance: float = 0.005,
+    **plan,
+) -> tuple[float, PruneResult]:
+    """The smallest ratio whose pruned network keeps at most `target` of the FLOPs (bisection).
+
+    FLOPs fall monotonically with the ratio for a fixed plan, so bisection finds it; the search stops
+    below the ratio that would empty the narrowest layer (torch-pruning then skips that layer).
+    Returns the ratio and its pruned network."""
+    base = flops(model)
+    scope = plan.get("scope", "all")
+    narrowest = min(m.out_channels for n, m in prunable_layers(model).items() if in_scope(n, scope))
+    top = min(0.95, 1 - 1 / narrowest - 1e-6)
+    high_result = prune(model, scores, example_inputs, top, **plan)
+    if flops(high_result.model) > target * base:
+        raise ValueError(
+            f"prune.target_flops={target}: even ratio {top:.3f} keeps {flops(high_result.model) / base:.3f} of the "
+            "FLOPs (layers outside the scope, the head and the per-layer cap stay)"
+        )
+    low, high, best = 0.0, top, high_result
+    while high - low > tolerance:
+        mid = (low + high) / 2
+        result = prune(model, scores, example_inputs, mid, **plan)
+        if flops(result.model) <= target * base:
+            high, best = mid, result
+        else:
+            low = mid
+    log.info("ratio %.3f keeps %.3f of the FLOPs (target %.3f)", high, flops(best.model) / base, target)
+    return high, best

@@ -29,7 +29,7 @@ from pipeline.tracking import flatten, resolve_uri, start_run  # noqa: E402
 log = logging.getLogger("medprune")
 register_schema()
 
-NEEDS_BASELINE = ("score", "prune")
+NEEDS_BASELINE = ("sensitivity", "score", "prune")
 
 
 def run_name(cfg: DictConfig, choices: dict[str, str]) -> str:
@@ -70,6 +70,8 @@ def execute(cfg: DictConfig) -> dict[str, float]:
         tracker.log_artifact(run_dir / "splits.json", "data")
         tracker.log_metrics({f"data/{k}": v for k, v in data.stats().items()})
 
+        if "prune" in stages:
+            preflight_prune(cfg, data)
         ctx = Context(cfg=cfg, run_dir=run_dir, outputs=outputs, device=device, data=data, tracker=tracker)
         state = baselines.resolve(cfg.baseline, ctx) if cfg.baseline else RunState()
         if state.baseline is None and "train" not in stages and any(s in stages for s in NEEDS_BASELINE):
@@ -98,6 +100,22 @@ def execute(cfg: DictConfig) -> dict[str, float]:
         print(f"MLflow run {tracker.run_id} ('{name}') in experiment '{cfg.tracking.experiment}' at {uri}")
         print(f"Run folder: {run_dir}   UI: make ui  (http://127.0.0.1:5000)")
     return state.metrics
+
+
+def preflight_prune(cfg: DictConfig, data) -> None:
+    """Checks the prune settings against the model's real layer names before any training."""
+    from models import build_model
+    from pipeline.pruning import in_scope, match_layer_ratios, prunable_layers
+
+    scope = cfg.prune.scope.value if hasattr(cfg.prune.scope, "value") else str(cfg.prune.scope)
+    names = [n for n in prunable_layers(build_model(cfg.model, data.in_channels, data.num_classes)) if in_scope(n, scope)]
+    if not names:
+        raise ConfigError(f"prune.scope={scope} matches no prunable layer of model {cfg.model._target_}")
+    if cfg.prune.layer_ratios:
+        try:
+            match_layer_ratios(names, dict(cfg.prune.layer_ratios))
+        except ValueError as err:
+            raise ConfigError(f"{err} (within prune.scope={scope})") from err
 
 
 def _rows(metrics: dict[str, float]) -> dict[str, dict[str, float]]:

@@ -25,6 +25,7 @@ class RunState:
     baseline: Optional[str] = None  # model folder of the trained baseline
     baseline_key: Optional[str] = None
     baseline_run_id: Optional[str] = None  # MLflow run that trained it
+    layer_ratios: Optional[str] = None  # per-layer rates (YAML) derived by the sensitivity stage
     scores: Optional[str] = None  # scores folder (scores.safetensors + scores.json)
     pruned: Optional[str] = None  # model folder right after pruning
     final: Optional[str] = None  # model folder after fine-tuning (== pruned when finetune.epochs=0)

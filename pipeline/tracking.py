@@ -13,6 +13,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,10 +68,17 @@ def _retry(fn, *args, **kwargs):
             delay = min(delay * 2, 5.0)
 
 
+_PARAM_KEY = re.compile(r"^[\w\-. :/]+$")  # what MLflow accepts in a param name
+
+
 def flatten(node: Any, prefix: str = "") -> dict[str, str]:
-    """Nested config -> flat `a.b.c` params (lists as JSON), so the MLflow compare view can use them."""
+    """Nested config -> flat `a.b.c` params (lists as JSON), so the MLflow compare view can use them.
+
+    A mapping with keys MLflow cannot take as names (glob patterns like `encoder.*`) stays one JSON param."""
     out: dict[str, str] = {}
-    if isinstance(node, Mapping):
+    if isinstance(node, Mapping) and not all(_PARAM_KEY.match(str(k)) for k in node):
+        out[prefix[:-1]] = json.dumps(dict(node))
+    elif isinstance(node, Mapping):
         for key, value in node.items():
             out.update(flatten(value, f"{prefix}{key}."))
     elif isinstance(node, (list, tuple)):

@@ -85,6 +85,7 @@ def fit(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     # The starting weights are a candidate too: fine-tuning must not end worse (on validation) than it began.
     best_dice, best_state = evaluate(model, val_loader, device)["dice"], copy.deepcopy(model.state_dict())
+    bn_layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
     if log_metrics:
         log_metrics({f"{desc}/val_dice": best_dice}, 0)
 
@@ -97,6 +98,8 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                 loss = dice_bce_loss(model(images), masks, settings.dice_weight, settings.bce_weight)
+            if settings.bn_l1 > 0:  # network slimming: sparse BatchNorm scales make bn_scale scores decisive
+                loss = loss + settings.bn_l1 * sum(m.weight.abs().sum() for m in bn_layers)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()

@@ -161,3 +161,34 @@ def test_pipeline_on_real_isic_pairs(outputs):
     assert r.info.status == "FINISHED"
     assert r.data.metrics["data/n_train"] + r.data.metrics["data/n_val"] + r.data.metrics["data/n_test"] == 16
     assert 0.0 <= r.data.metrics["final/dice"] <= 1.0
+
+
+def test_sensitivity_stage_writes_rates_that_meet_the_flops_budget(outputs):
+    import yaml
+
+    run(outputs, *TINY, "model.width=8", "seed=3", "stages=[train,sensitivity,prune,finetune,evaluate]",
+        "sensitivity.target_flops=0.6", "sensitivity.ratios=[0.25,0.5,0.75]")
+    r = latest_run(outputs)
+    assert r.info.status == "FINISHED"
+    assert r.data.metrics["sensitivity/flops_kept"] <= 0.6
+    assert r.data.metrics["final/flops_g"] <= 0.6 * r.data.metrics["baseline/flops_g"] + 1e-12
+    run_dir = Path(r.data.tags["medprune.run_dir"])
+    rates = yaml.safe_load((run_dir / "sensitivity" / "prune_rates.yaml").read_text())
+    assert rates["schedule"] == "per_layer" and rates["layer_ratios"]
+    assert set(rates["layer_ratios"].values()) <= {0.25, 0.5, 0.75}
+    artifacts = {a.path for a in client(outputs).list_artifacts(r.info.run_id, "sensitivity")}
+    assert {"sensitivity/sensitivity.csv", "sensitivity/sensitivity.png", "sensitivity/prune_rates.yaml"} <= artifacts
+
+
+def test_iterative_schedule_fine_tunes_between_steps(outputs):
+    run(outputs, *TINY, "model.width=8", "prune=iterative", "prune.steps=2", "prune.epochs_between=1")
+    r = latest_run(outputs)
+    assert r.info.status == "FINISHED"
+    assert "prune_step1/loss" in r.data.metrics  # the fine-tuning between the two steps
+    assert r.data.metrics["prune/channels_kept"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_per_layer_pattern_matching_nothing_fails_before_training(outputs):
+    out = run(outputs, *TINY, "prune=per_layer", "++prune.layer_ratios={down4.*:0.5}", ok=False)
+    assert "down4.*" in out and "matches no prunable layer" in out
+    assert "train 1/" not in out

@@ -30,6 +30,8 @@ def test_default_store_does_not_depend_on_the_working_directory(monkeypatch, tmp
 def test_flatten_gives_dotted_params():
     flat = tracking.flatten({"prune": {"ratio": 0.5, "scope": "all"}, "stages": ["train", "prune"], "baseline": None})
     assert flat == {"prune.ratio": "0.5", "prune.scope": "all", "stages": '["train", "prune"]', "baseline": "null"}
+    # glob patterns are not valid MLflow param names: such a mapping stays one JSON param
+    assert tracking.flatten({"prune": {"layer_ratios": {"encoder.*": 0.5}}}) == {"prune.layer_ratios": '{"encoder.*": 0.5}'}
 
 
 def test_run_is_finished_and_artifacts_stay_beside_the_store(tmp_path, monkeypatch):

@@ -1,18 +1,27 @@
-"""Remove channels structurally from the baseline, by the saved scores and the prune settings."""
+"""Remove channels structurally from the baseline, by the saved scores and the prune schedule."""
 from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from enum import Enum
+
+import yaml
+from omegaconf import OmegaConf
 
 from models.io import load_model, save_model
 from pipeline import plots
-from pipeline.profiling import count_params
+from pipeline.profiling import count_flops, count_params
+from pipeline.pruning import in_scope, prunable_layers, prune, ratio_for_flops
 from pipeline.report import write_csv
-from pipeline.pruning import in_scope, prunable_layers, prune
 from pipeline.stages import score as score_stage
-from pipeline.state import Context, RunState
+from pipeline.state import Context, RunState, seed_everything
+from pipeline.training import fit
 
 log = logging.getLogger(__name__)
+
+
+def _value(x) -> str:
+    return x.value if isinstance(x, Enum) else str(x)
 
 
 def run(ctx: Context, state: RunState) -> RunState:
@@ -31,19 +40,59 @@ def run(ctx: Context, state: RunState) -> RunState:
         scores_dir = ctx.stage_dir("scores")
         score_stage.save(scores, criterion, scores_dir)
     p = cfg.prune
-    scope = p.scope.value if hasattr(p.scope, "value") else str(p.scope)
+    scope, schedule = _value(p.scope), _value(p.schedule)
     if not any(in_scope(n, scope) for n in prunable_layers(model)):
         raise RuntimeError(f"prune.scope={scope} matches no prunable layer of this model")
-    result = prune(model, scores, ctx.example_input(), p.ratio, scope, p.round_to)
+
+    plan = dict(scope=scope, round_to=p.round_to)
+    ratio = p.ratio
+    metrics: dict[str, float] = {}
+    if state.layer_ratios:  # rates derived by the sensitivity stage win over the config
+        rates = yaml.safe_load(open(state.layer_ratios))["layer_ratios"]
+        log.info("Using the %d per-layer rates of the sensitivity stage (%s)", len(rates), state.layer_ratios)
+        result = prune(model, scores, ctx.example_input(), 0.0, **plan, layer_ratios=rates)
+    elif schedule == "budget":
+        flops = lambda m: count_flops(m, ctx.input_shape)  # noqa: E731
+        extra = dict(global_ranking=True, max_layer_ratio=p.max_layer_ratio) if p.global_ranking else {}
+        ratio, result = ratio_for_flops(model, scores, ctx.example_input(), p.target_flops, flops, **plan, **extra)
+        metrics["prune/found_ratio"] = ratio
+    elif schedule == "iterative":
+        result = prune(
+            model, scores, ctx.example_input(), ratio, **plan, steps=p.steps,
+            rescore=lambda m: score_stage.compute(ctx, m)[0],
+            between_steps=lambda m, step: _finetune_between(ctx, m, step),
+        )
+    else:
+        extra = {
+            "per_layer": dict(layer_ratios=dict(p.layer_ratios)),
+            "global": dict(global_ranking=True, max_layer_ratio=p.max_layer_ratio),
+        }.get(schedule, {})
+        result = prune(model, scores, ctx.example_input(), ratio, **plan, **extra)
 
     folder = ctx.stage_dir("pruned")
     save_model(result.model, cfg.model, data.in_channels, data.num_classes, folder / "model")
     table = write_csv(result.channels, folder / "channels.csv")
-    plot = plots.channels_before_after(result.channels, folder / "channels.png", f"{cfg.criterion.name}, ratio {p.ratio}, scope {scope}")
+    plot = plots.channels_before_after(result.channels, folder / "channels.png", f"{cfg.criterion.name}, {schedule}, scope {scope}")
     before, after = count_params(model), count_params(result.model)
-    ctx.tracker.log_metrics({"prune/params_kept": after / before, "prune/channels_kept": sum(r["after"] for r in result.channels) / sum(r["before"] for r in result.channels)})
+    metrics["prune/params_kept"] = after / before
+    metrics["prune/channels_kept"] = sum(r["after"] for r in result.channels) / sum(r["before"] for r in result.channels)
+    ctx.tracker.log_metrics(metrics)
     for path in (table, plot):
         ctx.tracker.log_artifact(path, "pruning")
     ctx.tracker.log_artifact(folder / "model", "pruned_model")
     log.info("Pruned %s -> %s parameters (%.1f%% kept)", f"{before:,}", f"{after:,}", 100 * after / before)
     return replace(state, scores=str(scores_dir), pruned=str(folder / "model"))
+
+
+def _finetune_between(ctx: Context, model, step: int) -> None:
+    """Iterative schedule: fine-tune `epochs_between` epochs (finetune settings) between prune steps."""
+    epochs = ctx.cfg.prune.epochs_between
+    if epochs == 0:
+        return
+    seed_everything(ctx.cfg.seed + step)
+    settings = OmegaConf.merge(ctx.cfg.finetune, {"epochs": epochs})
+    fit(
+        model, ctx.data.dataset("train", augment=True), ctx.data.dataset("val"), settings, ctx.device,
+        ctx.cfg.seed, log_metrics=ctx.tracker.log_metrics, desc=f"prune_step{step}",
+    )
+    model.cpu().eval()
