@@ -16,12 +16,15 @@ COLUMNS = [
 
 
 def results_table(results: dict[str, dict]) -> str:
-    """One row per evaluated network (baseline / pruned / fine-tuned)."""
-    lines = ["| Network | " + " | ".join(c[0] for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    """One row per evaluated network (baseline / pruned / fine-tuned); 3D Dice for volumes."""
+    columns = list(COLUMNS)
+    if any("dice_3d" in r for r in results.values()):
+        columns.insert(1, ("Dice 3D", "dice_3d", "{:.4f}"))
+    lines = ["| Network | " + " | ".join(c[0] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for key, label in LABELS.items():
         if key in results:
             r = results[key]
-            lines.append(f"| {label} | " + " | ".join(fmt.format(r[field]) for _, field, fmt in COLUMNS) + " |")
+            lines.append(f"| {label} | " + " | ".join(fmt.format(r[field]) for _, field, fmt in columns) + " |")
     return "\n".join(lines)
 
 

@@ -51,8 +51,9 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, threshold: float = 0.5) -> dict[str, float]:
+    """Per-image Dice/IoU; also per-case 3D Dice when the dataset carries `cases` (volumes)."""
     model.eval()
-    meter = SegmentationMeter(threshold)
+    meter = SegmentationMeter(threshold, getattr(loader.dataset, "cases", None))
     for images, masks in loader:
         meter.update(model(images.to(device, non_blocking=True)), masks.to(device, non_blocking=True))
     return meter.compute()

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from pipeline.metrics import SegmentationMeter, dice_iou
@@ -38,3 +39,29 @@ def test_threshold_applies_to_probabilities():
     logits = torch.tensor([0.1, -0.1]).view(1, 1, 1, 2)  # sigmoid: 0.525, 0.475
     meter.update(logits, torch.tensor([1.0, 0.0]).view(1, 1, 1, 2))
     assert meter.compute()["dice"] == 1.0
+
+
+def test_per_case_3d_dice_stacks_the_slices_of_each_case():
+    # case a: two slices, truth 1 px on slice 0 and 3 px on slice 1, prediction hits 1 + 1 px
+    # case b: one empty slice predicted empty (scores 1 by convention)
+    meter = SegmentationMeter(cases=["a", "a", "b"])
+    true = torch.zeros(3, 1, 1, 4)
+    true[0, 0, 0, :1] = 1
+    true[1, 0, 0, :3] = 1
+    logits = torch.full((3, 1, 1, 4), -10.0)
+    logits[0, 0, 0, 0] = 10
+    logits[1, 0, 0, 0] = 10
+    meter.update(logits[:2], true[:2])
+    meter.update(logits[2:], true[2:])
+    result = meter.compute()
+    dice_a = 2 * 2 / (2 + 4)
+    assert result["cases"] == 2
+    assert result["dice_3d"] == pytest.approx((dice_a + 1.0) / 2)
+    # per slice: slice 0 perfect, slice 1 2*1/(1+3), slice 2 empty/empty
+    assert result["dice"] == pytest.approx((1 + 0.5 + 1) / 3)
+
+
+def test_no_cases_means_no_3d_dice():
+    meter = SegmentationMeter()
+    meter.update(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
+    assert "dice_3d" not in meter.compute()

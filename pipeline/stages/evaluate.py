@@ -26,7 +26,9 @@ def measure(ctx: Context, model_dir: str) -> dict[str, float]:
     quality = test_metrics(model, loader, ctx.device, e.threshold)
     flops = count_flops(model, ctx.input_shape)
     latency = measure_latency(model, ctx.input_shape, e.latency_warmup, e.latency_runs, e.latency_threads)
+    volume = {"dice_3d": quality["dice_3d"], "test_cases": quality["cases"]} if "dice_3d" in quality else {}
     return {
+        **volume,
         "dice": quality["dice"],
         "iou": quality["iou"],
         "test_images": quality["images"],
