@@ -11,7 +11,7 @@ ARGS   ?=
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test test-slow ui sweep clean
+.PHONY: setup run test test-slow ui sweep report clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,9 @@ test-slow: setup
 
 sweep: setup
 	$(BIN)/python -m pipeline.run -m $(if $(EXP),experiment=$(EXP)) $(ARGS)
+
+report: setup
+	$(BIN)/python -m pipeline.report $(EXP) $(ARGS)
 
 ui: setup
 	$(BIN)/python -m pipeline.tracking ui

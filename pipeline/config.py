@@ -89,6 +89,8 @@ class SensitivityConfig:
 class EvaluateConfig:
     batch_size: int = 8
     threshold: float = 0.5
+    extra_splits: List[str] = field(default_factory=list)  # e.g. [train]: also <row>/train_dice, train_iou
+    mask_examples: int = 4  # test images in the before/after mask plot (0: no plot)
     latency_warmup: int = 5
     latency_runs: int = 30
     latency_threads: Optional[int] = None  # None: all cores (os.cpu_count()); the count used is logged
@@ -104,6 +106,20 @@ class TrackingConfig:
 @dataclass
 class PathsConfig:
     outputs: str = MISSING
+
+
+@dataclass
+class PaperConfig:
+    """A published table to compare against (`python -m pipeline.report <experiment>`)."""
+
+    source: str = ""
+    table: str = ""
+    rows_by: str = "prune.ratio"  # the run param that tells the table's rows apart
+    metric_prefix: str = "final"  # compare final/<metric> (a row may say `source: baseline`)
+    columns: Dict[str, str] = field(default_factory=dict)  # metric -> column title, in order
+    scale: Dict[str, float] = field(default_factory=dict)  # ours x scale = the paper's unit (Dice 0-1 -> %)
+    rows: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # row key -> {metric: paper value}
+    notes: str = ""
 
 
 @dataclass
@@ -124,6 +140,7 @@ class MedpruneConfig:
     baseline: Optional[str] = None  # an MLflow run id, a run folder or a model folder to start from
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    paper: Optional[PaperConfig] = None  # set by experiment presets that reproduce a published table
 
 
 def register_schema() -> None:
@@ -209,6 +226,9 @@ def validate(cfg: DictConfig) -> None:
         _check_range(node.lr_gamma, f"{group}.lr_gamma", 0.0, 1.0, high_open=False)
         _check_range(node.num_workers, f"{group}.num_workers", 0, None)
     _check_range(cfg.evaluate.threshold, "evaluate.threshold", 0.0, 1.0)
+    for split in cfg.evaluate.extra_splits:
+        if split not in ("train", "val"):
+            raise ConfigError(f"evaluate.extra_splits has {split!r}: expected train and/or val (test is always evaluated)")
     _check_range(cfg.evaluate.latency_runs, "evaluate.latency_runs", 1, None)
     _check_range(cfg.evaluate.latency_warmup, "evaluate.latency_warmup", 0, None)
 

@@ -20,9 +20,12 @@ def outputs_dir() -> Path:
 
 
 def register_resolvers() -> None:
-    """Resolvers used by conf/: `${medprune.outputs:}` and `${mul:a,b}` (fine-tune lr = train lr x 0.1)."""
+    """Resolvers used by conf/: `${medprune.outputs:}`, `${medprune.root:}` (the checkout) and
+    `${mul:a,b}` (fine-tune lr = train lr x 0.1)."""
     if not OmegaConf.has_resolver("medprune.outputs"):
         OmegaConf.register_new_resolver("medprune.outputs", lambda: str(outputs_dir()))
+    if not OmegaConf.has_resolver("medprune.root"):
+        OmegaConf.register_new_resolver("medprune.root", lambda: str(PROJECT_ROOT))
     if not OmegaConf.has_resolver("mul"):
         OmegaConf.register_new_resolver("mul", lambda a, b: float(a) * float(b))
 

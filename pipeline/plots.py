@@ -61,3 +61,64 @@ def sensitivity_heatmap(rows: list[dict], layers: list[str], ratios: list[float]
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def masks_before_after(images, masks, predictions: dict, path: Path) -> Path:
+    """Rows: test images. Columns: image, true mask, then each network's prediction titled with its Dice."""
+    n = images.shape[0]
+    cols = 2 + len(predictions)
+    fig, axes = plt.subplots(n, cols, figsize=(2.2 * cols, 2.2 * n), squeeze=False)
+    for i in range(n):
+        img = images[i]
+        img = img[:3] if img.shape[0] >= 3 else img[:1].repeat(3, 1, 1)
+        img = (img - img.min()) / (img.max() - img.min() + 1e-8)
+        panels = [(img.permute(1, 2, 0).numpy(), "image", None), (masks[i, 0].numpy(), "true mask", "gray")]
+        panels += [(pred[i, 0].numpy(), f"{label}: Dice {dice[i]:.3f}", "gray") for label, (pred, dice) in predictions.items()]
+        for ax, (data, title, cmap) in zip(axes[i], panels):
+            ax.imshow(data, cmap=cmap, vmin=0, vmax=1)
+            ax.set_title(title, fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])  # keep the frame: an all-foreground mask is a white square, not a gap
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def norms_before_after(names: list[str], before: list[float], after: list[float], path: Path, criterion: str) -> Path:
+    """Per-layer mean filter norm of the baseline and of the pruned network (kept filters only)."""
+    x = range(len(names))
+    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(names)), 4))
+    ax.plot(x, before, marker="o", label="before pruning")
+    ax.plot(x, after, marker="s", label="after pruning")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(names, rotation=90, fontsize=6)
+    ax.set_ylabel(f"mean {criterion} filter norm")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def pareto(points: list[dict], x: str, y: str, path: Path, xlabel: str, ylabel: str) -> Path:
+    """Runs as points (label, x, y); the front of points that no other beats on both (lower x, higher y)."""
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.scatter([p[x] for p in points], [p[y] for p in points], color="#2f6690")
+    for p in points:
+        ax.annotate(p["label"], (p[x], p[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    front = pareto_front(points, x, y)
+    ax.plot([p[x] for p in front], [p[y] for p in front], color="#d1495b", linestyle="--", label="Pareto front")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def pareto_front(points: list[dict], x: str, y: str) -> list[dict]:
+    """Points not dominated by another (one with x <= and y >=, better in one), sorted by x."""
+    front = [p for p in points if not any(q[x] <= p[x] and q[y] >= p[y] and (q[x] < p[x] or q[y] > p[y]) for q in points)]
+    return sorted(front, key=lambda p: p[x])

@@ -27,11 +27,10 @@ def test_default_config_composes_and_validates():
 
 @pytest.mark.parametrize(
     "choice",
-    ["dataset=isic2018", "model=unet", "model=smp_unet", "model=smp_unetplusplus", "criterion=l2", "train=default",
-     "experiment=isic2018_unet"],
+    ["dataset=isic2018", "model=unet", "model=smp_unet", "model=smp_unetplusplus", "criterion=l2", "train=default"],
 )
 def test_every_group_option_validates(choice):
-    needs_root = choice in ("dataset=isic2018", "experiment=isic2018_unet")
+    needs_root = choice in ("dataset=isic2018",)
     overrides = [choice] + (["dataset.root=/data/isic"] if needs_root else [])
     validate(load(*overrides))
 
@@ -67,9 +66,11 @@ def test_unknown_scope_is_rejected_with_the_choices():
 
 
 def test_experiment_preset_sets_the_papers_setting():
-    cfg = load("experiment=isic2018_unet", "dataset.root=/data/isic")
+    cfg = load("experiment=lwunet_table2", "dataset.root=/data/isic")
+    validate(cfg)
     assert cfg.model.width == 64 and cfg.dataset.image_size == 256 and cfg.prune.ratio == 0.4
     assert cfg.dataset._target_ == "data.isic.ISIC2018"
+    assert cfg.paper.rows["0.6"].dice == 86.7 and cfg.tracking.experiment == "lwunet_table2"
 
 
 def test_unknown_criterion_is_rejected_with_the_choices():

@@ -6,10 +6,13 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from models.io import load_model, model_size_mb
 from pipeline import plots
 from pipeline.profiling import count_flops, count_params, measure_latency
-from pipeline.report import results_table
+from pipeline.metrics import binarize, dice_iou
+from pipeline.report import LABELS, results_table
 from pipeline.state import Context, RunState
 from pipeline.training import evaluate as test_metrics
 from pipeline.training import make_loader, read_history
@@ -24,11 +27,17 @@ def measure(ctx: Context, model_dir: str) -> dict[str, float]:
     model = load_model(model_dir).to(ctx.device).eval()
     loader = make_loader(ctx.data.dataset("test"), e.batch_size, False, 0, ctx.cfg.seed, ctx.device)
     quality = test_metrics(model, loader, ctx.device, e.threshold)
+    extra = {}
+    for split in e.extra_splits:
+        split_loader = make_loader(ctx.data.dataset(split), e.batch_size, False, 0, ctx.cfg.seed, ctx.device)
+        m = test_metrics(model, split_loader, ctx.device, e.threshold)
+        extra.update({f"{split}_dice": m["dice"], f"{split}_iou": m["iou"]})
     flops = count_flops(model, ctx.input_shape)
     latency = measure_latency(model, ctx.input_shape, e.latency_warmup, e.latency_runs, e.latency_threads)
     volume = {"dice_3d": quality["dice_3d"], "test_cases": quality["cases"]} if "dice_3d" in quality else {}
     return {
         **volume,
+        **extra,
         "dice": quality["dice"],
         "iou": quality["iou"],
         "test_images": quality["images"],
@@ -72,6 +81,25 @@ def run(ctx: Context, state: RunState) -> RunState:
     histories = {k: v for k, v in histories.items() if v}
     if histories:
         plots.curves(histories, folder / "curves.png")
+    if ctx.cfg.evaluate.mask_examples > 0:
+        _mask_plot(ctx, {row: sources[row] for row in ("baseline", "final") if sources[row]}, folder / "masks.png")
     ctx.tracker.log_artifact(folder, "evaluate")
     return replace(state, metrics={**state.metrics, **flat})
 
+
+
+@torch.no_grad()
+def _mask_plot(ctx: Context, model_dirs: dict[str, str], path: Path) -> None:
+    """The first test images, their true masks and each network's prediction with its Dice."""
+    dataset = ctx.data.dataset("test")
+    n = min(ctx.cfg.evaluate.mask_examples, len(dataset))
+    images, masks = zip(*(dataset[i] for i in range(n)))
+    images, masks = torch.stack(images), torch.stack(masks)
+    predictions = {}
+    for row, model_dir in model_dirs.items():
+        model = load_model(model_dir).to(ctx.device).eval()
+        logits = model(images.to(ctx.device)).cpu()
+        pred = binarize(logits, ctx.cfg.evaluate.threshold)
+        dice, _ = dice_iou(pred, masks > 0.5)
+        predictions[LABELS.get(row, row)] = (pred, dice)
+    plots.masks_before_after(images, masks, predictions, path)

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from models.io import load_model, save_model
 from pipeline import plots
+from pipeline.criteria.magnitude import filter_norms
 from pipeline.profiling import count_flops, count_params
 from pipeline.pruning import in_scope, prunable_layers, prune, ratio_for_flops
 from pipeline.report import write_csv
@@ -73,11 +74,19 @@ def run(ctx: Context, state: RunState) -> RunState:
     save_model(result.model, cfg.model, data.in_channels, data.num_classes, folder / "model")
     table = write_csv(result.channels, folder / "channels.csv")
     plot = plots.channels_before_after(result.channels, folder / "channels.png", f"{cfg.criterion.name}, {schedule}, scope {scope}")
+    names = list(prunable_layers(model))
+    after_layers = prunable_layers(result.model)
+    norms = plots.norms_before_after(
+        names,
+        [float(filter_norms(prunable_layers(model)[n], 1).mean()) for n in names],
+        [float(filter_norms(after_layers[n], 1).mean()) for n in names],
+        folder / "l1_norms.png", "L1",
+    )
     before, after = count_params(model), count_params(result.model)
     metrics["prune/params_kept"] = after / before
     metrics["prune/channels_kept"] = sum(r["after"] for r in result.channels) / sum(r["before"] for r in result.channels)
     ctx.tracker.log_metrics(metrics)
-    for path in (table, plot):
+    for path in (table, plot, norms):
         ctx.tracker.log_artifact(path, "pruning")
     ctx.tracker.log_artifact(folder / "model", "pruned_model")
     log.info("Pruned %s -> %s parameters (%.1f%% kept)", f"{before:,}", f"{after:,}", 100 * after / before)
