@@ -13,26 +13,32 @@ from torch import nn
 
 
 class DoubleConv(nn.Sequential):
-    """(3x3 conv -> BN -> ReLU) x 2; no conv bias since BN follows."""
+    """(3x3 conv -> BN -> ReLU) x 2; no conv bias since BN follows.
 
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__(
-            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
-        )
+    ``batch_norm=False`` drops the BNs (the convs get a bias instead); ``dropout > 0`` appends a
+    channel dropout (``nn.Dropout2d``) after the block. The defaults give the classic layout
+    (``conv.0`` / ``conv.3`` are the convs), so saved classic UNets keep their keys.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, batch_norm: bool = True, dropout: float = 0.0):
+        layers: list[nn.Module] = []
+        for c_in in (in_channels, out_channels):
+            layers.append(nn.Conv2d(c_in, out_channels, 3, padding=1, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(out_channels))
+            layers.append(nn.ReLU(inplace=True))
+        if dropout > 0:
+            layers.append(nn.Dropout2d(dropout))
+        super().__init__(*layers)
 
 
 class Down(nn.Module):
     """One encoder level; the first level has no pooling so every level has the same layout."""
 
-    def __init__(self, in_channels: int, out_channels: int, pool: bool):
+    def __init__(self, in_channels: int, out_channels: int, pool: bool, batch_norm: bool = True, dropout: float = 0.0):
         super().__init__()
         self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
-        self.conv = DoubleConv(in_channels, out_channels)
+        self.conv = DoubleConv(in_channels, out_channels, batch_norm=batch_norm, dropout=dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(self.pool(x))
@@ -41,17 +47,21 @@ class Down(nn.Module):
 class Up(nn.Module):
     """2x2 transposed conv halving the channels, concatenation with the skip, double conv."""
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, batch_norm: bool = True, dropout: float = 0.0):
         super().__init__()
         self.up = nn.ConvTranspose2d(in_channels, in_channels // 2, kernel_size=2, stride=2)
-        self.conv = DoubleConv(in_channels // 2 + out_channels, out_channels)
+        self.conv = DoubleConv(in_channels // 2 + out_channels, out_channels, batch_norm=batch_norm, dropout=dropout)
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    def upsample(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """The transposed conv, padded to the skip's size."""
         x = self.up(x)
         dy, dx = skip.shape[-2] - x.shape[-2], skip.shape[-1] - x.shape[-1]
         if dy or dx:  # input size not divisible by 2**depth: pooling floored, so pad back
             x = F.pad(x, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])
-        return self.conv(torch.cat([skip, x], dim=1))
+        return x
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([skip, self.upsample(x, skip)], dim=1))
 
 
 class UNet(nn.Module):

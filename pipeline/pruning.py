@@ -52,6 +52,9 @@ def in_scope(name: str, scope: str) -> bool:
     return name.startswith(scope + ".")
 
 
+OUT_CHANNEL_FNS = (tp.prune_conv_out_channels, tp.prune_depthwise_conv_out_channels, tp.prune_linear_out_channels)
+
+
 class ScoreTableImportance(tp.importance.GroupMagnitudeImportance):
     """Group importance from saved per-layer scores: the mean over the group's coupled output layers.
 
@@ -71,9 +74,13 @@ class ScoreTableImportance(tp.importance.GroupMagnitudeImportance):
             name = self.names.get(dep.layer)
             if name is None or name not in self.scores:
                 continue
-            if dep.pruning_fn not in (tp.prune_conv_out_channels, tp.prune_linear_out_channels):
+            if dep.pruning_fn not in OUT_CHANNEL_FNS:
                 continue
-            group_imp.append(self.scores[name][idxs].float())
+            layer_scores = self.scores[name].float()
+            # Each layer's scores relative to its own mean: layers coupled by a concatenation or an
+            # add compete on equal terms (a low-magnitude branch is not emptied wholesale).
+            layer_scores = layer_scores / layer_scores.mean().clamp_min(1e-12)
+            group_imp.append(layer_scores[idxs])
             group_idxs.append(group[i].root_idxs)
         if not group_imp:
             return None

@@ -45,7 +45,8 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
         generator=generator,
         pin_memory=device.type == "cuda",
         persistent_workers=num_workers > 0,
-        drop_last=False,
+        # training drops a last partial batch: a batch of one breaks BatchNorm (e.g. DeepLabV3+'s ASPP pooling)
+        drop_last=shuffle and len(dataset) > batch_size,
     )
 
 

@@ -91,7 +91,9 @@ def test_factory_injects_dataset_channels():
     assert smp_model.segmentation_head[0].out_channels == 3
 
 
-@pytest.mark.parametrize("name", ["unet", "unet_small", "smp_unet", "smp_unetplusplus"])
+@pytest.mark.parametrize(
+    "name", ["unet", "unet_small", "smp_unet", "smp_unetplusplus", "attention_unet", "custom_unet", "deeplabv3plus"]
+)
 def test_shipped_configs_are_valid(name):
     cfg = OmegaConf.load(CONF / f"{name}.yaml")
     assert "in_channels" not in cfg and "num_classes" not in cfg
