@@ -1,0 +1,137 @@
+"""Sweeps as users launch them: parallel local jobs, a tracking server, paper presets and reports."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "dataset.count=24", "dataset.image_size=32", "model.width=4", "model.depth=2", "train.epochs=1",
+    "train.batch_size=4", "finetune.epochs=1", "evaluate.latency_warmup=1", "evaluate.latency_runs=3",
+    "evaluate.mask_examples=0",
+]
+
+
+def env_for(outputs: Path) -> dict:
+    env = {**os.environ, "MEDPRUNE_OUTPUTS": str(outputs), "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def medprune(outputs: Path, *args: str, module: str = "pipeline.run") -> str:
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env_for(outputs),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    return proc.stdout
+
+
+def runs_in(uri: str, experiment: str = "medprune"):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], max_results=100) if exp else []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`mlflow server` on 127.0.0.1 against a SQLite store, for the length of a test."""
+
+    def __init__(self, store: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        store.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store / 'server.db'}",
+             "--default-artifact-root", str(store / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError("mlflow server did not start within 120 s")
+
+    def rest(self, path: str, body: dict) -> dict:
+        req = urllib.request.Request(f"{self.url}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.load(r)
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, 15)
+        self.proc.wait(timeout=30)
+
+
+def test_four_parallel_joblib_jobs_are_all_recorded_in_one_sqlite_store(tmp_path):
+    out = medprune(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", *TINY,
+                   "prune.ratio=0.1,0.2,0.3,0.4")
+    assert "database is locked" not in out
+    runs = runs_in(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    assert sorted(r.data.params["prune.ratio"] for r in runs) == ["0.1", "0.2", "0.3", "0.4"]
+    assert sorted(r.data.tags["medprune.baseline_reused"] for r in runs) == ["false", "true", "true", "true"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attempt", range(3))
+def test_four_parallel_jobs_repeatedly(tmp_path, attempt):
+    test_four_parallel_joblib_jobs_are_all_recorded_in_one_sqlite_store(tmp_path)
+
+
+def test_submitit_jobs_log_to_a_tracking_server_found_through_its_rest_api(tmp_path):
+    server = Server(tmp_path / "server")
+    try:
+        medprune(tmp_path, "-m", "hydra/launcher=submitit_local", f"tracking.uri={server.url}", *TINY,
+                 "prune.ratio=0.25,0.5")
+        exps = server.rest("experiments/search", {"max_results": 10})["experiments"]
+        exp_id = next(e["experiment_id"] for e in exps if e["name"] == "medprune")
+        found = server.rest("runs/search", {"experiment_ids": [exp_id], "max_results": 10})["runs"]
+        assert len(found) == 2
+        assert all(r["info"]["status"] == "FINISHED" for r in found)
+        ratios = sorted(p["value"] for r in found for p in r["data"]["params"] if p["key"] == "prune.ratio")
+        assert ratios == ["0.25", "0.5"]
+        names = sorted(r["info"]["run_name"] for r in found)
+        assert names == ["unet_small-synthetic_isic-l1-r0.25-s0", "unet_small-synthetic_isic-l1-r0.5-s0"]
+        metrics = {m["key"] for m in found[0]["data"]["metrics"]}
+        assert {"final/dice", "final/flops_g", "final/latency_ms", "baseline/dice"} <= metrics
+    finally:
+        server.stop()
+
+
+def test_a_paper_preset_sweeps_and_reports_in_the_papers_shape(tmp_path):
+    synthetic = ["dataset=synthetic_isic", f"dataset.root={tmp_path / 'data'}"]
+    medprune(tmp_path, "-m", "experiment=lwunet_table5", *synthetic, *TINY, "seed=0,1")
+    runs = runs_in(f"sqlite:///{tmp_path / 'mlflow.db'}", "lwunet_table5")
+    assert len(runs) == 4 and {r.data.params["criterion.name"] for r in runs} == {"l1", "l2"}
+    text = medprune(tmp_path, "lwunet_table5", module="pipeline.report")
+    assert "Table 5" in text and "Dice (%) (paper)" in text and "Δ IoU (%)" in text
+    l1_row = next(line for line in text.splitlines() if line.startswith("| l1 |"))
+    cells = [c.strip() for c in l1_row.strip("|").split("|")]
+    assert cells[1] == "2"  # two seeds in one row
+    assert "±" in cells[2] and cells[3] == "88.3"  # mean ± std over seeds, the paper's Dice beside it
+    report_dir = tmp_path / "reports" / "lwunet_table5"
+    for name in ("report.md", "report.csv", "report.tex", "dice_vs_flops.png", "dice_vs_latency.png"):
+        assert (report_dir / name).exists(), name
+    assert r"\begin{tabular}" in (report_dir / "report.tex").read_text()
+    report_runs = [r for r in runs_in(f"sqlite:///{tmp_path / 'mlflow.db'}", "lwunet_table5")
+                   if r.data.tags.get("medprune.kind") == "report"]
+    assert len(report_runs) == 1
