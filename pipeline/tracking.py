@@ -125,7 +125,9 @@ def get_or_create_experiment(client: MlflowClient, name: str, uri: str) -> str:
         if exp is not None:
             return exp.experiment_id
         location = (db.parent / "mlartifacts" / name).as_uri() if db else None
-        return client.create_experiment(name, artifact_location=location)
+        # The UI then opens on the runs table (model training), not on the GenAI trace overview.
+        return client.create_experiment(name, artifact_location=location,
+                                        tags={"mlflow.experimentKind": "custom_model_development"})
 
 
 def client_for(uri: str) -> MlflowClient:
@@ -168,6 +170,35 @@ def start_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, Any])
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
         _retry(client.set_terminated, run.info.run_id, status)
+
+
+def start_server(uri: str, port: int, artifacts: Path | None = None, timeout: float = 120) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1 (its own process group), returned once /health answers."""
+    import urllib.request
+
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1"]
+    if artifacts is not None:
+        cmd += ["--default-artifact-root", str(artifacts)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with {proc.returncode} (port {port} taken?)")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.5)
+    stop_server(proc)
+    raise RuntimeError(f"mlflow server did not answer on port {port} within {timeout:.0f} s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
 
 
 def ui(argv: list[str] | None = None) -> int:

@@ -6,12 +6,13 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+
+from pipeline.tracking import start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -50,25 +51,10 @@ class Server:
     """`mlflow server` on 127.0.0.1 against a SQLite store, for the length of a test."""
 
     def __init__(self, store: Path):
+        store.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        store.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store / 'server.db'}",
-             "--default-artifact-root", str(store / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise RuntimeError("mlflow server did not start within 120 s")
+        self.proc = start_server(f"sqlite:///{store / 'server.db'}", self.port, store / "artifacts")
 
     def rest(self, path: str, body: dict) -> dict:
         req = urllib.request.Request(f"{self.url}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(),
@@ -77,8 +63,7 @@ class Server:
             return json.load(r)
 
     def stop(self) -> None:
-        os.killpg(self.proc.pid, 15)
-        self.proc.wait(timeout=30)
+        stop_server(self.proc)
 
 
 def test_four_parallel_joblib_jobs_are_all_recorded_in_one_sqlite_store(tmp_path):
@@ -135,3 +120,14 @@ def test_a_paper_preset_sweeps_and_reports_in_the_papers_shape(tmp_path):
     report_runs = [r for r in runs_in(f"sqlite:///{tmp_path / 'mlflow.db'}", "lwunet_table5")
                    if r.data.tags.get("medprune.kind") == "report"]
     assert len(report_runs) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="Debian chromium not installed (apt-get install chromium)")
+def test_the_mlflow_ui_shows_a_sweeps_runs_in_a_headless_browser(tmp_path):
+    medprune(tmp_path, "-m", *TINY, "prune.ratio=0.25,0.5")
+    out = tmp_path / "ui.png"
+    proc = subprocess.run([sys.executable, "scripts/ui_screenshot.py", "--uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                           "--out", str(out)], cwd=ROOT, env=env_for(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert out.stat().st_size > 20_000  # a rendered page, not a blank one
