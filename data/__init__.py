@@ -1,5 +1,10 @@
 """Datasets for medprune: each reads and checks all its files in `setup(seed)`, then serves splits.
 
+ISIC 2018 (`data.isic`), BraTS (`data.brats`) and Kaggle COVID-19 CT volumes (`data.covid_ct`) served as
+slices from an on-disk slice cache (`data.volumes`, `data.cache`), generic 2D slice folders
+(`data.slices`), and synthetic twins written in the real layouts (`data.synthetic`,
+`data.synthetic_volumes`). See docs/DATASETS.md.
+
 `data` never imports `pipeline` or `models`; the pipeline only sees `build_data` and `SegmentationData`.
 """
 from __future__ import annotations

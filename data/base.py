@@ -27,22 +27,52 @@ class ArrayDataset(Dataset):
     """Items of a split held as one array per kind.
 
     One contiguous array (not a list of small ones) keeps DataLoader workers that fork from copying
-    the whole dataset as they touch reference counts.
+    the whole dataset as they touch reference counts. The arrays may be memory-mapped (a slice cache).
+
+    `rows` (optional) picks the items of this split out of larger arrays (item i is row `rows[i]`), so
+    a split of a memory-mapped cache needs no copy. `cases` (optional, volumetric data) is the case id of
+    each item, aligned with `ids`: the items of one case are contiguous and in ascending slice order, so
+    that predictions can be stacked back into a volume per case. None for 2D data.
     """
 
-    def __init__(self, images: np.ndarray, masks: np.ndarray, ids: Sequence[str], transform: PairTransform):
-        if len(images) != len(masks) or len(images) != len(ids):
-            raise ValueError(f"{len(images)} images, {len(masks)} masks and {len(ids)} ids: expected equal counts")
+    def __init__(
+        self,
+        images: np.ndarray,
+        masks: np.ndarray,
+        ids: Sequence[str],
+        transform: PairTransform,
+        cases: Optional[Sequence[str]] = None,
+        rows: Optional[np.ndarray] = None,
+    ):
+        if len(images) != len(masks):
+            raise ValueError(f"{len(images)} images and {len(masks)} masks: expected equal counts")
+        n = len(images) if rows is None else len(rows)
+        if n != len(ids):
+            raise ValueError(f"{n} items and {len(ids)} ids: expected equal counts")
+        if cases is not None and len(cases) != n:
+            raise ValueError(f"{n} items and {len(cases)} case ids: expected one case id per item")
+        if rows is not None and len(rows) and (int(np.min(rows)) < 0 or int(np.max(rows)) >= len(images)):
+            raise ValueError(f"rows must index the {len(images)} stored items")
         self.images = images
         self.masks = masks
         self.ids: list[str] = list(ids)
+        self.cases: Optional[list[str]] = None if cases is None else list(cases)
+        self.rows: Optional[np.ndarray] = None if rows is None else np.asarray(rows, dtype=np.int64)
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    def _row(self, index: int) -> int:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        return index if self.rows is None else int(self.rows[index])
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transform(self.images[index], self.masks[index])
+        row = self._row(index)
+        return self.transform(self.images[row], self.masks[row])
 
 
 class SegmentationData(abc.ABC):

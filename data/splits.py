@@ -5,7 +5,7 @@ never on the order a file system lists them in.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -20,7 +20,8 @@ def check_fraction(value: float, key: str) -> float:
 
 
 def carve(
-    ids: Iterable[str], fractions: dict[str, float], seed: int, source: str = "the training set"
+    ids: Iterable[str], fractions: dict[str, float], seed: int, source: str = "the training set",
+    unit: str = "image/mask pair", hint: str = "add data, raise `limit`, or lower the fractions",
 ) -> dict[str, list[str]]:
     """Splits `ids` into `fractions` (name -> fraction) plus "train" holding the rest.
 
@@ -34,8 +35,8 @@ def carve(
     if n < needed:
         wanted = ", ".join(f"{name} ({frac:g})" for name, frac in fractions.items())
         raise DatasetError(
-            f"{source} has {n} image/mask pair(s): too few to carve non-empty train and {wanted} splits; "
-            f"at least {needed} pairs are needed (add data, raise `limit`, or lower the fractions)"
+            f"{source} has {n} {unit}(s): too few to carve non-empty train and {wanted} splits; "
+            f"at least {needed} are needed ({hint})"
         )
     order = np.random.default_rng(seed).permutation(n)
     out: dict[str, list[str]] = {}
@@ -44,6 +45,19 @@ def carve(
         out[name] = sorted(ordered[i] for i in order[start:start + size])
         start += size
     out["train"] = sorted(ordered[i] for i in order[start:])
+    return out
+
+
+def carve_groups(
+    groups: Mapping[str, str], fractions: dict[str, float], seed: int, source: str = "the dataset", unit: str = "patient"
+) -> dict[str, list[str]]:
+    """Splits ids by group (`groups`: id -> group, e.g. case -> patient): every id of a group lands in
+    the same split, so no patient is in two splits. Sizes count groups; ids come back sorted."""
+    by_group = carve(groups.values(), fractions, seed, source=source, unit=unit, hint="add cases or lower the fractions")
+    split_of = {group: name for name, members in by_group.items() for group in members}
+    out: dict[str, list[str]] = {name: [] for name in by_group}
+    for case_id in sorted(groups):
+        out[split_of[groups[case_id]]].append(case_id)
     return out
 
 

@@ -1,4 +1,9 @@
-"""Per-item augmentation and normalisation for 2D RGB segmentation (albumentations 2.x).
+"""Per-item augmentation and normalisation for 2D segmentation (albumentations 2.x).
+
+Images are HxWxC uint8 (RGB photographs, grayscale CT slices) or float16/float32 (MRI slices already
+z-scored per modality, which skip `Normalize`). Masks are HxW: {0,1} for a binary target, or a label
+map that `target` turns into one binary channel per class after augmentation (rotations use nearest
+neighbour on masks, so label values survive).
 
 Resizing is not here: images are resized once when a dataset is loaded, so each item costs only a
 rotation, a flip and a normalisation.
@@ -10,7 +15,7 @@ copy of the generator and apply the same "random" augmentations. Nothing is rese
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import albumentations as A
 import cv2
@@ -23,11 +28,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class PairTransform:
-    """(uint8 HxWxC image, uint8 HxW mask in {0,1}) -> (float32 CxHxW, float32 1xHxW in {0,1})."""
+    """(HxWxC image, HxW mask) -> (float32 CxHxW, float32 KxHxW in {0,1}).
 
-    def __init__(self, compose: A.Compose, seed: int = 0):
+    Without `target` the mask is binary {0,1} and K = 1; with it, `target(mask)` maps the augmented
+    label map to K binary channels (K x H x W).
+    """
+
+    def __init__(self, compose: A.Compose, seed: int = 0, target: Optional[Callable[[np.ndarray], np.ndarray]] = None):
         self.compose = compose
         self.seed = int(seed)
+        self.target = target
         self._worker_seed: Optional[int] = None
         compose.set_random_seed(self.seed)
 
@@ -37,20 +47,35 @@ class PairTransform:
         if worker_seed != self._worker_seed:
             self._worker_seed = worker_seed
             self.compose.set_random_seed(self.seed if worker_seed is None else worker_seed)
-        out = self.compose(image=image, mask=mask)
-        img = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1), dtype=np.float32))
-        msk = torch.from_numpy(np.ascontiguousarray(out["mask"], dtype=np.float32)).unsqueeze(0)
+        image = np.asarray(image)
+        if image.dtype == np.float16:  # stored compactly; OpenCV and albumentations want float32
+            image = image.astype(np.float32)
+        if image.ndim == 2:
+            image = image[..., None]
+        out = self.compose(image=image, mask=np.asarray(mask))
+        result = out["image"]
+        if result.ndim == 2:
+            result = result[..., None]
+        img = torch.from_numpy(np.ascontiguousarray(result.transpose(2, 0, 1), dtype=np.float32))
+        if self.target is None:
+            msk = torch.from_numpy(np.ascontiguousarray(out["mask"], dtype=np.float32)).unsqueeze(0)
+        else:
+            msk = torch.from_numpy(np.ascontiguousarray(self.target(out["mask"]), dtype=np.float32))
         return img, msk
 
 
 def build_transform(
     augment: bool,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Optional[Sequence[float]] = IMAGENET_MEAN,
+    std: Optional[Sequence[float]] = IMAGENET_STD,
     rotate_limit: float = 15.0,
     hflip_p: float = 0.5,
     seed: int = 0,
+    vflip_p: float = 0.0,
+    target: Optional[Callable[[np.ndarray], np.ndarray]] = None,
 ) -> PairTransform:
+    """Rotation and flips when `augment`, then `Normalize(mean, std)` of uint8 pixels (skipped when
+    `mean` is None: float images that are already normalised)."""
     steps: list = []
     if augment:
         if rotate_limit > 0:
@@ -58,5 +83,8 @@ def build_transform(
             steps.append(A.Rotate(limit=rotate_limit, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=1.0))
         if hflip_p > 0:
             steps.append(A.HorizontalFlip(p=hflip_p))
-    steps.append(A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0))
-    return PairTransform(A.Compose(steps), seed)
+        if vflip_p > 0:
+            steps.append(A.VerticalFlip(p=vflip_p))
+    if mean is not None:
+        steps.append(A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0))
+    return PairTransform(A.Compose(steps), seed, target)

@@ -14,6 +14,7 @@ from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 
@@ -184,6 +185,11 @@ def _check_range(value: float, key: str, low: float, high: float | None, high_op
 def validate(cfg: DictConfig) -> None:
     """Checks what the schema's types cannot; raises ConfigError naming the key."""
     check_target_keys(cfg.dataset, "dataset")
+    try:  # constructors only check their values (files are read in setup): cheap, and fails early
+        instantiate(cfg.dataset)
+    except Exception as err:  # Hydra wraps the constructor's ValueError in an InstantiationException
+        cause = err.__cause__ or err
+        raise ConfigError(f"dataset ({cfg.dataset._target_}): {cause}") from err
     from models import model_kwargs_check  # also knows each smp architecture's own keys
 
     try:

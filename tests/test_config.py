@@ -95,3 +95,8 @@ def test_wrong_type_is_rejected():
 def test_model_keys_injected_by_the_pipeline_are_refused():
     with pytest.raises(ConfigError, match=r"model\.in_channels"):
         validate(load("+model.in_channels=4"))
+
+
+def test_a_dataset_value_the_reader_rejects_fails_at_start_up():
+    with pytest.raises(ConfigError, match="image_size"):
+        validate(load("dataset.image_size=0"))

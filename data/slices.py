@@ -1,0 +1,279 @@
+"""A generic reader for 2D image/mask folder pairs (slices exported from volumes, photographs...).
+
+`image_dir/<image_pattern>` is paired with `mask_dir/<mask_pattern>`, where `{id}` in a pattern stands
+for the shared part of the names: the COVID-SemiSeg preset is `Imgs/{id}.jpg` with `GT/{id}.png`; the
+ISIC layout would be `{id}.jpg` with `{id}_segmentation.png`. Files that match no pattern are ignored
+and counted. Images are decoded once, converted to grayscale (`channels: 1`) or RGB (`channels: 3`),
+resized to `image_size` and kept in memory (as ISIC: the loader must not be the bottleneck). A mask
+pixel is foreground when its value is above `mask_threshold`.
+
+Slices carry no patient id, so the split is per image unless `group_regex` extracts a group (patient)
+from the id, in which case all images of a group go to one split.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from data.base import ArrayDataset, DatasetError, SegmentationData
+from data.splits import carve, carve_groups, check_disjoint, check_fraction
+from data.transforms import build_transform
+from data.volumes import check_floats, check_int, check_number, format_problems
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SlicePair:
+    case_id: str
+    image: Path
+    mask: Path
+
+
+class _Problem(Exception):
+    pass
+
+
+def compile_pattern(pattern: str, key: str) -> re.Pattern:
+    if not isinstance(pattern, str) or pattern.count("{id}") != 1 or "/" in pattern:
+        raise ValueError(f"{key}={pattern!r} is invalid: expected a file name holding {{id}} once, e.g. '{{id}}.png'")
+    head, tail = pattern.split("{id}")
+    return re.compile(f"^{re.escape(head)}(?P<id>.+?){re.escape(tail)}$")
+
+
+def natural_key(text: str):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+class SliceFolders(SegmentationData):
+    """Image/mask folder pairs with a configurable name mapping; one binary mask per image."""
+
+    num_classes = 1
+
+    def __init__(
+        self,
+        root: str,
+        image_dir: str = "images",
+        mask_dir: str = "masks",
+        image_pattern: str = "{id}.png",
+        mask_pattern: str = "{id}.png",
+        channels: int = 1,
+        mask_threshold: int = 127,
+        image_size: int = 256,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        split_seed: int = 0,
+        group_regex: Optional[str] = None,
+        limit: Optional[int] = None,
+        rotate_limit: float = 15.0,
+        hflip_p: float = 0.5,
+        mean: Sequence[float] = (0.5,),
+        std: Sequence[float] = (0.25,),
+        workers: int = 2,
+    ):
+        super().__init__()
+        if root is None or str(root).strip() == "":
+            raise ValueError(f"root is not set: expected the folder holding {image_dir}/ and {mask_dir}/")
+        self.root = Path(str(root)).expanduser()
+        for key, value in (("image_dir", image_dir), ("mask_dir", mask_dir)):
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{key}={value!r} is invalid: expected a folder name under root")
+        self.image_dir, self.mask_dir = image_dir, mask_dir
+        self.image_pattern, self.mask_pattern = image_pattern, mask_pattern
+        self._image_re = compile_pattern(image_pattern, "image_pattern")
+        compile_pattern(mask_pattern, "mask_pattern")
+        if channels not in (1, 3) or isinstance(channels, bool):
+            raise ValueError(f"channels={channels!r} is invalid: expected 1 (grayscale) or 3 (RGB)")
+        self.in_channels = int(channels)
+        self.mask_threshold = check_int(mask_threshold, "mask_threshold", 0)
+        if self.mask_threshold > 254:
+            raise ValueError(f"mask_threshold={mask_threshold!r} is invalid: expected 0..254 (foreground = value > threshold)")
+        self.image_size = check_int(image_size, "image_size", 8)
+        self.val_fraction = check_fraction(val_fraction, "val_fraction")
+        self.test_fraction = check_fraction(test_fraction, "test_fraction")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} is invalid: expected < 1"
+            )
+        self.split_seed = check_int(split_seed, "split_seed", 0)
+        try:
+            self.group_regex = re.compile(group_regex) if group_regex else None
+        except (re.error, TypeError) as err:
+            raise ValueError(f"group_regex={group_regex!r} is invalid: {err}") from err
+        self.limit = None if limit is None else check_int(limit, "limit", 1)
+        self.rotate_limit = check_number(rotate_limit, "rotate_limit", 0.0, 180.0)
+        self.hflip_p = check_number(hflip_p, "hflip_p", 0.0, 1.0)
+        self.mean = check_floats(mean, "mean", self.in_channels)
+        self.std = check_floats(std, "std", self.in_channels, positive=True)
+        self.workers = check_int(workers, "workers", 1)
+        self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._transforms: dict[bool, object] = {}
+        self._seed = 0
+
+    def _describe(self) -> str:
+        return f"the slice folders under {self.root}"
+
+    def _scan(self) -> tuple[list[SlicePair], int, list[str]]:
+        if not self.root.is_dir():
+            raise DatasetError(
+                f"dataset root {self.root} does not exist or is not a folder: expected the folder holding "
+                f"{self.image_dir}/{self.image_pattern} and {self.mask_dir}/{self.mask_pattern}"
+            )
+        image_dir, mask_dir = self.root / self.image_dir, self.root / self.mask_dir
+        for folder, what in ((image_dir, "image"), (mask_dir, "mask")):
+            if not folder.is_dir():
+                present = sorted(os.listdir(self.root))[:10]
+                raise DatasetError(
+                    f"{what} folder {folder} is missing (found in {self.root}: {', '.join(present) or 'nothing'}): expected "
+                    f"{self.image_dir}/{self.image_pattern} with {self.mask_dir}/{self.mask_pattern}"
+                )
+        pairs, problems, ignored = [], [], 0
+        mask_names = set(os.listdir(mask_dir))
+        used_masks = set()
+        for entry in sorted(os.scandir(image_dir), key=lambda e: natural_key(e.name)):
+            match = self._image_re.match(entry.name)
+            if not match or not entry.is_file():
+                ignored += 1
+                continue
+            case_id = match.group("id")
+            mask_name = self.mask_pattern.replace("{id}", case_id)
+            if mask_name not in mask_names:
+                problems.append(f"image {Path(entry.path)} has no mask: expected {mask_dir / mask_name}")
+                continue
+            used_masks.add(mask_name)
+            pairs.append(SlicePair(case_id, Path(entry.path), mask_dir / mask_name))
+        ignored += len(mask_names - used_masks)
+        if not pairs and not problems:
+            raise DatasetError(
+                f"no image matching {self.image_pattern!r} in {image_dir} (found: "
+                f"{', '.join(sorted(os.listdir(image_dir))[:5]) or 'nothing'}): expected files named {self.image_pattern}"
+            )
+        return pairs, ignored, problems
+
+    def _load(self, pair: SlicePair) -> tuple[np.ndarray, np.ndarray]:
+        size, mode = self.image_size, "L" if self.in_channels == 1 else "RGB"
+        try:
+            with Image.open(pair.image) as im:
+                image_size = im.size
+                im.draft(mode, (size, size))
+                pixels = im.convert(mode).resize((size, size), Image.BILINEAR)
+        except Exception as err:
+            raise _Problem(f"image {pair.image} cannot be read ({type(err).__name__}: {err}); expected a complete image file")
+        try:
+            with Image.open(pair.mask) as m:
+                m.load()
+                if m.size != image_size:
+                    raise _Problem(
+                        f"mask {pair.mask} is {m.size[0]}x{m.size[1]} but its image {pair.image} is "
+                        f"{image_size[0]}x{image_size[1]}: expected the same size"
+                    )
+                if m.mode in ("RGB", "RGBA"):
+                    rgb = np.asarray(m.convert("RGB"))
+                    if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()):
+                        raise _Problem(f"mask {pair.mask} is {m.mode} with differing channels: expected a single-channel mask")
+                gray = np.asarray(m.convert("L") if m.mode != "L" else m)
+        except _Problem:
+            raise
+        except Exception as err:
+            raise _Problem(f"mask {pair.mask} cannot be read ({type(err).__name__}: {err}); expected a PNG mask")
+        high = int(gray.max(initial=0))
+        if 0 < high <= self.mask_threshold:
+            raise _Problem(
+                f"mask {pair.mask} has values {int(gray.min())}..{high}: expected foreground above mask_threshold="
+                f"{self.mask_threshold} (e.g. {{0,255}}); for 0/1 masks set mask_threshold=0"
+            )
+        binary = Image.fromarray(np.where(gray > self.mask_threshold, 255, 0).astype(np.uint8), "L")
+        mask = (np.asarray(binary.resize((size, size), Image.BOX)) > 127).astype(np.uint8)
+        image = np.asarray(pixels, dtype=np.uint8)
+        return (image[..., None] if image.ndim == 2 else image), mask
+
+    def _group(self, case_id: str) -> str:
+        match = self.group_regex.search(case_id) if self.group_regex else None
+        if not match:
+            return case_id
+        groups = [g for g in match.groups() if g]
+        return groups[0] if groups else match.group(0)
+
+    def setup(self, seed: int) -> None:
+        start = time.perf_counter()
+        pairs, ignored, problems = self._scan()
+        found = len(pairs)
+        if self.limit is not None:
+            pairs = pairs[: self.limit]
+        images = np.empty((len(pairs), self.image_size, self.image_size, self.in_channels), dtype=np.uint8)
+        masks = np.empty((len(pairs), self.image_size, self.image_size), dtype=np.uint8)
+
+        def work(index: int) -> Optional[str]:
+            try:
+                images[index], masks[index] = self._load(pairs[index])
+            except _Problem as problem:
+                return str(problem)
+            return None
+
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            bar = tqdm(pool.map(work, range(len(pairs))), total=len(pairs), desc=f"slices @{self.image_size}px", unit="img", disable=None, leave=False)
+            problems += [r for r in bar if r is not None]
+        if problems:
+            raise DatasetError(format_problems(problems, self._describe()))
+        foreground = masks.reshape(len(masks), -1).mean(axis=1)
+        if not (foreground > 0).any():
+            raise DatasetError(
+                f"all-empty dataset: none of the {len(pairs)} masks in {self.root / self.mask_dir} has a pixel above "
+                f"mask_threshold={self.mask_threshold} at {self.image_size}px: expected some foreground"
+            )
+        ids = [p.case_id for p in pairs]
+        fractions = {"val": self.val_fraction, "test": self.test_fraction}
+        source = f"{self.root / self.image_dir}" + (f" (limit={self.limit})" if self.limit is not None else "")
+        if self.group_regex is not None:
+            split_ids = carve_groups({i: self._group(i) for i in ids}, fractions, self.split_seed, source=source, unit="group")
+        else:
+            split_ids = carve(ids, fractions, self.split_seed, source=source)
+        check_disjoint(split_ids)
+        position = {case_id: i for i, case_id in enumerate(ids)}
+        self._arrays = {}
+        self._split_ids = {}
+        for split in ("train", "val", "test"):
+            chosen = sorted(split_ids[split], key=natural_key)
+            index = np.array([position[i] for i in chosen], dtype=np.int64)
+            self._arrays[split] = (images[index], masks[index])
+            self._split_ids[split] = chosen
+        self._seed = int(seed)
+        self._transforms = {}
+        empty = int((foreground == 0).sum())
+        self._stats = {
+            "pairs_found": found,
+            "pairs_loaded": len(pairs),
+            "files_ignored": ignored,
+            "n_train": len(self._split_ids["train"]),
+            "n_val": len(self._split_ids["val"]),
+            "n_test": len(self._split_ids["test"]),
+            "empty_masks": empty,
+            "foreground_fraction": float(foreground.mean()),
+            "image_size": self.image_size,
+            "load_seconds": time.perf_counter() - start,
+        }
+        if self.group_regex is not None:
+            self._stats["groups"] = len({self._group(i) for i in ids})
+        log.info(
+            "slice folders %s: %d train / %d val / %d test pairs at %dpx (%d files ignored, %d empty masks)",
+            self.root, self._stats["n_train"], self._stats["n_val"], self._stats["n_test"], self.image_size, ignored, empty,
+        )
+
+    def dataset(self, split: str, augment: bool = False) -> ArrayDataset:
+        self._check_split(split)
+        self._require_setup()
+        augment = bool(augment)
+        if augment not in self._transforms:
+            self._transforms[augment] = build_transform(augment, self.mean, self.std, self.rotate_limit, self.hflip_p, seed=self._seed)
+        images, masks = self._arrays[split]
+        return ArrayDataset(images, masks, self._split_ids[split], self._transforms[augment])

@@ -1,0 +1,95 @@
+"""The whole pipeline (`python -m pipeline.run ...`) on the volumetric and slice-folder datasets, tiny
+settings: the synthetic Kaggle COVID-19 CT twin, and the real BraTS 2015 and COVID-SemiSeg subsets
+(skipped where ../shared is absent). All jobs share one outputs folder, so the second job on the same
+volumes finds the slice cache the first one built."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = ROOT.parent / "shared" / "realdata"
+REAL_BRATS = REAL / "brats2015_subset"
+REAL_SEMISEG = REAL / "covid_semiseg_subset"
+
+TINY = [
+    "model.width=4", "model.depth=2", "train.epochs=1", "finetune.epochs=1",
+    "evaluate.latency_runs=2", "evaluate.latency_warmup=0", "dataset.image_size=32",
+]
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("outputs")
+
+
+def run(outputs: Path, *overrides: str) -> str:
+    env = {**os.environ, "MEDPRUNE_OUTPUTS": str(outputs), "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.run", *overrides], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    return proc.stdout
+
+
+def latest_run(outputs: Path):
+    client = MlflowClient(f"sqlite:///{outputs / 'mlflow.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client, client.search_runs(experiments, order_by=["attributes.start_time DESC"], max_results=1)[0]
+
+
+def splits_of(client: MlflowClient, run) -> dict:
+    path = client.download_artifacts(run.info.run_id, "data/splits.json")
+    return json.loads(Path(path).read_text())
+
+
+def test_synthetic_covid_ct_runs_and_the_second_run_hits_the_slice_cache(outputs):
+    out = run(outputs, "dataset=synthetic_covid_ct", "dataset.count=6", *TINY)
+    client, r = latest_run(outputs)
+    assert r.info.status == "FINISHED"
+    assert "building slice cache" in out
+    m = r.data.metrics
+    assert m["data/cache_hit"] == 0 and m["data/cases"] == 6 and m["data/volumes_hu"] == 3
+    assert m["data/slices_dropped_nan_mask"] == 1 and m["data/slices_dropped_duplicate"] == 1
+    assert 0.0 <= m["final/dice"] <= 1.0
+    splits = splits_of(client, r)
+    assert sorted(sum(splits.values(), [])) and not set(splits["train"]) & set(splits["test"])
+
+    out = run(outputs, "dataset=synthetic_covid_ct", "dataset.count=6", *TINY, "prune.ratio=0.25")
+    assert "slice cache hit" in out and "building slice cache" not in out
+    client, again = latest_run(outputs)
+    assert again.info.status == "FINISHED" and again.data.metrics["data/cache_hit"] == 1
+    assert splits_of(client, again) == splits
+
+
+@pytest.mark.skipif(not REAL_BRATS.is_dir(), reason=f"real BraTS 2015 subset not found at {REAL_BRATS} (only beside the dev checkout)")
+def test_pipeline_on_the_real_brats2015_subset(outputs):
+    out = run(
+        outputs, "dataset=brats", f"dataset.root={REAL_BRATS}", "dataset.modalities=[flair,t1ce]",
+        "dataset.label_scheme=brats2015", "dataset.empty_slice_fraction=0", "dataset.eval_empty_slice_fraction=0.1", *TINY,
+    )
+    client, r = latest_run(outputs)
+    assert r.info.status == "FINISHED"
+    m = r.data.metrics
+    assert m["data/cases"] == 4 and m["data/cases_with_brainmask"] == 4 and m["data/in_channels"] == 2
+    assert m["data/cases_train"] + m["data/cases_val"] + m["data/cases_test"] == 4
+    assert m["data/slices_dropped_no_brain"] > 0 and 0.0 <= m["final/dice"] <= 1.0
+    assert "building slice cache brats" in out
+
+
+@pytest.mark.skipif(not (REAL_SEMISEG / "Imgs").is_dir(), reason=f"real COVID-SemiSeg subset not found at {REAL_SEMISEG} (only beside the dev checkout)")
+def test_pipeline_on_the_real_covid_semiseg_subset(outputs):
+    run(outputs, "dataset=covid_semiseg", f"dataset.root={REAL_SEMISEG}", *TINY)
+    _, r = latest_run(outputs)
+    assert r.info.status == "FINISHED"
+    m = r.data.metrics
+    assert m["data/n_train"] + m["data/n_val"] + m["data/n_test"] == 50
+    assert 0.0 <= m["final/dice"] <= 1.0
