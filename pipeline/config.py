@@ -186,7 +186,7 @@ def validate(cfg: DictConfig) -> None:
     """Checks what the schema's types cannot; raises ConfigError naming the key."""
     check_target_keys(cfg.dataset, "dataset")
     try:  # constructors only check their values (files are read in setup): cheap, and fails early
-        instantiate(cfg.dataset)
+        instantiate(cfg.dataset, _convert_="all")  # as data.build_data does
     except Exception as err:  # Hydra wraps the constructor's ValueError in an InstantiationException
         cause = err.__cause__ or err
         raise ConfigError(f"dataset ({cfg.dataset._target_}): {cause}") from err

@@ -82,6 +82,8 @@ def test_pipeline_on_the_real_brats2015_subset(outputs):
     assert m["data/cases"] == 4 and m["data/cases_with_brainmask"] == 4 and m["data/in_channels"] == 2
     assert m["data/cases_train"] + m["data/cases_val"] + m["data/cases_test"] == 4
     assert m["data/slices_dropped_no_brain"] > 0 and 0.0 <= m["final/dice"] <= 1.0
+    # volumes: the per-case 3D Dice (slices stacked back) is reported beside the per-slice mean
+    assert 0.0 <= m["final/dice_3d"] <= 1.0 and m["final/test_cases"] >= 1
     assert "building slice cache brats" in out
 
 
@@ -93,3 +95,4 @@ def test_pipeline_on_the_real_covid_semiseg_subset(outputs):
     m = r.data.metrics
     assert m["data/n_train"] + m["data/n_val"] + m["data/n_test"] == 50
     assert 0.0 <= m["final/dice"] <= 1.0
+    assert "final/dice_3d" not in m  # 2D slices: no volumes to stack
