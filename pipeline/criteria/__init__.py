@@ -4,14 +4,22 @@ A criterion is built from `conf/criterion/<name>.yaml` (`_target_` + its keys) a
 `{layer name: 1-D tensor of scores}`. Scores are persisted by the score stage and reduced over
 torch-pruning's dependency groups by `pipeline.pruning` (coupled layers share one score), so a new
 criterion is one class here and one YAML, nothing else.
+
+Modules: `magnitude` (l1, l2), `weights` (random, fpgm, bn_scale: data-free), `datadriven` (taylor,
+activation), `attention` (se, eca, cbam, saca, sbca), `tracing` (which BatchNorm / activation follows
+each layer). The helpers below are shared by every data-driven criterion: calibration batches and the
+guarantee that scoring leaves the model as it found it. docs/CRITERIA.md has the formulas.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
+
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -27,3 +35,81 @@ class Criterion:
 
     def score(self, model: nn.Module, layers: dict[str, nn.Module], ctx: ScoringContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+
+def _require_batches(ctx: Optional[ScoringContext], who: str) -> Callable[[], Iterable[Batch]]:
+    if ctx is None or ctx.batches is None:
+        raise ValueError(f"criterion {who} needs calibration data, but the ScoringContext has no batches")
+    return ctx.batches
+
+
+def calibration_batches(ctx: Optional[ScoringContext], limit: int, who: str) -> Iterator[Batch]:
+    """The first `limit` batches of `ctx.batches()` (fewer if the split is shorter; none is an error)."""
+    if limit < 1:
+        raise ValueError(f"criterion {who}: calibration_batches={limit}, expected >= 1")
+    source = _require_batches(ctx, who)
+    seen = 0
+    for batch in source():
+        yield batch
+        seen += 1
+        if seen >= limit:
+            return
+    if seen == 0:
+        raise ValueError(f"criterion {who}: the calibration data yielded no batch")
+
+
+def cycled_batches(ctx: Optional[ScoringContext], who: str) -> Iterator[Batch]:
+    """`ctx.batches()` over and over (for criteria that train something for a number of steps)."""
+    source = _require_batches(ctx, who)
+    while True:
+        seen = 0
+        for batch in source():
+            yield batch
+            seen += 1
+        if seen == 0:
+            raise ValueError(f"criterion {who}: the calibration data yielded no batch")
+
+
+def example_input(model: nn.Module, ctx: Optional[ScoringContext], size: int = 64) -> torch.Tensor:
+    """Input for a tracing forward: two images of the first calibration batch, else random noise shaped
+    for the model's first convolution (`size` x `size`)."""
+    if ctx is not None and ctx.batches is not None:
+        for images, _ in ctx.batches():
+            return images[:2]
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))), None)
+    if first is None:
+        raise ValueError("cannot build an example input: the model has no convolution")
+    param = next(model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(1, first.in_channels, size, size, generator=generator).to(param.device, param.dtype)
+
+
+@contextmanager
+def model_preserved(model: nn.Module):
+    """Restores every module's train/eval mode and every parameter's requires_grad on exit.
+
+    Criteria run their forwards in eval mode (BatchNorm running statistics are buffers in the
+    state_dict: a train-mode forward would change them) and never touch weights or `.grad`."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, requires_grad in flags:
+            p.requires_grad_(requires_grad)
+
+
+def per_channel(t: torch.Tensor) -> torch.Tensor:
+    """Sum over every dimension but 1 (the channel dimension of an activation [B, C, ...])."""
+    dims = [d for d in range(t.dim()) if d != 1]
+    return t.sum(dim=dims) if dims else t
+
+
+def out_dim_sum(layer: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """Sum of a weight-shaped tensor over everything but the output-channel dimension
+    (dim 0 for Conv2d, dim 1 for ConvTranspose2d whose weight is (in, out, kh, kw))."""
+    if getattr(layer, "transposed", False):
+        t = t.transpose(0, 1)
+    return t.flatten(1).sum(1)
