@@ -11,7 +11,7 @@ ARGS   ?=
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test test-slow ui sweep report clean
+.PHONY: setup run test test-slow ui sweep report bench clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,9 @@ sweep: setup
 
 report: setup
 	$(BIN)/python -m pipeline.report $(EXP) $(ARGS)
+
+bench: setup
+	$(BIN)/python scripts/bench.py $(ARGS)
 
 ui: setup
 	$(BIN)/python -m pipeline.tracking ui

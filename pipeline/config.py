@@ -92,6 +92,13 @@ class EvaluateConfig:
     threshold: float = 0.5
     extra_splits: List[str] = field(default_factory=list)  # e.g. [train]: also <row>/train_dice, train_iou
     mask_examples: int = 4  # test images in the before/after mask plot (0: no plot)
+    # How latency is measured (docs/PERFORMANCE.md): latency_ms is the network as deployed
+    fold_bn: bool = True  # BatchNorm folded into the convolution before it (exact in eval mode)
+    channels_last: bool = True  # NHWC memory layout
+    latency_eager: bool = True  # also latency_eager_ms (the network as trained) when the form above differs
+    onnx: bool = True  # export to ONNX (BatchNorm folded), time with ONNX Runtime: onnx_latency_ms, onnx_max_abs_diff
+    onnx_opset: int = 18
+    onnx_dynamo: bool = False  # torch.export-based exporter instead of the TorchScript one
     latency_warmup: int = 5
     latency_runs: int = 30
     latency_threads: Optional[int] = None  # None: all cores (os.cpu_count()); the count used is logged

@@ -1,17 +1,27 @@
-"""Test-split quality and cost of the baseline, the pruned and the final network, side by side."""
+"""Test-split quality and cost of the baseline, the pruned and the final network, side by side.
+
+Latency is measured on the network as it is deployed (docs/PERFORMANCE.md): BatchNorm folded into
+the convolutions and, where `evaluate.channels_last`, NHWC memory layout (`latency_ms`); the network as
+trained (`latency_eager_ms`) when that differs; and the exported ONNX model (BatchNorm folded) under
+ONNX Runtime on CPU (`onnx_latency_ms`, with `onnx_max_abs_diff` against the torch output). The final
+network's ONNX file is kept in the evaluate folder (`final.onnx`) and logged; the others' are not.
+"""
 from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
 from models.io import load_model, model_size_mb
-from pipeline import plots
-from pipeline.profiling import count_flops, count_params, measure_latency
+from pipeline import inference, plots
+from pipeline.profiling import count_flops, count_params, cpu_name, device_name, measure_latency
 from pipeline.metrics import binarize, dice_iou
+from pipeline.pruning import prunable_layers
 from pipeline.report import LABELS, results_table
 from pipeline.state import Context, RunState
 from pipeline.training import evaluate as test_metrics
@@ -20,9 +30,70 @@ from pipeline.training import make_loader, read_history
 log = logging.getLogger(__name__)
 
 ROWS = ("baseline", "pruned", "final")
+FINAL_ONNX = "final.onnx"
+
+# Inference settings of this stage, read with their defaults until pipeline.config.EvaluateConfig has
+# them (then conf/evaluate/default.yaml sets them): see docs/PERFORMANCE.md for how they were chosen.
+DEFAULTS: dict[str, Any] = {
+    "fold_bn": True,  # latency_ms of the network with BatchNorm folded into the convolutions
+    "channels_last": True,  # ... in NHWC memory layout (4-D inputs)
+    "latency_eager": True,  # also latency_eager_ms (the network as trained) when it differs from the above
+    "onnx": True,  # export to ONNX (BatchNorm folded) and time it with ONNX Runtime on CPU: onnx_latency_ms
+    "onnx_opset": 18,
+    "onnx_dynamo": False,  # torch.export-based exporter instead of the TorchScript one
+}
 
 
-def measure(ctx: Context, model_dir: str) -> dict[str, float]:
+def setting(ctx: Context, key: str):
+    return ctx.cfg.evaluate.get(key, DEFAULTS[key])
+
+
+def cost(ctx: Context, model: torch.nn.Module, onnx_path: Optional[Path]) -> dict[str, float]:
+    """Latency of the deployed form, of the eager network (if different) and of the ONNX export."""
+    e = ctx.cfg.evaluate
+    shape = ctx.input_shape
+    fold, channels_last = bool(setting(ctx, "fold_bn")), bool(setting(ctx, "channels_last"))
+    folded = inference.prepare_for_inference(model, shape, fold_bn=fold, channels_last=False)
+    prepared = inference.with_channels_last(folded) if channels_last else folded
+    deployed = measure_latency(prepared.model.to(ctx.device), shape, e.latency_warmup, e.latency_runs, e.latency_threads,
+                               channels_last=prepared.channels_last)
+    out: dict[str, float] = {
+        "latency_ms": deployed["latency_ms"],
+        "latency_p90_ms": deployed["latency_p90_ms"],
+        "latency_threads": deployed["latency_threads"],
+        "latency_bn_folded": prepared.folded_bn,
+        "latency_channels_last": int(prepared.channels_last),
+    }
+    if (prepared.folded_bn or prepared.channels_last) and setting(ctx, "latency_eager"):
+        eager = measure_latency(model, shape, e.latency_warmup, e.latency_runs, e.latency_threads)
+        out["latency_eager_ms"] = eager["latency_ms"]
+        out["latency_eager_p90_ms"] = eager["latency_p90_ms"]
+    if onnx_path is not None:
+        try:
+            inference.export_onnx(folded.model.cpu(), onnx_path, shape, opset=int(setting(ctx, "onnx_opset")),
+                                  dynamo=bool(setting(ctx, "onnx_dynamo")))
+            session = inference.onnx_session(onnx_path, e.latency_threads)
+            ort = inference.measure_onnx_latency(session, shape, e.latency_warmup, e.latency_runs)
+            out.update({
+                "onnx_latency_ms": ort["latency_ms"],
+                "onnx_latency_p90_ms": ort["latency_p90_ms"],
+                "onnx_max_abs_diff": inference.onnx_max_abs_diff(model.cpu().eval(), session, shape),
+                "onnx_size_mb": onnx_path.stat().st_size / 1e6,
+            })
+        except Exception as err:  # an exporter gap must not cost the run its quality numbers
+            log.warning("ONNX export / ONNX Runtime timing failed (%s: %s); no onnx_* metrics", type(err).__name__, err)
+        finally:
+            model.to(ctx.device)
+    return out
+
+
+def aligned_fraction(model: torch.nn.Module, multiple: int = 8) -> float:
+    """Fraction of the prunable layers whose output channel count is a multiple of `multiple`."""
+    counts = [m.out_channels for m in prunable_layers(model).values()]
+    return sum(c % multiple == 0 for c in counts) / len(counts) if counts else 1.0
+
+
+def measure(ctx: Context, model_dir: str, onnx_path: Optional[Path] = None) -> dict[str, float]:
     e = ctx.cfg.evaluate
     model = load_model(model_dir).to(ctx.device).eval()
     loader = make_loader(ctx.data.dataset("test"), e.batch_size, False, 0, ctx.cfg.seed, ctx.device)
@@ -33,7 +104,12 @@ def measure(ctx: Context, model_dir: str) -> dict[str, float]:
         m = test_metrics(model, split_loader, ctx.device, e.threshold)
         extra.update({f"{split}_dice": m["dice"], f"{split}_iou": m["iou"]})
     flops = count_flops(model, ctx.input_shape)
-    latency = measure_latency(model, ctx.input_shape, e.latency_warmup, e.latency_runs, e.latency_threads)
+    latency = cost(ctx, model, onnx_path)
+    aligned = aligned_fraction(model)
+    if aligned < 1:
+        log.info("%.0f%% of the prunable layers of %s have channel counts that are multiples of 8; CPU and GPU "
+                 "convolution kernels run fastest on such counts (prune.round_to=8, docs/PERFORMANCE.md)",
+                 100 * aligned, model_dir)
     volume = {"dice_3d": quality["dice_3d"], "test_cases": quality["cases"]} if "dice_3d" in quality else {}
     return {
         **volume,
@@ -45,10 +121,9 @@ def measure(ctx: Context, model_dir: str) -> dict[str, float]:
         "flops_g": flops / 1e9,
         "macs_g": flops / 2e9,
         "size_mb": model_size_mb(model_dir),
-        "latency_ms": latency["latency_ms"],
-        "latency_p90_ms": latency["latency_p90_ms"],
-        "latency_threads": latency["latency_threads"],
-    }, latency["latency_device"]
+        "channels_aligned8": aligned,
+        **latency,
+    }, device_name(ctx.device)
 
 
 def run(ctx: Context, state: RunState) -> RunState:
@@ -57,21 +132,34 @@ def run(ctx: Context, state: RunState) -> RunState:
         raise RuntimeError("evaluate has no model: run train/prune first or set baseline=<run id or path>")
     results: dict[str, dict] = {}
     device_names = set()
-    for row in ROWS:
-        path = sources[row]
-        if not path:
-            continue
-        if row == "final" and path == sources["pruned"] and "pruned" in results:
-            results[row] = dict(results["pruned"])  # no fine-tuning: the same network
-            continue
-        log.info("Evaluating the %s network on the test split", row)
-        results[row], device_name = measure(ctx, path)
-        device_names.add(device_name)
+    folder = ctx.stage_dir("evaluate")
+    onnx = bool(setting(ctx, "onnx"))
+    scratch = tempfile.TemporaryDirectory(prefix="medprune-onnx-")
+    try:
+        for row in ROWS:
+            path = sources[row]
+            if not path:
+                continue
+            if row == "final" and path == sources["pruned"] and "pruned" in results:
+                results[row] = dict(results["pruned"])  # no fine-tuning: the same network
+                continue
+            # only the final network's ONNX file is kept (and logged with the evaluate folder)
+            onnx_path = None
+            if onnx:
+                onnx_path = folder / FINAL_ONNX if path == sources["final"] else Path(scratch.name) / f"{row}.onnx"
+            log.info("Evaluating the %s network on the test split", row)
+            results[row], device_name = measure(ctx, path, onnx_path)
+            device_names.add(device_name)
+    finally:
+        scratch.cleanup()
     flat = {f"{row}/{k}": v for row, metrics in results.items() for k, v in metrics.items()}
     ctx.tracker.log_metrics(flat)
-    ctx.tracker.set_tags({"medprune.latency_device": ", ".join(sorted(device_names))})
+    tags = {"medprune.latency_device": ", ".join(sorted(device_names)),
+            "medprune.latency_form": _form(ctx)}
+    if onnx:
+        tags["medprune.onnx_latency_device"] = f"{cpu_name()} (ONNX Runtime CPU)"
+    ctx.tracker.set_tags(tags)
 
-    folder = ctx.stage_dir("evaluate")
     (folder / "metrics.json").write_text(json.dumps(results, indent=2))
     table = results_table(results)
     (folder / "results.md").write_text(table + "\n")
@@ -86,6 +174,10 @@ def run(ctx: Context, state: RunState) -> RunState:
     ctx.tracker.log_artifact(folder, "evaluate")
     return replace(state, metrics={**state.metrics, **flat})
 
+
+def _form(ctx: Context) -> str:
+    parts = [p for p, on in (("bn-folded", setting(ctx, "fold_bn")), ("channels-last", setting(ctx, "channels_last"))) if on]
+    return "+".join(parts) or "eager"
 
 
 @torch.no_grad()

@@ -1,0 +1,851 @@
+#!/usr/bin/env python
+"""medprune's performance suite (`make bench`): are pruned networks as fast as their FLOPs say, and
+does the pipeline waste time anywhere?
+
+    .venv/bin/python scripts/bench.py                      # everything; < 15 min on a 2-core CPU
+    .venv/bin/python scripts/bench.py --quick              # tiny sizes, seconds (tests/test_bench.py)
+    .venv/bin/python scripts/bench.py --rows speed --models unet --device cpu
+
+Rows (see docs/PERFORMANCE.md for a measured table and what it means):
+  speed     pruned-network speed: classic UNet and UNet++/resnet34 at ratios 0..0.6 (L1, uniform), channel
+            rounding off/on; params, MACs, FLOPs, batch-1 latency (median, p90), batch-8 throughput,
+            speed-up and efficiency = speed-up / FLOPs reduction, for each inference form (variant):
+            eager, channels_last, BatchNorm folded, folded + channels_last, ONNX Runtime
+  export    ONNX export of each pruned network (BatchNorm folded): export time, file size, ONNX Runtime
+            latency and max |torch - ONNX Runtime| (must be < 1e-4)
+  training  train-stage images/s (pipeline.training.fit) vs a bare PyTorch loop on the same model, data,
+            batch size and optimiser; data loader alone; decoding the full-size JPEGs per item instead
+  pruning   seconds to score + prune the default classic UNet with L1, and with a data-driven criterion
+            over 32 calibration images
+  volumes   slice-cache build of a synthetic BraTS-like set of 10 cases, and the second run (cache hit)
+  cuda      (CUDA only) training throughput fp32 vs bf16 / fp16 autocast vs channels_last
+
+Runs on CUDA when present (`--device auto`), else on CPU; ONNX Runtime always runs on CPU. Writes
+outputs/bench/bench.md and bench.json (the machine, the settings, every number), plus a timestamped
+copy of each. Latency uses `pipeline.profiling` (the evaluate stage's own timing code) with the
+thread count fixed (`--threads`, default all cores).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import models  # noqa: E402,F401  (torchvision compatibility shim first)
+from models import build_model  # noqa: E402
+from pipeline import inference  # noqa: E402
+from pipeline.profiling import count_flops, count_params, latency_times, machine_info, summarize, time_calls  # noqa: E402
+
+log = logging.getLogger("bench")
+
+ROWS = ("speed", "export", "training", "pruning", "volumes", "cuda")
+VARIANTS = ("eager", "channels_last", "folded", "folded+cl", "onnxruntime")
+# What the evaluate stage and exported models use by default (chosen from the measured table, see
+# docs/PERFORMANCE.md); the `deployed` lines of the targets table are this variant.
+DEPLOYED = "onnxruntime"
+DEPLOYED_TORCH = "folded+cl"
+
+
+@dataclass
+class NetSpec:
+    label: str
+    model: dict  # a model config (models.build_model)
+    size: int  # input height = width
+    in_channels: int = 3
+    variants: tuple[str, ...] = VARIANTS
+    throughput: tuple[str, ...] = ("eager", DEPLOYED)  # variants also timed at the batch size
+
+
+@dataclass
+class Settings:
+    nets: list[NetSpec]
+    ratios: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6)
+    round_to: tuple[Optional[int], ...] = (None, 8, 16)
+    threads: Optional[int] = None  # None: all cores
+    warmup: int = 1  # untimed runs of each network and form before its first timed round
+    rounds: int = 3  # latency: every network and form is timed once per round, rounds interleaved
+    runs_per_round: int = 2
+    batch: int = 8  # throughput batch size
+    batch_rounds: int = 2  # one timed batch per round (no warm-up: a batch takes seconds); the best counts
+    prune_example: int = 64  # the dependency graph is traced at this size (the graph does not depend on it)
+    onnx_dynamo: bool = False
+    # training
+    train_model: dict = field(default_factory=lambda: {"_target_": "models.unet.UNet", "width": 16, "depth": 4})
+    train_images: int = 24  # synthetic ISIC pairs written (full-size JPEGs)
+    train_min_side: int = 2000
+    train_max_side: int = 3000
+    train_size: int = 128
+    train_batch: int = 8
+    train_steps: int = 8  # optimiser steps per epoch (the train split is repeated to get them)
+    train_epochs: int = 3  # the first epoch of each loop is a warm-up, not counted
+    train_repeats: int = 2
+    train_workers: int = 0
+    # pruning cost
+    prune_model: dict = field(default_factory=lambda: {"_target_": "models.unet.UNet", "width": 64, "depth": 4})
+    prune_size: int = 256
+    prune_ratio: float = 0.5
+    criterion: str = "activation"
+    calibration_images: int = 32
+    calibration_batch: int = 8
+    # volumes
+    volume_cases: int = 10
+    volume_shape: tuple[int, int, int] = (120, 120, 78)
+    volume_size: int = 128
+    # cuda
+    cuda_model: dict = field(default_factory=lambda: {"_target_": "models.unet.UNet", "width": 64, "depth": 4})
+    cuda_size: int = 256
+    cuda_batch: int = 8
+    cuda_steps: int = 20
+
+
+def full_settings() -> Settings:
+    return Settings(nets=[
+        NetSpec("unet", {"_target_": "models.unet.UNet", "width": 64, "depth": 4}, 256,
+                throughput=("eager", DEPLOYED_TORCH, DEPLOYED)),
+        NetSpec("unetplusplus", {"_target_": "models.smp.build_smp", "arch": "UnetPlusPlus", "encoder_name": "resnet34"}, 256,
+                variants=("eager", "channels_last", "folded+cl", "onnxruntime"), throughput=("eager", DEPLOYED)),
+    ])
+
+
+def quick_settings() -> Settings:
+    return Settings(
+        nets=[
+            NetSpec("unet", {"_target_": "models.unet.UNet", "width": 8, "depth": 2}, 32),
+            NetSpec("unetplusplus", {"_target_": "models.smp.build_smp", "arch": "UnetPlusPlus", "encoder_name": "resnet18",
+                                     "encoder_depth": 3, "decoder_channels": [32, 16, 8]}, 32,
+                    variants=("eager", "folded+cl", "onnxruntime")),
+        ],
+        ratios=(0.0, 0.5), round_to=(None, 4), warmup=1, rounds=2, runs_per_round=2, batch=2, batch_rounds=1, prune_example=32,
+        train_model={"_target_": "models.unet.UNet", "width": 4, "depth": 2}, train_images=12, train_min_side=48,
+        train_max_side=64, train_size=32, train_batch=4, train_steps=2, train_epochs=2, train_repeats=1,
+        prune_model={"_target_": "models.unet.UNet", "width": 8, "depth": 2}, prune_size=32, calibration_images=4,
+        calibration_batch=2, volume_cases=3, volume_shape=(24, 24, 12), volume_size=16,
+        cuda_model={"_target_": "models.unet.UNet", "width": 8, "depth": 2}, cuda_size=32, cuda_batch=2, cuda_steps=2,
+    )
+
+
+def _progress(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _net_label(label: str, round_to: Optional[int]) -> str:
+    return f"{label} round_to={round_to or '-'}"
+
+
+# -- row 1 and 2: pruned-network speed, ONNX export ---------------------------------------------------
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, in_channels: int, size: int, batches: int = 2) -> None:
+    """Gives freshly initialised BatchNorms running statistics from random images (cumulative average),
+    so that folding them is a real transformation and the outputs have realistic scale."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(batches):
+        model(torch.randn(4, in_channels, size, size, generator=generator))
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    model.eval()
+
+
+def l1_scores(model: nn.Module) -> dict[str, torch.Tensor]:
+    from pipeline.criteria.magnitude import MagnitudeCriterion
+    from pipeline.pruning import prunable_layers
+
+    return MagnitudeCriterion("l1", 1).score(model, prunable_layers(model), None)
+
+
+class Runner:
+    """One inference form (variant) of one network; returns per-run milliseconds for a batch size."""
+
+    def __init__(self, variant: str, model: nn.Module, shape: tuple[int, ...], device: torch.device, threads: int,
+                 session=None):
+        self.variant, self.shape, self.threads = variant, shape, threads
+        self.session, self.model, self.channels_last = None, None, False
+        if variant == "onnxruntime":
+            self.session = session
+        else:
+            prepared = inference.prepare_for_inference(
+                model, shape, fold_bn=variant in ("folded", "folded+cl"), channels_last=variant in ("channels_last", "folded+cl"))
+            self.model, self.channels_last = prepared.model.to(device), prepared.channels_last
+
+    def times(self, batch: int, warmup: int, runs: int) -> list[float]:
+        shape = (batch, *self.shape[1:])
+        if self.session is not None:
+            return inference.time_onnx(self.session, shape, warmup, runs)
+        return latency_times(self.model, shape, warmup, runs, self.threads, channels_last=self.channels_last)
+
+
+@dataclass
+class Entry:
+    """One pruned network of the speed row, with its runners and collected timings."""
+
+    net: dict
+    export: Optional[dict]
+    runners: dict[str, Runner]
+    latency: dict[str, list[float]] = field(default_factory=dict)
+    batch: dict[str, list[float]] = field(default_factory=dict)
+
+
+def bench_speed(s: Settings, device: torch.device, work: Path, rows: set[str], models_wanted: Optional[set[str]]) -> dict:
+    """Builds every network and inference form of a model first, then times them in interleaved rounds:
+    a slow spell of a shared machine then hits every ratio and variant alike instead of one of them,
+    so speed-ups stay fair. Latency statistics are over the runs of all rounds."""
+    from pipeline.pruning import prune
+
+    threads = s.threads or os.cpu_count() or 1
+    networks, latency, exports = [], [], []
+    for spec in s.nets:
+        if models_wanted and spec.label not in models_wanted:
+            continue
+        torch.manual_seed(0)
+        base = build_model(spec.model, spec.in_channels, 1).eval()
+        calibrate_batchnorm(base, spec.in_channels, min(spec.size, 128))
+        scores = l1_scores(base)
+        shape = (1, spec.in_channels, spec.size, spec.size)
+        example = torch.randn(1, spec.in_channels, s.prune_example, s.prune_example)
+        variants = [v for v in spec.variants if "speed" in rows or v == "onnxruntime"]
+        entries: list[Entry] = []
+        order: list[tuple[Optional[int], float, int]] = []  # (round_to, ratio, index of the entry measured)
+        for round_to in s.round_to:
+            for ratio in s.ratios:
+                if ratio == 0 and entries and any(e.net["ratio"] == 0 for e in entries):
+                    order.append((round_to, ratio, next(i for i, e in enumerate(entries) if e.net["ratio"] == 0)))
+                    continue  # the unpruned network does not depend on rounding: measured once
+                _progress(f"speed: preparing {spec.label} round_to={round_to} ratio={ratio}")
+                start = time.perf_counter()
+                net = base if ratio == 0 else prune(base, scores, example, ratio, round_to=round_to).model.eval()
+                prune_s = time.perf_counter() - start
+                flops = count_flops(net, shape)
+                net_row = {"model": spec.label, "round_to": round_to, "ratio": ratio, "size": spec.size,
+                           "params_m": count_params(net) / 1e6, "macs_g": flops / 2e9, "flops_g": flops / 1e9,
+                           "prune_s": prune_s, "channels": _channel_summary(net)}
+                export_row = session = None
+                if "onnxruntime" in variants or "export" in rows:
+                    export_row, session = _export(net, spec, round_to, ratio, shape, work, threads, s)
+                runners = {v: Runner(v, net, shape, torch.device("cpu") if v == "onnxruntime" else device, threads, session)
+                           for v in variants if v != "onnxruntime" or session is not None}
+                order.append((round_to, ratio, len(entries)))
+                entries.append(Entry(net_row, export_row, runners))
+        for round_index in range(s.rounds):
+            _progress(f"speed: {spec.label} latency round {round_index + 1}/{s.rounds}")
+            for entry in entries:
+                for variant, runner in entry.runners.items():
+                    entry.latency.setdefault(variant, []).extend(
+                        runner.times(1, s.warmup if round_index == 0 else 0, s.runs_per_round))
+        for round_index in range(s.batch_rounds):
+            _progress(f"speed: {spec.label} batch-{s.batch} round {round_index + 1}/{s.batch_rounds}")
+            for entry in entries:
+                for variant in spec.throughput:
+                    if variant in entry.runners:
+                        entry.batch.setdefault(variant, []).extend(entry.runners[variant].times(s.batch, 0, 1))
+        for round_to, ratio, index in order:
+            entry = entries[index]
+            networks.append({**entry.net, "round_to": round_to})
+            if entry.export:
+                exports.append({**entry.export, "round_to": round_to})
+            for variant, times in entry.latency.items():
+                stats = summarize(times)
+                row = {"model": spec.label, "round_to": round_to, "ratio": ratio, "variant": variant,
+                       "device": "cpu" if variant == "onnxruntime" else device.type,
+                       "median_ms": stats["median_ms"], "p90_ms": stats["p90_ms"], "min_ms": min(times), "runs": stats["runs"]}
+                if entry.batch.get(variant):
+                    row["throughput_ips"] = s.batch / (min(entry.batch[variant]) / 1e3)  # best of the rounds' batches
+                latency.append(row)
+                _progress(f"  {spec.label} round_to={round_to} ratio={ratio:g} {variant:14s} {row['median_ms']:9.2f} ms "
+                          f"(p90 {row['p90_ms']:.2f}, min {row['min_ms']:.2f}, {row['runs']} runs)"
+                          + (f", {row['throughput_ips']:.2f} img/s @{s.batch}" if "throughput_ips" in row else ""))
+        del entries
+    _add_speedups(networks, latency)
+    return {"networks": networks, "latency": latency, "export": exports, "threads": threads}
+
+
+def _channel_summary(net: nn.Module) -> str:
+    """Output channels of the encoder's convolutions in order, compressed (e.g. 25,25,51,51,...)."""
+    from pipeline.pruning import prunable_layers
+
+    counts = [m.out_channels for n, m in prunable_layers(net).items() if n.startswith("encoder.")]
+    return ",".join(str(c) for c in counts[:10]) + (",..." if len(counts) > 10 else "")
+
+
+def _export(net, spec: NetSpec, round_to, ratio, shape, work: Path, threads: int, s: Settings) -> tuple[dict, Any]:
+    """Folds, exports, opens an ONNX Runtime session and compares its output with the torch network's."""
+    path = work / "onnx" / f"{spec.label}-r{ratio:g}-round{round_to or 0}.onnx"
+    start = time.perf_counter()
+    prepared = inference.prepare_for_inference(net, shape, fold_bn=True, channels_last=False)
+    fold_s = time.perf_counter() - start
+    start = time.perf_counter()
+    inference.export_onnx(prepared.model, path, shape, dynamo=s.onnx_dynamo)
+    export_s = time.perf_counter() - start
+    start = time.perf_counter()
+    session = inference.onnx_session(path, threads)
+    session_s = time.perf_counter() - start
+    diff = inference.onnx_max_abs_diff(net.cpu(), session, shape)  # against the original, unfolded network
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = net.cpu()(x)
+        fold_diff = float((prepared.model(x) - reference).abs().max())
+        out_max = float(reference.abs().max())
+        # float32 itself: how far torch's own float32 output is from a float64 evaluation (the scale of
+        # rounding noise any two float32 implementations differ by); only worth its cost near the limit
+        noise = float((reference.double() - copy.deepcopy(net).double()(x.double())).abs().max()) if diff > 1e-5 else None
+    row = {"model": spec.label, "round_to": round_to, "ratio": ratio, "exporter": "dynamo" if s.onnx_dynamo else "torchscript",
+           "folded_bn": prepared.folded_bn, "fold_s": fold_s, "export_s": export_s, "session_s": session_s,
+           "onnx_mb": path.stat().st_size / 1e6, "max_abs_diff": diff, "fold_max_abs_diff": fold_diff,
+           "output_abs_max": out_max, "float32_noise": noise, "ok": diff < 1e-4}
+    return row, session
+
+
+def _add_speedups(networks: list[dict], latency: list[dict]) -> None:
+    flops = {(n["model"], n["round_to"], n["ratio"]): n["flops_g"] for n in networks}
+    base_lat = {(r["model"], r["round_to"], r["variant"]): r["median_ms"] for r in latency if r["ratio"] == 0}
+    base_thr = {(r["model"], r["round_to"], r["variant"]): r.get("throughput_ips") for r in latency if r["ratio"] == 0}
+    for r in latency:
+        key = (r["model"], r["round_to"])
+        reduction = flops.get((*key, 0.0), float("nan")) / flops[(*key, r["ratio"])]
+        b = base_lat.get((*key, r["variant"]))
+        eager = base_lat.get((*key, "eager"))
+        r["flops_reduction"] = reduction
+        r["speedup"] = b / r["median_ms"] if b else float("nan")
+        r["efficiency"] = r["speedup"] / reduction if b else float("nan")
+        r["speedup_vs_eager"] = eager / r["median_ms"] if eager else float("nan")
+        bt = base_thr.get((*key, r["variant"]))
+        if bt and r.get("throughput_ips"):
+            r["throughput_speedup"] = r["throughput_ips"] / bt
+
+
+# -- row 3: training throughput ---------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bare_loop(model: nn.Module, train_set, batch: int, workers: int, seed: int, device: torch.device, epochs: int,
+              lr: float) -> list[float]:
+    """A hand-written PyTorch loop: same loader, loss and optimiser as fit, nothing else. Images/s per epoch."""
+    from pipeline.training import dice_bce_loss, make_loader
+
+    model.to(device)
+    loader = make_loader(train_set, batch, True, workers, seed, device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    speeds = []
+    for _ in range(epochs):
+        model.train()
+        _sync(device)
+        start, seen = time.perf_counter(), 0
+        for images, masks in loader:
+            images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            loss = dice_bce_loss(model(images), masks)
+            loss.backward()
+            optimizer.step()
+            seen += images.shape[0]
+        _sync(device)
+        speeds.append(seen / (time.perf_counter() - start))
+    return speeds
+
+
+def fit_loop(model: nn.Module, train_set, val_set, settings, device: torch.device, seed: int) -> tuple[list[float], dict]:
+    """pipeline.training.fit (the train stage's loop), images/s per epoch of its training part.
+
+    fit calls `log_metrics` after its first validation and after every epoch's validation, so the time
+    between two calls is one training epoch + one validation (of a 1-batch val set here) + fit's
+    bookkeeping (best-weights copy, logging). The validation time, measured separately on the same
+    batch, is subtracted; the bookkeeping stays in (it is fit's cost)."""
+    from pipeline.training import evaluate, fit, make_loader
+
+    stamps: list[float] = []
+    fit(model, train_set, val_set, settings, device, seed, log_metrics=lambda metrics, step: stamps.append(time.perf_counter()),
+        desc="bench")
+    val_loader = make_loader(val_set, settings.batch_size, False, settings.num_workers, seed, device)
+    val_s = statistics.median(time_calls(lambda: evaluate(model, val_loader, device), 1, 3))
+    per_epoch = settings.batch_size * (len(train_set) // settings.batch_size)  # fit's loader drops the last partial batch
+    epochs = [b - a for a, b in zip(stamps, stamps[1:])]
+    return [per_epoch / (e - val_s / 1e3) for e in epochs], {"val_ms": val_s, "images_per_epoch": per_epoch}
+
+
+def bench_training(s: Settings, device: torch.device, work: Path, data_root: Path) -> dict:
+    from omegaconf import OmegaConf
+    from torch.utils.data import ConcatDataset, Subset
+
+    from data.isic import ISIC2018, TRAIN_DIRS, load_pair, scan_folder
+    from data.synthetic import ensure_synthetic
+    from pipeline.config import TrainConfig
+    from pipeline.training import dice_bce_loss, make_loader
+
+    root = data_root / f"isic_{s.train_images}x{s.train_min_side}-{s.train_max_side}"
+    _progress(f"training: synthetic ISIC set {root} ({s.train_images} JPEGs of {s.train_min_side}-{s.train_max_side} px)")
+    start = time.perf_counter()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    generated = ensure_synthetic(root, count=s.train_images, min_side=s.train_min_side, max_side=s.train_max_side)
+    generate_s = time.perf_counter() - start
+    data = ISIC2018(str(root), image_size=s.train_size, workers=2)
+    start = time.perf_counter()
+    data.setup(0)
+    setup_s = time.perf_counter() - start
+
+    # decoding every full-size JPEG per item (what caching at setup avoids), one thread
+    pairs, _, _ = scan_folder(root / TRAIN_DIRS[0], root / TRAIN_DIRS[1])
+    pairs = pairs[: min(len(pairs), 8)]
+    decode = summarize(time_calls(lambda: [load_pair(p, s.train_size) for p in pairs], 0, 2))
+    decode_ips = len(pairs) / (decode["median_ms"] / 1e3)
+
+    train = data.dataset("train", augment=True)
+    repeat = max(1, math.ceil(s.train_steps * s.train_batch / len(train)))
+    train_set = ConcatDataset([train] * repeat)
+    val_set = Subset(data.dataset("val"), range(min(s.train_batch, len(data.dataset("val")))))
+    settings = OmegaConf.structured(TrainConfig(epochs=s.train_epochs, batch_size=s.train_batch, num_workers=s.train_workers,
+                                                lr_step_size=1000))
+
+    # the data loader alone (augmentation + normalisation + collation)
+    loader = make_loader(train_set, s.train_batch, True, s.train_workers, 0, device)
+    loader_speeds = []
+    for _ in range(2):
+        start, seen = time.perf_counter(), 0
+        for images, _ in loader:
+            seen += images.shape[0]
+        loader_speeds.append(seen / (time.perf_counter() - start))
+
+    torch.manual_seed(0)
+    init = build_model(s.train_model, 3, 1)
+    # the train step alone (batches already in memory)
+    batches = [(i.to(device), m.to(device)) for i, m in list(loader)[: max(2, s.train_steps // 2)]]
+    step_model = copy.deepcopy(init).to(device).train()
+    optimizer = torch.optim.Adam(step_model.parameters(), lr=1e-3)
+
+    def steps():
+        for images, masks in batches:
+            optimizer.zero_grad(set_to_none=True)
+            dice_bce_loss(step_model(images), masks).backward()
+            optimizer.step()
+        _sync(device)
+
+    step_ms = summarize(time_calls(steps, 1, 3))["median_ms"]
+    step_ips = sum(b[0].shape[0] for b in batches) / (step_ms / 1e3)
+
+    fit_best, bare_best, fit_all, bare_all, info = 0.0, 0.0, [], [], {}
+    for repeat_index in range(s.train_repeats):
+        _progress(f"training: fit vs bare loop, repeat {repeat_index + 1}/{s.train_repeats}")
+        fit_speeds, info = fit_loop(copy.deepcopy(init), train_set, val_set, settings, device, 0)
+        bare_speeds = bare_loop(copy.deepcopy(init), train_set, s.train_batch, s.train_workers, 0, device, s.train_epochs, 1e-3)
+        counted_fit = fit_speeds[1:] or fit_speeds  # the first epoch warms up caches and allocators
+        counted_bare = bare_speeds[1:] or bare_speeds
+        fit_all.append(fit_speeds)
+        bare_all.append(bare_speeds)
+        fit_best = max(fit_best, statistics.median(counted_fit))
+        bare_best = max(bare_best, statistics.median(counted_bare))
+
+    state_copy_ms = summarize(time_calls(lambda: copy.deepcopy(init.state_dict()), 1, 3))["median_ms"]
+    return {
+        "model": s.train_model, "image_size": s.train_size, "batch": s.train_batch, "train_images": len(train),
+        "repeat": repeat, "epochs": s.train_epochs, "workers": s.train_workers,
+        "fit_ips": fit_best, "bare_ips": bare_best, "ratio": fit_best / bare_best,
+        "fit_ips_per_epoch": fit_all, "bare_ips_per_epoch": bare_all, "fit_val_ms": info.get("val_ms"),
+        "step_ips": step_ips, "loader_ips": max(loader_speeds), "decode_per_item_ips": decode_ips,
+        "setup_s": setup_s, "setup_images": len(data.split_ids()["train"]) + len(data.split_ids()["val"]) + len(data.split_ids()["test"]),
+        "generate_s": generate_s, "generated": generated, "state_copy_ms": state_copy_ms,
+        "jpeg_sides": [s.train_min_side, s.train_max_side],
+    }
+
+
+# -- row 4: pruning cost --------------------------------------------------------------------------------
+
+
+def bench_pruning(s: Settings, device: torch.device) -> dict:
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from pipeline.criteria import ScoringContext
+    from pipeline.criteria.magnitude import MagnitudeCriterion
+    from pipeline.pruning import prunable_layers, prune
+
+    torch.manual_seed(0)
+    model = build_model(s.prune_model, 3, 1).eval()
+    out: dict[str, Any] = {"model": s.prune_model, "ratio": s.prune_ratio, "size": s.prune_size}
+    _progress("pruning: L1")
+    start = time.perf_counter()
+    scores = MagnitudeCriterion("l1", 1).score(model, prunable_layers(model), None)
+    out["l1_score_s"] = time.perf_counter() - start
+    for label, size in (("prune_s", s.prune_size), ("prune_small_example_s", s.prune_example)):
+        start = time.perf_counter()
+        prune(model, scores, torch.randn(1, 3, size, size), s.prune_ratio)
+        out[label] = time.perf_counter() - start
+    out["prune_small_example_size"] = s.prune_example
+    out["l1_total_s"] = out["l1_score_s"] + out["prune_s"]
+
+    yaml_path = ROOT / "conf" / "criterion" / f"{s.criterion}.yaml"
+    out["criterion"] = s.criterion
+    if not yaml_path.exists():
+        out["criterion_available"] = False
+        return out
+    _progress(f"pruning: {s.criterion} over {s.calibration_images} calibration images")
+    cfg = OmegaConf.load(yaml_path)
+    n_batches = math.ceil(s.calibration_images / s.calibration_batch)
+    if "calibration_batches" in cfg:
+        cfg.calibration_batches = n_batches
+    criterion = instantiate(cfg)
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randn(s.calibration_batch, 3, s.prune_size, s.prune_size, generator=generator) for _ in range(n_batches)]
+    masks = [(torch.rand(s.calibration_batch, 1, s.prune_size, s.prune_size, generator=generator) > 0.7).float() for _ in range(n_batches)]
+    model_d = model.to(device)
+    batches = lambda: ((i.to(device), m.to(device)) for i, m in zip(images, masks))  # noqa: E731
+    start = time.perf_counter()
+    data_scores = criterion.score(model_d, prunable_layers(model_d), ScoringContext(device=device, batches=batches))
+    _sync(device)
+    out["criterion_score_s"] = time.perf_counter() - start
+    model.cpu()
+    start = time.perf_counter()
+    prune(model, {k: v.cpu() for k, v in data_scores.items()}, torch.randn(1, 3, s.prune_size, s.prune_size), s.prune_ratio)
+    out["criterion_prune_s"] = time.perf_counter() - start
+    out["calibration_images"] = n_batches * s.calibration_batch
+    out["criterion_available"] = True
+    return out
+
+
+# -- row 5: volume preparation ------------------------------------------------------------------------
+
+
+def bench_volumes(s: Settings, work: Path) -> dict:
+    try:
+        from data.brats import BraTS
+        from data.synthetic_volumes import write_synthetic_brats
+    except ImportError as err:
+        return {"available": False, "reason": f"{type(err).__name__}: {err}"}
+    root, cache = work / "brats", work / "cache"
+    _progress(f"volumes: writing {s.volume_cases} synthetic BraTS cases {s.volume_shape}")
+    start = time.perf_counter()
+    write_synthetic_brats(root, count=s.volume_cases, shape=s.volume_shape)
+    out: dict[str, Any] = {"available": True, "cases": s.volume_cases, "shape": list(s.volume_shape),
+                           "image_size": s.volume_size, "generate_s": time.perf_counter() - start}
+    for label in ("first", "second"):
+        data = BraTS(str(root), image_size=s.volume_size, cache_dir=str(cache))
+        start = time.perf_counter()
+        data.setup(0)
+        out[f"{label}_s"] = time.perf_counter() - start
+        stats = data.stats()
+        out[f"{label}_cache_hit"] = bool(stats.get("cache_hit", 0))
+        out["slices"] = int(sum(stats.get(f"n_{split}", 0) for split in ("train", "val", "test")))
+    return out
+
+
+# -- row 6: CUDA training precision and layout -----------------------------------------------------
+
+
+def bench_cuda(s: Settings, device: torch.device) -> dict:
+    from pipeline.training import dice_bce_loss
+
+    if device.type != "cuda":
+        return {"available": False, "reason": "no CUDA device"}
+    torch.manual_seed(0)
+    init = build_model(s.cuda_model, 3, 1)
+    x = torch.randn(s.cuda_batch, 3, s.cuda_size, s.cuda_size, device=device)
+    y = (torch.rand(s.cuda_batch, 1, s.cuda_size, s.cuda_size, device=device) > 0.7).float()
+    out: dict[str, Any] = {"available": True, "model": s.cuda_model, "size": s.cuda_size, "batch": s.cuda_batch, "modes": []}
+    modes = [("fp32", None, False), ("bf16 autocast", torch.bfloat16, False), ("fp16 autocast", torch.float16, False),
+             ("fp32 channels_last", None, True), ("bf16 autocast channels_last", torch.bfloat16, True)]
+    for label, dtype, channels_last in modes:
+        if dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            continue
+        model = copy.deepcopy(init).to(device).train()
+        inputs = x
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            inputs = x.contiguous(memory_format=torch.channels_last)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = dice_bce_loss(model(inputs), y)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(s.cuda_steps):
+            step()
+        end.record()
+        torch.cuda.synchronize(device)
+        ms = start.elapsed_time(end) / s.cuda_steps
+        out["modes"].append({"mode": label, "step_ms": ms, "images_per_s": s.cuda_batch / (ms / 1e3)})
+        _progress(f"cuda: {label}: {s.cuda_batch / (ms / 1e3):.1f} img/s")
+    return out
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def _f(x, fmt="{:.2f}") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return fmt.format(x)
+
+
+def targets(results: dict) -> list[dict]:
+    """The issue's targets, checked on this run's numbers."""
+    out = []
+    speed = results.get("speed")
+    if speed:
+        lat = speed["latency"]
+        for model in sorted({r["model"] for r in lat}):
+            if model != "unet":
+                continue
+            top = max(r["ratio"] for r in lat if r["model"] == model)
+            for round_to in sorted({r["round_to"] for r in lat if r["model"] == model}, key=lambda v: v or 0):
+                for variant in [v for v in VARIANTS if any(r["variant"] == v for r in lat)]:
+                    rows = [r for r in lat if r["model"] == model and r["round_to"] == round_to and r["variant"] == variant]
+                    if not rows:
+                        continue
+                    at_top = next(r for r in rows if r["ratio"] == top)
+                    eff = min(r["efficiency"] for r in rows if r["ratio"] > 0) if any(r["ratio"] > 0 for r in rows) else float("nan")
+                    out.append({"target": f"{model} round_to={round_to or '-'} {variant}: speed-up at {top:g} >= 5 and efficiency >= 0.8 at every ratio",
+                                "value": f"{at_top['speedup']:.2f}x, min efficiency {eff:.2f}",
+                                "met": bool(at_top["speedup"] >= 5 and eff >= 0.8)})
+    exports = (results.get("speed") or {}).get("export") or []
+    if exports:
+        worst = max(e["max_abs_diff"] for e in exports)
+        out.append({"target": "ONNX Runtime max |torch - ORT| < 1e-4 (every exported network)", "value": f"{worst:.2e}",
+                    "met": worst < 1e-4})
+    tr = results.get("training")
+    if tr:
+        out.append({"target": "train stage >= 0.95 x bare loop (images/s)", "value": f"{tr['ratio']:.3f}", "met": tr["ratio"] >= 0.95})
+        out.append({"target": "data loader faster than the train step", "value": f"{tr['loader_ips']:.0f} vs {tr['step_ips']:.1f} img/s",
+                    "met": tr["loader_ips"] > tr["step_ips"]})
+    pr = results.get("pruning")
+    if pr:
+        out.append({"target": "score + prune the classic UNet with L1 < 2 s", "value": f"{pr['l1_total_s']:.2f} s",
+                    "met": pr["l1_total_s"] < 2})
+    return out
+
+
+def render(results: dict) -> str:
+    m = results["machine"]
+    lines = [
+        "# medprune benchmark",
+        "",
+        f"`{results['command']}` on {results['started']}: {m['cpu']} ({m['cpu_count']} cores), {results['threads']} threads, "
+        f"torch {m['torch']}, onnxruntime {m['onnxruntime']}, device {m['device']} ({m['device_type']}); "
+        f"load average {_load(m['load_average'])} at the start, {_load(results.get('load_average_end'))} at the end; "
+        f"{results.get('seconds', 0):.0f} s in all.",
+        "",
+    ]
+    speed = results.get("speed")
+    if speed and speed["networks"]:
+        lines += ["## 1. Pruned-network speed", "",
+                  "L1 scores, uniform ratio over encoder and decoder, random weights with calibrated BatchNorm statistics. "
+                  "Latency: batch 1, median and p90 (ms); throughput: images/s at batch "
+                  f"{results['settings']['batch']}. Speed-up and efficiency (= speed-up / FLOPs reduction) against the "
+                  "same variant unpruned; `vs eager` against the unpruned eager network.", "",
+                  "| model | round_to | ratio | params (M) | MACs (G) | FLOPs (G) | FLOPs ÷ | encoder channels |",
+                  "|---|---|---|---|---|---|---|---|"]
+        base = {(n["model"], n["round_to"]): n["flops_g"] for n in speed["networks"] if n["ratio"] == 0}
+        for n in speed["networks"]:
+            lines.append(f"| {n['model']} | {n['round_to'] or '-'} | {n['ratio']:g} | {n['params_m']:.3f} | {n['macs_g']:.3f} | "
+                         f"{n['flops_g']:.3f} | {base[(n['model'], n['round_to'])] / n['flops_g']:.2f} | {n['channels']} |")
+        lines += ["", "| model | round_to | ratio | variant | latency (ms) | p90 (ms) | min (ms) | img/s @batch | speed-up | efficiency | vs eager |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in speed["latency"]:
+            variant = r["variant"] + (f" ({r['device']})" if r["device"] != m["device_type"] else "")
+            lines.append(f"| {r['model']} | {r['round_to'] or '-'} | {r['ratio']:g} | {variant} | {r['median_ms']:.2f} | "
+                         f"{r['p90_ms']:.2f} | {r['min_ms']:.2f} | {_f(r.get('throughput_ips'), '{:.2f}')} | {_f(r['speedup'])}x | "
+                         f"{_f(r['efficiency'])} | {_f(r['speedup_vs_eager'])}x |")
+        lines.append("")
+    if speed and speed.get("export"):
+        lines += ["## 2. ONNX export (BatchNorm folded)", "",
+                  "max abs diff: ONNX Runtime output against the original (unfolded, eager) torch output on one random input; "
+                  "fold abs diff: the folded torch network against the original; float32 noise: the original's float32 output "
+                  "against its own float64 evaluation (measured where max abs diff > 1e-5).", "",
+                  "| model | round_to | ratio | BNs folded | export (s) | session (s) | ONNX (MB) | ORT latency (ms) | max abs diff | fold abs diff | float32 noise | |out| max | < 1e-4 |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        ort = {(r["model"], r["round_to"], r["ratio"]): r["median_ms"] for r in speed["latency"] if r["variant"] == "onnxruntime"}
+        for e in speed["export"]:
+            lines.append(f"| {e['model']} | {e['round_to'] or '-'} | {e['ratio']:g} | {e['folded_bn']} | {e['export_s']:.2f} | "
+                         f"{e['session_s']:.2f} | {e['onnx_mb']:.2f} | {_f(ort.get((e['model'], e['round_to'], e['ratio'])))} | "
+                         f"{e['max_abs_diff']:.2e} | {e['fold_max_abs_diff']:.2e} | {_f(e.get('float32_noise'), '{:.2e}')} | "
+                         f"{e['output_abs_max']:.2f} | {'yes' if e['ok'] else 'NO'} |")
+        lines.append("")
+    tr = results.get("training")
+    if tr:
+        lines += ["## 3. Training throughput", "",
+                  f"Model {_model_name(tr['model'])} at {tr['image_size']} px, batch {tr['batch']}, Adam, Dice + BCE, "
+                  f"{tr['workers']} loader workers; synthetic ISIC set of full-size JPEGs ({tr['jpeg_sides'][0]}-{tr['jpeg_sides'][1]} px), "
+                  f"train split ({tr['train_images']} images) repeated {tr['repeat']}x per epoch; median of epochs 2..{tr['epochs']}, "
+                  f"best of {len(tr['fit_ips_per_epoch'])} repeats.", "",
+                  "| what | images/s |", "|---|---|",
+                  f"| train stage (`pipeline.training.fit`, training part) | {tr['fit_ips']:.2f} |",
+                  f"| bare PyTorch loop | {tr['bare_ips']:.2f} |",
+                  f"| ratio fit / bare | {tr['ratio']:.3f} |",
+                  f"| train step alone (batches in memory) | {tr['step_ips']:.2f} |",
+                  f"| data loader alone (cached arrays, augmentation, collation) | {tr['loader_ips']:.1f} |",
+                  f"| decoding the full-size JPEG per item instead (1 thread) | {tr['decode_per_item_ips']:.1f} |",
+                  f"| train epoch if every item were decoded (in series with the step, 0 workers) | "
+                  f"{1 / (1 / tr['step_ips'] + 1 / tr['decode_per_item_ips']):.2f} |",
+                  "",
+                  f"Reading and decoding the {tr['setup_images']} JPEGs once at setup: {tr['setup_s']:.2f} s. "
+                  f"fit's best-weights copy (`deepcopy(state_dict())`): {tr['state_copy_ms']:.1f} ms per improved epoch. "
+                  + (f"(Writing the synthetic set: {tr['generate_s']:.1f} s, once; reused afterwards.)" if tr["generated"] else ""),
+                  ""]
+    pr = results.get("pruning")
+    if pr:
+        lines += ["## 4. Pruning cost", "",
+                  f"{_model_name(pr['model'])}, ratio {pr['ratio']:g}, dependency graph traced at {pr['size']} px.", "",
+                  "| step | seconds |", "|---|---|",
+                  f"| L1 scores | {pr['l1_score_s']:.3f} |",
+                  f"| prune (example input {pr['size']} px) | {pr['prune_s']:.3f} |",
+                  f"| prune (example input {pr['prune_small_example_size']} px) | {pr['prune_small_example_s']:.3f} |",
+                  f"| **L1 score + prune** | **{pr['l1_total_s']:.3f}** |"]
+        if pr.get("criterion_available"):
+            lines += [f"| {pr['criterion']} scores over {pr['calibration_images']} calibration images ({pr['size']} px) | {pr['criterion_score_s']:.3f} |",
+                      f"| prune with them | {pr['criterion_prune_s']:.3f} |"]
+        else:
+            lines.append(f"| {pr['criterion']} | not available (conf/criterion/{pr['criterion']}.yaml missing) |")
+        lines.append("")
+    vo = results.get("volumes")
+    if vo:
+        lines += ["## 5. Volume preparation", ""]
+        if vo.get("available"):
+            lines += [f"Synthetic BraTS-like set: {vo['cases']} cases of {'x'.join(map(str, vo['shape']))} voxels, 4 modalities, "
+                      f"slices at {vo['image_size']} px ({vo['slices']} served). Writing the cases: {vo['generate_s']:.1f} s (not part of the pipeline).", "",
+                      "| run | seconds | cache |", "|---|---|---|",
+                      f"| first (builds the slice cache) | {vo['first_s']:.2f} | {'hit' if vo['first_cache_hit'] else 'built'} |",
+                      f"| second | {vo['second_s']:.2f} | {'hit' if vo['second_cache_hit'] else 'built'} |", ""]
+        else:
+            lines += [f"Not available: {vo.get('reason')}", ""]
+    cu = results.get("cuda")
+    if cu:
+        lines += ["## 6. CUDA", ""]
+        if cu.get("available"):
+            lines += [f"{_model_name(cu['model'])} at {cu['size']} px, batch {cu['batch']}, training step (CUDA events).", "",
+                      "| mode | step (ms) | images/s |", "|---|---|---|"]
+            lines += [f"| {x['mode']} | {x['step_ms']:.2f} | {x['images_per_s']:.1f} |" for x in cu["modes"]]
+            lines.append("")
+        else:
+            lines += [f"Not run: {cu.get('reason')}.", ""]
+    tg = results.get("targets")
+    if tg:
+        lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
+        lines += [f"| {t['target']} | {t['value']} | {'yes' if t['met'] else 'no'} |" for t in tg]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _load(value) -> str:
+    return "-" if not value else "/".join(f"{v:.2f}" for v in value)
+
+
+def _model_name(cfg: dict) -> str:
+    target = cfg.get("_target_", "").rsplit(".", 1)[-1]
+    rest = ", ".join(f"{k}={v}" for k, v in cfg.items() if k != "_target_")
+    return f"{target}({rest})"
+
+
+def write(results: dict, out_dir: Path, stamp: str) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = render(results)
+    blob = json.dumps(results, indent=2, default=str)
+    for name in ("bench", f"bench-{stamp}"):
+        (out_dir / f"{name}.md").write_text(text + "\n")
+        (out_dir / f"{name}.json").write_text(blob + "\n")
+    return out_dir / "bench.md", out_dir / "bench.json"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds): a smoke test of the suite")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
+    parser.add_argument("--models", default=None, help="speed/export rows: comma-separated subset of unet, unetplusplus")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda[:N]")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime (default: all cores)")
+    parser.add_argument("--out", default=str(ROOT / "outputs" / "bench"), help="folder for bench.md / bench.json")
+    parser.add_argument("--onnx-dynamo", action="store_true", help="export with the torch.export-based ONNX exporter")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    rows = {r.strip() for r in args.rows.split(",") if r.strip()}
+    unknown = rows - set(ROWS)
+    if unknown:
+        parser.error(f"--rows: unknown {', '.join(sorted(unknown))}; expected some of {', '.join(ROWS)}")
+    s = quick_settings() if args.quick else full_settings()
+    s = replace(s, threads=args.threads, onnx_dynamo=args.onnx_dynamo)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    threads = s.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    out_dir = Path(args.out)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    results: dict[str, Any] = {
+        "command": " ".join(["scripts/bench.py", *(argv if argv is not None else sys.argv[1:])]).strip(),
+        "started": datetime.now().isoformat(timespec="seconds"),
+        "machine": machine_info(device), "threads": threads, "settings": _settings_dict(s),
+    }
+    start = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="medprune-bench-"))
+    try:
+        if rows & {"speed", "export"}:
+            wanted = {m.strip() for m in args.models.split(",")} if args.models else None
+            results["speed"] = bench_speed(s, device, work, rows, wanted)
+            write(results, out_dir, stamp)
+        if "training" in rows:
+            results["training"] = bench_training(s, device, work, out_dir / "data")
+            write(results, out_dir, stamp)
+        if "pruning" in rows:
+            results["pruning"] = bench_pruning(s, device)
+            write(results, out_dir, stamp)
+        if "volumes" in rows:
+            results["volumes"] = bench_volumes(s, work)
+        if "cuda" in rows:
+            results["cuda"] = bench_cuda(s, device)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results["seconds"] = time.perf_counter() - start
+    results["load_average_end"] = machine_info(device)["load_average"]
+    results["targets"] = targets(results)
+    md, js = write(results, out_dir, stamp)
+    print(render(results))
+    _progress(f"wrote {md} and {js} ({results['seconds']:.0f} s)")
+    return 0
+
+
+def _settings_dict(s: Settings) -> dict:
+    d = asdict(s)
+    d["nets"] = [asdict(n) for n in s.nets]
+    return d
+
+
+if __name__ == "__main__":
+    sys.exit(main())

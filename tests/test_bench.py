@@ -1,0 +1,70 @@
+"""The benchmark suite runs end to end (tiny sizes) and writes its table and JSON; no timing is asserted."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("medprune_bench", ROOT / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_bench_writes_every_row(tmp_path):
+    bench = load_bench()
+    assert bench.main(["--quick", "--out", str(tmp_path), "--threads", "1"]) == 0
+    results = json.loads((tmp_path / "bench.json").read_text())
+    table = (tmp_path / "bench.md").read_text()
+    assert len(list(tmp_path.glob("bench-*.json"))) == 1 and len(list(tmp_path.glob("bench-*.md"))) == 1
+
+    machine = results["machine"]
+    for key in ("cpu", "cpu_count", "torch", "onnxruntime", "device", "load_average"):
+        assert key in machine, key
+    assert results["threads"] == 1
+
+    speed = results["speed"]
+    s = bench.quick_settings()
+    expected_networks = sum(1 + (len(s.ratios) - 1) for _ in s.round_to) * len(s.nets)
+    assert len(speed["networks"]) == expected_networks
+    variants = {(r["model"], r["variant"]) for r in speed["latency"]}
+    assert ("unet", "folded+cl") in variants and ("unet", "onnxruntime") in variants and ("unetplusplus", "eager") in variants
+    for r in speed["latency"]:
+        assert r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"]
+        if r["ratio"] == 0:
+            assert abs(r["speedup"] - 1) < 1e-9 and abs(r["efficiency"] - 1) < 1e-9
+        else:
+            assert r["flops_reduction"] > 1
+    assert any("throughput_ips" in r for r in speed["latency"])
+    assert speed["export"] and all(e["max_abs_diff"] < 1e-4 and e["folded_bn"] > 0 for e in speed["export"])
+
+    tr = results["training"]
+    assert tr["fit_ips"] > 0 and tr["bare_ips"] > 0 and tr["loader_ips"] > 0 and tr["decode_per_item_ips"] > 0
+    pr = results["pruning"]
+    assert pr["l1_total_s"] > 0 and pr["criterion_available"] and pr["criterion_score_s"] > 0
+    vo = results["volumes"]
+    assert vo["available"] and not vo["first_cache_hit"] and vo["second_cache_hit"]
+    assert results["cuda"]["available"] is False  # CPU-only test machine (the row says why)
+
+    for heading in ("## 1. Pruned-network speed", "## 2. ONNX export", "## 3. Training throughput", "## 4. Pruning cost",
+                    "## 5. Volume preparation", "## 6. CUDA", "## Targets"):
+        assert heading in table, heading
+    assert {t["target"].split(":")[0] for t in results["targets"]}
+
+
+def test_rows_can_be_chosen_and_unknown_rows_fail(tmp_path, capsys):
+    bench = load_bench()
+    assert bench.main(["--quick", "--rows", "pruning", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert "pruning" in results and "speed" not in results and "training" not in results
+    try:
+        bench.main(["--quick", "--rows", "speedy", "--out", str(tmp_path)])
+    except SystemExit as exit:
+        assert exit.code == 2
+    assert "unknown speedy" in capsys.readouterr().err

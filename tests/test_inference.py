@@ -1,0 +1,188 @@
+"""Inference preparation: BatchNorm folding is exact and never folds a shared output, channels_last
+and ONNX Runtime give the torch output back, and the evaluate stage reports every latency."""
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+import models  # noqa: F401  (torchvision compatibility)
+from models.smp import build_smp
+from models.unet import UNet
+from pipeline import inference
+from pipeline.criteria.magnitude import MagnitudeCriterion
+from pipeline.profiling import measure_latency, summarize, time_calls
+from pipeline.pruning import prunable_layers, prune
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Non-trivial running statistics and affine parameters, so that a wrong fold shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+    return model.eval()
+
+
+def bn_count(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def small_unet(width=8, depth=2) -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_batchnorm(UNet(3, 1, width=width, depth=depth))
+
+
+X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def test_folding_a_unet_removes_every_batchnorm_and_keeps_the_output():
+    model = small_unet()
+    before = bn_count(model)
+    folded, n = inference.fold_batchnorm(model, X[:1])
+    assert n == before and bn_count(folded) == 0
+    with torch.no_grad():
+        assert torch.allclose(folded(X), model(X), atol=1e-5)
+    assert bn_count(model) == before  # the original is left alone
+
+
+def test_a_pruned_unet_and_an_smp_unetplusplus_fold_exactly():
+    model = small_unet(width=8, depth=3)
+    scores = MagnitudeCriterion("l1", 1).score(model, prunable_layers(model), None)
+    pruned = prune(model, scores, X[:1], 0.5, round_to=2).model.eval()
+    torch.manual_seed(0)
+    upp = randomize_batchnorm(build_smp("UnetPlusPlus", 3, 1, encoder_name="resnet18", encoder_depth=3,
+                                       decoder_channels=[16, 8, 4]))
+    for net in (pruned, upp):
+        folded, n = inference.fold_batchnorm(net, X[:1])
+        assert n == bn_count(net) and n > 0
+        with torch.no_grad():
+            ref = net(X)
+            assert (folded(X) - ref).abs().max() <= 1e-4 * max(1.0, float(ref.abs().max()))
+
+
+class SharedOutput(nn.Module):
+    """The conv's output is read by the BatchNorm *and* by the residual add: folding would change it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+class SharedConv(nn.Module):
+    """One conv called twice (weights shared): its two outputs need different treatments."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.conv(x)
+
+
+class TransposedAndSequential(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(3, 4, 2, stride=2)
+        self.up_bn = nn.BatchNorm2d(4)
+        self.block = nn.Sequential(nn.Conv2d(4, 5, 3, padding=1, bias=False), nn.BatchNorm2d(5), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        return self.block(self.up_bn(self.up(x)))
+
+
+@pytest.mark.parametrize("cls, expected", [(SharedOutput, 0), (SharedConv, 0), (TransposedAndSequential, 2)])
+def test_only_batchnorms_that_alone_read_a_conv_output_are_folded(cls, expected):
+    torch.manual_seed(0)
+    model = randomize_batchnorm(cls())
+    folded, n = inference.fold_batchnorm(model, X[:1])
+    assert n == expected
+    with torch.no_grad():
+        assert torch.allclose(folded(X), model(X), atol=1e-5)
+
+
+def test_prepared_channels_last_network_matches_and_reports_its_form():
+    model = small_unet()
+    prepared = inference.prepare_for_inference(model, (1, 3, 32, 32), fold_bn=True, channels_last=True)
+    assert prepared.channels_last and prepared.folded_bn == bn_count(model)
+    conv = prepared.model.encoder[0].conv[0]
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = prepared.input(X)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.allclose(prepared.model(x), model(X), atol=1e-5)
+    again = inference.with_channels_last(inference.prepare_for_inference(model, (1, 3, 32, 32), channels_last=False))
+    assert again.channels_last
+
+
+def test_onnx_export_runs_in_onnx_runtime_with_a_dynamic_batch(tmp_path):
+    model = small_unet()
+    folded = inference.prepare_for_inference(model, (1, 3, 32, 32)).model
+    path = inference.export_onnx(folded, tmp_path / "m.onnx", (1, 3, 32, 32))
+    session = inference.onnx_session(path, threads=1)
+    assert inference.session_threads(session) == 1
+    assert inference.onnx_max_abs_diff(model, session, (1, 3, 32, 32)) < 1e-4  # against the unfolded original
+    out = inference.onnx_run(session, X)  # batch 2 through a graph exported at batch 1
+    with torch.no_grad():
+        np.testing.assert_allclose(out, model(X).numpy(), atol=1e-4)
+    result = inference.measure_onnx_latency(session, (1, 3, 32, 32), warmup=1, runs=3)
+    assert result["latency_ms"] > 0 and result["latency_p90_ms"] >= result["latency_ms"] and result["latency_runs"] == 3
+
+
+def test_timing_helpers_stop_at_the_time_budget_and_time_channels_last_inputs():
+    calls = []
+    times = time_calls(lambda: calls.append(1), warmup=2, runs=50, max_seconds=0.0)
+    assert len(times) == 3 and len(calls) == 5  # 2 warm-up + the 3 kept runs
+    stats = summarize([5.0, 1.0, 3.0])
+    assert stats["median_ms"] == 3.0 and stats["p90_ms"] == 5.0 and stats["runs"] == 3
+    model = nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    r = measure_latency(model, (1, 3, 16, 16), warmup=1, runs=3, threads=1, channels_last=True)
+    assert r["latency_ms"] > 0 and r["latency_threads"] == 1
+
+
+def _ctx(**evaluate):
+    cfg = OmegaConf.create({"evaluate": {"latency_warmup": 1, "latency_runs": 3, "latency_threads": 1, **evaluate}})
+    return SimpleNamespace(cfg=cfg, input_shape=(1, 3, 32, 32), device=torch.device("cpu"))
+
+
+def test_evaluate_reports_deployed_eager_and_onnx_latency(tmp_path):
+    from pipeline.stages.evaluate import cost
+
+    model = small_unet()
+    out = cost(_ctx(), copy.deepcopy(model), tmp_path / "final.onnx")
+    for key in ("latency_ms", "latency_p90_ms", "latency_eager_ms", "onnx_latency_ms", "onnx_latency_p90_ms",
+                "onnx_max_abs_diff", "onnx_size_mb"):
+        assert out[key] >= 0, key
+    assert out["latency_bn_folded"] == bn_count(model)
+    assert out["onnx_max_abs_diff"] < 1e-4
+    assert (tmp_path / "final.onnx").is_file()
+
+    plain = cost(_ctx(fold_bn=False, channels_last=False, onnx=False), copy.deepcopy(model), None)
+    assert "latency_eager_ms" not in plain and "onnx_latency_ms" not in plain  # eager is the deployed form here
+    assert plain["latency_bn_folded"] == 0 and plain["latency_channels_last"] == 0
+
+
+def test_evaluate_keeps_its_numbers_when_the_export_fails(tmp_path, monkeypatch, caplog):
+    from pipeline.stages import evaluate
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("exporter gap")
+
+    monkeypatch.setattr(evaluate.inference, "export_onnx", broken)
+    out = evaluate.cost(_ctx(), small_unet(), tmp_path / "final.onnx")
+    assert "latency_ms" in out and "onnx_latency_ms" not in out
+    assert "exporter gap" in caplog.text
