@@ -188,6 +188,7 @@ def machine_info(device: torch.device | None = None) -> dict[str, object]:
         "device": device_name(device),
         "device_type": device.type,
         "mkldnn": bool(torch.backends.mkldnn.is_available()),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the SIMD level torch's kernels use
         "load_average": load_average(),
     }
     if device.type == "cuda":
