@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -42,18 +41,16 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import models  # noqa: E402,F401  (torchvision compatibility shim first)
-from models import build_model  # noqa: E402
+from models import build_model  # noqa: E402  (models/__init__ runs the torchvision compatibility shim first)
 from pipeline import inference  # noqa: E402
 from pipeline.profiling import count_flops, count_params, latency_times, machine_info, summarize, time_calls  # noqa: E402
 

@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 ROWS = ("baseline", "pruned", "final")
 FINAL_ONNX = "final.onnx"
 
-# Inference settings of this stage, read with their defaults until pipeline.config.EvaluateConfig has
-# them (then conf/evaluate/default.yaml sets them): see docs/PERFORMANCE.md for how they were chosen.
+# Inference settings of this stage (evaluate.* in conf/evaluate/default.yaml and EvaluateConfig, which
+# hold the same defaults; these apply to a config without the keys). docs/PERFORMANCE.md says why.
 DEFAULTS: dict[str, Any] = {
     "fold_bn": True,  # latency_ms of the network with BatchNorm folded into the convolutions
     "channels_last": True,  # ... in NHWC memory layout (4-D inputs)
