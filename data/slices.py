@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data.base import ArrayDataset, DatasetError, SegmentationData
-from data.splits import carve, carve_groups, check_disjoint, check_fraction
+from data.splits import carve, carve_groups, check_disjoint, check_fraction, group_of
 from data.transforms import build_transform
 from data.volumes import check_floats, check_int, check_number, format_problems
 
@@ -198,11 +198,7 @@ class SliceFolders(SegmentationData):
         return (image[..., None] if image.ndim == 2 else image), mask
 
     def _group(self, case_id: str) -> str:
-        match = self.group_regex.search(case_id) if self.group_regex else None
-        if not match:
-            return case_id
-        groups = [g for g in match.groups() if g]
-        return groups[0] if groups else match.group(0)
+        return group_of(case_id, self.group_regex)
 
     def setup(self, seed: int) -> None:
         start = time.perf_counter()

@@ -70,3 +70,13 @@ def check_disjoint(splits: dict[str, Sequence[str]]) -> None:
             if common:
                 shown = ", ".join(common[:5]) + (" ..." if len(common) > 5 else "")
                 raise DatasetError(f"{len(common)} case id(s) are in both the {a} and the {b} split: {shown}")
+
+
+def group_of(case_id: str, regex) -> str:
+    """The patient/group a case belongs to: the first non-empty capture group of `regex` (or its whole
+    match), else the case itself, so cases of one patient never straddle splits."""
+    match = regex.search(case_id) if regex is not None else None
+    if not match:
+        return case_id
+    groups = [g for g in match.groups() if g]
+    return groups[0] if groups else match.group(0)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from data.base import ArrayDataset, DatasetError, SegmentationData
 from data.cache import SliceCache, file_signature
 from data.nifti import VolumeProblem
-from data.splits import carve_groups, check_disjoint, check_fraction
+from data.splits import carve_groups, check_disjoint, check_fraction, group_of
 from data.transforms import build_transform
 
 log = logging.getLogger(__name__)
@@ -334,13 +334,7 @@ class VolumeSliceData(SegmentationData):
         }
 
     def _patient(self, case_id: str) -> str:
-        if self.patient_regex is None:
-            return case_id
-        match = self.patient_regex.search(case_id)
-        if not match:
-            return case_id
-        groups = [g for g in match.groups() if g]
-        return groups[0] if groups else match.group(0)
+        return group_of(case_id, self.patient_regex)
 
     def setup(self, seed: int) -> None:
         start = time.perf_counter()
