@@ -1,7 +1,13 @@
-"""Segmentation networks for medprune, built from a Hydra ``model`` config.
+"""Segmentation networks for medprune, built from a ``model`` config by one factory.
 
 ``compat.ensure_torchvision()`` runs first, before anything can import torchvision / smp / timm,
 so a torchvision whose C++ extension does not match the installed torch still imports.
+
+A model config names its builder in ``_target_``. That name is never handed to Hydra's
+``instantiate``: it must be a builder this package marks with ``@model_factory`` (the allow-list), and
+every other value must be a plain keyword value (a number, string, bool, null or a list of those).
+The same rule serves the composed config and a ``model.json`` read from disk or MLflow, so a model
+folder is data: it cannot make this process import or call anything else.
 """
 
 from __future__ import annotations
@@ -10,16 +16,35 @@ from models import compat
 
 compat.ensure_torchvision()
 
+import importlib  # noqa: E402
 import inspect  # noqa: E402
+import re  # noqa: E402
 from collections.abc import Mapping  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any, Callable, TypeVar  # noqa: E402
 
 from torch import nn  # noqa: E402
 
 # Set by the dataset, never by the model config (a value there would be silently overridden).
 _INJECTED = ("in_channels", "num_classes")
+_MARK = "__medprune_model_factory__"
+# `models.<module>.<builder>`: only builders of this package's own modules can be named.
+_TARGET = re.compile(r"^models\.[a-z_][a-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$")
+_PLAIN = (str, int, float, bool, type(None))
 
-__all__ = ["build_model", "model_kwargs_check", "compat"]
+__all__ = ["build_model", "model_factory", "model_kwargs_check", "ModelConfigError", "compat"]
+
+F = TypeVar("F", bound=Callable[..., nn.Module])
+
+
+class ModelConfigError(ValueError):
+    """A model config (composed, or read from a model folder) that names no registered builder or
+    holds values that are not plain keyword values."""
+
+
+def model_factory(builder: F) -> F:
+    """Registers a class or function as a model builder that a config's ``_target_`` may name."""
+    setattr(builder, _MARK, True)
+    return builder
 
 
 def _as_dict(cfg: Any) -> dict[str, Any]:
@@ -31,50 +56,78 @@ def _as_dict(cfg: Any) -> dict[str, Any]:
     except ImportError:  # pragma: no cover - hydra always brings omegaconf
         pass
     if not isinstance(cfg, Mapping):
-        raise TypeError(f"model config must be a mapping with _target_, got {type(cfg).__name__}")
+        raise ModelConfigError(f"model config must be a mapping with _target_, got {type(cfg).__name__}")
     return dict(cfg)
 
 
-def _target(cfg: Mapping[str, Any]):
-    from hydra.utils import get_object
-
-    target = cfg.get("_target_")
+def resolve_factory(target: Any, where: str = "model") -> Callable[..., nn.Module]:
+    """The registered builder `target` names; ModelConfigError (naming `where`) for anything else."""
     if not target:
-        raise ValueError("model config has no _target_ (e.g. models.unet.UNet or models.smp.build_smp)")
+        raise ModelConfigError(f"{where} has no _target_ (e.g. models.unet.UNet or models.smp.build_smp)")
+    if not isinstance(target, str) or not _TARGET.match(target):
+        raise ModelConfigError(
+            f"{where}: _target_={target!r} is not a medprune model builder: expected models.<module>.<builder> "
+            f"marked @model_factory (e.g. models.unet.UNet, models.attention_unet.AttentionUNet, models.smp.build_smp)"
+        )
+    module_name, _, attr = target.rpartition(".")
     try:
-        return get_object(str(target))
-    except Exception as exc:
-        raise ValueError(f"model._target_={target!r} cannot be imported: {exc}") from exc
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelConfigError(f"{where}: _target_={target!r} cannot be imported: {exc}") from exc
+    builder = getattr(module, attr, None)
+    if builder is None or not getattr(builder, _MARK, False):
+        raise ModelConfigError(
+            f"{where}: _target_={target!r} is not a registered model builder (only builders marked "
+            f"@model_factory in models/ may be named)"
+        )
+    return builder
 
 
-def model_kwargs_check(cfg: Any) -> None:
-    """Fail at start-up, naming ``model.<key>``, on any key the target would reject."""
+def _plain_kwargs(d: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The keyword values of a model config, each a plain value or a list of plain values."""
+    out = {}
+    for key, value in d.items():
+        if key == "_target_":
+            continue
+        if not isinstance(key, str) or key.startswith("_"):
+            raise ModelConfigError(f"{where}: key {key!r} is not allowed: expected _target_ and plain keyword values")
+        if isinstance(value, (list, tuple)):
+            if not all(isinstance(v, _PLAIN) for v in value):
+                raise ModelConfigError(f"{where}: {key}={value!r} is nested: expected a plain value or a list of plain values")
+            value = list(value)
+        elif not isinstance(value, _PLAIN):
+            raise ModelConfigError(f"{where}: {key}={value!r} is not a plain value (number, string, bool, null or a list of those)")
+        out[key] = value
+    return out
+
+
+def model_kwargs_check(cfg: Any, where: str = "model") -> tuple[Callable[..., nn.Module], dict[str, Any]]:
+    """Fails naming ``model.<key>`` on any key the builder would reject; returns (builder, kwargs)."""
     d = _as_dict(cfg)
-    target = _target(d)
-    keys = [k for k in d if not (k.startswith("_") and k.endswith("_"))]
-    for key in keys:
+    builder = resolve_factory(d.get("_target_"), where)
+    kwargs = _plain_kwargs(d, where)
+    for key in kwargs:
         if key in _INJECTED:
-            raise ValueError(f"model.{key} must not be set in the model config: it comes from the dataset")
-    hook = getattr(target, "accepted_kwargs", None)
+            raise ModelConfigError(f"{where}.{key} must not be set in the model config: it comes from the dataset")
+    hook = getattr(builder, "accepted_kwargs", None)
     if callable(hook):
         accepted = set(hook(d))
     else:
-        params = inspect.signature(target).parameters
+        params = inspect.signature(builder).parameters
         if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            return  # target takes anything; it will complain itself
+            return builder, kwargs
         accepted = {n for n, p in params.items() if p.kind is not p.VAR_POSITIONAL}
-    unknown = [k for k in keys if k not in accepted]
+    unknown = [k for k in kwargs if k not in accepted]
     if unknown:
         valid = sorted(accepted - set(_INJECTED))
-        raise ValueError(
-            f"unknown model config key(s) {', '.join('model.' + k for k in unknown)} for "
+        raise ModelConfigError(
+            f"unknown model config key(s) {', '.join(where + '.' + k for k in unknown)} for "
             f"{d['_target_']}; valid keys: {', '.join(valid)}"
         )
+    return builder, kwargs
 
 
-def build_model(cfg: Any, in_channels: int, num_classes: int) -> nn.Module:
-    """Instantiate the model config's ``_target_`` with the dataset's channel / class counts."""
-    from hydra.utils import instantiate
-
-    model_kwargs_check(cfg)
-    return instantiate(cfg, in_channels=in_channels, num_classes=num_classes, _convert_="all")
+def build_model(cfg: Any, in_channels: int, num_classes: int, where: str = "model") -> nn.Module:
+    """Calls the registered builder the config names with its keys and the dataset's channel / class counts."""
+    builder, kwargs = model_kwargs_check(cfg, where)
+    return builder(**kwargs, in_channels=int(in_channels), num_classes=int(num_classes))

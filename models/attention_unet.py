@@ -62,6 +62,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models import model_factory
 from models.unet import Down, Up
 
 
@@ -126,6 +127,7 @@ class AttentionUp(Up):
         return self.conv(torch.cat([self.gate(g, skip), g], dim=1))
 
 
+@model_factory
 class AttentionUNet(nn.Module):
     """``depth`` = number of down-samplings; level i has ``width * 2**i`` channels, F_int = half a skip's.
 

@@ -18,6 +18,8 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
+from models import model_factory
+
 # Exceptions from these packages (anywhere in the chain) mean "could not fetch the weights".
 _DOWNLOAD_MODULES = ("huggingface_hub", "requests", "urllib", "urllib3", "httpx", "httpcore", "socket", "ssl")
 
@@ -50,6 +52,7 @@ def _is_download_failure(exc: BaseException) -> bool:
     return False
 
 
+@model_factory
 def build_smp(
     arch: str,
     in_channels: int,

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import model_factory
+
 
 class DoubleConv(nn.Sequential):
     """(3x3 conv -> BN -> ReLU) x 2; no conv bias since BN follows.
@@ -64,6 +66,7 @@ class Up(nn.Module):
         return self.conv(torch.cat([skip, self.upsample(x, skip)], dim=1))
 
 
+@model_factory
 class UNet(nn.Module):
     """``depth`` = number of down-samplings; level i has ``width * 2**i`` channels.
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from safetensors.torch import load_file, save_file
 
-from models.io import load_model
+from data.files import atomic_write
+from models.io import load_model, load_tensors, read_json, save_tensors
 from pipeline.criteria import ScoringContext
 from pipeline.pruning import prunable_layers
 from pipeline.report import write_csv
@@ -36,8 +36,8 @@ def compute(ctx: Context, model) -> tuple[dict[str, torch.Tensor], str]:
 
 
 def save(scores: dict[str, torch.Tensor], criterion: str, folder: Path) -> list[dict]:
-    save_file(scores, str(folder / "scores.safetensors"))
-    (folder / "scores.json").write_text(json.dumps({"criterion": criterion, "layers": len(scores)}, indent=2))
+    digest = save_tensors(scores, folder / "scores.safetensors")
+    atomic_write(folder / "scores.json", json.dumps({"criterion": criterion, "layers": len(scores), "sha256": digest}, indent=2))
     rows = [
         {"layer": name, "channels": s.numel(), "mean": float(s.mean()), "std": float(s.std()) if s.numel() > 1 else 0.0,
          "min": float(s.min()), "max": float(s.max())}
@@ -49,8 +49,8 @@ def save(scores: dict[str, torch.Tensor], criterion: str, folder: Path) -> list[
 
 def load(folder: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     folder = Path(folder)
-    meta = json.loads((folder / "scores.json").read_text())
-    return load_file(str(folder / "scores.safetensors")), meta["criterion"]
+    meta = read_json(folder / "scores.json", "scores file")
+    return load_tensors(folder / "scores.safetensors", meta.get("sha256"), "scores file"), meta.get("criterion")
 
 
 def run(ctx: Context, state: RunState) -> RunState:
