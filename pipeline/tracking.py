@@ -9,12 +9,12 @@ store and the artifact root are both set explicitly: `tracking.uri`, else $MLFLO
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +26,7 @@ from typing import Any, Iterator, Mapping
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from data.files import file_lock
 from pipeline.paths import outputs_dir
 
 log = logging.getLogger(__name__)
@@ -43,29 +44,59 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
+class Terminated(SystemExit):
+    """SIGTERM (a scheduler's time limit, `kill`, a cancelled sweep) turned into an exception, so the
+    run is closed as KILLED and the job exits with one line instead of vanishing RUNNING."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+# A SIGTERM that arrives while an MLflow write is under way is held until the write has finished:
+# interrupting SQLAlchemy mid-transaction leaves the SQLite file locked for the final status update.
+_writes = {"depth": 0, "pending": None}
+
+
+def _on_sigterm(signum, frame):
+    if _writes["depth"]:
+        _writes["pending"] = signum
+        return
+    raise Terminated(signum)
+
+
 @contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock (fcntl) shared by every process on this machine."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def terminate_on_sigterm() -> Iterator[None]:
+    """Within the block SIGTERM raises `Terminated` (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _retry(fn, *args, **kwargs):
     """SQLite allows one writer at a time; parallel jobs retry a write that met "database is locked"."""
     delay = 0.2
-    for attempt in range(12):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as err:  # MLflow wraps the sqlite error in its own exception types
-            if "database is locked" not in str(err) or attempt == 11:
-                raise
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+    _writes["depth"] += 1
+    try:
+        for attempt in range(12):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as err:  # MLflow wraps the sqlite error in its own exception types
+                if "database is locked" not in str(err) or attempt == 11:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+    finally:
+        _writes["depth"] -= 1
+        pending = _writes["pending"]
+        if pending is not None and _writes["depth"] == 0:
+            _writes["pending"] = None
+            raise Terminated(pending)
 
 
 _PARAM_KEY = re.compile(r"^[\w\-. :/]+$")  # what MLflow accepts in a param name
@@ -142,34 +173,100 @@ def client_for(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
-def _exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)
+# -- which process owns a run: ended KILLED by the next job when its process is gone ----------------
+
+
+def _proc_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc), to tell a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def owner_tags() -> dict[str, str]:
+    pid = os.getpid()
+    return {"medprune.host": socket.gethostname(), "medprune.pid": str(pid), "medprune.pid_start": _proc_start(pid) or ""}
+
+
+def _alive(pid: int, start: str) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: it exists
+    now = _proc_start(pid)
+    return not (start and now is not None and now != start)
+
+
+def end_dead_runs(client: MlflowClient) -> list[str]:
+    """Ends as KILLED (with an end time) every run of this store left RUNNING by a process of this host
+    that no longer exists (SIGKILL, a crashed node, a power cut); returns their ids."""
+    host = socket.gethostname()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    running = client.search_runs(
+        experiments, filter_string=f"attributes.status = 'RUNNING' and tags.`medprune.host` = '{host}'", max_results=5000
+    )
+    ended = []
+    for run in running:
+        tags = run.data.tags
+        try:
+            pid = int(tags.get("medprune.pid", ""))
+        except ValueError:
+            continue
+        if pid == os.getpid() or _alive(pid, tags.get("medprune.pid_start", "")):
+            continue
+        _retry(client.set_terminated, run.info.run_id, "KILLED")
+        log.warning("MLflow run %s (%s) was left RUNNING by process %d on %s, which is gone: marked KILLED",
+                    run.info.run_id, run.info.run_name, pid, host)
+        ended.append(run.info.run_id)
+    return ended
 
 
 @contextmanager
-def start_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, Any]) -> Iterator[Tracker]:
-    """Yields a Tracker; the run ends FINISHED, or FAILED (KILLED on Ctrl-C) if the body raises.
+def start_run(
+    uri: str, experiment: str, run_name: str, tags: Mapping[str, Any], resume_run_id: str | None = None
+) -> Iterator[Tracker]:
+    """Yields a Tracker; the run ends FINISHED, FAILED if the body raises, KILLED on SIGTERM or Ctrl-C.
 
-    SIGTERM (a scheduler's time limit, a killed sweep) becomes SystemExit, so the run is still closed
-    as FAILED instead of being left RUNNING.
+    Runs of this store that a dead process of this host left RUNNING are ended as KILLED first.
+    `resume_run_id` reopens that run (an interrupted job continued by `pipeline.journal`) instead of
+    creating one.
     """
     client = client_for(uri)
+    end_dead_runs(client)
     experiment_id = get_or_create_experiment(client, experiment, uri)
-    run = _retry(client.create_run, experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
+    tags = {**{k: str(v) for k, v in tags.items()}, **owner_tags()}
+    run = None
+    if resume_run_id:
+        try:
+            run = client.get_run(resume_run_id)
+        except Exception as err:  # deleted, or another store: start a new run instead
+            log.warning("cannot continue MLflow run %s (%s): starting a new run", resume_run_id, err)
+    if run is not None:
+        _retry(client.update_run, run.info.run_id, status="RUNNING")
+        resumed = int(run.data.tags.get("medprune.resumed", "0")) + 1
+        _retry(client.log_batch, run.info.run_id, tags=[RunTag(k, v) for k, v in {**tags, "medprune.resumed": str(resumed)}.items()])
+    else:
+        run = _retry(client.create_run, experiment_id, run_name=run_name, tags=tags)
     tracker = Tracker(client, run.info.run_id, uri, experiment)
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
     status = "FAILED"
     try:
-        yield tracker
+        with terminate_on_sigterm():
+            yield tracker
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated):
         status = "KILLED"
         raise
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
-        _retry(client.set_terminated, run.info.run_id, status)
+        try:
+            _retry(client.set_terminated, run.info.run_id, status)
+        except Exception as err:  # the job's own error matters more; the next job ends the run as KILLED
+            log.error("could not mark MLflow run %s %s (%s: %s)", run.info.run_id, status, type(err).__name__, err)
 
 
 def start_server(uri: str, port: int, artifacts: Path | None = None, timeout: float = 120) -> subprocess.Popen:

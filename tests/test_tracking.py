@@ -62,14 +62,14 @@ def test_a_failing_job_marks_the_run_failed(tmp_path):
     assert MlflowClient(uri).get_run(tracker.run_id).info.status == "FAILED"
 
 
-def test_a_terminated_job_is_marked_failed_not_left_running(tmp_path):
+def test_a_terminated_job_is_marked_killed_not_left_running(tmp_path):
     uri = tracking.default_uri(tmp_path)
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit):
         with tracking.start_run(uri, "exp", "killed-run", {}) as tracker:
             os.kill(os.getpid(), signal.SIGTERM)
             signal.sigtimedwait([signal.SIGTERM], 5)  # not reached: the handler raises first
-    assert MlflowClient(uri).get_run(tracker.run_id).info.status == "FAILED"
+    assert MlflowClient(uri).get_run(tracker.run_id).info.status == "KILLED"
     assert signal.getsignal(signal.SIGTERM) is before  # the job's handler is removed again
 
 
