@@ -1,9 +1,9 @@
 """Datasets for medprune: each reads and checks all its files in `setup(seed)`, then serves splits.
 
 ISIC 2018 (`data.isic`), BraTS (`data.brats`) and Kaggle COVID-19 CT volumes (`data.covid_ct`) served as
-slices from an on-disk slice cache (`data.volumes`, `data.cache`), generic 2D slice folders
-(`data.slices`), and synthetic twins written in the real layouts (`data.synthetic`,
-`data.synthetic_volumes`). See docs/DATASETS.md.
+slices from an on-disk slice cache (`data.volumes`, `data.cache`), and generic 2D slice folders
+(`data.slices`). Synthetic data is a generation step that writes the real layouts (`data.synthetic`,
+`data.synthetic_volumes`) for the real readers. See docs/DATASETS.md.
 
 `data` never imports `pipeline` or `models`; the pipeline only sees `build_data` and `SegmentationData`.
 """
@@ -15,12 +15,26 @@ __all__ = ["DatasetError", "SegmentationData", "build_data"]
 
 
 def build_data(cfg, seed: int) -> SegmentationData:
-    """Builds the dataset a config names (`_target_` plus keys) and loads it; fails before any training."""
-    from hydra.utils import instantiate
+    """Builds the dataset a config names (`_target_` plus keys) and loads it; fails before any training.
 
+    A `synthetic:` block first generates the data in the reader's layout under `root` (data/synthetic.py)."""
+    from hydra.utils import instantiate
+    from omegaconf import DictConfig, OmegaConf
+
+    from data.synthetic import ensure_generated, split_synthetic
+
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    cfg, synthetic = split_synthetic(cfg)
+    generated = ensure_generated(cfg["root"], synthetic) if synthetic else None
     data = instantiate(cfg, _convert_="all")
     if not isinstance(data, SegmentationData):
         target = cfg.get("_target_") if hasattr(cfg, "get") else None
         raise TypeError(f"dataset._target_={target!r} built a {type(data).__name__}, not a data.SegmentationData")
-    data.setup(seed)
+    try:
+        data.setup(seed)
+    except OSError as err:  # a symlink loop, a permission, a vanished file: name the path, not a traceback
+        raise DatasetError(f"{err.filename or cfg.get('root')}: {err.strerror or err} (while reading the dataset)") from err
+    if generated is not None:
+        data._stats["synthetic_generated"] = float(generated)
     return data

@@ -7,7 +7,11 @@ normalises (the loader must never be the bottleneck of a training or latency ben
 from __future__ import annotations
 
 import abc
-from typing import Callable, Optional, Sequence
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +25,48 @@ PairTransform = Callable[[np.ndarray, np.ndarray], "tuple[torch.Tensor, torch.Te
 
 class DatasetError(ValueError):
     """Bad input data; the message names the file/folder and what was expected."""
+
+
+def check_mask_threshold(value, key: str = "mask_threshold") -> Optional[int]:
+    """None (the documented encodings only) or an integer 0..254 (foreground = value > threshold)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= 254:
+        raise ValueError(f"{key}={value!r} is invalid: expected null (masks in 0/255 or 0/1) or an integer 0..254 "
+                         f"(foreground = value > threshold)")
+    return int(value)
+
+
+def binary_mask(gray: np.ndarray, path, threshold: Optional[int]) -> np.ndarray:
+    """A mask as stored (uint8, HxW) -> bool foreground.
+
+    Without `threshold` only the documented encodings pass: {0,255} (the challenges' PNGs) or {0,1}
+    (label maps); anything else (e.g. 100/200, or JPEG-compressed masks) is a ValueError naming the
+    file and the values found, because guessing would silently read a lesion as empty or as everything.
+    With `threshold` (dataset.mask_threshold), foreground is value > threshold.
+    """
+    present = np.flatnonzero(np.bincount(np.asarray(gray, dtype=np.uint8).ravel(), minlength=256))
+    if threshold is not None:
+        return gray > threshold
+    values = set(present.tolist())
+    if values <= {0, 255}:
+        return gray == 255
+    if values <= {0, 1}:
+        return gray == 1
+    shown = ", ".join(str(v) for v in present[:8]) + (f", ... ({len(present)} values)" if len(present) > 8 else "")
+    raise ValueError(
+        f"mask {path} has values {{{shown}}}: expected 0/255 or 0/1; for another encoding set "
+        f"dataset.mask_threshold (foreground = value > threshold)"
+    )
+
+
+def check_foreground(masks: np.ndarray, where: str) -> None:
+    """A training split without a single foreground pixel cannot teach anything: an error, not a warning."""
+    if not len(masks) or not np.asarray(masks).any():
+        raise DatasetError(
+            f"the training split of {where} has no foreground pixel in any of its {len(masks)} mask(s): "
+            f"expected some lesion/tumour/infection to learn (check the masks and dataset.mask_threshold)"
+        )
 
 
 class ArrayDataset(Dataset):
@@ -70,6 +116,12 @@ class ArrayDataset(Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} items")
         return index if self.rows is None else int(self.rows[index])
 
+    def reseed(self, seed: int) -> None:
+        """Reseeds the augmentation (the training loop does at every epoch; data/transforms.py)."""
+        reseed = getattr(self.transform, "reseed", None)
+        if reseed is not None:
+            reseed(seed)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         row = self._row(index)
         return self.transform(self.images[row], self.masks[row])
@@ -81,10 +133,35 @@ class SegmentationData(abc.ABC):
     in_channels: int
     num_classes: int
     image_size: int
+    # Constructor keys that change where or how fast the data is read, never what a network trains on
+    # (the content is keyed by `content_digest`): left out of the baseline cache key.
+    SERVING_KEYS: tuple[str, ...] = ("root", "workers")
 
     def __init__(self) -> None:
         self._split_ids: Optional[dict[str, list[str]]] = None
         self._stats: dict[str, float] = {}
+        self._files: list[tuple[str, int]] = []  # (path relative to the root, size) of every file read
+
+    def content_digest(self) -> str:
+        """sha256 of what the data is: each split's case ids and every file read, by its path relative to
+        the dataset root and its size. A moved or copied dataset keeps its digest; an added, removed or
+        rewritten file (of another size) changes it. Keys the baseline cache (pipeline/baseline.py)."""
+        self._require_setup()
+        payload = {"splits": self.split_ids(), "files": sorted([str(p), int(n)] for p, n in self._files)}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    @staticmethod
+    def relative_sizes(paths: Iterable[Path], root: Path) -> list[tuple[str, int]]:
+        """(path relative to `root`, size in bytes) for each file."""
+        out = []
+        for path in paths:
+            path = Path(path)
+            try:
+                rel = str(path.relative_to(root))
+            except ValueError:
+                rel = str(path)
+            out.append((rel, os.stat(path).st_size))
+        return out
 
     @abc.abstractmethod
     def setup(self, seed: int) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data.base import ArrayDataset, DatasetError, SegmentationData
+from data.base import ArrayDataset, DatasetError, SegmentationData, binary_mask, check_foreground, check_mask_threshold
 from data.splits import carve, check_disjoint, check_fraction
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
 
@@ -35,7 +35,6 @@ OFFICIAL_DIRS = {
 IMAGE_NAME = re.compile(r"^(ISIC_[^.]+)\.(jpg|jpeg)$", re.IGNORECASE)
 MASK_SUFFIX = "_segmentation.png"
 MAX_PROBLEMS_SHOWN = 20
-_BINARISE = [0] * 128 + [255] * 128  # value > 127 is lesion, as the challenge's masks are {0,255}
 
 
 @dataclass(frozen=True)
@@ -73,8 +72,10 @@ def scan_folder(input_dir: Path, mask_dir: Path) -> tuple[list[Pair], int, list[
     return pairs, ignored, problems
 
 
-def load_pair(pair: Pair, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Decodes and resizes one pair: (uint8 [size,size,3], uint8 [size,size] in {0,1}); raises _Problem."""
+def load_pair(pair: Pair, size: int, mask_threshold: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Decodes and resizes one pair: (uint8 [size,size,3], uint8 [size,size] in {0,1}); raises _Problem.
+
+    Masks must be 0/255 or 0/1 unless `mask_threshold` is given (data.base.binary_mask)."""
     try:
         with Image.open(pair.image) as im:
             image_size = im.size
@@ -104,15 +105,13 @@ def load_pair(pair: Pair, size: int) -> tuple[np.ndarray, np.ndarray]:
         raise
     except Exception as err:
         raise _Problem(f"mask {pair.mask} cannot be read ({type(err).__name__}: {err}); expected a PNG mask")
-    low, high = gray.getextrema()
-    if 0 < high <= 127:
-        raise _Problem(
-            f"mask {pair.mask} has values {low}..{high}: expected {{0,255}} (lesion = value > 127); "
-            f"a 0/1 label mask would read as empty"
-        )
+    try:
+        foreground = binary_mask(np.asarray(gray), pair.mask, mask_threshold)
+    except ValueError as err:
+        raise _Problem(str(err))
     # Binarise at full resolution, then area-average and re-threshold: a majority vote per output pixel
     # keeps the lesion outline better than picking one full-resolution pixel in 40 (nearest).
-    binary = gray.point(_BINARISE).resize((size, size), Image.BOX)
+    binary = Image.fromarray(foreground.astype(np.uint8) * 255, "L").resize((size, size), Image.BOX)
     mask = (np.asarray(binary) > 127).astype(np.uint8)
     return np.asarray(rgb, dtype=np.uint8), mask
 
@@ -158,10 +157,12 @@ class ISIC2018(SegmentationData):
         std: Sequence[float] = IMAGENET_STD,
         workers: int = 2,
         split_seed: int = 0,
+        mask_threshold: Optional[int] = None,
     ):
         super().__init__()
         if root is None or str(root).strip() == "":
             raise ValueError("root is not set: expected the folder holding ISIC2018_Task1-2_Training_Input")
+        self.mask_threshold = check_mask_threshold(mask_threshold)
         self.root = Path(str(root)).expanduser()
         self.image_size = _check_int(image_size, "image_size", 8)
         self.val_fraction = check_fraction(val_fraction, "val_fraction")
@@ -184,7 +185,6 @@ class ISIC2018(SegmentationData):
         self.split_seed = _check_int(split_seed, "split_seed", 0)
         self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._transforms: dict[bool, object] = {}
-        self._seed = 0
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -259,7 +259,7 @@ class ISIC2018(SegmentationData):
 
         def work(index: int) -> Optional[str]:
             try:
-                images[index], masks[index] = load_pair(to_load[index], self.image_size)
+                images[index], masks[index] = load_pair(to_load[index], self.image_size, self.mask_threshold)
             except _Problem as problem:
                 return str(problem)
             return None
@@ -280,7 +280,8 @@ class ISIC2018(SegmentationData):
             self._arrays[split] = (images[offset:offset + n], masks[offset:offset + n])
             offset += n
         self._split_ids = {split: list(split_ids[split]) for split in ("train", "val", "test")}
-        self._seed = int(seed)
+        check_foreground(self._arrays["train"][1], f"the ISIC 2018 data under {self.root}")
+        self._files = self.relative_sizes([f for p in to_load for f in (p.image, p.mask)], self.root)
         self._transforms = {}
 
         foreground = masks.reshape(len(masks), -1).mean(axis=1) if len(masks) else np.zeros(0)
@@ -312,7 +313,7 @@ class ISIC2018(SegmentationData):
         augment = bool(augment)
         if augment not in self._transforms:
             self._transforms[augment] = build_transform(
-                augment, self.mean, self.std, self.rotate_limit, self.hflip_p, seed=self._seed
+                augment, self.mean, self.std, self.rotate_limit, self.hflip_p
             )
         images, masks = self._arrays[split]
         return ArrayDataset(images, masks, self._split_ids[split], self._transforms[augment])

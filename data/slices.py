@@ -4,8 +4,9 @@
 for the shared part of the names: the COVID-SemiSeg preset is `Imgs/{id}.jpg` with `GT/{id}.png`; the
 ISIC layout would be `{id}.jpg` with `{id}_segmentation.png`. Files that match no pattern are ignored
 and counted. Images are decoded once, converted to grayscale (`channels: 1`) or RGB (`channels: 3`),
-resized to `image_size` and kept in memory (as ISIC: the loader must not be the bottleneck). A mask
-pixel is foreground when its value is above `mask_threshold`.
+resized to `image_size` and kept in memory (as ISIC: the loader must not be the bottleneck). Masks are
+0/255 or 0/1; another encoding is an error naming the file unless `mask_threshold` is set (foreground
+is then a value above it).
 
 Slices carry no patient id, so the split is per image unless `group_regex` extracts a group (patient)
 from the id, in which case all images of a group go to one split.
@@ -25,7 +26,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data.base import ArrayDataset, DatasetError, SegmentationData
+from data.base import ArrayDataset, DatasetError, SegmentationData, binary_mask, check_foreground, check_mask_threshold
 from data.splits import carve, carve_groups, check_disjoint, check_fraction, group_of
 from data.transforms import build_transform
 from data.volumes import check_floats, check_int, check_number, format_problems
@@ -68,7 +69,7 @@ class SliceFolders(SegmentationData):
         image_pattern: str = "{id}.png",
         mask_pattern: str = "{id}.png",
         channels: int = 1,
-        mask_threshold: int = 127,
+        mask_threshold: Optional[int] = None,
         image_size: int = 256,
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
@@ -95,9 +96,7 @@ class SliceFolders(SegmentationData):
         if channels not in (1, 3) or isinstance(channels, bool):
             raise ValueError(f"channels={channels!r} is invalid: expected 1 (grayscale) or 3 (RGB)")
         self.in_channels = int(channels)
-        self.mask_threshold = check_int(mask_threshold, "mask_threshold", 0)
-        if self.mask_threshold > 254:
-            raise ValueError(f"mask_threshold={mask_threshold!r} is invalid: expected 0..254 (foreground = value > threshold)")
+        self.mask_threshold = check_mask_threshold(mask_threshold)
         self.image_size = check_int(image_size, "image_size", 8)
         self.val_fraction = check_fraction(val_fraction, "val_fraction")
         self.test_fraction = check_fraction(test_fraction, "test_fraction")
@@ -118,7 +117,6 @@ class SliceFolders(SegmentationData):
         self.workers = check_int(workers, "workers", 1)
         self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._transforms: dict[bool, object] = {}
-        self._seed = 0
 
     def _describe(self) -> str:
         return f"the slice folders under {self.root}"
@@ -186,13 +184,11 @@ class SliceFolders(SegmentationData):
             raise
         except Exception as err:
             raise _Problem(f"mask {pair.mask} cannot be read ({type(err).__name__}: {err}); expected a PNG mask")
-        high = int(gray.max(initial=0))
-        if 0 < high <= self.mask_threshold:
-            raise _Problem(
-                f"mask {pair.mask} has values {int(gray.min())}..{high}: expected foreground above mask_threshold="
-                f"{self.mask_threshold} (e.g. {{0,255}}); for 0/1 masks set mask_threshold=0"
-            )
-        binary = Image.fromarray(np.where(gray > self.mask_threshold, 255, 0).astype(np.uint8), "L")
+        try:
+            foreground = binary_mask(gray, pair.mask, self.mask_threshold)
+        except ValueError as err:
+            raise _Problem(str(err))
+        binary = Image.fromarray(foreground.astype(np.uint8) * 255, "L")
         mask = (np.asarray(binary.resize((size, size), Image.BOX)) > 127).astype(np.uint8)
         image = np.asarray(pixels, dtype=np.uint8)
         return (image[..., None] if image.ndim == 2 else image), mask
@@ -222,11 +218,6 @@ class SliceFolders(SegmentationData):
         if problems:
             raise DatasetError(format_problems(problems, self._describe()))
         foreground = masks.reshape(len(masks), -1).mean(axis=1)
-        if not (foreground > 0).any():
-            raise DatasetError(
-                f"all-empty dataset: none of the {len(pairs)} masks in {self.root / self.mask_dir} has a pixel above "
-                f"mask_threshold={self.mask_threshold} at {self.image_size}px: expected some foreground"
-            )
         ids = [p.case_id for p in pairs]
         fractions = {"val": self.val_fraction, "test": self.test_fraction}
         source = f"{self.root / self.image_dir}" + (f" (limit={self.limit})" if self.limit is not None else "")
@@ -243,7 +234,8 @@ class SliceFolders(SegmentationData):
             index = np.array([position[i] for i in chosen], dtype=np.int64)
             self._arrays[split] = (images[index], masks[index])
             self._split_ids[split] = chosen
-        self._seed = int(seed)
+        check_foreground(self._arrays["train"][1], self._describe())
+        self._files = self.relative_sizes([f for p in pairs for f in (p.image, p.mask)], self.root)
         self._transforms = {}
         empty = int((foreground == 0).sum())
         self._stats = {
@@ -270,6 +262,6 @@ class SliceFolders(SegmentationData):
         self._require_setup()
         augment = bool(augment)
         if augment not in self._transforms:
-            self._transforms[augment] = build_transform(augment, self.mean, self.std, self.rotate_limit, self.hflip_p, seed=self._seed)
+            self._transforms[augment] = build_transform(augment, self.mean, self.std, self.rotate_limit, self.hflip_p)
         images, masks = self._arrays[split]
         return ArrayDataset(images, masks, self._split_ids[split], self._transforms[augment])

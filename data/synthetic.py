@@ -1,34 +1,30 @@
-"""A synthetic twin of ISIC 2018 Task 1, written in the real on-disk layout.
+"""Synthetic data as a generation step: files written in the real on-disk layouts, read by the real readers.
 
-The demo and the tests then go through the real reader (same folders, JPEG images of varying size,
-{0,255} PNG masks, licence files to ignore), so the code path that reads the real dataset is the one
-exercised. Images are skin-toned texture with one irregular brown lesion, so a small UNet learns it in a
-few epochs; everything is drawn from a seeded RNG per image, so a given seed always gives the same files.
+A dataset config with a `synthetic:` block (conf/dataset/synthetic_*.yaml) names a generator (`kind`)
+and its settings; `data.build_data` runs `ensure_generated` on the reader's `root` before the real
+reader reads it. So the demo and the tests go through the same reader code as real data, and the
+synthetic configs only add the generator's settings to the real reader's config (they extend it).
+
+Generators (`GENERATORS`): `isic` (ISIC 2018 Task 1 layout, drawn here: skin-toned texture with one
+irregular brown lesion, so a small UNet learns it in a few epochs), `brats`, `covid_ct` and `slices`
+(data/synthetic_volumes.py). Everything is drawn from a seeded RNG, so given settings always give the
+same files; the folder is regenerated when the settings change (a stamp file records them).
 """
 from __future__ import annotations
 
-import contextlib
+import inspect
 import json
 import logging
-import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional
 
 import cv2
 import numpy as np
 from PIL import Image
 
 from data.base import DatasetError
-from data.isic import ISIC2018, MASK_SUFFIX, OFFICIAL_DIRS, TRAIN_DIRS, _check_int
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-try:  # POSIX; elsewhere the temp-folder-and-rename still keeps a half-written dataset out of sight
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None
+from data.files import atomic_folder, atomic_write, file_lock
+from data.isic import MASK_SUFFIX, OFFICIAL_DIRS, TRAIN_DIRS, _check_int
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +121,7 @@ def _write_split(root: Path, split: str, count: int, seed: int, min_side: int, m
 
 
 def synthetic_params(count=60, seed=0, min_side=160, max_side=320, val_count=0, test_count=0) -> dict:
-    """The generator's settings as stored in the stamp file (checked before any drawing)."""
+    """The generator's settings, checked before any drawing."""
     params = dict(
         count=_check_int(count, "count", 1),
         seed=_check_int(seed, "seed", 0),
@@ -133,7 +129,6 @@ def synthetic_params(count=60, seed=0, min_side=160, max_side=320, val_count=0, 
         max_side=_check_int(max_side, "max_side", 16),
         val_count=_check_int(val_count, "val_count", 0),
         test_count=_check_int(test_count, "test_count", 0),
-        version=GENERATOR_VERSION,
     )
     if params["max_side"] < params["min_side"]:
         raise ValueError(f"max_side={max_side} is invalid: expected >= min_side={min_side}")
@@ -143,14 +138,13 @@ def synthetic_params(count=60, seed=0, min_side=160, max_side=320, val_count=0, 
 def write_synthetic_isic(
     root, count: int = 60, seed: int = 0, min_side: int = 160, max_side: int = 320, val_count: int = 0, test_count: int = 0
 ) -> None:
-    """Writes `count` training pairs (and optional official val/test folders) under `root`, stamp last."""
+    """Writes `count` training pairs (and optional official val/test folders) under `root`."""
     params = synthetic_params(count, seed, min_side, max_side, val_count, test_count)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", count), ("val", val_count), ("test", test_count)):
         if n:
             _write_split(root, split, n, params["seed"], params["min_side"], params["max_side"])
-    (root / STAMP).write_text(json.dumps(params, sort_keys=True) + "\n")
 
 
 def read_stamp(root: Path) -> Optional[dict]:
@@ -160,82 +154,64 @@ def read_stamp(root: Path) -> Optional[dict]:
         return None
 
 
-@contextlib.contextmanager
-def _root_lock(root: Path) -> Iterator[None]:
-    """Serialises jobs that share one synthetic root (parallel sweep jobs start at the same moment)."""
-    root.parent.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    with open(root.parent / f".{root.name}.lock", "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+# -- the generation step ---------------------------------------------------------------------------
 
 
-def ensure_synthetic(root, **params) -> bool:
-    """(Re)generates `root` unless its stamp already matches; returns True when it wrote the data.
+def generators() -> dict[str, Callable[..., object]]:
+    """Generator kind -> writer(root, **settings); the only functions a `synthetic:` block can name."""
+    from data import synthetic_volumes as volumes
 
-    Drawing happens in a temporary folder beside `root` that is renamed into place, so no reader ever
-    sees a half-written dataset. Call with the lock held (see SyntheticISIC2018.setup).
-    """
-    root = Path(root)
-    wanted = synthetic_params(**params)
-    if read_stamp(root) == wanted:
-        return False
-    if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not (root / STAMP).exists())):
-        raise DatasetError(
-            f"{root} exists and is not a synthetic dataset (no {STAMP}): refusing to overwrite it; "
-            f"point dataset.root at an empty or new folder, or delete this one"
-        )
-    for stale in [*root.parent.glob(f".{root.name}.tmp-*"), *root.parent.glob(f".{root.name}.old-*")]:
-        shutil.rmtree(stale, ignore_errors=True)  # left by a killed job; the lock says nobody is writing them
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the dataset is not
-    old = None
-    try:
-        write_synthetic_isic(tmp, **{k: v for k, v in wanted.items() if k != "version"})
-        if root.exists():
-            old = root.parent / f".{root.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(root, old)
-        os.rename(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    log.info("wrote synthetic ISIC 2018 data (%s) to %s", wanted, root)
+    return {
+        "isic": write_synthetic_isic,
+        "brats": volumes.write_synthetic_brats,
+        "covid_ct": volumes.write_synthetic_covid_ct,
+        "slices": volumes.write_synthetic_slices,
+    }
+
+
+def split_synthetic(cfg: Mapping[str, Any]) -> tuple[dict, Optional[dict]]:
+    """A dataset config -> (the reader's config, the `synthetic:` block or None)."""
+    reader = dict(cfg)
+    return reader, reader.pop("synthetic", None)
+
+
+def check_synthetic(settings: Mapping[str, Any]) -> tuple[Callable[..., object], dict]:
+    """(writer, its keyword settings) for a `synthetic:` block; ValueError naming `dataset.synthetic.<key>`."""
+    if not isinstance(settings, Mapping) or "kind" not in settings:
+        raise ValueError(f"dataset.synthetic={settings!r} is invalid: expected a mapping with kind ({', '.join(generators())}) and its settings")
+    settings = dict(settings)
+    kind = settings.pop("kind")
+    writer = generators().get(kind)
+    if writer is None:
+        raise ValueError(f"dataset.synthetic.kind={kind!r} is invalid: expected one of {', '.join(generators())}")
+    params = inspect.signature(writer).parameters
+    accepted = [name for name in params if name != "root"]
+    for key in settings:
+        if key not in accepted:
+            raise ValueError(f"unknown key dataset.synthetic.{key} for the {kind} generator; accepted keys: kind, {', '.join(accepted)}")
+    return writer, settings
+
+
+def ensure_generated(root, settings: Mapping[str, Any]) -> bool:
+    """Writes the synthetic dataset `settings` describe into `root` unless its stamp already matches;
+    True when it wrote. Parallel jobs that share a root wait on its lock (one of them writes); the
+    folder is written beside `root` and renamed into place, so no reader sees half of it."""
+    writer, params = check_synthetic(settings)
+    root = Path(root).expanduser().resolve()
+    wanted = json.loads(json.dumps({"kind": settings["kind"], "version": GENERATOR_VERSION, **params}))  # tuples -> lists
+    with file_lock(root.parent / f".{root.name}.lock"):
+        if read_stamp(root) == wanted:
+            return False
+        if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not (root / STAMP).exists())):
+            raise DatasetError(
+                f"{root} exists and is not a synthetic dataset (no {STAMP}): refusing to overwrite it; "
+                f"point dataset.root at an empty or new folder, or delete this one"
+            )
+        with atomic_folder(root) as tmp:
+            try:
+                writer(tmp, **params)
+            except (TypeError, ValueError) as err:
+                raise DatasetError(f"dataset.synthetic ({settings['kind']}): {err}") from err
+            atomic_write(tmp / STAMP, json.dumps(wanted, sort_keys=True) + "\n")
+    log.info("wrote synthetic %s data (%s) to %s", settings["kind"], params, root)
     return True
-
-
-class SyntheticISIC2018(ISIC2018):
-    """The real ISIC 2018 reader over generated data, regenerated whenever its settings change."""
-
-    def __init__(
-        self,
-        root: str,
-        image_size: int = 128,
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.15,
-        limit: Optional[int] = None,
-        rotate_limit: float = 15.0,
-        hflip_p: float = 0.5,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-        workers: int = 2,
-        split_seed: int = 0,
-        count: int = 100,
-        synthetic_seed: int = 0,
-    ):
-        super().__init__(root, image_size, val_fraction, test_fraction, limit, rotate_limit, hflip_p, mean, std, workers, split_seed)
-        # Bad values fail at construction, naming the YAML key.
-        self.generator_params = dict(count=_check_int(count, "count", 1), seed=_check_int(synthetic_seed, "synthetic_seed", 0))
-
-    def setup(self, seed: int) -> None:
-        self.root = self.root.resolve()
-        with _root_lock(self.root):
-            written = ensure_synthetic(self.root, **self.generator_params)
-            super().setup(seed)
-        self._stats["synthetic_generated"] = int(written)

@@ -8,10 +8,12 @@ neighbour on masks, so label values survive).
 Resizing is not here: images are resized once when a dataset is loaded, so each item costs only a
 rotation, a flip and a normalisation.
 
-Albumentations 2.x ignores the global numpy/python seeds: each Compose has its own generator. So the
-generator is seeded from the run's seed (reproducible runs), and reseeded once inside each DataLoader
-worker from the seed torch gives that worker; otherwise every forked worker would replay the same
-copy of the generator and apply the same "random" augmentations. Nothing is reseeded per item.
+Albumentations 2.x ignores the global numpy/python seeds: each Compose has its own generator. It is
+seeded from torch's seed when the transform is made, reseeded by the training loop at the start of each
+epoch (`ArrayDataset.reseed`, so an epoch's augmentations depend only on (seed, epoch), and a resumed
+run draws what an uninterrupted one drew), and reseeded once inside each DataLoader worker from the seed
+torch gives that worker; otherwise every forked worker would replay the same copy of the generator and
+apply the same "random" augmentations. Nothing is reseeded per item.
 """
 from __future__ import annotations
 
@@ -34,19 +36,20 @@ class PairTransform:
     label map to K binary channels (K x H x W).
     """
 
-    def __init__(self, compose: A.Compose, seed: int = 0, target: Optional[Callable[[np.ndarray], np.ndarray]] = None):
+    def __init__(self, compose: A.Compose, target: Optional[Callable[[np.ndarray], np.ndarray]] = None):
         self.compose = compose
-        self.seed = int(seed)
         self.target = target
         self._worker_seed: Optional[int] = None
-        compose.set_random_seed(self.seed)
+        self.reseed(torch.initial_seed())
+
+    def reseed(self, seed: int) -> None:
+        self.compose.set_random_seed(int(seed) % 2**32)
 
     def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         info = get_worker_info()
-        worker_seed = None if info is None else info.seed % 2**32
-        if worker_seed != self._worker_seed:
-            self._worker_seed = worker_seed
-            self.compose.set_random_seed(self.seed if worker_seed is None else worker_seed)
+        if info is not None and info.seed != self._worker_seed:
+            self._worker_seed = info.seed
+            self.reseed(info.seed)
         image = np.asarray(image)
         if image.dtype == np.float16:  # stored compactly; OpenCV and albumentations want float32
             image = image.astype(np.float32)
@@ -70,7 +73,6 @@ def build_transform(
     std: Optional[Sequence[float]] = IMAGENET_STD,
     rotate_limit: float = 15.0,
     hflip_p: float = 0.5,
-    seed: int = 0,
     vflip_p: float = 0.0,
     target: Optional[Callable[[np.ndarray], np.ndarray]] = None,
 ) -> PairTransform:
@@ -87,4 +89,4 @@ def build_transform(
             steps.append(A.VerticalFlip(p=vflip_p))
     if mean is not None:
         steps.append(A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0))
-    return PairTransform(A.Compose(steps), seed, target)
+    return PairTransform(A.Compose(steps), target)

@@ -199,6 +199,7 @@ class VolumeSliceData(SegmentationData):
     """A volumetric dataset served as 2D axial slices from an on-disk slice cache."""
 
     kind: str = "volumes"  # cache folder prefix
+    SERVING_KEYS = SegmentationData.SERVING_KEYS + ("cache_dir", "eval_empty_slice_fraction")
     image_dtype = np.float16
     num_classes = 1
 
@@ -247,7 +248,6 @@ class VolumeSliceData(SegmentationData):
         self.workers = check_int(workers, "workers", 1)
         self.vflip_p = 0.0
         self.offline_flips = False
-        self._seed = 0
         self._transforms: dict[bool, object] = {}
         self._served: dict[str, tuple[np.ndarray, list[str], list[str], Optional[np.ndarray]]] = {}
         self._cached = None
@@ -360,7 +360,8 @@ class VolumeSliceData(SegmentationData):
             )
 
         files = [path for case in cases for path in case.files.values()]
-        payload = {"settings": self._settings(), "files": file_signature(files, self.root.resolve())}
+        signature = file_signature(files, self.root.resolve())
+        payload = {"settings": self._settings(), "files": signature}
         self._cache = SliceCache(self.cache_dir, self.kind, payload)
         hit = self._cache.ensure(lambda folder: self._build(cases, folder), label=f"{self.kind} ({len(cases)} cases, {self.root})")
         cached = self._cache.open()
@@ -442,9 +443,14 @@ class VolumeSliceData(SegmentationData):
             if flips is not None:
                 stats["offline_flip_copies"] = 2 * (len(rows_arr) // 3)
 
+        if not has_target[served["train"][0]].any():
+            raise DatasetError(
+                f"the training split of {self._describe()} (cases {', '.join(splits['train'][:10])}) has no slice with "
+                f"target label values {union}: expected some foreground to learn; check the label scheme and region"
+            )
         self._served = served
         self._split_ids = {split: list(splits[split]) for split in ("train", "val", "test")}
-        self._seed = int(seed)
+        self._files = [(rel, size) for rel, size, _ in signature]
         self._transforms = {}
 
         all_rows = np.concatenate([served[s][0] for s in ("train", "val", "test")])
@@ -489,7 +495,7 @@ class VolumeSliceData(SegmentationData):
         if augment not in self._transforms:
             mean, std = self._normalisation()
             self._transforms[augment] = build_transform(
-                augment, mean, std, self.rotate_limit, self.hflip_p, seed=self._seed,
+                augment, mean, std, self.rotate_limit, self.hflip_p,
                 vflip_p=self.vflip_p, target=LabelTarget(self._target_values()),
             )
         rows, ids, cases, flips = self._served[split]

@@ -397,7 +397,7 @@ def bench_training(s: Settings, device: torch.device, work: Path, data_root: Pat
     from torch.utils.data import ConcatDataset, Subset
 
     from data.isic import ISIC2018, TRAIN_DIRS, load_pair, scan_folder
-    from data.synthetic import ensure_synthetic
+    from data.synthetic import ensure_generated
     from pipeline.config import TrainConfig
     from pipeline.training import dice_bce_loss, make_loader
 
@@ -405,7 +405,8 @@ def bench_training(s: Settings, device: torch.device, work: Path, data_root: Pat
     _progress(f"training: synthetic ISIC set {root} ({s.train_images} JPEGs of {s.train_min_side}-{s.train_max_side} px)")
     start = time.perf_counter()
     root.parent.mkdir(parents=True, exist_ok=True)
-    generated = ensure_synthetic(root, count=s.train_images, min_side=s.train_min_side, max_side=s.train_max_side)
+    generated = ensure_generated(root, {"kind": "isic", "count": s.train_images, "min_side": s.train_min_side,
+                                        "max_side": s.train_max_side})
     generate_s = time.perf_counter() - start
     data = ISIC2018(str(root), image_size=s.train_size, workers=2)
     start = time.perf_counter()

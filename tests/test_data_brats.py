@@ -12,11 +12,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import compose_config
 from omegaconf import OmegaConf
 
 from data import DatasetError, SegmentationData, build_data
 from data.brats import BraTS, LABEL_SCHEMES, resolve_regions
-from data.synthetic_volumes import SyntheticBraTS, write_synthetic_brats
+from data.synthetic_volumes import write_synthetic_brats
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = Path(__file__).resolve().parents[2] / "shared/realdata"
@@ -424,7 +425,7 @@ def _yaml(name: str):
     return OmegaConf.load(REPO / "conf" / "dataset" / f"{name}.yaml")
 
 
-@pytest.mark.parametrize("name, cls", [("brats", BraTS), ("synthetic_brats", SyntheticBraTS)])
+@pytest.mark.parametrize("name, cls", [("brats", BraTS)])
 def test_yaml_keys_are_the_constructor_parameters(name, cls):
     node = _yaml(name)
     params = inspect.signature(cls).parameters
@@ -441,14 +442,13 @@ def test_yaml_keys_are_the_constructor_parameters(name, cls):
 
 
 def test_synthetic_brats_from_its_yaml_generates_once(tmp_path):
-    cfg = OmegaConf.create({"paths": {"outputs": str(tmp_path)}, "dataset": _yaml("synthetic_brats")})
-    cfg.dataset.count = 4
+    cfg = compose_config("dataset=synthetic_brats", f"paths.outputs={tmp_path}", "dataset.synthetic.count=4")
     data = build_data(cfg.dataset, seed=0)
-    assert isinstance(data, SyntheticBraTS) and data.stats()["synthetic_generated"] == 1
+    assert data.stats()["synthetic_generated"] == 1
     assert data.stats()["cache_hit"] == 0 and (tmp_path / "cache").is_dir()
     again = build_data(cfg.dataset, seed=0)
     assert again.stats()["synthetic_generated"] == 0 and again.stats()["cache_hit"] == 1
-    cfg.dataset.naming = "2023"
+    cfg.dataset.synthetic.naming = "2023"
     cfg.dataset.label_scheme = "brats2023"
     changed = build_data(cfg.dataset, seed=0)
     assert changed.stats()["synthetic_generated"] == 1 and changed.stats()["cases_naming_2023"] == 4

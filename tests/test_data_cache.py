@@ -273,11 +273,13 @@ def test_split_seed_moves_the_split_and_the_run_seed_does_not(ct_root, tmp_path)
     assert any(ids(split_seed=s) != ids() for s in (1, 2, 3))
 
 
-def test_augmentation_is_seeded_by_the_run_seed(ct_root, tmp_path):
+def test_augmentation_is_reseeded_per_epoch(ct_root, tmp_path):
+    data = CovidCT(str(ct_root), image_size=16, cache_dir=str(tmp_path), workers=1)
+    data.setup(0)
+    ds = data.dataset("train", augment=True)
+
     def first(seed):
-        data = CovidCT(str(ct_root), image_size=16, cache_dir=str(tmp_path), workers=1)
-        data.setup(seed)
-        ds = data.dataset("train", augment=True)
+        ds.reseed(seed)
         return torch.stack([ds[i][0] for i in range(6)])
 
     assert torch.equal(first(1), first(1)) and not torch.equal(first(1), first(2))

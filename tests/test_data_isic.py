@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import compose_config
 from omegaconf import OmegaConf
 from PIL import Image
 
 from data import DatasetError, SegmentationData, build_data
 from data.isic import ISIC2018, MASK_SUFFIX, OFFICIAL_DIRS, TRAIN_DIRS
-from data.synthetic import SyntheticISIC2018, read_stamp, write_synthetic_isic
+from data.synthetic import ensure_generated, read_stamp, write_synthetic_isic
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_ISIC = Path(__file__).resolve().parents[2] / "shared/realdata/isic2018_subset"
@@ -155,13 +156,19 @@ def test_augmentation_changes_pixels_but_not_plain_items(synthetic_root):
     assert changed >= 6
 
 
-def test_augmentation_is_reproducible_for_a_seed(synthetic_root):
+def test_augmentation_is_reseeded_per_epoch(synthetic_root):
+    """The training loop reseeds the augmentation per epoch, so that an epoch's augmentations depend
+    only on (seed, epoch), never on the epochs before it (resume)."""
+    ds = load(synthetic_root).dataset("train", augment=True)
+
     def first_items(seed):
-        ds = load(synthetic_root, seed=seed).dataset("train", augment=True)
+        ds.reseed(seed)
         return torch.stack([ds[i][0] for i in range(6)])
 
-    assert torch.equal(first_items(1), first_items(1))
-    assert not torch.equal(first_items(1), first_items(2))
+    one = first_items(1)
+    first_items(2)
+    assert torch.equal(first_items(1), one)  # the same seed again: the same draws, whatever came between
+    assert not torch.equal(first_items(2), one)
 
 
 def test_dataloader_workers_draw_different_augmentations(synthetic_root):
@@ -237,11 +244,28 @@ def test_rgb_mask_with_differing_channels_is_rejected(copy_root):
         load(copy_root)
 
 
-def test_zero_one_label_mask_is_rejected(copy_root):
+def _all_masks(data):
+    return {i: m for ds in (data.dataset(s) for s in ("train", "val", "test")) for i, (_, m) in zip(ds.ids, ds)}
+
+
+def test_zero_one_label_mask_reads_as_the_same_lesion(copy_root):
+    before = _all_masks(load(copy_root, image_size=40))
     path = masks(copy_root) / f"ISIC_0000006{MASK_SUFFIX}"
     Image.fromarray((np.asarray(Image.open(path)) > 0).astype(np.uint8), "L").save(path)
-    with pytest.raises(DatasetError, match=f"ISIC_0000006{MASK_SUFFIX}.*0,255"):
+    after = _all_masks(load(copy_root, image_size=40))
+    assert after["ISIC_0000006"].sum() > 0 and torch.equal(after["ISIC_0000006"], before["ISIC_0000006"])
+
+
+def test_mask_in_another_encoding_is_an_error_naming_file_and_values(copy_root):
+    """A lesion stored as 200 on a background of 100 would read as all lesion, or (0/100) as empty."""
+    path = masks(copy_root) / f"ISIC_0000006{MASK_SUFFIX}"
+    lesion = np.asarray(Image.open(path)) > 0
+    Image.fromarray(np.where(lesion, 200, 100).astype(np.uint8), "L").save(path)
+    with pytest.raises(DatasetError, match=f"ISIC_0000006{MASK_SUFFIX} has values {{100, 200}}: expected 0/255 or 0/1"):
         load(copy_root)
+    # an explicit threshold says what the values mean
+    data = _all_masks(load(copy_root, image_size=40, mask_threshold=150))
+    assert data["ISIC_0000006"].sum() > 0
 
 
 def test_single_channel_like_masks_are_accepted(copy_root):
@@ -308,23 +332,25 @@ def test_generator_is_deterministic(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() != (tmp_path / "c" / name).read_bytes()
 
 
+def synthetic(root, **settings):
+    return build_data({"_target_": "data.isic.ISIC2018", "root": str(root), "image_size": 32,
+                       "synthetic": {"kind": "isic", **settings}}, seed=0)
+
+
 def test_synthetic_dataset_generates_once_and_regenerates_on_change(tmp_path):
     root = tmp_path / "syn"
-    data = SyntheticISIC2018(str(root), image_size=32, count=12)
-    data.setup(0)
+    data = synthetic(root, count=12)
     assert data.stats()["synthetic_generated"] == 1 and data.stats()["pairs_found"] == 12
     assert read_stamp(root)["count"] == 12
     first = (inputs(root) / "ISIC_0000000.jpg").stat().st_mtime_ns
 
-    again = SyntheticISIC2018(str(root), image_size=32, count=12)
-    again.setup(0)
+    again = synthetic(root, count=12)
     assert again.stats()["synthetic_generated"] == 0
     assert (inputs(root) / "ISIC_0000000.jpg").stat().st_mtime_ns == first
     assert again.split_ids() == data.split_ids()
 
     (tmp_path / ".syn.tmp-killedjob").mkdir()  # a generator killed half-way leaves one of these
-    changed = SyntheticISIC2018(str(root), image_size=32, count=14, synthetic_seed=1)
-    changed.setup(0)
+    changed = synthetic(root, count=14, seed=1)
     assert changed.stats()["synthetic_generated"] == 1 and changed.stats()["pairs_found"] == 14
     assert sorted(p.name for p in tmp_path.iterdir()) == [".syn.lock", "syn"]  # no temp or old folders left
 
@@ -333,15 +359,16 @@ def test_synthetic_refuses_to_overwrite_a_real_folder(tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "real" / "precious.txt").write_text("keep me")
     with pytest.raises(DatasetError, match="refusing to overwrite"):
-        SyntheticISIC2018(str(tmp_path / "real"), image_size=32, count=8).setup(0)
+        ensure_generated(tmp_path / "real", {"kind": "isic", "count": 8})
     assert (tmp_path / "real" / "precious.txt").read_text() == "keep me"
 
 
 def test_parallel_jobs_share_one_synthetic_root(tmp_path):
     root = tmp_path / "shared_root"
     script = (
-        "import sys; from data.synthetic import SyntheticISIC2018\n"
-        "d = SyntheticISIC2018(sys.argv[1], image_size=16, count=int(sys.argv[2])); d.setup(0)\n"
+        "import sys; from data import build_data\n"
+        "d = build_data({'_target_': 'data.isic.ISIC2018', 'root': sys.argv[1], 'image_size': 16,\n"
+        "                'synthetic': {'kind': 'isic', 'count': int(sys.argv[2])}}, 0)\n"
         "print(int(d.stats()['pairs_found']))\n"
     )
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": str(REPO)}
@@ -360,7 +387,7 @@ def _yaml(name: str):
     return OmegaConf.load(REPO / "conf" / "dataset" / f"{name}.yaml")
 
 
-@pytest.mark.parametrize("name, cls", [("isic2018", ISIC2018), ("synthetic_isic", SyntheticISIC2018)])
+@pytest.mark.parametrize("name, cls", [("isic2018", ISIC2018)])
 def test_yaml_keys_are_the_constructor_defaults(name, cls):
     node = _yaml(name)
     params = inspect.signature(cls).parameters
@@ -376,11 +403,9 @@ def test_yaml_keys_are_the_constructor_defaults(name, cls):
 
 
 def test_build_data_from_the_synthetic_yaml(tmp_path):
-    cfg = OmegaConf.create({"paths": {"outputs": str(tmp_path)}, "dataset": _yaml("synthetic_isic")})
-    cfg.dataset.image_size = 32
-    cfg.dataset.count = 12
+    cfg = compose_config("dataset=synthetic_isic", f"paths.outputs={tmp_path}", "dataset.image_size=32", "dataset.synthetic.count=12")
     data = build_data(cfg.dataset, seed=0)
-    assert isinstance(data, SyntheticISIC2018)
+    assert type(data) is ISIC2018 and data.stats()["synthetic_generated"] == 1
     assert data.root == (tmp_path / "data" / "synthetic_isic").resolve()
     assert data.mean == (0.485, 0.456, 0.406)
     assert len(data.dataset("train")) == 12 - 2 - 2

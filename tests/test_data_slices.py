@@ -146,18 +146,25 @@ def test_corrupt_files_are_all_reported(copy_root):
         load(copy_root)
 
 
-def test_zero_one_masks_need_threshold_zero(copy_root):
+def test_zero_one_masks_read_like_zero_255(copy_root):
+    before = load(copy_root).stats()["foreground_fraction"]
     for p in (copy_root / "GT").glob("*.png"):
         Image.fromarray((np.asarray(Image.open(p)) > 0).astype(np.uint8)).save(p)
-    with pytest.raises(DatasetError, match="mask_threshold=0"):
+    assert load(copy_root).stats()["foreground_fraction"] == before > 0
+
+
+def test_masks_in_another_encoding_need_a_threshold(copy_root):
+    for p in (copy_root / "GT").glob("*.png"):
+        Image.fromarray(np.where(np.asarray(Image.open(p)) > 0, 100, 0).astype(np.uint8)).save(p)
+    with pytest.raises(DatasetError, match=r"GT/\d+\.png has values \{0, 100\}: expected 0/255 or 0/1"):
         load(copy_root)
-    assert load(copy_root, mask_threshold=0).stats()["foreground_fraction"] > 0
+    assert load(copy_root, mask_threshold=50).stats()["foreground_fraction"] > 0
 
 
 def test_all_empty_masks(copy_root):
     for p in (copy_root / "GT").glob("*.png"):
         Image.new("L", Image.open(p).size, 0).save(p)
-    with pytest.raises(DatasetError, match="all-empty dataset"):
+    with pytest.raises(DatasetError, match="training split .* has no foreground pixel"):
         load(copy_root)
 
 
