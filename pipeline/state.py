@@ -7,7 +7,6 @@ after every stage. A later job can therefore start at any stage from an earlier 
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from data.files import atomic_write
 from pipeline.tracking import Tracker
 
 
@@ -30,13 +30,10 @@ class RunState:
     pruned: Optional[str] = None  # model folder right after pruning
     final: Optional[str] = None  # model folder after fine-tuning (== pruned when finetune.epochs=0)
     metrics: dict = field(default_factory=dict)
+    done: list = field(default_factory=list)  # stages finished, in order (a resumed job skips them)
 
     def save(self, run_dir: Path) -> Path:
-        path = Path(run_dir) / "state.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        os.replace(tmp, path)
-        return path
+        return atomic_write(Path(run_dir) / "state.json", json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, run_dir: Path) -> "RunState":
@@ -76,9 +73,15 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(name: str) -> torch.device:
+    """The torch device `device=` names; ValueError when it is not usable on this machine."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device={name!r}: expected auto, cpu, cuda or cuda:N ({err})") from err
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name} was asked for but CUDA is not available here; use device=cpu or device=auto")
+        raise ValueError(f"device={name}: CUDA is not available on this machine; use device=cpu or device=auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device

@@ -18,8 +18,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from pipeline.checkpoint import Checkpoint, epoch_seed
 from pipeline.metrics import SegmentationMeter
 from pipeline.report import write_csv
+from pipeline.state import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,9 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
         num_workers=num_workers,
         generator=generator,
         pin_memory=device.type == "cuda",
-        persistent_workers=num_workers > 0,
+        # New workers every epoch: their seeds then come from the loader's generator, which fit reseeds
+        # per epoch, so an epoch's augmentations do not depend on the epochs before it (resume).
+        persistent_workers=False,
         # training drops a last partial batch: a batch of one breaks BatchNorm (e.g. DeepLabV3+'s ASPP pooling)
         drop_last=shuffle and len(dataset) > batch_size,
     )
@@ -69,8 +73,14 @@ def fit(
     seed: int,
     log_metrics: Optional[Callable[[dict[str, float], int], None]] = None,
     desc: str = "train",
+    checkpoint: Optional[Path] = None,
 ) -> tuple[list[dict[str, float]], float]:
     """Trains in place and leaves the best-validation-Dice weights (epoch 0 included) in `model`.
+
+    Every RNG is reseeded from (seed, epoch) when an epoch starts. With `checkpoint` (a folder), the
+    training state is saved every `settings.checkpoint_every` epochs and, if the folder already holds a
+    checkpoint, training continues after it: an interrupted run resumed gives the same weights as one
+    that ran through (pipeline/checkpoint.py). The caller removes the folder once it has the result.
 
     Returns the per-epoch history (epochs 1..N) and the best validation Dice."""
     model.to(device)
@@ -85,13 +95,28 @@ def fit(
     if settings.amp and not use_amp:
         log.warning("%s.amp=true is ignored on %s (mixed precision is for CUDA)", desc, device.type)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    # The starting weights are a candidate too: fine-tuning must not end worse (on validation) than it began.
-    best_dice, best_state = evaluate(model, val_loader, device)["dice"], copy.deepcopy(model.state_dict())
     bn_layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
-    if log_metrics:
-        log_metrics({f"{desc}/val_dice": best_dice}, 0)
+    saver = Checkpoint(checkpoint, settings.checkpoint_every) if checkpoint is not None else None
+    resumed = saver.load() if saver is not None else None
+    if resumed is not None:
+        done, parts = resumed
+        model.load_state_dict(parts["model"])
+        optimizer.load_state_dict(parts["optimizer"])
+        scheduler.load_state_dict(parts["scheduler"])
+        scaler.load_state_dict(parts["scaler"])
+        history, best_dice, best_state = parts["history"], parts["best_dice"], parts["best_state"]
+        log.info("%s: resuming after epoch %d of %d from the checkpoint in %s", desc, done, settings.epochs, saver.folder)
+    else:
+        done = 0
+        # The starting weights are a candidate too: fine-tuning must not end worse (on validation) than it began.
+        best_dice, best_state = evaluate(model, val_loader, device)["dice"], copy.deepcopy(model.state_dict())
+        if log_metrics:
+            log_metrics({f"{desc}/val_dice": best_dice}, 0)
 
-    for epoch in range(1, settings.epochs + 1):
+    for epoch in range(done + 1, settings.epochs + 1):
+        seed_everything(epoch_seed(seed, epoch))  # dropout and anything else on the global RNGs
+        train_loader.generator.manual_seed(epoch_seed(seed, epoch))  # shuffling, and the workers' seeds
+        getattr(train_set, "reseed", lambda s: None)(epoch_seed(seed, epoch))  # augmentation in this process
         model.train()
         total, seen = 0.0, 0
         bar = tqdm(train_loader, desc=f"{desc} {epoch}/{settings.epochs}", leave=False, file=sys.stderr, dynamic_ncols=True)
@@ -118,6 +143,11 @@ def fit(
             log_metrics({f"{desc}/{k}": v for k, v in row.items()}, epoch)
         if val["dice"] > best_dice:
             best_dice, best_state = val["dice"], copy.deepcopy(model.state_dict())
+        if saver is not None and saver.due(epoch, settings.epochs):
+            saver.save(epoch, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "history": history, "best_dice": best_dice, "best_state": best_state,
+            })
     model.load_state_dict(best_state)
     return history, best_dice
 

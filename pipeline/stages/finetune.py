@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import replace
 
 from models.io import load_model, save_model
@@ -20,13 +21,15 @@ def run(ctx: Context, state: RunState) -> RunState:
         return replace(state, final=state.pruned)
     seed_everything(cfg.seed)
     model = load_model(state.pruned)
+    folder = ctx.stage_dir("final")
+    checkpoint = folder / "checkpoint"  # in the run folder: a resumed job (pipeline/journal.py) continues it
     history, best_dice = fit(
         model, data.dataset("train", augment=True), data.dataset("val"), cfg.finetune, ctx.device, cfg.seed,
-        log_metrics=ctx.tracker.log_metrics, desc="finetune",
+        log_metrics=ctx.tracker.log_metrics, desc="finetune", checkpoint=checkpoint,
     )
-    folder = ctx.stage_dir("final")
     save_model(model.cpu(), cfg.model, data.in_channels, data.num_classes, folder / "model")
     write_history(history, folder / "history.csv")
+    shutil.rmtree(checkpoint, ignore_errors=True)
     ctx.tracker.log_metrics({"finetune/best_val_dice": best_dice})
     ctx.tracker.log_artifact(folder / "model", "final_model")
     return replace(state, final=str(folder / "model"))

@@ -1,17 +1,21 @@
-"""Train the baseline, or reuse the one already trained with the same key."""
+"""Train the baseline, or reuse the one already trained with the same key (verified before reuse).
+
+Training checkpoints go to `outputs/baselines/.<key>.checkpoint/` under the key's lock, so any later
+job with the same key (a rerun of a killed job, or another job of its sweep) continues the interrupted
+training instead of starting it again; the folder is removed once the baseline is published.
+"""
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import replace
 
+from data.files import atomic_folder, atomic_write, file_lock
 from models import build_model
 from models.io import save_model
 from pipeline import baseline as baselines
 from pipeline.state import Context, RunState, seed_everything
-from pipeline.tracking import file_lock
 from pipeline.training import fit, write_history
 
 log = logging.getLogger(__name__)
@@ -19,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def run(ctx: Context, state: RunState) -> RunState:
     cfg = ctx.cfg
-    key = baselines.baseline_key(cfg)
+    key = baselines.baseline_key(cfg, ctx.data)
     target = baselines.cache_dir(ctx.outputs, key)
     with file_lock(target.parent / f"{key}.lock"):
         meta = baselines.cached(ctx.outputs, key)
@@ -43,21 +47,15 @@ def _train(ctx: Context, key: str, target) -> dict:
     cfg, data = ctx.cfg, ctx.data
     seed_everything(cfg.seed)
     model = build_model(cfg.model, data.in_channels, data.num_classes)
+    checkpoint = target.parent / f".{key}.checkpoint"
     history, best_dice = fit(
         model, data.dataset("train", augment=True), data.dataset("val"), cfg.train, ctx.device, cfg.seed,
-        log_metrics=ctx.tracker.log_metrics, desc="train",
+        log_metrics=ctx.tracker.log_metrics, desc="train", checkpoint=checkpoint,
     )
-    tmp = target.with_name(f"{key}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model.cpu(), cfg.model, data.in_channels, data.num_classes, tmp)
-    write_history(history, tmp / "history.csv")
-    meta = {
-        "key": key,
-        "run_id": ctx.tracker.run_id,
-        "epochs": len(history),
-        "best_val_dice": best_dice,
-    }
-    (tmp / baselines.BASELINE_META).write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(target, ignore_errors=True)  # a half-written folder from a killed job
-    os.replace(tmp, target)
+    meta = {"key": key, "run_id": ctx.tracker.run_id, "epochs": len(history), "best_val_dice": best_dice}
+    with atomic_folder(target) as tmp:  # the folder appears complete or not at all
+        save_model(model.cpu(), cfg.model, data.in_channels, data.num_classes, tmp)
+        write_history(history, tmp / "history.csv")
+        atomic_write(tmp / baselines.BASELINE_META, json.dumps(meta, indent=2))
+    shutil.rmtree(checkpoint, ignore_errors=True)
     return meta
