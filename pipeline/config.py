@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, List, Optional
@@ -46,6 +47,7 @@ class TrainConfig:
     lr_step_size: int = 30  # StepLR: multiply the lr by lr_gamma every lr_step_size epochs
     lr_gamma: float = 0.1
     amp: bool = False  # CUDA mixed precision (ignored on CPU, with a warning)
+    checkpoint_every: int = 1  # save the training state every N epochs (0: never); a rerun resumes from it
     bn_l1: float = 0.0  # network slimming: L1 penalty on BatchNorm gammas added to the loss
     num_workers: int = 0
     dice_weight: float = 1.0  # loss = bce_weight * BCE + dice_weight * soft Dice
@@ -148,6 +150,7 @@ class MedpruneConfig:
     baseline: Optional[str] = None  # an MLflow run id, a run folder or a model folder to start from
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    resume: bool = True  # rerunning a killed job's command continues it (pipeline/journal.py)
     paper: Optional[PaperConfig] = None  # set by experiment presets that reproduce a published table
 
 
@@ -182,6 +185,48 @@ def check_target_keys(node: DictConfig, key: str) -> None:
             )
 
 
+# Counts, sizes, batches, workers and epochs of every group, recognised by their key's name: each must be
+# an integer (or null where the schema allows it) of at least this minimum. One rule for all groups, so
+# a new key named like a count is checked without a line of its own.
+COUNT_RULES: tuple[tuple[re.Pattern, int], ...] = (
+    (re.compile(r"^num_workers$"), 0),
+    (re.compile(r"^workers$"), 1),
+    (re.compile(r"batch_size$"), 1),
+    (re.compile(r"(^|_)epochs(_|$)"), 0),
+    (re.compile(r"(^|_)(runs|steps|count|batches|threads)$"), 1),
+    (re.compile(r"(^|_)(warmup|examples|every)$"), 0),
+    (re.compile(r"(^|_)size$"), 1),
+    (re.compile(r"^limit$"), 1),
+)
+
+
+def count_minimum(name: str) -> int | None:
+    for pattern, low in COUNT_RULES:
+        if pattern.search(name):
+            return low
+    return None
+
+
+def check_counts(node: Any, prefix: str = "") -> None:
+    """Applies COUNT_RULES to every key of the composed config (the paper block excepted: table data)."""
+    if isinstance(node, DictConfig):
+        for name in node.keys():
+            if prefix == "" and name == "paper":
+                continue
+            key = f"{prefix}{name}"
+            child = node[name]
+            if isinstance(child, DictConfig):
+                check_counts(child, key + ".")
+                continue
+            low = count_minimum(str(name))
+            if low is None or child is None:
+                continue
+            if isinstance(child, bool) or not isinstance(child, int):
+                raise ConfigError(f"{key}={child!r} is invalid: expected an integer >= {low}")
+            if child < low:
+                raise ConfigError(f"{key}={child} is out of range: expected an integer >= {low}")
+
+
 def _check_range(value: float, key: str, low: float, high: float | None, high_open: bool = True) -> None:
     ok = value >= low and (high is None or (value < high if high_open else value <= high))
     if not ok:
@@ -191,12 +236,25 @@ def _check_range(value: float, key: str, low: float, high: float | None, high_op
 
 def validate(cfg: DictConfig) -> None:
     """Checks what the schema's types cannot; raises ConfigError naming the key."""
-    check_target_keys(cfg.dataset, "dataset")
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if k != "paper" and not k.startswith("paper."))
+    if missing:
+        hint = " (e.g. dataset.root=/data/ISIC2018: the folder holding the dataset)" if "dataset.root" in missing else ""
+        raise ConfigError(f"{', '.join(missing)} must be set{hint}")
+    check_counts(cfg)
+    from data.synthetic import check_synthetic, split_synthetic
+
+    reader, synthetic = split_synthetic(OmegaConf.to_container(cfg.dataset, resolve=True))
+    check_target_keys(OmegaConf.create(reader), "dataset")
+    if synthetic is not None:
+        try:
+            check_synthetic(synthetic)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     try:  # constructors only check their values (files are read in setup): cheap, and fails early
-        instantiate(cfg.dataset, _convert_="all")  # as data.build_data does
+        instantiate(reader, _convert_="all")  # as data.build_data does
     except Exception as err:  # Hydra wraps the constructor's ValueError in an InstantiationException
         cause = err.__cause__ or err
-        raise ConfigError(f"dataset ({cfg.dataset._target_}): {cause}") from err
+        raise ConfigError(f"dataset ({reader['_target_']}): {cause}") from err
     from models import model_kwargs_check  # also knows each smp architecture's own keys
 
     try:
@@ -255,3 +313,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"stages={stages} is out of order: expected a subsequence of {order}")
     if not (cfg.device == "auto" or cfg.device == "cpu" or str(cfg.device).startswith("cuda")):
         raise ConfigError(f"device={cfg.device!r}: expected auto, cpu, cuda or cuda:N")
+    from pipeline.state import pick_device
+
+    try:
+        pick_device(str(cfg.device))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err

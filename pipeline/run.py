@@ -1,7 +1,9 @@
 """Entry point: `python -m pipeline.run [overrides]` or `medprune [overrides]`.
 
-Validates the configuration, opens one MLflow run, reads and checks the data (before any work), then
-runs the configured stages in order, saving the state after each, and prints the results table.
+Validates the configuration, reads and checks the data and any `baseline=` before anything is
+opened or trained (a job that cannot start exits with one line and status 2, and leaves no MLflow
+run), then opens one MLflow run and runs the configured stages in order, saving the state after each,
+and prints the results table. Rerunning the command of a killed job continues it (pipeline/journal.py).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
+from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import hydra  # noqa: E402
@@ -19,12 +22,16 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import models  # noqa: E402,F401  (torchvision compatibility before anything imports torchvision)
+from data import DatasetError  # noqa: E402
+from models import ModelConfigError  # noqa: E402
+from models.io import ModelFileError  # noqa: E402
 from pipeline import baseline as baselines  # noqa: E402
 from pipeline import paths  # noqa: E402,F401  (config resolvers)
 from pipeline.config import ConfigError, register_schema, validate  # noqa: E402
+from pipeline.journal import Journal, job_key  # noqa: E402
 from pipeline.report import results_table  # noqa: E402
 from pipeline.state import Context, RunState, pick_device, seed_everything  # noqa: E402
-from pipeline.tracking import flatten, resolve_uri, start_run  # noqa: E402
+from pipeline.tracking import Terminated, flatten, resolve_uri, start_run, terminate_on_sigterm  # noqa: E402
 
 log = logging.getLogger("medprune")
 register_schema()
@@ -55,50 +62,76 @@ def execute(cfg: DictConfig) -> dict[str, float]:
     device = pick_device(cfg.device)
     uri = resolve_uri(cfg.tracking.uri, outputs)
     name = cfg.tracking.run_name or run_name(cfg, choices)
+
+    # Everything that can be checked is checked before a run is opened or anything trained.
+    data = build_data(cfg.dataset, cfg.seed)  # reads and checks every file
+    if "prune" in stages:
+        preflight_prune(cfg, data)
+    state = baselines.resolve(cfg.baseline, uri, run_dir / "baseline_download") if cfg.baseline else RunState()
+    if state.baseline is None and "train" not in stages and any(s in stages for s in NEEDS_BASELINE):
+        key = baselines.baseline_key(cfg, data)
+        meta = baselines.cached(outputs, key)
+        if meta is None:
+            raise ConfigError(
+                f"stages={stages} needs a trained baseline, and none is cached for this dataset/model/train/seed "
+                f"(key {key}): add train to stages or set baseline=<MLflow run id or path>"
+            )
+        state = RunState(baseline=str(baselines.cache_dir(outputs, key)), baseline_key=key, baseline_run_id=meta["run_id"])
+
+    journal = Journal(outputs, job_key(cfg)) if cfg.resume else None
+    interrupted = journal.interrupted() if journal is not None and journal.claim() else None
+    if interrupted:
+        run_dir = Path(interrupted["run_dir"])
+        state = RunState.load(run_dir)
+        log.info("Resuming the interrupted job of MLflow run %s in %s (stages done: %s)",
+                 interrupted["run_id"], run_dir, ", ".join(state.done) or "none")
     tags = {"medprune.run_dir": str(run_dir), "medprune.stages": ",".join(stages), "medprune.device": str(device)}
     tags.update({f"medprune.choice.{k}": v for k, v in choices.items()})
+    finished = False
+    try:
+        with start_run(uri, cfg.tracking.experiment, name, tags, resume_run_id=interrupted and interrupted["run_id"]) as tracker:
+            if journal is not None:
+                journal.record(tracker.run_id, run_dir)
+            if not interrupted:
+                resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+                tracker.log_params({**flatten(resolved), **{f"choice.{k}": v for k, v in choices.items()}})
+                (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+                tracker.log_artifact(run_dir / "config.yaml")
+                (run_dir / "splits.json").write_text(json.dumps(data.split_ids(), indent=1))
+                tracker.log_artifact(run_dir / "splits.json", "data")
+                tracker.log_metrics({f"data/{k}": v for k, v in data.stats().items()})
+            log.info("MLflow run %s (%s) in %s", tracker.run_id, name, uri)
 
-    with start_run(uri, cfg.tracking.experiment, name, tags) as tracker:
-        resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-        tracker.log_params({**flatten(resolved), **{f"choice.{k}": v for k, v in choices.items()}})
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-        tracker.log_artifact(run_dir / "config.yaml")
-        log.info("MLflow run %s (%s) in %s", tracker.run_id, name, uri)
-
-        data = build_data(cfg.dataset, cfg.seed)  # reads and checks every file before any work
-        (run_dir / "splits.json").write_text(json.dumps(data.split_ids(), indent=1))
-        tracker.log_artifact(run_dir / "splits.json", "data")
-        tracker.log_metrics({f"data/{k}": v for k, v in data.stats().items()})
-
-        if "prune" in stages:
-            preflight_prune(cfg, data)
-        ctx = Context(cfg=cfg, run_dir=run_dir, outputs=outputs, device=device, data=data, tracker=tracker)
-        state = baselines.resolve(cfg.baseline, ctx) if cfg.baseline else RunState()
-        if state.baseline is None and "train" not in stages and any(s in stages for s in NEEDS_BASELINE):
-            key = baselines.baseline_key(cfg)
-            meta = baselines.cached(outputs, key)
-            if meta is None:
-                raise ConfigError(
-                    f"stages={stages} needs a trained baseline, and none is cached for this dataset/model/train/seed "
-                    f"(key {key}): add train to stages or set baseline=<MLflow run id or path>"
-                )
-            state = RunState(baseline=str(baselines.cache_dir(outputs, key)), baseline_key=key, baseline_run_id=meta["run_id"])
-        if state.baseline_run_id:
-            tracker.set_tags({"medprune.baseline_run_id": state.baseline_run_id, "medprune.baseline_key": state.baseline_key or ""})
-        state.save(run_dir)
-
-        for stage in stages:
-            log.info("== stage %s ==", stage)
-            state = STAGES[stage](ctx, state)
+            ctx = Context(cfg=cfg, run_dir=run_dir, outputs=outputs, device=device, data=data, tracker=tracker)
+            if state.baseline_run_id:
+                tracker.set_tags({"medprune.baseline_run_id": state.baseline_run_id, "medprune.baseline_key": state.baseline_key or ""})
             state.save(run_dir)
 
-        tracker.log_artifact(run_dir / "state.json")
-        results = _rows(state.metrics)
-        if results:
-            table = results_table(results)
-            print("\n" + table + "\n")
-        print(f"MLflow run {tracker.run_id} ('{name}') in experiment '{cfg.tracking.experiment}' at {uri}")
-        print(f"Run folder: {run_dir}   UI: make ui  (http://127.0.0.1:5000)")
+            for stage in stages:
+                if stage in state.done:
+                    log.info("== stage %s: done before the interruption ==", stage)
+                    continue
+                log.info("== stage %s ==", stage)
+                state = STAGES[stage](ctx, state)
+                state = replace(state, done=[*state.done, stage])
+                state.save(run_dir)
+
+            tracker.log_artifact(run_dir / "state.json")
+            results = _rows(state.metrics)
+            if results:
+                table = results_table(results)
+                print("\n" + table + "\n")
+            print(f"MLflow run {tracker.run_id} ('{name}') in experiment '{cfg.tracking.experiment}' at {uri}")
+            print(f"Run folder: {run_dir}   UI: make ui  (http://127.0.0.1:5000)")
+        finished = True
+    except (Terminated, KeyboardInterrupt):
+        raise  # the journal entry stays: the same command resumes
+    except BaseException:
+        finished = True  # an error, not a kill: rerunning starts afresh
+        raise
+    finally:
+        if journal is not None:
+            journal.close(finished)
     return state.metrics
 
 
@@ -126,13 +159,45 @@ def _rows(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
     return rows
 
 
+# Errors a user can fix, each reported as one line (exit status 2) instead of a traceback.
+USER_ERRORS = {
+    ConfigError: "configuration error",
+    ModelConfigError: "configuration error",
+    DatasetError: "data error",
+    baselines.BaselineError: "baseline error",
+    ModelFileError: "model file error",
+}
+
+
+def one_line(err: BaseException) -> str:
+    """The first line of an error; a longer message (a list of bad files) is written to the run folder."""
+    lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    if len(lines) == 1:
+        return lines[0]
+    first = lines[0].rstrip(":") + ": " + lines[1].strip().lstrip("- ")
+    try:
+        path = Path(HydraConfig.get().runtime.output_dir) / "error.txt"
+        path.write_text(str(err) + "\n")
+        return first + (f" (and {len(lines) - 2} more line(s) in {path})" if len(lines) > 2 else "")
+    except Exception:  # no run folder: say it all
+        return " ".join(line.strip() for line in lines)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
-        metrics = execute(cfg)
-    except ConfigError as err:  # a clear one-line message, not a traceback
-        print(f"medprune: configuration error: {err}", file=sys.stderr)
+        with terminate_on_sigterm():
+            metrics = execute(cfg)
+    except tuple(USER_ERRORS) as err:
+        kind = next(label for cls, label in USER_ERRORS.items() if isinstance(err, cls))
+        print(f"medprune: {kind}: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
+    except Terminated as stop:
+        print(f"medprune: terminated by signal {stop.signum}; rerun the same command to resume", file=sys.stderr)
+        sys.exit(stop.code)
+    except KeyboardInterrupt:
+        print("medprune: interrupted; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
     return metrics.get("final/dice")  # the value an Optuna sweeper would optimise
 
 
