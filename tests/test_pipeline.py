@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REAL_ISIC = ROOT.parent / "shared" / "realdata" / "isic2018_subset"
 
 TINY = [
-    "dataset.count=24",
+    "dataset.synthetic.count=24",
     "dataset.image_size=32",
     "model.width=4",
     "model.depth=2",
@@ -130,17 +130,19 @@ def test_concurrent_jobs_with_one_key_train_it_once(outputs):
     assert sorted(r.data.tags["medprune.baseline_reused"] for r in seed2) == ["false", "true"]
 
 
-def test_bad_data_fails_before_training_and_the_run_is_marked_failed(outputs, tmp_path):
+def test_bad_data_fails_before_training_and_no_run_is_opened(outputs, tmp_path):
     from data.synthetic import write_synthetic_isic
 
     root = tmp_path / "isic"
     write_synthetic_isic(root, count=8, seed=0)
     victim = sorted((root / "ISIC2018_Task1-2_Training_Input").glob("ISIC_*.jpg"))[3]
     victim.write_bytes(victim.read_bytes()[:200])  # truncated JPEG
+    before = len(runs(outputs))
     out = run(outputs, "dataset=isic2018", f"dataset.root={root}", "dataset.image_size=32", "model.width=4", ok=False)
-    assert victim.name in out
-    assert "train 1/" not in out  # nothing was trained
-    assert latest_run(outputs).info.status == "FAILED"
+    (line,) = [line for line in out.splitlines() if line.startswith("medprune: data error:")]
+    assert str(victim) in line
+    assert "train 1/" not in out and "Traceback" not in out  # nothing was trained
+    assert len(runs(outputs)) == before
 
 
 def test_a_bad_config_fails_at_start_up_naming_the_key(outputs):

@@ -52,7 +52,7 @@ def splits_of(client: MlflowClient, run) -> dict:
 
 
 def test_synthetic_covid_ct_runs_and_the_second_run_hits_the_slice_cache(outputs):
-    out = run(outputs, "dataset=synthetic_covid_ct", "dataset.count=6", *TINY)
+    out = run(outputs, "dataset=synthetic_covid_ct", "dataset.synthetic.count=6", *TINY)
     client, r = latest_run(outputs)
     assert r.info.status == "FINISHED"
     assert "building slice cache" in out
@@ -63,7 +63,7 @@ def test_synthetic_covid_ct_runs_and_the_second_run_hits_the_slice_cache(outputs
     splits = splits_of(client, r)
     assert sorted(sum(splits.values(), [])) and not set(splits["train"]) & set(splits["test"])
 
-    out = run(outputs, "dataset=synthetic_covid_ct", "dataset.count=6", *TINY, "prune.ratio=0.25")
+    out = run(outputs, "dataset=synthetic_covid_ct", "dataset.synthetic.count=6", *TINY, "prune.ratio=0.25")
     assert "slice cache hit" in out and "building slice cache" not in out
     client, again = latest_run(outputs)
     assert again.info.status == "FINISHED" and again.data.metrics["data/cache_hit"] == 1

@@ -22,7 +22,7 @@ COMMON = [
     "evaluate.latency_runs=2", "evaluate.mask_examples=0",
 ]
 TINY_UNET = ["model.width=4", "model.depth=2"]
-ISIC = ["dataset=synthetic_isic", "dataset.count=24", "dataset.image_size=32"]
+ISIC = ["dataset=synthetic_isic", "dataset.synthetic.count=24", "dataset.image_size=32"]
 PRESETS = {
     "lwunet_isic": ISIC + TINY_UNET,
     "lwunet_table2": ISIC + TINY_UNET,

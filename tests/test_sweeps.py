@@ -16,7 +16,7 @@ from pipeline.tracking import start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "dataset.count=24", "dataset.image_size=32", "model.width=4", "model.depth=2", "train.epochs=1",
+    "dataset.synthetic.count=24", "dataset.image_size=32", "model.width=4", "model.depth=2", "train.epochs=1",
     "train.batch_size=4", "finetune.epochs=1", "evaluate.latency_warmup=1", "evaluate.latency_runs=3",
     "evaluate.mask_examples=0",
 ]

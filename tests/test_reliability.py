@@ -1,0 +1,297 @@
+"""Runs that can be trusted: safe loading, verified artifacts, resume after a kill, clear errors.
+
+Each test reproduces one defect found by trying the pipeline as a new user and as an attacker would
+(docs/RELIABILITY.md lists what is guaranteed and which test shows it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from models import build_model
+from models.io import ModelFileError, load_model, save_model
+from helpers import TINY as HELPER_TINY
+from pipeline import tracking
+
+ROOT = Path(__file__).resolve().parents[1]
+UNET = {"_target_": "models.unet.UNet", "width": 4, "depth": 2}
+TINY = [*HELPER_TINY, "evaluate.onnx=false", "evaluate.mask_examples=0"]
+
+
+def launch(outputs: Path, *overrides: str) -> subprocess.Popen:
+    env = {**os.environ, "MEDPRUNE_OUTPUTS": str(outputs), "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen([sys.executable, "-m", "pipeline.run", *overrides], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run(outputs: Path, *overrides: str, rc: int = 0) -> tuple[str, str]:
+    proc = launch(outputs, *overrides)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == rc, (out[-3000:], err[-3000:])
+    return out, err
+
+
+def all_runs(outputs: Path):
+    db = outputs / "mlflow.db"
+    if not db.exists():
+        return []
+    client = MlflowClient(f"sqlite:///{db}")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("medprune:")]
+
+
+# -- 1. a model folder is data ---------------------------------------------------------------------
+
+
+def _model_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "model"
+    save_model(build_model(UNET, 3, 1), UNET, 3, 1, folder)
+    return folder
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("model_cfg", [
+    {"_target_": "argparse.Namespace", "x": {"_target_": "pathlib.Path.touch", "_args_": ["SENTINEL"]}},
+    {"_target_": "models.unet.UNet", "width": {"_target_": "pathlib.Path.touch", "_args_": ["SENTINEL"]}, "depth": 2},
+    {"_target_": "models.unet.UNet", "_args_": ["SENTINEL"], "width": 4, "depth": 2},
+    {"_target_": "pathlib.Path.touch", "self": "SENTINEL"},
+    {"_target_": "models.io.save_model", "directory": "SENTINEL"},
+], ids=["unregistered-target", "nested-target", "args", "stdlib-callable", "project-function-not-a-builder"])
+def test_model_json_cannot_run_code(tmp_path, model_cfg):
+    folder = _model_dir(tmp_path)
+    sentinel = tmp_path / "pwned"
+    meta = json.loads((folder / "model.json").read_text())
+    meta["model"] = json.loads(json.dumps(model_cfg).replace("SENTINEL", str(sentinel)))
+    (folder / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelFileError) as err:
+        load_model(folder)
+    assert str(folder / "model.json") in str(err.value)
+    assert not sentinel.exists()
+
+
+# -- 2. every weights file is verified -------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_a_damaged_cached_baseline_is_moved_aside(tmp_path, caplog):
+    from pipeline import baseline as baselines
+
+    folder = baselines.cache_dir(tmp_path, "k1")
+    save_model(build_model(UNET, 3, 1), UNET, 3, 1, folder)
+    (folder / baselines.BASELINE_META).write_text(json.dumps({"key": "k1", "run_id": "r", "best_val_dice": 0.9}))
+    assert baselines.cached(tmp_path, "k1")["run_id"] == "r"
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 1000] = bytes(1000)  # same size, middle overwritten
+    weights.write_bytes(bytes(data))
+    with caplog.at_level("WARNING"):
+        assert baselines.cached(tmp_path, "k1") is None
+    assert not folder.exists()
+    aside = list(folder.parent.glob("k1.corrupt-*"))
+    assert len(aside) == 1 and "damaged" in caplog.text and str(aside[0]) in caplog.text
+
+
+@pytest.mark.integration
+def test_a_corrupted_cache_is_retrained_and_a_corrupted_baseline_folder_is_an_error(tmp_path):
+    outputs = tmp_path / "out"
+    run(outputs, *TINY)
+    (cached,) = [p for p in (outputs / "baselines").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    weights = cached / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 2000] = bytes(2000)
+    weights.write_bytes(bytes(data))
+    out, err = run(outputs, *TINY)
+    assert "is damaged" in out + err and "Training baseline" in out + err
+    assert list((outputs / "baselines").glob(f"{cached.name}.corrupt-*"))
+    latest = max(all_runs(outputs), key=lambda r: r.info.start_time)
+    assert latest.info.status == "FINISHED" and latest.data.tags["medprune.baseline_reused"] == "false"
+
+    # the same damage in a folder given by baseline=: an error naming the file, before a run is opened
+    weights.write_bytes(weights.read_bytes()[:5000])  # truncated this time
+    before = len(all_runs(outputs))
+    _, err = run(outputs, *TINY, "stages=[prune,finetune,evaluate]", f"baseline={cached}", rc=2)
+    assert error_lines(err) == [line for line in err.splitlines() if str(weights) in line]
+    assert len(error_lines(err)) == 1 and "Traceback" not in err
+    assert len(all_runs(outputs)) == before
+
+
+# -- 3. a killed run is not left RUNNING -----------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_runs_of_a_dead_process_are_ended_killed(tmp_path, caplog):
+    uri = tracking.default_uri(tmp_path)
+    client = tracking.client_for(uri)
+    experiment = tracking.get_or_create_experiment(client, "e", uri)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    gone = client.create_run(experiment, tags={**tracking.owner_tags(), "medprune.pid": str(dead.pid)}).info.run_id
+    alive = client.create_run(experiment, tags=tracking.owner_tags()).info.run_id  # this very process
+    elsewhere = client.create_run(experiment, tags={**tracking.owner_tags(), "medprune.host": "another-host",
+                                                    "medprune.pid": str(dead.pid)}).info.run_id
+    with caplog.at_level("WARNING"):
+        assert tracking.end_dead_runs(client) == [gone]
+    assert client.get_run(gone).info.status == "KILLED" and client.get_run(gone).info.end_time
+    assert gone in caplog.text
+    assert client.get_run(alive).info.status == "RUNNING"
+    assert client.get_run(elsewhere).info.status == "RUNNING"  # another host's processes are not ours to judge
+
+
+@pytest.mark.unit
+def test_sigterm_during_an_mlflow_write_waits_for_the_write(tmp_path):
+    calls = []
+
+    def write():
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of the write
+        calls.append("written")
+
+    with pytest.raises(tracking.Terminated):
+        with tracking.terminate_on_sigterm():
+            tracking._retry(write)
+    assert calls == ["written"]
+
+
+# -- 6. errors a user can fix are one line, exit 2, and no run ------------------------------------
+
+
+@pytest.mark.integration
+def test_errors_are_one_line_before_any_run(tmp_path):
+    outputs = tmp_path / "out"
+    loop = tmp_path / "loop"
+    from data.synthetic import write_synthetic_isic
+
+    write_synthetic_isic(loop, count=6, seed=0, min_side=40, max_side=50)
+    image = sorted((loop / "ISIC2018_Task1-2_Training_Input").glob("ISIC_*.jpg"))[0]
+    image.unlink()
+    os.symlink(image, image)
+    cases = {
+        "dataset.root": ["dataset=isic2018"],
+        "device=cuda": ["device=cuda"] if not torch.cuda.is_available() else ["device=cuda:99"],
+        str(image): ["dataset=isic2018", f"dataset.root={loop}"],
+        "baseline=": [f"baseline={tmp_path}"],
+        "evaluate.batch_size": ["evaluate.batch_size=0"],
+    }
+    for needle, overrides in cases.items():
+        out, err = run(outputs, "debug=tiny", *overrides, rc=2)
+        lines = error_lines(err)
+        assert len(lines) == 1 and needle in lines[0], (needle, err[-2000:])
+        assert "Traceback" not in err and "train 1/" not in out + err
+    assert all_runs(outputs) == []
+
+
+@pytest.mark.integration
+def test_sigterm_is_one_line_and_the_run_killed(tmp_path):
+    outputs = tmp_path / "out"
+    proc = launch(outputs, *TINY, "train.epochs=500")
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((outputs / "baselines").glob(".*.checkpoint/checkpoint.json")):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert error_lines(err) == ["medprune: terminated by signal 15; rerun the same command to resume"]
+    assert "Traceback" not in err and "database is locked" not in err
+    (r,) = all_runs(outputs)
+    assert r.info.status == "KILLED" and r.info.end_time
+
+
+# -- 7. the baseline key is the data's content and the training settings ---------------------------
+
+
+@pytest.mark.unit
+def test_baseline_key_follows_content_not_paths_or_serving_keys(tmp_path):
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import pipeline.run  # noqa: F401
+    from data import build_data
+    from data.synthetic import write_synthetic_isic
+    from pipeline.baseline import baseline_key
+    from pipeline.paths import CONF_DIR
+
+    write_synthetic_isic(tmp_path / "a", count=8, seed=0, min_side=40, max_side=50)
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+
+    def key(root, *overrides):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=["dataset=isic2018", f"dataset.root={root}", "dataset.image_size=16", *overrides])
+        OmegaConf.resolve(cfg)
+        return baseline_key(cfg, build_data(cfg.dataset, cfg.seed))
+
+    first = key(tmp_path / "a")
+    assert key(tmp_path / "copy") == first  # moved or copied data: same key
+    assert key(tmp_path / "a", "paths.outputs=/elsewhere") == first
+    assert key(tmp_path / "a", "dataset.workers=1", "train.num_workers=3", "train.checkpoint_every=5") == first
+    assert key(tmp_path / "a", "train.lr=0.01") != first
+    assert key(tmp_path / "a", "seed=1") != first
+    victim = sorted((tmp_path / "copy" / "ISIC2018_Task1-2_Training_Input").glob("*.jpg"))[0]
+    from PIL import Image
+
+    Image.open(victim).rotate(90).save(victim, quality=70)  # another image, another size
+    assert key(tmp_path / "copy") != first
+
+
+# -- resume after SIGKILL --------------------------------------------------------------------------
+
+
+def _weights(outputs: Path, pattern: str) -> dict[str, torch.Tensor]:
+    (path,) = [p for p in outputs.glob(pattern) if ".corrupt" not in str(p)]
+    return load_file(str(path))
+
+
+@pytest.mark.integration
+def test_a_job_killed_in_training_and_in_fine_tuning_resumes_to_the_same_weights(tmp_path):
+    args = [*TINY, "train.epochs=8", "finetune.epochs=6"]
+    reference = tmp_path / "reference"
+    run(reference, *args)
+
+    outputs = tmp_path / "killed"
+
+    def kill_when(pattern: str, epoch: int) -> None:
+        proc = launch(outputs, *args)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            for meta in outputs.glob(pattern):
+                try:
+                    if json.loads(meta.read_text())["epoch"] >= epoch:
+                        proc.send_signal(signal.SIGKILL)
+                except (OSError, ValueError):
+                    pass
+            time.sleep(0.02)
+        proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, "the job ended before it could be killed"
+
+    kill_when("baselines/.*.checkpoint/checkpoint.json", 3)  # in training
+    (interrupted,) = all_runs(outputs)
+    kill_when("runs/*/*/final/checkpoint/checkpoint.json", 2)  # rerun: resumes, then killed in fine-tuning
+    out, err = run(outputs, *args)
+    log = out + err
+    assert "Resuming the interrupted job" in log and "finetune: resuming after epoch" in log
+    assert f"marked KILLED" in log
+
+    # one MLflow run, continued, FINISHED; the same weights as the run that was never interrupted
+    (r,) = all_runs(outputs)
+    assert r.info.run_id == interrupted.info.run_id and r.info.status == "FINISHED"
+    assert int(r.data.tags["medprune.resumed"]) == 2
+    for pattern in ("baselines/*/model.safetensors", "runs/*/*/final/model/model.safetensors"):
+        ours, theirs = _weights(outputs, pattern), _weights(reference, pattern)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), pattern
+    ref = all_runs(reference)[0]
+    assert r.data.metrics["final/dice"] == ref.data.metrics["final/dice"]
+    assert not list(outputs.glob("jobs/*.json")) and not list(outputs.glob("baselines/.*.checkpoint"))
