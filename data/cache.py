@@ -2,9 +2,9 @@
 
 One folder per (dataset kind, preprocessing settings, input files with sizes and mtimes), named
 `<kind>-<hash>` under `cache_dir`. A folder appears complete or not at all: it is built in a temporary
-folder beside it and renamed into place (`os.replace`), under an `fcntl` lock on `.<kind>-<hash>.lock`,
-so parallel jobs that need the same cache build it once (the others wait, then reuse it), and a job
-killed half-way leaves only a temporary folder that the next builder removes.
+folder beside it and renamed into place (`data.files.atomic_folder`), under a file lock on
+`.<kind>-<hash>.lock`, so parallel jobs that need the same cache build it once (the others wait, then
+reuse it), and a job killed half-way leaves only a temporary folder that the next builder removes.
 
 Inside a folder:
 - `images.bin`: raw [N, H, W, C] array (float16 or uint8), rows grouped by case in ascending slice order
@@ -19,7 +19,6 @@ raw files, so memory stays bounded by a few volumes whatever the dataset size.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -29,14 +28,11 @@ import tempfile
 import time
 import weakref
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-try:  # POSIX; elsewhere the temp-folder-and-rename still keeps a half-built cache out of sight
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None
+from data.files import atomic_folder, atomic_write, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -60,20 +56,6 @@ def file_signature(paths: Sequence[Path], root: Path) -> list[list]:
 def cache_key(payload: dict) -> str:
     blob = json.dumps({"format": CACHE_FORMAT, **payload}, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class SliceWriter:
@@ -162,27 +144,17 @@ class SliceCache:
         if (self.folder / "meta.json").is_file():
             log.info("slice cache hit %s: %s", label or self.kind, self.folder)
             return True
-        with _lock(self.cache_dir / f".{self.name}.lock"):
+        with file_lock(self.cache_dir / f".{self.name}.lock"):
             if (self.folder / "meta.json").is_file():  # built by a parallel job while we waited
                 log.info("slice cache hit %s: %s (built by a parallel job)", label or self.kind, self.folder)
                 return True
-            for stale in self.cache_dir.glob(f".{self.name}.tmp-*"):
-                shutil.rmtree(stale, ignore_errors=True)  # a killed builder's; the lock says nobody writes it
-            if self.folder.exists():  # no meta.json: not one of ours, or damaged by hand
-                shutil.rmtree(self.folder)
             log.info("building slice cache %s in %s", label or self.kind, self.folder)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{self.name}.tmp-", dir=self.cache_dir))
-            os.chmod(tmp, 0o755)
             start = time.perf_counter()
-            try:
+            with atomic_folder(self.folder) as tmp:  # a folder without meta.json (damaged by hand) is replaced
                 meta = build(tmp)
                 meta = {"format": CACHE_FORMAT, "kind": self.kind, "key": self.key, "build_seconds": time.perf_counter() - start, **meta}
-                (tmp / "key.json").write_text(json.dumps(self.payload, indent=1, sort_keys=True, default=str) + "\n")
-                (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
-                os.replace(tmp, self.folder)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+                atomic_write(tmp / "key.json", json.dumps(self.payload, indent=1, sort_keys=True, default=str) + "\n")
+                atomic_write(tmp / "meta.json", json.dumps(meta, indent=1, default=str) + "\n")
             log.info("built slice cache %s in %.1fs", label or self.kind, meta["build_seconds"])
             return False
 
