@@ -70,7 +70,6 @@ REGION_ALIASES = {
 }
 ALL_REGIONS = ("whole_tumor", "tumor_core", "enhancing_tumor", "edema", "necrosis", "non_enhancing_tumor")
 # BraTS 2023 "BraTS-GLI-00001-000": patient 00001, time point 000; BraTS 2015 "brats_tcia_pat123_1".
-DEFAULT_PATIENT_REGEX = r"^(BraTS-[A-Za-z]+-\d+)-\d+$|^(brats_\w+?_pat\d+)_\d+$"
 
 
 def resolve_scheme(label_scheme) -> str:
@@ -162,28 +161,16 @@ class BraTS(VolumeSliceData):
 
     def __init__(
         self,
-        root: str,
-        modalities: Sequence[str] = ("flair", "t1", "t1ce", "t2"),
-        label_scheme: str = "brats2021",
-        region: Union[str, Sequence[str]] = "whole_tumor",
-        image_size: int = 128,
-        already_normalized: bool = False,
-        cache_dir: Optional[str] = None,
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.15,
-        split_seed: int = 0,
-        on_missing: str = "error",
-        empty_slice_fraction: float = 0.2,
-        eval_empty_slice_fraction: float = 1.0,
-        patient_regex: Optional[str] = DEFAULT_PATIENT_REGEX,
-        rotate_limit: float = 15.0,
-        hflip_p: float = 0.5,
-        workers: int = 2,
+        *,
+        modalities: Sequence[str],
+        label_scheme: str,
+        region: Union[str, Sequence[str]],
+        already_normalized: bool,
+        **volume,
     ):
-        super().__init__(
-            root, image_size, cache_dir, val_fraction, test_fraction, split_seed, on_missing,
-            empty_slice_fraction, eval_empty_slice_fraction, patient_regex, rotate_limit, hflip_p, workers,
-        )
+        """BraTS's own keys; `volume` holds the keys every volumetric dataset takes (VolumeSliceData). Keys
+        and defaults: conf/dataset/brats.yaml."""
+        super().__init__(**volume)
         self.modalities = resolve_modalities(modalities)
         self.label_scheme = resolve_scheme(label_scheme)
         self.regions = resolve_regions(region, self.label_scheme)

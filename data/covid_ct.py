@@ -53,7 +53,6 @@ TARGETS = {"infection": (2, 3), "lungs": (1, 3)}  # stored label = lung bit (1) 
 INTENSITY = ("auto", "hu", "windowed")
 CROPS = ("slice", "volume", "none")
 # radiopaedia_org_covid-19-pneumonia-10_85902_1-dcm and ..._85902_3-dcm are two series of patient 10.
-DEFAULT_PATIENT_REGEX = r"^(radiopaedia_org_covid-19-pneumonia-\d+)_|^(radiopaedia_\d+)_\d+_\d+$"
 
 
 def resolve_listed(folder: Path, listed: str) -> tuple[Optional[Path], bool]:
@@ -117,34 +116,22 @@ class CovidCT(VolumeSliceData):
 
     def __init__(
         self,
-        root: str,
-        target: str = "infection",
-        image_size: int = 224,
-        intensity: str = "auto",
-        hu_window: Sequence[float] = (-1250.0, 250.0),
-        clahe_clip: float = 2.0,
-        clahe_grid: int = 8,
-        crop: str = "slice",
-        offline_flips: bool = False,
-        mean: Sequence[float] = (0.5,),
-        std: Sequence[float] = (0.25,),
-        cache_dir: Optional[str] = None,
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.15,
-        split_seed: int = 0,
-        on_missing: str = "error",
-        empty_slice_fraction: float = 1.0,
-        eval_empty_slice_fraction: float = 1.0,
-        patient_regex: Optional[str] = DEFAULT_PATIENT_REGEX,
-        rotate_limit: float = 15.0,
-        hflip_p: float = 0.5,
-        vflip_p: float = 0.0,
-        workers: int = 2,
+        *,
+        target: str,
+        intensity: str,
+        hu_window: Sequence[float],
+        clahe_clip: float,
+        clahe_grid: int,
+        crop: str,
+        offline_flips: bool,
+        mean: Sequence[float],
+        std: Sequence[float],
+        vflip_p: float,
+        **volume,
     ):
-        super().__init__(
-            root, image_size, cache_dir, val_fraction, test_fraction, split_seed, on_missing,
-            empty_slice_fraction, eval_empty_slice_fraction, patient_regex, rotate_limit, hflip_p, workers,
-        )
+        """The CT reader's own keys; `volume` holds the keys every volumetric dataset takes (VolumeSliceData).
+        Keys and defaults: conf/dataset/covid_ct.yaml."""
+        super().__init__(**volume)
         self.target = check_choice(target, "target", tuple(TARGETS))
         self.intensity = check_choice(intensity, "intensity", INTENSITY)
         window = check_floats(hu_window, "hu_window", 2)

@@ -7,6 +7,7 @@ SIGKILL, so a killed job never leaves a lock behind.
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import os
 import shutil
@@ -18,7 +19,7 @@ from typing import Iterator, Union
 
 from filelock import FileLock, Timeout
 
-__all__ = ["sha256_file", "atomic_write", "atomic_folder", "file_lock", "try_lock", "move_aside", "Timeout"]
+__all__ = ["sha256_file", "atomic_write", "atomic_folder", "file_lock", "try_lock", "move_aside", "write_csv", "read_csv", "Timeout"]
 
 
 def sha256_file(path: Union[str, Path], chunk: int = 1 << 20) -> str:
@@ -103,3 +104,19 @@ def try_lock(path: Union[str, Path]) -> FileLock | None:
     except Timeout:
         return None
     return lock
+
+
+def write_csv(rows: list[dict], path: Union[str, Path]) -> Path:
+    """Rows of one shape (the first row's keys are the header), written atomically."""
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write(path, buffer.getvalue())
+
+
+def read_csv(path: Union[str, Path]) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))

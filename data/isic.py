@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from data.base import ArrayDataset, DatasetError, SegmentationData, binary_mask, check_foreground, check_mask_threshold
 from data.splits import carve, check_disjoint, check_fraction
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
+from data.transforms import build_transform
 
 log = logging.getLogger(__name__)
 
@@ -146,19 +146,21 @@ class ISIC2018(SegmentationData):
 
     def __init__(
         self,
+        *,
         root: str,
-        image_size: int = 256,
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.15,
-        limit: Optional[int] = None,
-        rotate_limit: float = 15.0,
-        hflip_p: float = 0.5,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-        workers: int = 2,
-        split_seed: int = 0,
-        mask_threshold: Optional[int] = None,
+        image_size: int,
+        val_fraction: float,
+        test_fraction: float,
+        limit: Optional[int],
+        rotate_limit: float,
+        hflip_p: float,
+        mean: Sequence[float],
+        std: Sequence[float],
+        workers: int,
+        split_seed: int,
+        mask_threshold: Optional[int],
     ):
+        """Keys and defaults: conf/dataset/isic2018.yaml (the one place they are written)."""
         super().__init__()
         if root is None or str(root).strip() == "":
             raise ValueError("root is not set: expected the folder holding ISIC2018_Task1-2_Training_Input")

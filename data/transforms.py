@@ -25,8 +25,6 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class PairTransform:
@@ -69,10 +67,10 @@ class PairTransform:
 
 def build_transform(
     augment: bool,
-    mean: Optional[Sequence[float]] = IMAGENET_MEAN,
-    std: Optional[Sequence[float]] = IMAGENET_STD,
-    rotate_limit: float = 15.0,
-    hflip_p: float = 0.5,
+    mean: Optional[Sequence[float]],
+    std: Optional[Sequence[float]],
+    rotate_limit: float,
+    hflip_p: float,
     vflip_p: float = 0.0,
     target: Optional[Callable[[np.ndarray], np.ndarray]] = None,
 ) -> PairTransform:

@@ -29,6 +29,8 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import cv2
 import numpy as np
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
 from tqdm import tqdm
 
 from data.base import ArrayDataset, DatasetError, SegmentationData
@@ -41,6 +43,8 @@ log = logging.getLogger(__name__)
 
 MAX_PROBLEMS_SHOWN = 20
 ON_MISSING = ("error", "skip")
+# What a damaged or unexpected file makes the readers raise (decompression, headers, shapes, values).
+FILE_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError, HeaderDataError, cv2.error)
 
 
 # -- small shared helpers ---------------------------------------------------------------------------
@@ -205,6 +209,7 @@ class VolumeSliceData(SegmentationData):
 
     def __init__(
         self,
+        *,
         root: str,
         image_size: int,
         cache_dir: Optional[str],
@@ -288,13 +293,13 @@ class VolumeSliceData(SegmentationData):
     # -- loading ------------------------------------------------------------------------------------
 
     def _process_safely(self, case: Case):
+        """The case's slices, or a VolumeProblem naming it when its files are unreadable or malformed.
+        Only errors that bad files raise become problems; a bug (TypeError, KeyError...) keeps its traceback."""
         try:
             return self._process(case)
         except VolumeProblem as problem:
             return problem
-        except MemoryError:
-            raise
-        except Exception as err:  # a reader bug or an unforeseen file: still name the case
+        except FILE_ERRORS as err:
             return VolumeProblem(f"case {case.case_id} ({', '.join(str(p) for p in case.files.values())}) failed: {type(err).__name__}: {err}")
 
     def _build(self, cases: list[Case], folder: Path) -> dict:

@@ -131,18 +131,10 @@ class AttentionUp(Up):
 class AttentionUNet(nn.Module):
     """``depth`` = number of down-samplings; level i has ``width * 2**i`` channels, F_int = half a skip's.
 
-    The defaults (width 64, depth 4) are the classic UNet plus four gates: about 31.4 M parameters.
+    Width 64, depth 4 (conf/model/attention_unet.yaml) is the classic UNet plus four gates: about 31.4 M parameters.
     """
 
-    def __init__(
-        self,
-        in_channels: int = 3,
-        num_classes: int = 1,
-        width: int = 64,
-        depth: int = 4,
-        dropout: float = 0.0,
-        batch_norm: bool = True,
-    ):
+    def __init__(self, in_channels: int, num_classes: int, *, width: int, depth: int, dropout: float, batch_norm: bool):
         super().__init__()
         if depth < 1 or width < 1:
             raise ValueError(f"AttentionUNet needs depth >= 1 and width >= 1, got depth={depth}, width={width}")

@@ -57,10 +57,11 @@ def build_smp(
     arch: str,
     in_channels: int,
     num_classes: int,
-    encoder_name: str = "resnet34",
-    encoder_weights: str | None = None,
-    encoder_depth: int = 5,
-    decoder_channels: Sequence[int] | None = None,
+    *,
+    encoder_name: str,
+    encoder_weights: str | None,
+    encoder_depth: int,
+    decoder_channels: Sequence[int] | None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build ``smp.<arch>``; extra ``kwargs`` go to the architecture's constructor.

@@ -70,10 +70,10 @@ class Up(nn.Module):
 class UNet(nn.Module):
     """``depth`` = number of down-samplings; level i has ``width * 2**i`` channels.
 
-    The defaults (width 64, depth 4) are the paper's network: about 31.04 M parameters.
+    Width 64, depth 4 (conf/model/unet.yaml) is the paper's network: about 31.04 M parameters.
     """
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 1, width: int = 64, depth: int = 4):
+    def __init__(self, in_channels: int, num_classes: int, *, width: int, depth: int):
         super().__init__()
         if depth < 1 or width < 1:
             raise ValueError(f"UNet needs depth >= 1 and width >= 1, got depth={depth}, width={width}")

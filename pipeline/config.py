@@ -7,6 +7,7 @@ by what they build (dataset, model, criterion): their keys are checked against t
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import re
@@ -38,79 +39,114 @@ class Scope(str, Enum):
     all = "all"
 
 
+# Every value of the fixed groups lives in its YAML (conf/<group>/<option>.yaml); these dataclasses only
+# type the keys (MISSING = no default here), so a default is written once. tests/test_config.py checks that
+# every option of every group sets exactly the schema's keys.
+
+
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    lr_step_size: int = 30  # StepLR: multiply the lr by lr_gamma every lr_step_size epochs
-    lr_gamma: float = 0.1
-    amp: bool = False  # CUDA mixed precision (ignored on CPU, with a warning)
-    checkpoint_every: int = 1  # save the training state every N epochs (0: never); a rerun resumes from it
-    bn_l1: float = 0.0  # network slimming: L1 penalty on BatchNorm gammas added to the loss
-    num_workers: int = 0
-    dice_weight: float = 1.0  # loss = bce_weight * BCE + dice_weight * soft Dice
-    bce_weight: float = 1.0
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING  # passed to the optimizer (conf/optimizer)
+    weight_decay: float = MISSING  # passed to the optimizer
+    amp: bool = MISSING  # CUDA mixed precision (ignored on CPU, with a warning)
+    checkpoint_every: int = MISSING  # save the training state every N epochs (0: never); a rerun resumes from it
+    bn_l1: float = MISSING  # network slimming: L1 penalty on BatchNorm gammas added to the loss
+    num_workers: int = MISSING
 
 
 @dataclass
 class FinetuneConfig(TrainConfig):
-    epochs: int = 5
+    pass
 
 
-# uniform: one ratio for every prunable layer; per_layer: ratios by layer-name glob pattern
-# (layer_ratios), `ratio` for the rest; global: one ranking across layers, at most max_layer_ratio of
-# any layer; iterative: `steps` steps to `ratio`, fine-tuning epochs_between epochs between steps;
-# budget: the ratio (uniform, or global with global_ranking) that keeps at most target_flops of the FLOPs.
-# (Functional API: a member may then be called `global`.)
-Schedule = Enum("Schedule", {n: n for n in ("uniform", "per_layer", "global", "iterative", "budget")}, type=str)
+SCHEDULES = ("uniform", "per_layer", "global", "iterative", "budget", "budget_global", "sensitivity")
 
 
 @dataclass
-class PruneConfig:
-    schedule: Schedule = Schedule.uniform
-    ratio: float = 0.5  # fraction of output channels removed (per layer; overall for global)
-    scope: Scope = Scope.all
-    round_to: Optional[int] = None  # keep channel counts a multiple of this
-    layer_ratios: Dict[str, float] = field(default_factory=dict)  # per_layer: {"encoder.4.*": 0.5, ...}
-    max_layer_ratio: float = 0.9  # global / budget with global ranking: cap per layer
-    steps: int = 1  # iterative
-    epochs_between: int = 1  # iterative: fine-tuning epochs between steps
-    target_flops: Optional[float] = None  # budget: fraction of the baseline FLOPs to keep, in (0, 1)
-    global_ranking: bool = False  # budget: search a global-ranking ratio instead of a uniform one
+class PruneBase:
+    schedule: str = MISSING  # the schedule's name (one of SCHEDULES); its option file sets it
+    scope: Scope = MISSING  # encoder | decoder | all: the layers that may lose channels
+    round_to: Optional[int] = MISSING  # keep channel counts a multiple of this (null: exact rates)
+
+
+@dataclass
+class UniformPrune(PruneBase):
+    ratio: float = MISSING  # fraction of the output channels removed from every in-scope layer
+
+
+@dataclass
+class PerLayerPrune(PruneBase):
+    layer_ratios: Dict[str, float] = MISSING  # {glob pattern over layer names: fraction removed}, first match wins
+    ratio: float = MISSING  # fraction removed from the in-scope layers no pattern matches
+
+
+@dataclass
+class GlobalPrune(PruneBase):
+    ratio: float = MISSING  # fraction of all in-scope channels removed, by one ranking across layers
+    max_layer_ratio: float = MISSING  # ... but never more than this fraction of one layer
+
+
+@dataclass
+class IterativePrune(PruneBase):
+    ratio: float = MISSING  # the final fraction removed from every in-scope layer, reached in `steps` equal steps
+    steps: int = MISSING
+    epochs_between: int = MISSING  # fine-tuning epochs (finetune settings) between steps
+
+
+@dataclass
+class BudgetPrune(PruneBase):
+    target_flops: float = MISSING  # fraction of the baseline FLOPs to keep; the uniform ratio is searched
+
+
+@dataclass
+class BudgetGlobalPrune(PruneBase):
+    target_flops: float = MISSING  # fraction of the baseline FLOPs to keep; the global ranking's ratio is searched
+    max_layer_ratio: float = MISSING
+
+
+@dataclass
+class SensitivityPrune(PruneBase):
+    """The per-layer rates the sensitivity stage derives (its settings: the `sensitivity` group)."""
+
+
+PRUNE_SCHEMAS: dict[str, type] = {
+    "uniform": UniformPrune, "per_layer": PerLayerPrune, "global": GlobalPrune, "iterative": IterativePrune,
+    "budget": BudgetPrune, "budget_global": BudgetGlobalPrune, "sensitivity": SensitivityPrune,
+}
 
 
 @dataclass
 class SensitivityConfig:
-    ratios: List[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
-    target_flops: float = 0.5  # the derived per-layer rates keep at most this fraction of FLOPs
-    max_batches: Optional[int] = None  # validation batches per measurement (None: all)
+    ratios: List[float] = MISSING  # each layer is pruned alone at each of these ratios
+    target_flops: float = MISSING  # the derived per-layer rates keep at most this fraction of FLOPs
+    max_batches: Optional[int] = MISSING  # validation batches per measurement (null: all)
 
 
 @dataclass
 class EvaluateConfig:
-    batch_size: int = 8
-    threshold: float = 0.5
-    extra_splits: List[str] = field(default_factory=list)  # e.g. [train]: also <row>/train_dice, train_iou
-    mask_examples: int = 4  # test images in the before/after mask plot (0: no plot)
+    batch_size: int = MISSING
+    threshold: float = MISSING
+    extra_splits: List[str] = MISSING  # e.g. [train]: also <row>/train_dice, train_iou
+    mask_examples: int = MISSING  # test images in the before/after mask plot (0: no plot)
     # How latency is measured (docs/PERFORMANCE.md): latency_ms is the network as deployed
-    fold_bn: bool = True  # BatchNorm folded into the convolution before it (exact in eval mode)
-    channels_last: bool = True  # NHWC memory layout
-    latency_eager: bool = True  # also latency_eager_ms (the network as trained) when the form above differs
-    onnx: bool = True  # export to ONNX (BatchNorm folded), time with ONNX Runtime: onnx_latency_ms, onnx_max_abs_diff
-    onnx_opset: int = 18
-    onnx_dynamo: bool = False  # torch.export-based exporter instead of the TorchScript one
-    latency_warmup: int = 5
-    latency_runs: int = 30
-    latency_threads: Optional[int] = None  # None: all cores (os.cpu_count()); the count used is logged
+    fold_bn: bool = MISSING  # BatchNorm folded into the convolution before it (exact in eval mode)
+    channels_last: bool = MISSING  # NHWC memory layout
+    latency_eager: bool = MISSING  # also latency_eager_ms (the network as trained) when the form above differs
+    onnx: bool = MISSING  # export to ONNX (BatchNorm folded), time with ONNX Runtime: onnx_latency_ms, onnx_max_abs_diff
+    onnx_opset: int = MISSING
+    onnx_dynamo: bool = MISSING  # torch.export-based exporter instead of the TorchScript one
+    latency_warmup: int = MISSING
+    latency_runs: int = MISSING
+    latency_threads: Optional[int] = MISSING  # null: all cores (os.cpu_count()); the count used is logged
 
 
 @dataclass
 class TrackingConfig:
-    uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else the SQLite store in outputs/
-    experiment: str = "medprune"
-    run_name: Optional[str] = None  # None: "<model>-<dataset>-<criterion>-r<ratio>"
+    uri: Optional[str] = MISSING  # null: $MLFLOW_TRACKING_URI, else the SQLite store in outputs/
+    experiment: str = MISSING
+    run_name: Optional[str] = MISSING  # null: "<model>-<dataset>-<criterion>-r<ratio>-s<seed>"
 
 
 @dataclass
@@ -120,13 +156,15 @@ class PathsConfig:
 
 @dataclass
 class PaperConfig:
-    """A published table to compare against (`python -m pipeline.report <experiment>`)."""
+    """A published table to compare against (`python -m pipeline.report <experiment>`). The block has no
+    group file of its own: a preset sets what differs from these defaults."""
 
     source: str = ""
     table: str = ""
     rows_by: str = "prune.ratio"  # the run param that tells the table's rows apart
     metric_prefix: str = "final"  # compare final/<metric> (a row may say `source: baseline`)
-    columns: Dict[str, str] = field(default_factory=dict)  # metric -> column title, in order
+    columns: Dict[str, str] = field(default_factory=lambda: {  # metric -> column title, in order
+        "dice": "Dice", "iou": "IoU", "params_m": "Params (M)", "flops_g": "FLOPs (G)", "latency_ms": "Latency (ms)"})
     scale: Dict[str, float] = field(default_factory=dict)  # ours x scale = the paper's unit (Dice 0-1 -> %)
     rows: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # row key -> {metric: paper value}
     notes: str = ""
@@ -137,25 +175,29 @@ class MedpruneConfig:
     dataset: Any = MISSING
     model: Any = MISSING
     criterion: Any = MISSING
+    optimizer: Any = MISSING  # a partial torch.optim class; lr and weight_decay come from train / finetune
+    scheduler: Any = MISSING  # a partial torch.optim.lr_scheduler class, stepped once per epoch
+    loss: Any = MISSING  # the training loss (also used by the data-driven criteria)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    prune: PruneConfig = field(default_factory=PruneConfig)
+    prune: Any = MISSING  # typed per schedule: PRUNE_SCHEMAS (each conf/prune option extends its schema)
     sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
-    stages: List[Stage] = field(
-        default_factory=lambda: [Stage.train, Stage.score, Stage.prune, Stage.finetune, Stage.evaluate]
-    )
-    baseline: Optional[str] = None  # an MLflow run id, a run folder or a model folder to start from
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    resume: bool = True  # rerunning a killed job's command continues it (pipeline/journal.py)
+    stages: List[Stage] = MISSING
+    baseline: Optional[str] = MISSING  # an MLflow run id, a run folder or a model folder to start from
+    seed: int = MISSING
+    device: str = MISSING  # auto | cpu | cuda | cuda:N
+    resume: bool = MISSING  # rerunning a killed job's command continues it (pipeline/journal.py)
     paper: Optional[PaperConfig] = None  # set by experiment presets that reproduce a published table
 
 
 def register_schema() -> None:
-    ConfigStore.instance().store(name="medprune_schema", node=MedpruneConfig)
+    store = ConfigStore.instance()
+    store.store(name="medprune_schema", node=MedpruneConfig)
+    for name, schema in PRUNE_SCHEMAS.items():  # conf/prune/<option>.yaml: defaults: [schema_<schedule>]
+        store.store(group="prune", name=f"schema_{name}", node=schema)
 
 
 
@@ -167,22 +209,30 @@ def _import_target(path: str, key: str):
         raise ConfigError(f"{key}._target_={path!r} cannot be imported: {err}") from err
 
 
+def accepted_keys(target) -> Optional[set[str]]:
+    """The keyword names `target` accepts, None for "anything". A class whose __init__ forwards **kwargs to
+    its base (BraTS -> VolumeSliceData) accepts the base's keys too."""
+    KINDS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    functions = [c.__dict__["__init__"] for c in inspect.getmro(target) if "__init__" in c.__dict__] if inspect.isclass(target) else [target]
+    keys: set[str] = set()
+    for function in functions:
+        params = inspect.signature(function).parameters
+        keys |= {n for n, p in params.items() if p.kind in KINDS and n != "self"}
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return keys
+    return None
+
+
 def check_target_keys(node: DictConfig, key: str) -> None:
     """Every key of `node` must be a parameter of its `_target_`."""
     if not isinstance(node, DictConfig) or "_target_" not in node:
         raise ConfigError(f"{key} must be a mapping with a _target_ (got {OmegaConf.to_container(node) if isinstance(node, DictConfig) else node!r})")
-    target = _import_target(node._target_, key)
-    params = inspect.signature(target).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    accepted = accepted_keys(_import_target(node._target_, key))
+    if accepted is None:
         return
-    accepted = [n for n in params if n != "self"]
     for name in node.keys():
-        if name.startswith("_"):
-            continue
-        if name not in params:
-            raise ConfigError(
-                f"Unknown key {key}.{name} for {node._target_}; accepted keys: {', '.join(accepted)}"
-            )
+        if not name.startswith("_") and name not in accepted:
+            raise ConfigError(f"Unknown key {key}.{name} for {node._target_}; accepted keys: {', '.join(sorted(accepted))}")
 
 
 # Counts, sizes, batches, workers and epochs of every group, recognised by their key's name: each must be
@@ -219,8 +269,8 @@ def check_counts(node: Any, prefix: str = "") -> None:
                 check_counts(child, key + ".")
                 continue
             low = count_minimum(str(name))
-            if low is None or child is None:
-                continue
+            if low is None or child is None or node._get_node(name)._is_interpolation():
+                continue  # an interpolated value is checked where it comes from
             if isinstance(child, bool) or not isinstance(child, int):
                 raise ConfigError(f"{key}={child!r} is invalid: expected an integer >= {low}")
             if child < low:
@@ -232,6 +282,44 @@ def _check_range(value: float, key: str, low: float, high: float | None, high_op
     if not ok:
         bound = "" if high is None else (f" and < {high}" if high_open else f" and <= {high}")
         raise ConfigError(f"{key}={value} is out of range: expected >= {low}{bound}")
+
+
+def validate_prune(p: DictConfig, stages: list[str]) -> None:
+    """The prune block against its schedule's schema: every key used, none ignored, values in range."""
+    schedule = str(p.schedule)
+    if schedule not in PRUNE_SCHEMAS:
+        raise ConfigError(f"prune.schedule={schedule!r}: expected one of {', '.join(SCHEDULES)} (prune=<schedule>)")
+    wanted = {f.name for f in dataclasses.fields(PRUNE_SCHEMAS[schedule])}
+    extra, missing = sorted(set(p.keys()) - wanted), sorted(wanted - set(p.keys()))
+    if extra or missing:
+        raise ConfigError(
+            f"prune.schedule={schedule} uses the keys {', '.join(sorted(wanted))}: "
+            + (f"{', '.join('prune.' + k for k in extra)} would be ignored" if extra else "")
+            + ("; " if extra and missing else "") + (f"{', '.join('prune.' + k for k in missing)} missing" if missing else "")
+            + f" (select a schedule with prune=<name>: {', '.join(SCHEDULES)})"
+        )
+    if "ratio" in p:
+        _check_range(p.ratio, "prune.ratio", 0.0, 1.0)
+    if p.round_to is not None:
+        _check_range(p.round_to, "prune.round_to", 1, None)
+    if "max_layer_ratio" in p:
+        _check_range(p.max_layer_ratio, "prune.max_layer_ratio", 0.0, 1.0)
+    if "target_flops" in p:
+        _check_range(p.target_flops, "prune.target_flops", 0.0, 1.0)
+        if p.target_flops == 0:
+            raise ConfigError("prune.target_flops=0 keeps nothing: expected a fraction in (0, 1)")
+    if schedule == "per_layer":
+        if not p.layer_ratios:
+            raise ConfigError("prune.schedule=per_layer needs prune.layer_ratios ({glob pattern: ratio})")
+        for pattern, ratio in p.layer_ratios.items():
+            _check_range(ratio, f"prune.layer_ratios[{pattern}]", 0.0, 1.0)
+    if schedule == "iterative" and p.steps < 2:
+        raise ConfigError("prune.schedule=iterative needs prune.steps >= 2")
+    if (schedule == "sensitivity") != ("sensitivity" in stages) and "prune" in stages:
+        raise ConfigError(
+            "the sensitivity stage derives the per-layer rates that prune applies: use prune=sensitivity together "
+            f"with stages=[train,sensitivity,prune,...] (got prune.schedule={schedule}, stages={stages})"
+        )
 
 
 def validate(cfg: DictConfig) -> None:
@@ -250,10 +338,14 @@ def validate(cfg: DictConfig) -> None:
             check_synthetic(synthetic)
         except ValueError as err:
             raise ConfigError(str(err)) from err
+    from hydra.errors import InstantiationException
+
     try:  # constructors only check their values (files are read in setup): cheap, and fails early
         instantiate(reader, _convert_="all")  # as data.build_data does
-    except Exception as err:  # Hydra wraps the constructor's ValueError in an InstantiationException
-        cause = err.__cause__ or err
+    except InstantiationException as err:  # Hydra wraps the constructor's ValueError / TypeError
+        cause = err.__cause__
+        if not isinstance(cause, (ValueError, TypeError)):
+            raise  # a bug, not a setting: keep its traceback
         raise ConfigError(f"dataset ({reader['_target_']}): {cause}") from err
     from models import model_kwargs_check  # also knows each smp architecture's own keys
 
@@ -261,41 +353,21 @@ def validate(cfg: DictConfig) -> None:
         model_kwargs_check(cfg.model)
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    check_target_keys(cfg.criterion, "criterion")
+    for group in ("criterion", "optimizer", "scheduler", "loss"):
+        check_target_keys(cfg[group], group)
 
-    p = cfg.prune
-    _check_range(p.ratio, "prune.ratio", 0.0, 1.0)
-    if p.round_to is not None:
-        _check_range(p.round_to, "prune.round_to", 1, None)
-    for pattern, ratio in p.layer_ratios.items():
-        _check_range(ratio, f"prune.layer_ratios[{pattern}]", 0.0, 1.0)
-    _check_range(p.max_layer_ratio, "prune.max_layer_ratio", 0.0, 1.0)
-    _check_range(p.steps, "prune.steps", 1, None)
-    _check_range(p.epochs_between, "prune.epochs_between", 0, None)
-    schedule = p.schedule.value if isinstance(p.schedule, Enum) else str(p.schedule)
-    if schedule == "per_layer" and not p.layer_ratios:
-        raise ConfigError("prune.schedule=per_layer needs prune.layer_ratios ({glob pattern: ratio})")
-    if schedule == "budget":
-        if p.target_flops is None:
-            raise ConfigError("prune.schedule=budget needs prune.target_flops (fraction of FLOPs to keep, e.g. 0.3)")
-    if p.target_flops is not None:
-        _check_range(p.target_flops, "prune.target_flops", 0.0, 1.0)
-        if p.target_flops == 0:
-            raise ConfigError("prune.target_flops=0 keeps nothing: expected a fraction in (0, 1)")
-    if schedule == "iterative" and p.steps < 2:
-        raise ConfigError("prune.schedule=iterative needs prune.steps >= 2")
+    stages = [str(s.value if isinstance(s, Enum) else s) for s in cfg.stages]
+    validate_prune(cfg.prune, stages)
     for i, r in enumerate(cfg.sensitivity.ratios):
         _check_range(r, f"sensitivity.ratios[{i}]", 0.0, 1.0)
     _check_range(cfg.sensitivity.target_flops, "sensitivity.target_flops", 0.0, 1.0)
-    _check_range(cfg.train.bn_l1, "train.bn_l1", 0.0, None)
     for group in ("train", "finetune"):
         node = cfg[group]
-        _check_range(node.epochs, f"{group}.epochs", 0 if group == "finetune" else 1, None)
-        _check_range(node.batch_size, f"{group}.batch_size", 1, None)
+        if group == "train":
+            _check_range(node.epochs, "train.epochs", 1, None)
         _check_range(node.lr, f"{group}.lr", 0.0, None)
-        _check_range(node.lr_step_size, f"{group}.lr_step_size", 1, None)
-        _check_range(node.lr_gamma, f"{group}.lr_gamma", 0.0, 1.0, high_open=False)
-        _check_range(node.num_workers, f"{group}.num_workers", 0, None)
+        _check_range(node.weight_decay, f"{group}.weight_decay", 0.0, None)
+        _check_range(node.bn_l1, f"{group}.bn_l1", 0.0, None)
     _check_range(cfg.evaluate.threshold, "evaluate.threshold", 0.0, 1.0)
     for split in cfg.evaluate.extra_splits:
         if split not in ("train", "val"):
@@ -303,7 +375,6 @@ def validate(cfg: DictConfig) -> None:
     _check_range(cfg.evaluate.latency_runs, "evaluate.latency_runs", 1, None)
     _check_range(cfg.evaluate.latency_warmup, "evaluate.latency_warmup", 0, None)
 
-    stages = [str(s.value if isinstance(s, Enum) else s) for s in cfg.stages]
     if not stages:
         raise ConfigError("stages is empty: expected a list such as [train, score, prune, finetune, evaluate]")
     if len(set(stages)) != len(stages):

@@ -20,14 +20,16 @@ def outputs_dir() -> Path:
 
 
 def register_resolvers() -> None:
-    """Resolvers used by conf/: `${medprune.outputs:}`, `${medprune.root:}` (the checkout) and
-    `${mul:a,b}` (fine-tune lr = train lr x 0.1)."""
+    """Resolvers used by conf/: `${medprune.outputs:}`, `${medprune.root:}` (the checkout),
+    `${mul:a,b}` (fine-tune lr = train lr x 0.1) and `${round:x}` (StepLR's step, 80% into training)."""
     if not OmegaConf.has_resolver("medprune.outputs"):
         OmegaConf.register_new_resolver("medprune.outputs", lambda: str(outputs_dir()))
     if not OmegaConf.has_resolver("medprune.root"):
         OmegaConf.register_new_resolver("medprune.root", lambda: str(PROJECT_ROOT))
     if not OmegaConf.has_resolver("mul"):
         OmegaConf.register_new_resolver("mul", lambda a, b: float(a) * float(b))
+    if not OmegaConf.has_resolver("round"):
+        OmegaConf.register_new_resolver("round", lambda x: int(round(float(x))))
 
 
 register_resolvers()

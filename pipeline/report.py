@@ -11,13 +11,14 @@ outputs/reports/<experiment>/, and logs them as artifacts of a `report` run in t
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from data.files import write_csv
 
 LABELS = {"baseline": "baseline", "pruned": "pruned", "final": "fine-tuned"}
 COLUMNS = [
@@ -44,25 +45,7 @@ def results_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(rows: list[dict], path: Path) -> Path:
-    """Rows of one shape (the first row's keys are the header)."""
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
 # -- sweep reports -------------------------------------------------------------------------------
-
-GENERIC = {
-    "rows_by": "prune.ratio",
-    "metric_prefix": "final",
-    "columns": {"dice": "Dice", "iou": "IoU", "params_m": "Params (M)", "flops_g": "FLOPs (G)", "latency_ms": "Latency (ms)"},
-    "scale": {},
-    "rows": {},
-}
-
 
 def _key(value: Any) -> str:
     """Row keys compare as numbers when they are numbers ("0" == "0.0"). `rows_by` may list several
@@ -166,8 +149,10 @@ def load_preset(name: str) -> tuple[dict | None, str]:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    import pipeline.run  # noqa: F401  (schema and resolvers)
+    from pipeline.config import register_schema
     from pipeline.paths import CONF_DIR
+
+    register_schema()
 
     if not (CONF_DIR / "experiment" / f"{name}.yaml").exists():
         return None, name
@@ -191,7 +176,12 @@ def report(name: str, uri: str | None = None, out: Path | None = None, log: bool
     from pipeline.tracking import client_for, resolve_uri, start_run
 
     paper, experiment = load_preset(name)
-    paper = {**GENERIC, **(paper or {})}
+    if paper is None:  # an experiment without a published table: the generic columns
+        from dataclasses import asdict
+
+        from pipeline.config import PaperConfig
+
+        paper = asdict(PaperConfig())
     uri = resolve_uri(uri)
     client = client_for(uri)
     runs = finished_runs(client, experiment)

@@ -43,7 +43,10 @@ def run_name(cfg: DictConfig, choices: dict[str, str]) -> str:
     stages = [str(s.value if hasattr(s, "value") else s) for s in cfg.stages]
     name = f"{choices.get('model', 'model')}-{choices.get('dataset', 'data')}"
     if "prune" in stages:
-        name += f"-{cfg.criterion.name}-r{cfg.prune.ratio:g}"
+        p = cfg.prune
+        amount = f"r{p.ratio:g}" if "ratio" in p and str(p.schedule) != "sensitivity" else (
+            f"f{p.target_flops:g}" if "target_flops" in p else str(p.schedule))
+        name += f"-{cfg.criterion.name}-{amount}"
     return name + f"-s{cfg.seed}"
 
 
@@ -144,7 +147,7 @@ def preflight_prune(cfg: DictConfig, data) -> None:
     names = [n for n in prunable_layers(build_model(cfg.model, data.in_channels, data.num_classes)) if in_scope(n, scope)]
     if not names:
         raise ConfigError(f"prune.scope={scope} matches no prunable layer of model {cfg.model._target_}")
-    if cfg.prune.layer_ratios:
+    if cfg.prune.get("layer_ratios"):
         try:
             match_layer_ratios(names, dict(cfg.prune.layer_ratios))
         except ValueError as err:

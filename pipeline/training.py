@@ -1,40 +1,57 @@
-"""The one training loop, used by the train and fine-tune stages.
+"""The one training loop, used by the train and fine-tune stages (and between iterative prune steps).
 
-Dice + BCE loss, Adam, StepLR; the weights with the best validation Dice are kept. Mixed precision
-(`amp`) applies on CUDA only.
+The optimizer, the lr scheduler and the loss come from their config groups (`Recipe`); the learning
+rate, weight decay and length from the phase (`train` or `finetune`). The weights with the best
+validation Dice are kept. Mixed precision (`amp`) applies on CUDA only.
 """
 from __future__ import annotations
 
 import copy
-import csv
+import inspect
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
+from hydra.utils import instantiate
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from data.files import read_csv, write_csv
 from pipeline.checkpoint import Checkpoint, epoch_seed
 from pipeline.metrics import SegmentationMeter
-from pipeline.report import write_csv
 from pipeline.state import seed_everything
 
 log = logging.getLogger(__name__)
 
+# Scheduler arguments that are a phase's length: filled with the phase's epoch count when the
+# scheduler's config leaves them out (cosine's T_max, poly's and constant's total_iters).
+LENGTH_ARGS = ("T_max", "total_iters")
 
-def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0, bce_weight: float = 1.0) -> torch.Tensor:
-    """BCE plus soft Dice (1 - Dice of the probabilities, per image and channel, averaged)."""
-    logits = logits.float()
-    bce = F.binary_cross_entropy_with_logits(logits, target)
-    prob = torch.sigmoid(logits).flatten(2)
-    tgt = target.flatten(2)
-    inter = (prob * tgt).sum(-1)
-    soft_dice = (2 * inter + 1.0) / (prob.sum(-1) + tgt.sum(-1) + 1.0)
-    return bce_weight * bce + dice_weight * (1 - soft_dice.mean())
+
+@dataclass
+class Recipe:
+    """How to train: a partial optimizer (given params, lr, weight_decay), a partial lr scheduler (given the
+    optimizer and, where it takes one, the phase's length) and the loss module."""
+
+    optimizer: Callable[..., torch.optim.Optimizer]
+    scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler]
+    loss: nn.Module
+
+    @classmethod
+    def from_config(cls, cfg) -> "Recipe":
+        return cls(instantiate(cfg.optimizer), instantiate(cfg.scheduler), instantiate(cfg.loss))
+
+    def build(self, model: nn.Module, settings) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        optimizer = self.optimizer(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        target = getattr(self.scheduler, "func", self.scheduler)
+        given = getattr(self.scheduler, "keywords", {})
+        params = inspect.signature(target).parameters
+        length = {name: int(settings.epochs) for name in LENGTH_ARGS if name in params and name not in given}
+        return optimizer, self.scheduler(optimizer, **length)
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int, device: torch.device) -> DataLoader:
@@ -69,6 +86,7 @@ def fit(
     train_set: Dataset,
     val_set: Dataset,
     settings,
+    recipe: Recipe,
     device: torch.device,
     seed: int,
     log_metrics: Optional[Callable[[dict[str, float], int], None]] = None,
@@ -89,8 +107,8 @@ def fit(
         return history, float("nan")
     train_loader = make_loader(train_set, settings.batch_size, True, settings.num_workers, seed, device)
     val_loader = make_loader(val_set, settings.batch_size, False, settings.num_workers, seed, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=settings.lr_step_size, gamma=settings.lr_gamma)
+    optimizer, scheduler = recipe.build(model, settings)
+    loss_fn = recipe.loss.to(device)
     use_amp = bool(settings.amp) and device.type == "cuda"
     if settings.amp and not use_amp:
         log.warning("%s.amp=true is ignored on %s (mixed precision is for CUDA)", desc, device.type)
@@ -124,7 +142,7 @@ def fit(
             images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                loss = dice_bce_loss(model(images), masks, settings.dice_weight, settings.bce_weight)
+                loss = loss_fn(model(images).float(), masks)
             if settings.bn_l1 > 0:  # network slimming: sparse BatchNorm scales make bn_scale scores decisive
                 loss = loss + settings.bn_l1 * sum(m.weight.abs().sum() for m in bn_layers)
             scaler.scale(loss).backward()
@@ -159,5 +177,4 @@ def write_history(history: list[dict[str, float]], path: Path) -> None:
 def read_history(path: Path) -> list[dict[str, float]]:
     if not path.exists():
         return []
-    with open(path) as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    return [{k: float(v) for k, v in row.items()} for row in read_csv(path)]

@@ -65,10 +65,27 @@ DEPLOYED = "onnxruntime"
 DEPLOYED_TORCH = "folded+cl"
 
 
+def model_config(name: str, **overrides) -> dict:
+    """conf/model/<name>.yaml with `overrides`: the bench builds the networks the pipeline builds."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml"), overrides))
+
+
+def composed(*overrides: str):
+    """The pipeline's composed config (conf/), for its training recipe and settings."""
+    from hydra import compose, initialize_config_dir
+
+    import pipeline.run  # noqa: F401  (schema and resolvers)
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
 @dataclass
 class NetSpec:
     label: str
-    model: dict  # a model config (models.build_model)
+    model: dict  # a model config from conf/model (model_config)
     size: int  # input height = width
     in_channels: int = 3
     variants: tuple[str, ...] = VARIANTS
@@ -90,7 +107,7 @@ class Settings:
     prune_example: int = 64  # the dependency graph is traced at this size (the graph does not depend on it)
     onnx_dynamo: bool = False
     # training
-    train_model: dict = field(default_factory=lambda: {"_target_": "models.unet.UNet", "width": 16, "depth": 4})
+    train_model: dict = field(default_factory=lambda: model_config("unet_small"))
     train_images: int = 24  # synthetic ISIC pairs written (full-size JPEGs)
     train_min_side: int = 2000
     train_max_side: int = 3000
@@ -101,7 +118,7 @@ class Settings:
     train_repeats: int = 3
     train_workers: int = 0
     # pruning cost
-    prune_model: dict = field(default_factory=lambda: {"_target_": "models.unet.UNet", "width": 64, "depth": 4})
+    prune_model: dict = field(default_factory=lambda: model_config("unet"))
     prune_size: int = 256
     prune_ratio: float = 0.5
     criterion: str = "activation"
@@ -112,7 +129,7 @@ class Settings:
     volume_shape: tuple[int, int, int] = (120, 120, 78)
     volume_size: int = 128
     # cuda
-    cuda_model: dict = field(default_factory=lambda: {"_target_": "models.unet.UNet", "width": 64, "depth": 4})
+    cuda_model: dict = field(default_factory=lambda: model_config("unet"))
     cuda_size: int = 256
     cuda_batch: int = 8
     cuda_steps: int = 20
@@ -120,9 +137,9 @@ class Settings:
 
 def full_settings() -> Settings:
     return Settings(nets=[
-        NetSpec("unet", {"_target_": "models.unet.UNet", "width": 64, "depth": 4}, 256,
+        NetSpec("unet", model_config("unet"), 256,
                 throughput=("eager", DEPLOYED_TORCH, DEPLOYED)),
-        NetSpec("unetplusplus", {"_target_": "models.smp.build_smp", "arch": "UnetPlusPlus", "encoder_name": "resnet34"}, 256,
+        NetSpec("unetplusplus", model_config("smp_unetplusplus"), 256,
                 variants=("eager", "channels_last", "folded+cl", "onnxruntime"), throughput=("eager", DEPLOYED),
                 round_to=(None, 8)),
     ])
@@ -131,17 +148,17 @@ def full_settings() -> Settings:
 def quick_settings() -> Settings:
     return Settings(
         nets=[
-            NetSpec("unet", {"_target_": "models.unet.UNet", "width": 8, "depth": 2}, 32),
-            NetSpec("unetplusplus", {"_target_": "models.smp.build_smp", "arch": "UnetPlusPlus", "encoder_name": "resnet18",
-                                     "encoder_depth": 3, "decoder_channels": [32, 16, 8]}, 32,
+            NetSpec("unet", model_config("unet", width=8, depth=2), 32),
+            NetSpec("unetplusplus", model_config("smp_unetplusplus", encoder_name="resnet18", encoder_depth=3,
+                                                 decoder_channels=[32, 16, 8]), 32,
                     variants=("eager", "folded+cl", "onnxruntime")),
         ],
         ratios=(0.0, 0.5), round_to=(None, 4), warmup=1, rounds=2, runs_per_round=2, batch=2, batch_rounds=1, prune_example=32,
-        train_model={"_target_": "models.unet.UNet", "width": 4, "depth": 2}, train_images=12, train_min_side=48,
+        train_model=model_config("unet_tiny"), train_images=12, train_min_side=48,
         train_max_side=64, train_size=32, train_batch=4, train_steps=2, train_epochs=2, train_repeats=1,
-        prune_model={"_target_": "models.unet.UNet", "width": 8, "depth": 2}, prune_size=32, calibration_images=4,
+        prune_model=model_config("unet", width=8, depth=2), prune_size=32, calibration_images=4,
         calibration_batch=2, volume_cases=3, volume_shape=(24, 24, 12), volume_size=16,
-        cuda_model={"_target_": "models.unet.UNet", "width": 8, "depth": 2}, cuda_size=32, cuda_batch=2, cuda_steps=2,
+        cuda_model=model_config("unet", width=8, depth=2), cuda_size=32, cuda_batch=2, cuda_steps=2,
     )
 
 
@@ -178,7 +195,7 @@ def l1_scores(model: nn.Module) -> dict[str, torch.Tensor]:
     from pipeline.criteria.magnitude import MagnitudeCriterion
     from pipeline.pruning import prunable_layers
 
-    return MagnitudeCriterion("l1", 1).score(model, prunable_layers(model), None)
+    return MagnitudeCriterion(name="l1", p=1).score(model, prunable_layers(model), None)
 
 
 class Runner:
@@ -349,9 +366,9 @@ def _sync(device: torch.device) -> None:
 
 
 def bare_loop(model: nn.Module, train_set, batch: int, workers: int, seed: int, device: torch.device, epochs: int,
-              lr: float) -> list[float]:
+              lr: float, loss_fn: nn.Module) -> list[float]:
     """A hand-written PyTorch loop: same loader, loss and optimiser as fit, nothing else. Images/s per epoch."""
-    from pipeline.training import dice_bce_loss, make_loader
+    from pipeline.training import make_loader
 
     model.to(device)
     loader = make_loader(train_set, batch, True, workers, seed, device)
@@ -364,7 +381,7 @@ def bare_loop(model: nn.Module, train_set, batch: int, workers: int, seed: int, 
         for images, masks in loader:
             images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            loss = dice_bce_loss(model(images), masks)
+            loss = loss_fn(model(images), masks)
             loss.backward()
             optimizer.step()
             seen += images.shape[0]
@@ -373,7 +390,7 @@ def bare_loop(model: nn.Module, train_set, batch: int, workers: int, seed: int, 
     return speeds
 
 
-def fit_loop(model: nn.Module, train_set, val_set, settings, device: torch.device, seed: int) -> tuple[list[float], dict]:
+def fit_loop(model: nn.Module, train_set, val_set, settings, recipe, device: torch.device, seed: int) -> tuple[list[float], dict]:
     """pipeline.training.fit (the train stage's loop), images/s per epoch of its training part.
 
     fit calls `log_metrics` after its first validation and after every epoch's validation, so the time
@@ -383,8 +400,8 @@ def fit_loop(model: nn.Module, train_set, val_set, settings, device: torch.devic
     from pipeline.training import evaluate, fit, make_loader
 
     stamps: list[float] = []
-    fit(model, train_set, val_set, settings, device, seed, log_metrics=lambda metrics, step: stamps.append(time.perf_counter()),
-        desc="bench")
+    fit(model, train_set, val_set, settings, recipe, device, seed,
+        log_metrics=lambda metrics, step: stamps.append(time.perf_counter()), desc="bench")
     val_loader = make_loader(val_set, settings.batch_size, False, settings.num_workers, seed, device)
     val_s = statistics.median(time_calls(lambda: evaluate(model, val_loader, device), 1, 3))
     per_epoch = settings.batch_size * (len(train_set) // settings.batch_size)  # fit's loader drops the last partial batch
@@ -393,13 +410,12 @@ def fit_loop(model: nn.Module, train_set, val_set, settings, device: torch.devic
 
 
 def bench_training(s: Settings, device: torch.device, work: Path, data_root: Path) -> dict:
-    from omegaconf import OmegaConf
     from torch.utils.data import ConcatDataset, Subset
 
-    from data.isic import ISIC2018, TRAIN_DIRS, load_pair, scan_folder
+    from data import build_data
+    from data.isic import TRAIN_DIRS, load_pair, scan_folder
     from data.synthetic import ensure_generated
-    from pipeline.config import TrainConfig
-    from pipeline.training import dice_bce_loss, make_loader
+    from pipeline.training import Recipe, make_loader
 
     root = data_root / f"isic_{s.train_images}x{s.train_min_side}-{s.train_max_side}"
     _progress(f"training: synthetic ISIC set {root} ({s.train_images} JPEGs of {s.train_min_side}-{s.train_max_side} px)")
@@ -408,9 +424,13 @@ def bench_training(s: Settings, device: torch.device, work: Path, data_root: Pat
     generated = ensure_generated(root, {"kind": "isic", "count": s.train_images, "min_side": s.train_min_side,
                                         "max_side": s.train_max_side})
     generate_s = time.perf_counter() - start
-    data = ISIC2018(str(root), image_size=s.train_size, workers=2)
+    # the pipeline's own dataset, settings and recipe (conf/), with the bench's sizes
+    cfg = composed("dataset=isic2018", f"dataset.root={root}", f"dataset.image_size={s.train_size}", "dataset.workers=2",
+                   f"train.epochs={s.train_epochs}", f"train.batch_size={s.train_batch}", f"train.num_workers={s.train_workers}",
+                   "train.checkpoint_every=0", "scheduler=constant")
+    recipe = Recipe.from_config(cfg)
     start = time.perf_counter()
-    data.setup(0)
+    data = build_data(cfg.dataset, 0)
     setup_s = time.perf_counter() - start
 
     # decoding every full-size JPEG per item (what caching at setup avoids), one thread
@@ -423,8 +443,7 @@ def bench_training(s: Settings, device: torch.device, work: Path, data_root: Pat
     repeat = max(1, math.ceil(s.train_steps * s.train_batch / len(train)))
     train_set = ConcatDataset([train] * repeat)
     val_set = Subset(data.dataset("val"), range(min(s.train_batch, len(data.dataset("val")))))
-    settings = OmegaConf.structured(TrainConfig(epochs=s.train_epochs, batch_size=s.train_batch, num_workers=s.train_workers,
-                                                lr_step_size=1000))
+    settings = cfg.train
 
     # the data loader alone (augmentation + normalisation + collation)
     loader = make_loader(train_set, s.train_batch, True, s.train_workers, 0, device)
@@ -440,12 +459,12 @@ def bench_training(s: Settings, device: torch.device, work: Path, data_root: Pat
     # the train step alone (batches already in memory)
     batches = [(i.to(device), m.to(device)) for i, m in list(loader)[: max(2, s.train_steps // 2)]]
     step_model = copy.deepcopy(init).to(device).train()
-    optimizer = torch.optim.Adam(step_model.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(step_model.parameters(), lr=settings.lr)
 
     def steps():
         for images, masks in batches:
             optimizer.zero_grad(set_to_none=True)
-            dice_bce_loss(step_model(images), masks).backward()
+            recipe.loss(step_model(images), masks).backward()
             optimizer.step()
         _sync(device)
 
@@ -455,8 +474,9 @@ def bench_training(s: Settings, device: torch.device, work: Path, data_root: Pat
     fit_best, bare_best, fit_all, bare_all, info = 0.0, 0.0, [], [], {}
     for repeat_index in range(s.train_repeats):
         _progress(f"training: fit vs bare loop, repeat {repeat_index + 1}/{s.train_repeats}")
-        fit_speeds, info = fit_loop(copy.deepcopy(init), train_set, val_set, settings, device, 0)
-        bare_speeds = bare_loop(copy.deepcopy(init), train_set, s.train_batch, s.train_workers, 0, device, s.train_epochs, 1e-3)
+        fit_speeds, info = fit_loop(copy.deepcopy(init), train_set, val_set, settings, recipe, device, 0)
+        bare_speeds = bare_loop(copy.deepcopy(init), train_set, s.train_batch, s.train_workers, 0, device, s.train_epochs,
+                                settings.lr, recipe.loss)
         counted_fit = fit_speeds[1:] or fit_speeds  # the first epoch warms up caches and allocators
         counted_bare = bare_speeds[1:] or bare_speeds
         fit_all.append(fit_speeds)
@@ -493,7 +513,7 @@ def bench_pruning(s: Settings, device: torch.device) -> dict:
     out: dict[str, Any] = {"model": s.prune_model, "ratio": s.prune_ratio, "size": s.prune_size}
     _progress("pruning: L1")
     start = time.perf_counter()
-    scores = MagnitudeCriterion("l1", 1).score(model, prunable_layers(model), None)
+    scores = MagnitudeCriterion(name="l1", p=1).score(model, prunable_layers(model), None)
     out["l1_score_s"] = time.perf_counter() - start
     for label, size in (("prune_s", s.prune_size), ("prune_small_example_s", s.prune_example)):
         start = time.perf_counter()
@@ -519,7 +539,8 @@ def bench_pruning(s: Settings, device: torch.device) -> dict:
     model_d = model.to(device)
     batches = lambda: ((i.to(device), m.to(device)) for i, m in zip(images, masks))  # noqa: E731
     start = time.perf_counter()
-    data_scores = criterion.score(model_d, prunable_layers(model_d), ScoringContext(device=device, batches=batches))
+    loss = instantiate(OmegaConf.load(ROOT / "conf" / "loss" / "dice_bce.yaml")).to(device)
+    data_scores = criterion.score(model_d, prunable_layers(model_d), ScoringContext(device=device, batches=batches, loss=loss))
     _sync(device)
     out["criterion_score_s"] = time.perf_counter() - start
     model.cpu()
@@ -535,11 +556,9 @@ def bench_pruning(s: Settings, device: torch.device) -> dict:
 
 
 def bench_volumes(s: Settings, work: Path) -> dict:
-    try:
-        from data.brats import BraTS
-        from data.synthetic_volumes import write_synthetic_brats
-    except ImportError as err:
-        return {"available": False, "reason": f"{type(err).__name__}: {err}"}
+    from data import build_data
+    from data.synthetic_volumes import write_synthetic_brats
+
     root, cache = work / "brats", work / "cache"
     _progress(f"volumes: writing {s.volume_cases} synthetic BraTS cases {s.volume_shape}")
     start = time.perf_counter()
@@ -547,9 +566,9 @@ def bench_volumes(s: Settings, work: Path) -> dict:
     out: dict[str, Any] = {"available": True, "cases": s.volume_cases, "shape": list(s.volume_shape),
                            "image_size": s.volume_size, "generate_s": time.perf_counter() - start}
     for label in ("first", "second"):
-        data = BraTS(str(root), image_size=s.volume_size, cache_dir=str(cache))
+        cfg = composed("dataset=brats", f"dataset.root={root}", f"dataset.image_size={s.volume_size}", f"dataset.cache_dir={cache}")
         start = time.perf_counter()
-        data.setup(0)
+        data = build_data(cfg.dataset, 0)
         out[f"{label}_s"] = time.perf_counter() - start
         stats = data.stats()
         out[f"{label}_cache_hit"] = bool(stats.get("cache_hit", 0))
@@ -561,12 +580,15 @@ def bench_volumes(s: Settings, work: Path) -> dict:
 
 
 def bench_cuda(s: Settings, device: torch.device) -> dict:
-    from pipeline.training import dice_bce_loss
+    from hydra.utils import instantiate
 
     if device.type != "cuda":
         return {"available": False, "reason": "no CUDA device"}
+    from omegaconf import OmegaConf
+
     torch.manual_seed(0)
     init = build_model(s.cuda_model, 3, 1)
+    loss_fn = instantiate(OmegaConf.load(ROOT / "conf" / "loss" / "dice_bce.yaml")).to(device)
     x = torch.randn(s.cuda_batch, 3, s.cuda_size, s.cuda_size, device=device)
     y = (torch.rand(s.cuda_batch, 1, s.cuda_size, s.cuda_size, device=device) > 0.7).float()
     out: dict[str, Any] = {"available": True, "model": s.cuda_model, "size": s.cuda_size, "batch": s.cuda_batch, "modes": []}
@@ -586,7 +608,7 @@ def bench_cuda(s: Settings, device: torch.device) -> dict:
         def step():
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = dice_bce_loss(model(inputs), y)
+                loss = loss_fn(model(inputs).float(), y)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()

@@ -9,8 +9,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "realdata"
 
-# The tiny pipeline settings (conf/debug/tiny.yaml) on a small synthetic ISIC twin.
-TINY = ["debug=tiny", "dataset.synthetic.count=24"]
+# The tiny pipeline settings (conf/debug/tiny.yaml), the tiny UNet, a small synthetic ISIC twin.
+TINY = ["debug=tiny", "model=unet_tiny", "dataset.synthetic.count=24"]
 
 
 def compose_config(*overrides: str):
@@ -35,3 +35,71 @@ def launch(outputs: Path, *overrides: str, module: str = "pipeline.run", merge_s
         [sys.executable, "-m", module, *overrides], cwd=ROOT, env=pipeline_env(outputs), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True,
     )
+
+
+def conf(group: str, name: str, outputs="/tmp/medprune-test-outputs", **overrides) -> dict:
+    """conf/<group>/<name>.yaml with `overrides`, resolved (`${paths.outputs}` = `outputs`): the YAML is
+    where every default lives, so tests build datasets, models and criteria from it, as the pipeline does."""
+    from omegaconf import OmegaConf
+
+    import pipeline.paths  # noqa: F401  (resolvers)
+
+    node = OmegaConf.load(ROOT / "conf" / group / f"{name}.yaml")
+    if "defaults" in node:
+        raise ValueError(f"conf/{group}/{name}.yaml extends another option: use compose_config")
+    tree = OmegaConf.create({"paths": {"outputs": str(outputs)}, group: node})
+    tree[group] = OmegaConf.merge(tree[group], OmegaConf.create(overrides))
+    return OmegaConf.to_container(tree[group], resolve=True)
+
+
+def from_conf(group: str, name: str, **overrides):
+    """The object conf/<group>/<name>.yaml builds (its `_target_`), with `overrides`."""
+    from hydra.utils import instantiate
+
+    return instantiate(conf(group, name, **overrides), _convert_="all")
+
+
+def model_from_conf(name: str, in_channels: int = 3, num_classes: int = 1, **overrides):
+    from models import build_model
+
+    return build_model(conf("model", name, **overrides), in_channels, num_classes)
+
+
+def kwargs_of(group: str, name: str, **overrides) -> dict:
+    """The constructor keywords conf/<group>/<name>.yaml gives its `_target_` (without it), with overrides."""
+    return {k: v for k, v in conf(group, name, **overrides).items() if k != "_target_"}
+
+
+def training_loss():
+    """The default training loss (conf/loss/dice_bce.yaml)."""
+    return from_conf("loss", "dice_bce")
+
+
+def run_pipeline(outputs: Path, *overrides: str, ok: bool = True, module: str = "pipeline.run", timeout: int = 600) -> str:
+    """Runs `python -m <module>` to the end; asserts it succeeded (or failed, `ok=False`); returns stdout+stderr."""
+    proc = launch(outputs, *overrides, module=module)
+    out, _ = proc.communicate(timeout=timeout)
+    assert (proc.returncode == 0) == ok, out[-4000:]
+    return out
+
+
+def mlflow_runs(outputs: Path, experiment: str | None = None, **tags: str) -> list:
+    """The runs of the SQLite store in `outputs` (of one experiment, or all), newest first, filtered by tags."""
+    from mlflow.tracking import MlflowClient
+
+    if not (outputs / "mlflow.db").exists():
+        return []
+    client = MlflowClient(f"sqlite:///{outputs / 'mlflow.db'}")
+    experiments = [e for e in client.search_experiments() if experiment in (None, e.name)]
+    if not experiments:
+        return []
+    found = client.search_runs([e.experiment_id for e in experiments], order_by=["attributes.start_time DESC"], max_results=1000)
+    return [r for r in found if all(r.data.tags.get(k) == v for k, v in tags.items())]
+
+
+def requires_real(path: Path):
+    """Marks a test `realdata` and skips it, saying why, when ../shared/realdata is not beside the checkout."""
+    import pytest
+
+    return lambda test: pytest.mark.realdata(pytest.mark.skipif(
+        not path.exists(), reason=f"real data not found at {path} (../shared/realdata is beside the dev checkout only)")(test))

@@ -28,16 +28,17 @@ from data import DatasetError, build_data
 from data.isic import MASK_SUFFIX, TRAIN_DIRS
 from data.synthetic import write_synthetic_isic
 from data.synthetic_volumes import write_synthetic_brats, write_synthetic_covid_ct, write_synthetic_slices
+from helpers import conf
 from models import build_model
 from models.io import ModelFileError, load_model, save_model
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import COUNT_RULES, ConfigError, count_minimum, validate
 from pipeline.paths import CONF_DIR
 from pipeline.run import USER_ERRORS, one_line
-from pipeline.stages import score as score_stage
+from pipeline import scoring
 
 pytestmark = pytest.mark.unit
-UNET = {"_target_": "models.unet.UNet", "width": 4, "depth": 2}
+UNET = conf("model", "unet", width=4, depth=2)
 
 
 class Case(NamedTuple):
@@ -60,7 +61,7 @@ def pristine(tmp_path_factory) -> dict[str, Path]:
     write_synthetic_covid_ct(base / "covid", count=4, seed=0, shape=(32, 32, 10))
     model = build_model(UNET, 3, 1)
     save_model(model, UNET, 3, 1, base / "model")
-    score_stage.save({"encoder.0": torch.rand(4)}, "l1", _mkdir(base / "scores"))
+    scoring.save({"encoder.0": torch.rand(4)}, "l1", _mkdir(base / "scores"))
     ck = Checkpoint(base / "checkpoint", 1)
     ck.save(1, {"model": model.state_dict(), "history": [{"loss": 1.0}], "best_dice": 0.5})
     return {p.name: p for p in base.iterdir()}
@@ -113,11 +114,10 @@ def _json_edit(path: Path, fn) -> Path:
     return path
 
 
-ISIC = {"_target_": "data.isic.ISIC2018", "image_size": 16, "workers": 1}
-SLICES = {"_target_": "data.slices.SliceFolders", "image_dir": "Imgs", "mask_dir": "GT", "image_pattern": "{id}.jpg",
-          "mask_pattern": "{id}.png", "image_size": 16, "workers": 1}
-BRATS = {"_target_": "data.brats.BraTS", "image_size": 16, "workers": 1, "cache_dir": None}
-COVID = {"_target_": "data.covid_ct.CovidCT", "image_size": 16, "workers": 1, "cache_dir": None}
+ISIC = conf("dataset", "isic2018", image_size=16, workers=1)
+SLICES = conf("dataset", "covid_semiseg", image_size=16, workers=1)
+BRATS = conf("dataset", "brats", image_size=16, workers=1, cache_dir=None)
+COVID = conf("dataset", "covid_ct", image_size=16, workers=1, cache_dir=None)
 
 
 def isic(fn, **extra):
@@ -250,7 +250,7 @@ def _read(what: dict):
     if "model" in what:
         return load_model(what["model"])
     if "scores" in what:
-        return score_stage.load(what["scores"])
+        return scoring.load(what["scores"])
     return Checkpoint(what["checkpoint"], 1).load()
 
 

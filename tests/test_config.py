@@ -100,3 +100,94 @@ def test_model_keys_injected_by_the_pipeline_are_refused():
 def test_a_dataset_value_the_reader_rejects_fails_at_start_up():
     with pytest.raises(ConfigError, match="image_size"):
         validate(load("dataset.image_size=0"))
+
+
+# -- one home for every setting ------------------------------------------------------------------------
+
+import dataclasses  # noqa: E402
+import inspect  # noqa: E402
+import importlib  # noqa: E402
+
+from omegaconf import MISSING, OmegaConf  # noqa: E402
+
+from pipeline import config as schema  # noqa: E402
+
+FIXED_GROUPS = {"train": schema.TrainConfig, "finetune": schema.FinetuneConfig, "sensitivity": schema.SensitivityConfig,
+                "evaluate": schema.EvaluateConfig, "tracking": schema.TrackingConfig}
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g in [*FIXED_GROUPS, "prune"] for o in _options(g)])
+def test_every_option_sets_exactly_its_schemas_keys_and_the_schema_holds_no_value(group, option):
+    extra = {"sensitivity": ["stages=[train,sensitivity,prune,finetune,evaluate]"],
+             "per_layer": ["++prune.layer_ratios={encoder.0.*:0.5}"]}.get(option, []) if group == "prune" else []
+    cfg = load(f"{group}={option}", *extra)
+    node = cfg[group]
+    typed = FIXED_GROUPS.get(group) or schema.PRUNE_SCHEMAS[str(node.schedule)]
+    fields = dataclasses.fields(typed)
+    assert sorted(node.keys()) == sorted(f.name for f in fields)
+    assert not OmegaConf.missing_keys(node), f"{group}={option} leaves keys without a value"
+    assert all(f.default == MISSING and f.default_factory is dataclasses.MISSING for f in fields), \
+        f"{typed.__name__} holds a default value: the YAML is its home"
+    validate(cfg)
+
+
+def test_the_composed_default_config_has_every_schema_key_set():
+    cfg = load()
+    assert not OmegaConf.missing_keys(cfg)
+    top = {f.name for f in dataclasses.fields(schema.MedpruneConfig)}
+    assert top <= set(cfg.keys())
+
+
+def _target_options():
+    out = []
+    for group in ("dataset", "model", "criterion", "optimizer", "scheduler", "loss"):
+        for option in _options(group):
+            node = OmegaConf.load(CONF_DIR / group / f"{option}.yaml")
+            if "defaults" not in node:  # synthetic_* extend their reader's YAML
+                out.append((group, option))
+    return out
+
+
+@pytest.mark.parametrize("group, option", _target_options())
+def test_target_groups_yaml_is_the_only_home_of_their_defaults(group, option):
+    """Our own builders (datasets, models, criteria) declare no default of their own: every value is in
+    the YAML, which sets every key they take. Library targets (torch, smp) only get known keys."""
+    node = OmegaConf.load(CONF_DIR / group / f"{option}.yaml")
+    module, _, name = node._target_.rpartition(".")
+    target = getattr(importlib.import_module(module), name)
+    accepted = schema.accepted_keys(target)
+    keys = {k for k in node if not k.startswith("_")} - ({"synthetic"} if group == "dataset" else set())
+    if accepted is not None:
+        assert keys <= accepted
+    if module.split(".")[0] in ("data", "models", "pipeline") and node._target_ != "pipeline.losses.WeightedSum":
+        own = {k for k in accepted if k not in ("in_channels", "num_classes")} if accepted is not None else keys
+        if node._target_ == "models.smp.build_smp":  # smp's own architecture keys may be added, not required
+            own = {n for n, p in inspect.signature(target).parameters.items() if p.kind is p.KEYWORD_ONLY}
+        assert own <= keys, f"conf/{group}/{option}.yaml lacks {sorted(own - keys)}"
+        functions = [c.__dict__["__init__"] for c in inspect.getmro(target) if "__init__" in c.__dict__ and c is not object] \
+            if inspect.isclass(target) else [target]
+        for function in functions:
+            for p in inspect.signature(function).parameters.values():
+                if p.name in keys:
+                    assert p.default is inspect.Parameter.empty, f"{node._target_}.{p.name} has a default in code"
+
+
+def test_a_key_the_schedule_does_not_use_is_an_error():
+    with pytest.raises(ConfigCompositionException):
+        load("prune=uniform", "prune.max_layer_ratio=0.5")  # not a key of the uniform schedule
+    with pytest.raises(ConfigError, match=r"prune\.max_layer_ratio would be ignored"):
+        validate(load("prune=uniform", "+prune.max_layer_ratio=0.5"))  # forced in: still refused
+    with pytest.raises(ConfigError, match=r"prune\.ratio would be ignored"):
+        validate(load("prune=uniform", "prune.schedule=budget", "+prune.target_flops=0.3"))
+
+
+def test_the_sensitivity_stage_goes_with_prune_sensitivity():
+    with pytest.raises(ConfigError, match="prune=sensitivity"):
+        validate(load("stages=[train,sensitivity,prune,finetune,evaluate]"))
+    with pytest.raises(ConfigError, match="prune=sensitivity"):
+        validate(load("prune=sensitivity"))
+    validate(load("prune=sensitivity", "stages=[train,sensitivity,prune,finetune,evaluate]"))

@@ -19,16 +19,17 @@ from pipeline.config import check_target_keys, validate
 from pipeline.criteria import Criterion, ScoringContext
 from pipeline.criteria.attention import KINDS, AttentionCriterion, eca_kernel
 from pipeline.criteria.datadriven import ActivationCriterion, TaylorCriterion
-from pipeline.criteria.magnitude import filter_norms
+from pipeline.criteria.magnitude import MagnitudeCriterion, filter_norms
 from pipeline.criteria.tracing import ChainEndHooks, sequential_bn, trace_chains
 from pipeline.criteria.weights import BNScaleCriterion, FPGMCriterion, RandomCriterion, fpgm_scores
 from pipeline.paths import CONF_DIR
 from pipeline.pruning import prunable_layers, prune
-from pipeline.training import dice_bce_loss
+from helpers import kwargs_of, training_loss
 
 CRITERION_DIR = Path(CONF_DIR) / "criterion"
 NAMES = sorted(p.stem for p in CRITERION_DIR.glob("*.yaml"))
 CPU = torch.device("cpu")
+LOSS = training_loss()
 SIZE = 32
 
 
@@ -46,7 +47,7 @@ def synthetic_batches(n_batches=2, batch=4, seed=1):
 
 
 def context(batches) -> ScoringContext:
-    return ScoringContext(device=CPU, batches=lambda: iter(batches))
+    return ScoringContext(device=CPU, batches=lambda: iter(batches), loss=LOSS)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -70,7 +71,7 @@ def trained():
     for step in range(30):
         images, masks = batches[step % 2]
         opt.zero_grad()
-        dice_bce_loss(model(images), masks).backward()
+        LOSS(model(images), masks).backward()
         opt.step()
     model.zero_grad(set_to_none=True)
     return model.eval(), batches
@@ -174,11 +175,11 @@ def test_data_driven_criteria_without_data_say_so(name, trained):
 
 def test_bad_keys_fail_naming_the_key():
     with pytest.raises(ValueError, match="criterion.kind"):
-        AttentionCriterion(kind="transformer")
+        AttentionCriterion(**kwargs_of("criterion", "se", kind="transformer"))
     with pytest.raises(ValueError, match="criterion.calibration_batches"):
-        TaylorCriterion(calibration_batches=0)
+        TaylorCriterion(**kwargs_of("criterion", "taylor", calibration_batches=0))
     with pytest.raises(ValueError, match="criterion.p"):
-        FPGMCriterion(p=0)
+        FPGMCriterion(**kwargs_of("criterion", "fpgm", p=0))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -186,13 +187,13 @@ def test_bad_keys_fail_naming_the_key():
 
 
 def test_random_is_seeded_per_layer():
-    model = UNet(width=4, depth=2)
+    model = UNet(3, 1, width=4, depth=2)
     layers = prunable_layers(model)
-    a, b, c = (RandomCriterion(seed=s).score(model, layers, None) for s in (0, 0, 1))
+    a, b, c = (RandomCriterion(**kwargs_of("criterion", "random", seed=s)).score(model, layers, None) for s in (0, 0, 1))
     assert all(torch.equal(a[n], b[n]) for n in layers)
     assert all(not torch.equal(a[n], c[n]) for n in layers)
     first = next(iter(layers))  # a layer's scores do not depend on which other layers are scored
-    assert torch.equal(RandomCriterion(seed=0).score(model, {first: layers[first]}, None)[first], a[first])
+    assert torch.equal(RandomCriterion(**kwargs_of("criterion", "random", seed=0)).score(model, {first: layers[first]}, None)[first], a[first])
 
 
 def test_fpgm_ranks_a_duplicated_filter_lowest():
@@ -200,7 +201,7 @@ def test_fpgm_ranks_a_duplicated_filter_lowest():
     conv = nn.Conv2d(8, 8, 3)
     with torch.no_grad():
         conv.weight[5] = conv.weight[2]
-    scores = FPGMCriterion().score(None, {"conv": conv}, None)["conv"]
+    scores = FPGMCriterion(**kwargs_of("criterion", "fpgm")).score(None, {"conv": conv}, None)["conv"]
     assert scores[2] == pytest.approx(float(scores[5]))
     assert set(scores.argsort()[:2].tolist()) == {2, 5}
 
@@ -213,22 +214,22 @@ def test_fpgm_keeps_distinctive_filters_that_l1_would_remove():
     conv = nn.Conv2d(2, 6, 1, bias=False)
     with torch.no_grad():
         conv.weight.copy_(w.view(6, 2, 1, 1))
-    s = FPGMCriterion().score(None, {"conv": conv}, None)["conv"]
+    s = FPGMCriterion(**kwargs_of("criterion", "fpgm")).score(None, {"conv": conv}, None)["conv"]
     assert s[4] == pytest.approx(4.0) and s[5] == pytest.approx(4.0)
     assert s[:4].tolist() == pytest.approx([2 + 2 * 2 ** 0.5 + 2] * 4)
     assert torch.equal(fpgm_scores(w), s)
     up = nn.ConvTranspose2d(3, 5, 2)  # (in, out, kh, kw): one score per output channel
-    assert FPGMCriterion().score(None, {"up": up}, None)["up"].shape == (5,)
+    assert FPGMCriterion(**kwargs_of("criterion", "fpgm")).score(None, {"up": up}, None)["up"].shape == (5,)
 
 
 def test_bn_scale_is_abs_gamma_of_the_following_batchnorm_and_l1_elsewhere():
     torch.manual_seed(0)
-    model = UNet(width=4, depth=2).eval()
+    model = UNet(3, 1, width=4, depth=2).eval()
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             nn.init.normal_(m.weight)  # some negative: the score is |gamma|
     layers = prunable_layers(model)
-    criterion = BNScaleCriterion()
+    criterion = BNScaleCriterion(**kwargs_of("criterion", "bn_scale"))
     scores = criterion.score(model, layers, None)
     modules = dict(model.named_modules())
     pairs = sequential_bn(model, layers)
@@ -265,7 +266,7 @@ def test_batchnorm_called_from_forward_is_found_by_tracing():
     chains = trace_chains(model, layers, torch.randn(1, 3, 8, 8))
     assert chains["conv1"].modules == ["bn1", "relu"] and chains["conv1"].end == ("relu", 0)
     assert chains["conv2"].modules == ["bn2"] and chains["conv2"].end == ("bn2", 0)
-    scores = BNScaleCriterion().score(model, layers, None)
+    scores = BNScaleCriterion(**kwargs_of("criterion", "bn_scale")).score(model, layers, None)
     assert torch.equal(scores["conv1"], model.bn1.weight.detach().abs())
     assert torch.equal(scores["conv2"], model.bn2.weight.detach().abs())
 
@@ -274,9 +275,9 @@ def test_smp_resnet_unet_every_conv_has_its_batchnorm_and_shared_relus_are_told_
     from models.smp import build_smp
 
     torch.manual_seed(0)
-    model = build_smp("Unet", in_channels=3, num_classes=1, encoder_name="resnet18").eval()
+    model = build_smp(in_channels=3, num_classes=1, **kwargs_of("model", "smp_unet", encoder_name="resnet18")).eval()
     layers = prunable_layers(model)
-    criterion = BNScaleCriterion()
+    criterion = BNScaleCriterion(**kwargs_of("criterion", "bn_scale"))
     scores = criterion.score(model, layers, None)
     assert criterion.last_fallback == []
     enc = model.encoder
@@ -307,12 +308,12 @@ def test_taylor_on_a_linear_hand_made_network():
     g = torch.Generator().manual_seed(0)
     batches = [(torch.rand(2, 1, 4, 4, generator=g), (torch.rand(2, 1, 4, 4, generator=g) > 0.5).float()) for _ in range(2)]
     layers = prunable_layers(net)
-    scores = TaylorCriterion(calibration_batches=2).score(net, layers, context(batches))["conv"]
+    scores = TaylorCriterion(**kwargs_of("criterion", "taylor", calibration_batches=2)).score(net, layers, context(batches))["conv"]
 
     expected = torch.zeros(3)
     for x, y in batches:
         logits = net(x).detach().requires_grad_(True)
-        dlogits, = torch.autograd.grad(dice_bce_loss(logits, y), logits)
+        dlogits, = torch.autograd.grad(LOSS(logits, y), logits)
         shares = torch.tensor([1.0, 3.0, 0.0]).view(1, 3, 1, 1) * x  # h_c * w_c * x
         expected += (dlogits * shares).sum(dim=(0, 2, 3)).abs() / 2
     assert scores.tolist() == pytest.approx(expected.tolist(), rel=1e-5)
@@ -332,7 +333,7 @@ def test_activation_is_measured_after_batchnorm_and_relu(trained):
             model(x)
     for h in hooks:
         h.remove()
-    scores = ActivationCriterion(calibration_batches=2).score(model, prunable_layers(model), context(batches))
+    scores = ActivationCriterion(**kwargs_of("criterion", "activation", calibration_batches=2)).score(model, prunable_layers(model), context(batches))
     post = torch.cat(seen["relu"]).abs().mean(dim=(0, 2, 3))
     assert scores["encoder.1.conv.0"].tolist() == pytest.approx(post.tolist(), rel=1e-5)
     assert scores["decoder.0.up"].tolist() == pytest.approx(torch.cat(seen["up"]).abs().mean(dim=(0, 2, 3)).tolist(), rel=1e-5)
@@ -393,3 +394,16 @@ def test_saturated_gates_are_ordered_by_their_logit():
     assert torch.equal(out.argsort(), logits.argsort())
     assert out.unique().numel() == out.numel()
     assert torch.allclose(out, scores, atol=1e-6) and ((out >= 0) & (out <= 1)).all()
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_magnitude_is_torch_prunings_importance_and_the_filter_norm(p):
+    """L1/L2 come from torch-pruning's GroupMagnitudeImportance on each layer's own filters; they must be
+    the filter norms medprune computed by hand before (the cross-check that keeps the numbers)."""
+    from helpers import model_from_conf
+
+    for model in (model_from_conf("unet_tiny"), model_from_conf("attention_unet", width=4, depth=2)):
+        layers = prunable_layers(model)
+        scores = MagnitudeCriterion(name=f"l{p}", p=p).score(model, layers, None)
+        for name, layer in layers.items():
+            assert torch.allclose(scores[name], filter_norms(layer, p), rtol=1e-5, atol=1e-6), name

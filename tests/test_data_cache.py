@@ -20,6 +20,7 @@ from data.cache import SliceCache
 from data.covid_ct import CovidCT
 from data.synthetic_volumes import write_synthetic_brats, write_synthetic_covid_ct
 from data.volumes import ordered_map, resize_labels
+from helpers import kwargs_of
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (24, 24, 12)
@@ -40,7 +41,7 @@ def ct_root(tmp_path_factory) -> Path:
 
 
 def brats(root, cache, **kwargs) -> BraTS:
-    data = BraTS(str(root), **{"image_size": 16, "cache_dir": str(cache), "workers": 1, **kwargs})
+    data = BraTS(**kwargs_of("dataset", "brats", root=str(root), **{"image_size": 16, "cache_dir": str(cache), "workers": 1, **kwargs}))
     data.setup(0)
     return data
 
@@ -141,7 +142,7 @@ def test_a_killed_builder_leaves_nothing_that_is_read(brats_root, tmp_path):
 
 
 def test_without_cache_dir_a_private_folder_is_used_and_removed(brats_root):
-    data = BraTS(str(brats_root), image_size=16, cache_dir=None, workers=1)
+    data = BraTS(**kwargs_of("dataset", "brats", root=str(brats_root), image_size=16, cache_dir=None, workers=1))
     data.setup(0)
     folder = data.cache_folder.parent
     assert folder.is_dir() and data.stats()["cache_hit"] == 0
@@ -171,10 +172,11 @@ def test_parallel_jobs_build_the_cache_once(ct_root, tmp_path):
     script = (
         "import sys, logging; logging.basicConfig(level=logging.INFO)\n"
         "from data.covid_ct import CovidCT\n"
-        "d = CovidCT(sys.argv[1], image_size=24, cache_dir=sys.argv[2], workers=1); d.setup(0)\n"
+        "from helpers import kwargs_of\n"
+        "d = CovidCT(**kwargs_of('dataset', 'covid_ct', root=sys.argv[1], image_size=24, cache_dir=sys.argv[2], workers=1)); d.setup(0)\n"
         "print(int(d.stats()['cache_hit']), int(d.stats()['n_train']))\n"
     )
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
     procs = [
         subprocess.Popen([sys.executable, "-c", script, str(ct_root), str(tmp_path / "cache")], cwd=REPO, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -207,7 +209,7 @@ def test_building_holds_at_most_workers_volumes(ct_root, tmp_path, monkeypatch):
                 active[0] -= 1
 
     monkeypatch.setattr(CovidCT, "_process", tracked)
-    data = CovidCT(str(ct_root), image_size=24, cache_dir=str(tmp_path), workers=2)
+    data = CovidCT(**kwargs_of("dataset", "covid_ct", root=str(ct_root), image_size=24, cache_dir=str(tmp_path), workers=2))
     data.setup(0)
     assert peak[0] == 2 and data.stats()["cases"] == 8
     meta = json.loads((data.cache_folder / "meta.json").read_text())
@@ -248,7 +250,7 @@ def test_label_resizing_is_a_majority_vote():
 
 @pytest.mark.parametrize("split_seed", [0, 1, 2, 3])
 def test_no_case_and_no_patient_is_in_two_splits(ct_root, tmp_path, split_seed):
-    data = CovidCT(str(ct_root), image_size=16, cache_dir=str(tmp_path), workers=1, split_seed=split_seed, offline_flips=True)
+    data = CovidCT(**kwargs_of("dataset", "covid_ct", root=str(ct_root), image_size=16, cache_dir=str(tmp_path), workers=1, split_seed=split_seed, offline_flips=True))
     data.setup(0)
     ids = data.split_ids()
     assert sorted(sum(ids.values(), [])) == sorted(e["id"] for e in data._cached.meta["cases"])
@@ -265,7 +267,7 @@ def test_no_case_and_no_patient_is_in_two_splits(ct_root, tmp_path, split_seed):
 
 def test_split_seed_moves_the_split_and_the_run_seed_does_not(ct_root, tmp_path):
     def ids(split_seed=0, seed=0):
-        data = CovidCT(str(ct_root), image_size=16, cache_dir=str(tmp_path), workers=1, split_seed=split_seed)
+        data = CovidCT(**kwargs_of("dataset", "covid_ct", root=str(ct_root), image_size=16, cache_dir=str(tmp_path), workers=1, split_seed=split_seed))
         data.setup(seed)
         return data.split_ids()
 
@@ -274,7 +276,7 @@ def test_split_seed_moves_the_split_and_the_run_seed_does_not(ct_root, tmp_path)
 
 
 def test_augmentation_is_reseeded_per_epoch(ct_root, tmp_path):
-    data = CovidCT(str(ct_root), image_size=16, cache_dir=str(tmp_path), workers=1)
+    data = CovidCT(**kwargs_of("dataset", "covid_ct", root=str(ct_root), image_size=16, cache_dir=str(tmp_path), workers=1))
     data.setup(0)
     ds = data.dataset("train", augment=True)
 

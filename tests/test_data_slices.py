@@ -16,11 +16,11 @@ from PIL import Image
 from data import DatasetError, SegmentationData, build_data
 from data.slices import SliceFolders
 from data.synthetic_volumes import write_synthetic_slices
+from helpers import kwargs_of
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_SEMISEG = Path(__file__).resolve().parents[2] / "shared/realdata/covid_semiseg_subset"
 COUNT = 18
-PRESET = dict(image_dir="Imgs", mask_dir="GT", image_pattern="{id}.jpg", mask_pattern="{id}.png")
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def copy_root(semiseg_root, tmp_path) -> Path:
 
 
 def load(root, seed=0, **kwargs) -> SliceFolders:
-    data = SliceFolders(str(root), **{**PRESET, "image_size": 32, **kwargs})
+    data = SliceFolders(**kwargs_of("dataset", "covid_semiseg", root=str(root), **{"image_size": 32, **kwargs}))
     data.setup(seed)
     return data
 
@@ -79,8 +79,9 @@ def test_name_mapping_and_rgb(tmp_path):
         Image.open(tmp_path / "raw" / "Imgs" / f"{i}.jpg").convert("RGB").save(root / "inputs" / f"case_{i}.jpg")
         shutil.copy(tmp_path / "raw" / "GT" / f"{i}.png", root / "truth" / f"case_{i}_segmentation.png")
     (root / "inputs" / "LICENSE.txt").write_text("x")
-    data = SliceFolders(str(root), image_dir="inputs", mask_dir="truth", image_pattern="case_{id}.jpg",
-                        mask_pattern="case_{id}_segmentation.png", channels=3, mean=[0.5] * 3, std=[0.25] * 3, image_size=24)
+    data = SliceFolders(**kwargs_of("dataset", "slice_folders", root=str(root), image_dir="inputs", mask_dir="truth",
+                                    image_pattern="case_{id}.jpg", mask_pattern="case_{id}_segmentation.png", channels=3,
+                                    mean=[0.5] * 3, std=[0.25] * 3, image_size=24))
     data.setup(0)
     assert data.in_channels == 3 and data.stats()["files_ignored"] == 1
     assert sorted(sum(data.split_ids().values(), []), key=int) == [str(i) for i in range(9)]
@@ -175,24 +176,12 @@ def test_all_empty_masks(copy_root):
 )
 def test_bad_settings_name_their_key(key, value, semiseg_root):
     with pytest.raises(ValueError, match=key):
-        SliceFolders(str(semiseg_root), **{key: value})
+        SliceFolders(**kwargs_of("dataset", "covid_semiseg", root=str(semiseg_root), **{key: value}))
 
 
 # -- configs and real data --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["slice_folders", "covid_semiseg"])
-def test_yaml_keys_are_the_constructor_parameters(name):
-    node = OmegaConf.load(REPO / "conf" / "dataset" / f"{name}.yaml")
-    params = inspect.signature(SliceFolders).parameters
-    assert node._target_ == "data.slices.SliceFolders"
-    assert sorted(k for k in node if k != "_target_") == sorted(params)
-    if name == "slice_folders":
-        values = OmegaConf.to_container(node)
-        for key, value in values.items():
-            if key not in ("_target_", "root", "image_size"):
-                default = params[key].default
-                assert (list(value) == list(default)) if isinstance(value, list) else value == default, key
 
 
 def test_covid_semiseg_yaml_on_synthetic_data(semiseg_root):

@@ -7,6 +7,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import models
+from helpers import training_loss
 from pipeline.criteria import ScoringContext
 from pipeline.paths import CONF_DIR
 from pipeline.profiling import count_flops, count_params
@@ -17,6 +18,7 @@ SIZE = 32
 TINY_MODELS = {
     "unet": {"width": 4, "depth": 2},
     "unet_small": {"width": 4, "depth": 2},
+    "unet_tiny": {},
     "attention_unet": {"width": 4, "depth": 2},
     "custom_unet": {"width": 4, "depth": 3},
     "smp_unet": {"encoder_name": "resnet18", "encoder_depth": 3, "decoder_channels": [16, 8, 4]},
@@ -69,7 +71,7 @@ def test_prune_every_model_with_every_criterion(model_name, crit):
     keys_before = list(model.state_dict())
     modules_before = len(list(model.modules()))
     layers = prunable_layers(model)
-    scores = criterion(crit).score(model, layers, ScoringContext(device=torch.device("cpu"), batches=batches))
+    scores = criterion(crit).score(model, layers, ScoringContext(device=torch.device("cpu"), batches=batches, loss=training_loss()))
     # the criterion left nothing behind (attention modules, hooks) and scored every prunable layer
     assert list(model.state_dict()) == keys_before and len(list(model.modules())) == modules_before
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

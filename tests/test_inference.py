@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import models  # noqa: F401  (torchvision compatibility)
-from models.smp import build_smp
+from helpers import conf, model_from_conf
 from models.unet import UNet
 from pipeline import inference
 from pipeline.criteria.magnitude import MagnitudeCriterion
@@ -58,11 +58,11 @@ def test_folding_a_unet_removes_every_batchnorm_and_keeps_the_output():
 
 def test_a_pruned_unet_and_an_smp_unetplusplus_fold_exactly():
     model = small_unet(width=8, depth=3)
-    scores = MagnitudeCriterion("l1", 1).score(model, prunable_layers(model), None)
+    scores = MagnitudeCriterion(name="l1", p=1).score(model, prunable_layers(model), None)
     pruned = prune(model, scores, X[:1], 0.5, round_to=2).model.eval()
     torch.manual_seed(0)
-    upp = randomize_batchnorm(build_smp("UnetPlusPlus", 3, 1, encoder_name="resnet18", encoder_depth=3,
-                                       decoder_channels=[16, 8, 4]))
+    upp = randomize_batchnorm(model_from_conf("smp_unetplusplus", encoder_name="resnet18", encoder_depth=3,
+                                              decoder_channels=[16, 8, 4]))
     for net in (pruned, upp):
         folded, n = inference.fold_batchnorm(net, X[:1])
         assert n == bn_count(net) and n > 0
@@ -155,7 +155,7 @@ def test_timing_helpers_stop_at_the_time_budget_and_time_channels_last_inputs():
 
 
 def _ctx(**evaluate):
-    cfg = OmegaConf.create({"evaluate": {"latency_warmup": 1, "latency_runs": 3, "latency_threads": 1, **evaluate}})
+    cfg = OmegaConf.create({"evaluate": conf("evaluate", "default", latency_warmup=1, latency_runs=3, latency_threads=1, **evaluate)})
     return SimpleNamespace(cfg=cfg, input_shape=(1, 3, 32, 32), device=torch.device("cpu"))
 
 

@@ -14,6 +14,7 @@ from torch import nn
 import models
 from models.io import load_model, model_size_mb, save_model
 from models.smp import PretrainedWeightsUnavailable, build_smp
+from helpers import kwargs_of, model_from_conf
 from models.unet import UNet
 
 tp = pytest.importorskip("torch_pruning")
@@ -21,7 +22,8 @@ tp = pytest.importorskip("torch_pruning")
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 
 SMALL_UNET = {"_target_": "models.unet.UNet", "width": 8, "depth": 3}
-SMALL_SMP = {"_target_": "models.smp.build_smp", "arch": "Unet", "encoder_name": "resnet18", "encoder_depth": 4}
+SMALL_SMP = {"_target_": "models.smp.build_smp", "arch": "Unet", "encoder_name": "resnet18", "encoder_depth": 4,
+             "encoder_weights": None, "decoder_channels": None}
 
 
 def n_params(model: nn.Module) -> int:
@@ -42,7 +44,7 @@ def prune_half(model: nn.Module, in_channels: int = 3) -> nn.Module:
 
 
 def test_classic_unet_has_paper_size():
-    assert n_params(UNet()) / 1e6 == pytest.approx(31.0, abs=0.1)
+    assert n_params(model_from_conf("unet")) / 1e6 == pytest.approx(31.0, abs=0.1)
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 70, 90), (2, 3, 64, 64), (1, 3, 33, 17)])
@@ -54,7 +56,7 @@ def test_unet_any_input_size(shape):
 
 
 def test_unet_layout_matches_smp_names():
-    model = UNet(width=4, depth=3)
+    model = UNet(3, 1, width=4, depth=3)
     assert isinstance(model.encoder, nn.ModuleList) and len(model.encoder) == 4
     assert isinstance(model.decoder, nn.ModuleList) and len(model.decoder) == 3
     assert all(isinstance(up.up, nn.ConvTranspose2d) for up in model.decoder)
@@ -63,7 +65,7 @@ def test_unet_layout_matches_smp_names():
 
 @pytest.mark.parametrize(("arch", "depth"), [("Unet", 5), ("Unet", 3), ("UnetPlusPlus", 4)])
 def test_smp_forward(arch, depth):
-    model = build_smp(arch, in_channels=1, num_classes=3, encoder_name="resnet18", encoder_depth=depth).eval()
+    model = build_smp(in_channels=1, num_classes=3, **kwargs_of("model", "smp_unet", arch=arch, encoder_name="resnet18", encoder_depth=depth)).eval()
     with torch.no_grad():
         out = model(torch.randn(2, 1, 64, 64))
     assert out.shape == (2, 3, 64, 64)
@@ -71,14 +73,14 @@ def test_smp_forward(arch, depth):
 
 def test_smp_drops_encoder_stages_beyond_depth():
     # resnet18 at depth 3 only runs conv1..layer2: layer3/layer4 (10.5 M params) must not be kept.
-    model = build_smp("Unet", 3, 1, encoder_name="resnet18", encoder_depth=3)
+    model = model_from_conf("smp_unet", encoder_name="resnet18", encoder_depth=3)
     assert n_params(model.encoder) < 1e6
     assert isinstance(model.encoder.layer4, nn.Identity)
 
 
 def test_smp_unknown_arch_lists_valid():
     with pytest.raises(ValueError, match="UnetPlusPlus"):
-        build_smp("Unet3000", 3, 1)
+        build_smp(in_channels=3, num_classes=1, **kwargs_of("model", "smp_unet", arch="Unet3000"))
 
 
 def test_factory_injects_dataset_channels():
@@ -127,7 +129,7 @@ def test_offline_pretrained_weights_error_is_clear(monkeypatch, tmp_path):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(PretrainedWeightsUnavailable) as info:
-        build_smp("Unet", 3, 1, encoder_name="resnet18", encoder_weights="imagenet")
+        build_smp(in_channels=3, num_classes=1, **kwargs_of("model", "smp_unet", encoder_name="resnet18", encoder_weights="imagenet"))
     msg = str(info.value)
     assert isinstance(info.value, RuntimeError)
     assert "resnet18" in msg and "imagenet" in msg and "encoder_weights=null" in msg
@@ -185,13 +187,13 @@ def test_pruned_smp_unet_roundtrip(tmp_path, monkeypatch):
 def test_unpruned_roundtrip_and_pretrained_flag_not_refetched(tmp_path, monkeypatch):
     # The saved cfg may ask for pretrained weights; loading must not try to download them.
     cfg = {**SMALL_SMP, "encoder_weights": "imagenet"}
-    model = build_smp("Unet", 3, 1, encoder_name="resnet18", encoder_depth=4)
+    model = model_from_conf("smp_unet", encoder_name="resnet18", encoder_depth=4)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _roundtrip(model, cfg, 3, 1, tmp_path, monkeypatch)
 
 
 def test_load_rejects_unknown_format(tmp_path):
-    model = UNet(width=2, depth=1)
+    model = UNet(3, 1, width=2, depth=1)
     directory = save_model(model, {"_target_": "models.unet.UNet", "width": 2, "depth": 1}, 3, 1, tmp_path)
     meta = json.loads((directory / "model.json").read_text())
     meta["format"] = "something-else/9"

@@ -16,12 +16,12 @@ from models.unet import UNet
 from pipeline.criteria.magnitude import MagnitudeCriterion
 from pipeline.profiling import count_flops, count_params
 from pipeline.pruning import prunable_layers, prune
-from pipeline.training import dice_bce_loss
+from helpers import kwargs_of, model_from_conf, training_loss
 
 tp = pytest.importorskip("torch_pruning")
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
-SMALL = {"_target_": "models.attention_unet.AttentionUNet", "width": 8, "depth": 3}
+SMALL = {"_target_": "models.attention_unet.AttentionUNet", "width": 8, "depth": 3, "dropout": 0.0, "batch_norm": True}
 X = torch.randn(1, 3, 64, 64)
 
 
@@ -36,7 +36,7 @@ def _one_thread():
 
 def small(classes: int = 2, **kw) -> AttentionUNet:
     torch.manual_seed(0)
-    model = AttentionUNet(3, classes, **{**{"width": 8, "depth": 3}, **kw})
+    model = AttentionUNet(3, classes, **{"width": 8, "depth": 3, "dropout": 0.0, "batch_norm": True, **kw})
     _randomise_batch_norms(model)
     return model.eval()
 
@@ -55,7 +55,7 @@ def _randomise_batch_norms(model: nn.Module) -> None:
 
 
 def l1_scores(model):
-    return MagnitudeCriterion("l1", 1).score(model, prunable_layers(model), None)
+    return MagnitudeCriterion(name="l1", p=1).score(model, prunable_layers(model), None)
 
 
 def descending_scores(model):
@@ -69,7 +69,7 @@ def train_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int =
     losses = []
     for _ in range(steps):
         opt.zero_grad()
-        loss = dice_bce_loss(model(x), y)
+        loss = training_loss()(model(x), y)
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
@@ -94,13 +94,13 @@ def assert_roundtrip(model: nn.Module, cfg: dict, in_channels: int, num_classes:
 
 @pytest.mark.parametrize("shape", [(1, 3, 70, 90), (2, 3, 64, 64), (1, 3, 33, 17)])
 def test_any_input_size(shape):
-    model = AttentionUNet(3, 2, width=4, depth=4).eval()
+    model = AttentionUNet(3, 2, width=4, depth=4, dropout=0.0, batch_norm=True).eval()
     with torch.no_grad():
         assert model(torch.randn(*shape)).shape == (shape[0], 2, *shape[2:])
 
 
 def test_layout_follows_the_unet_naming():
-    model = AttentionUNet(1, 1, width=4, depth=3)
+    model = AttentionUNet(1, 1, width=4, depth=3, dropout=0.0, batch_norm=True)
     assert isinstance(model.encoder, nn.ModuleList) and len(model.encoder) == 4
     assert isinstance(model.decoder, nn.ModuleList) and len(model.decoder) == 3
     for level in model.decoder:
@@ -136,8 +136,8 @@ def test_param_count_is_the_classic_unet_plus_the_gates():
     def gates(width, depth):
         return sum(2 * c * (c // 2) + 5 * (c // 2) + 2 for c in (width * 2**i for i in range(depth)))
 
-    assert count_params(AttentionUNet()) == count_params(UNet()) + gates(64, 4) == 31_388_201
-    assert count_params(AttentionUNet(width=4, depth=2, batch_norm=False)) > 0
+    assert count_params(model_from_conf("attention_unet")) == count_params(model_from_conf("unet")) + gates(64, 4) == 31_388_201
+    assert count_params(AttentionUNet(3, 1, width=4, depth=2, batch_norm=False, dropout=0.0)) > 0
 
 
 def test_batch_norm_off_and_dropout_placement():
@@ -148,11 +148,11 @@ def test_batch_norm_off_and_dropout_placement():
     assert dropped == [3, 4]  # the two deepest encoder levels (4 = bottleneck)
     assert not any(isinstance(m, nn.Dropout2d) for m in model.decoder.modules())
     with pytest.raises(ValueError, match="dropout"):
-        AttentionUNet(dropout=1.0)
+        AttentionUNet(3, 1, **kwargs_of("model", "attention_unet", dropout=1.0))
 
 
 def test_dropout_is_active_in_training_only():
-    model = AttentionUNet(3, 1, width=4, depth=2, dropout=0.5)
+    model = AttentionUNet(3, 1, width=4, depth=2, dropout=0.5, batch_norm=True)
     x = torch.randn(2, 3, 32, 32)
     model.eval()
     with torch.no_grad():
@@ -166,13 +166,13 @@ def test_dropout_is_active_in_training_only():
 
 def test_classic_unet_layout_is_unchanged():
     # models/unet.py gained batch_norm / dropout options; the classic UNet must keep its layout and keys
-    keys = list(UNet(width=2, depth=1).state_dict())
+    keys = list(UNet(3, 1, width=2, depth=1).state_dict())
     assert keys[:6] == [
         "encoder.0.conv.0.weight", "encoder.0.conv.1.weight", "encoder.0.conv.1.bias",
         "encoder.0.conv.1.running_mean", "encoder.0.conv.1.running_var", "encoder.0.conv.1.num_batches_tracked",
     ]
     assert "encoder.0.conv.3.weight" in keys
-    assert not any(isinstance(m, nn.Dropout2d) for m in UNet(width=2, depth=1).modules())
+    assert not any(isinstance(m, nn.Dropout2d) for m in UNet(3, 1, width=2, depth=1).modules())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,7 +201,7 @@ def _hand_pruned_reference(model: AttentionUNet, classes: int) -> AttentionUNet:
     Every conv / BN / transposed conv keeps its leading channels; the decoder convs that read
     cat([gated skip, up-sampled map]) keep the leading half of *each* part of their input.
     """
-    ref = AttentionUNet(3, classes, width=model.encoder[0].conv[0].out_channels // 2, depth=model.depth).eval()
+    ref = AttentionUNet(3, classes, width=model.encoder[0].conv[0].out_channels // 2, depth=model.depth, dropout=0.0, batch_norm=True).eval()
     full = model.state_dict()
     sliced = {}
     for key, target in ref.state_dict().items():

@@ -5,23 +5,16 @@ volumes finds the slice cache the first one built."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-ROOT = Path(__file__).resolve().parents[1]
-REAL = ROOT.parent / "shared" / "realdata"
+from helpers import REAL, mlflow_runs, requires_real, run_pipeline
+
 REAL_BRATS = REAL / "brats2015_subset"
 REAL_SEMISEG = REAL / "covid_semiseg_subset"
-
-TINY = [
-    "model.width=4", "model.depth=2", "train.epochs=1", "finetune.epochs=1",
-    "evaluate.latency_runs=2", "evaluate.latency_warmup=0", "dataset.image_size=32",
-]
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
@@ -30,20 +23,11 @@ def outputs(tmp_path_factory) -> Path:
 
 
 def run(outputs: Path, *overrides: str) -> str:
-    env = {**os.environ, "MEDPRUNE_OUTPUTS": str(outputs), "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.run", *overrides], cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:]
-    return proc.stdout
+    return run_pipeline(outputs, "debug=tiny", "model=unet_tiny", "evaluate.latency_runs=2", "evaluate.latency_warmup=0", *overrides)
 
 
 def latest_run(outputs: Path):
-    client = MlflowClient(f"sqlite:///{outputs / 'mlflow.db'}")
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    return client, client.search_runs(experiments, order_by=["attributes.start_time DESC"], max_results=1)[0]
+    return MlflowClient(f"sqlite:///{outputs / 'mlflow.db'}"), mlflow_runs(outputs)[0]
 
 
 def splits_of(client: MlflowClient, run) -> dict:
@@ -52,7 +36,7 @@ def splits_of(client: MlflowClient, run) -> dict:
 
 
 def test_synthetic_covid_ct_runs_and_the_second_run_hits_the_slice_cache(outputs):
-    out = run(outputs, "dataset=synthetic_covid_ct", "dataset.synthetic.count=6", *TINY)
+    out = run(outputs, "dataset=synthetic_covid_ct", "dataset.synthetic.count=6")
     client, r = latest_run(outputs)
     assert r.info.status == "FINISHED"
     assert "building slice cache" in out
@@ -63,18 +47,18 @@ def test_synthetic_covid_ct_runs_and_the_second_run_hits_the_slice_cache(outputs
     splits = splits_of(client, r)
     assert sorted(sum(splits.values(), [])) and not set(splits["train"]) & set(splits["test"])
 
-    out = run(outputs, "dataset=synthetic_covid_ct", "dataset.synthetic.count=6", *TINY, "prune.ratio=0.25")
+    out = run(outputs, "dataset=synthetic_covid_ct", "dataset.synthetic.count=6", "prune.ratio=0.25")
     assert "slice cache hit" in out and "building slice cache" not in out
     client, again = latest_run(outputs)
     assert again.info.status == "FINISHED" and again.data.metrics["data/cache_hit"] == 1
     assert splits_of(client, again) == splits
 
 
-@pytest.mark.skipif(not REAL_BRATS.is_dir(), reason=f"real BraTS 2015 subset not found at {REAL_BRATS} (only beside the dev checkout)")
+@requires_real(REAL_BRATS)
 def test_pipeline_on_the_real_brats2015_subset(outputs):
     out = run(
         outputs, "dataset=brats", f"dataset.root={REAL_BRATS}", "dataset.modalities=[flair,t1ce]",
-        "dataset.label_scheme=brats2015", "dataset.empty_slice_fraction=0", "dataset.eval_empty_slice_fraction=0.1", *TINY,
+        "dataset.label_scheme=brats2015", "dataset.empty_slice_fraction=0", "dataset.eval_empty_slice_fraction=0.1",
     )
     client, r = latest_run(outputs)
     assert r.info.status == "FINISHED"
@@ -87,9 +71,9 @@ def test_pipeline_on_the_real_brats2015_subset(outputs):
     assert "building slice cache brats" in out
 
 
-@pytest.mark.skipif(not (REAL_SEMISEG / "Imgs").is_dir(), reason=f"real COVID-SemiSeg subset not found at {REAL_SEMISEG} (only beside the dev checkout)")
+@requires_real(REAL_SEMISEG)
 def test_pipeline_on_the_real_covid_semiseg_subset(outputs):
-    run(outputs, "dataset=covid_semiseg", f"dataset.root={REAL_SEMISEG}", *TINY)
+    run(outputs, "dataset=covid_semiseg", f"dataset.root={REAL_SEMISEG}")
     _, r = latest_run(outputs)
     assert r.info.status == "FINISHED"
     m = r.data.metrics

@@ -17,25 +17,23 @@ from pipeline.paths import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_ISIC = ROOT.parent / "shared" / "realdata" / "isic2018_subset"
-COMMON = [
-    "train.epochs=1", "train.batch_size=4", "finetune.epochs=1", "evaluate.latency_warmup=0",
-    "evaluate.latency_runs=2", "evaluate.mask_examples=0",
-]
-TINY_UNET = ["model.width=4", "model.depth=2"]
-ISIC = ["dataset=synthetic_isic", "dataset.synthetic.count=24", "dataset.image_size=32"]
+COMMON = ["debug=tiny", "evaluate.latency_warmup=0", "evaluate.latency_runs=2", "evaluate.mask_examples=0"]
+TINY_UNET = ["model=unet_tiny"]
+ISIC = ["dataset=synthetic_isic", "dataset.synthetic.count=24"]
+pytestmark = pytest.mark.integration
 PRESETS = {
     "lwunet_isic": ISIC + TINY_UNET,
     "lwunet_table2": ISIC + TINY_UNET,
     "lwunet_table4": ISIC + TINY_UNET + ["prune.scope=decoder"],
     "lwunet_table5": ISIC + TINY_UNET + ["criterion=l2"],
     "lwunet_table6": ISIC + TINY_UNET + ["finetune.epochs=0"],
-    "lwunet_table3": ["dataset=synthetic_brats", "dataset.image_size=32", "model.encoder_name=resnet18",
+    "lwunet_table3": ["dataset=synthetic_brats", "model.encoder_name=resnet18",
                       "model.encoder_depth=3", "model.decoder_channels=[16,8,4]"],
-    "lung_custom_unet": ["dataset=synthetic_covid_ct", "dataset.image_size=32", "model.width=2",
+    "lung_custom_unet": ["dataset=synthetic_covid_ct", "model.width=2",
                          "prune=custom003_deep", "evaluate.extra_splits=[train]"],
-    "channel_attention": ["dataset.image_size=32", "model=deeplabv3plus", "model.encoder_name=resnet18",
+    "channel_attention": ["model=deeplabv3plus", "model.encoder_name=resnet18",
                           "model.decoder_channels=32", "criterion=se", "criterion.steps=3", "criterion.calibration_batches=2"],
-    "real_isic_mini": ["dataset.limit=16", "dataset.image_size=32"] + TINY_UNET,
+    "real_isic_mini": ["dataset.limit=16"] + TINY_UNET,
 }
 
 

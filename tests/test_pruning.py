@@ -9,11 +9,11 @@ from models.unet import UNet
 from pipeline.criteria.magnitude import MagnitudeCriterion, filter_norms
 from pipeline.profiling import count_flops, count_params
 from pipeline.pruning import in_scope, prunable_layers, prune
-from pipeline.training import dice_bce_loss
+from helpers import kwargs_of, model_from_conf, training_loss
 
 
 def l1_scores(model):
-    return MagnitudeCriterion("l1", 1).score(model, prunable_layers(model), None)
+    return MagnitudeCriterion(name="l1", p=1).score(model, prunable_layers(model), None)
 
 
 def small_unet(width=8, depth=3, classes=1):
@@ -101,7 +101,7 @@ def test_pruned_network_trains():
     losses = []
     for _ in range(5):
         opt.zero_grad()
-        loss = dice_bce_loss(pruned(x), y)
+        loss = training_loss()(pruned(x), y)
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
@@ -110,7 +110,7 @@ def test_pruned_network_trains():
 
 def test_default_classic_unet_at_half_keeps_at_most_30_percent_of_flops():
     torch.manual_seed(0)
-    model = UNet(in_channels=3, num_classes=1).eval()  # width 64, depth 4: ~31 M parameters
+    model = model_from_conf("unet").eval()  # width 64, depth 4: ~31 M parameters
     shape = (1, 3, 128, 128)
     result = prune(model, l1_scores(model), torch.randn(shape), ratio=0.5)
     before, after = count_flops(model, shape), count_flops(result.model, shape)
@@ -121,7 +121,7 @@ def test_default_classic_unet_at_half_keeps_at_most_30_percent_of_flops():
 def test_smp_unet_with_resnet_encoder_prunes_across_residuals_and_skips():
     from models.smp import build_smp
 
-    model = build_smp("Unet", in_channels=3, num_classes=1, encoder_name="resnet18").eval()
+    model = model_from_conf("smp_unet", encoder_name="resnet18").eval()
     result = prune(model, l1_scores(model), X, ratio=0.5)
     assert count_params(result.model) < 0.35 * count_params(model)
     assert result.model(X).shape == (1, 1, 64, 64)

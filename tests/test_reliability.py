@@ -15,24 +15,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from helpers import TINY as HELPER_TINY
+from helpers import conf, mlflow_runs
+from helpers import launch as launch_merged
 from models import build_model
 from models.io import ModelFileError, load_model, save_model
-from helpers import TINY as HELPER_TINY
 from pipeline import tracking
 
-ROOT = Path(__file__).resolve().parents[1]
-UNET = {"_target_": "models.unet.UNet", "width": 4, "depth": 2}
+UNET = conf("model", "unet_tiny")
 TINY = [*HELPER_TINY, "evaluate.onnx=false", "evaluate.mask_examples=0"]
 
 
 def launch(outputs: Path, *overrides: str) -> subprocess.Popen:
-    env = {**os.environ, "MEDPRUNE_OUTPUTS": str(outputs), "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.Popen([sys.executable, "-m", "pipeline.run", *overrides], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return launch_merged(outputs, *overrides, merge_stderr=False)
 
 
 def run(outputs: Path, *overrides: str, rc: int = 0) -> tuple[str, str]:
@@ -43,11 +40,7 @@ def run(outputs: Path, *overrides: str, rc: int = 0) -> tuple[str, str]:
 
 
 def all_runs(outputs: Path):
-    db = outputs / "mlflow.db"
-    if not db.exists():
-        return []
-    client = MlflowClient(f"sqlite:///{db}")
-    return client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
+    return mlflow_runs(outputs)
 
 
 def error_lines(err: str) -> list[str]:
@@ -186,7 +179,7 @@ def test_errors_are_one_line_before_any_run(tmp_path):
         "evaluate.batch_size": ["evaluate.batch_size=0"],
     }
     for needle, overrides in cases.items():
-        out, err = run(outputs, "debug=tiny", *overrides, rc=2)
+        out, err = run(outputs, "debug=tiny", "model=unet_tiny", *overrides, rc=2)
         lines = error_lines(err)
         assert len(lines) == 1 and needle in lines[0], (needle, err[-2000:])
         assert "Traceback" not in err and "train 1/" not in out + err
@@ -198,8 +191,9 @@ def test_sigterm_is_one_line_and_the_run_killed(tmp_path):
     outputs = tmp_path / "out"
     proc = launch(outputs, *TINY, "train.epochs=500")
     deadline = time.time() + 120
-    while time.time() < deadline and not list((outputs / "baselines").glob(".*.checkpoint/checkpoint.json")):
-        time.sleep(0.1)
+    while time.time() < deadline and proc.poll() is None and not list(outputs.glob("baselines/.*.checkpoint/checkpoint.json")):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the job ended before it could be terminated"
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM

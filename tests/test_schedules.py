@@ -24,7 +24,7 @@ def unet(width=8, depth=3):
 
 
 def l1(model):
-    return MagnitudeCriterion("l1", 1).score(model, prunable_layers(model), None)
+    return MagnitudeCriterion(name="l1", p=1).score(model, prunable_layers(model), None)
 
 
 def kept(channels: int, ratio: float) -> int:

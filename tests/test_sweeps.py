@@ -12,14 +12,12 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from helpers import TINY as HELPER_TINY
 from pipeline.tracking import start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "dataset.synthetic.count=24", "dataset.image_size=32", "model.width=4", "model.depth=2", "train.epochs=1",
-    "train.batch_size=4", "finetune.epochs=1", "evaluate.latency_warmup=1", "evaluate.latency_runs=3",
-    "evaluate.mask_examples=0",
-]
+TINY = [*HELPER_TINY, "evaluate.mask_examples=0"]
+pytestmark = pytest.mark.integration
 
 
 def env_for(outputs: Path) -> dict:
@@ -95,7 +93,7 @@ def test_submitit_jobs_log_to_a_tracking_server_found_through_its_rest_api(tmp_p
         ratios = sorted(p["value"] for r in found for p in r["data"]["params"] if p["key"] == "prune.ratio")
         assert ratios == ["0.25", "0.5"]
         names = sorted(r["info"]["run_name"] for r in found)
-        assert names == ["unet_small-synthetic_isic-l1-r0.25-s0", "unet_small-synthetic_isic-l1-r0.5-s0"]
+        assert names == ["unet_tiny-synthetic_isic-l1-r0.25-s0", "unet_tiny-synthetic_isic-l1-r0.5-s0"]
         metrics = {m["key"] for m in found[0]["data"]["metrics"]}
         assert {"final/dice", "final/flops_g", "final/latency_ms", "baseline/dice"} <= metrics
     finally:

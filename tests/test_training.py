@@ -1,15 +1,15 @@
-"""The training loop: Dice + BCE, best-on-validation weights, the network-slimming penalty."""
+"""The training loop: the configured recipe (optimizer, scheduler, loss), best-on-validation weights, the
+network-slimming penalty, and the loss from segmentation_models_pytorch checked against its formula."""
 from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch.utils.data import TensorDataset
 
 import models  # noqa: F401
+from helpers import compose_config, from_conf
 from models.unet import UNet
-from pipeline.config import TrainConfig
-from pipeline.training import dice_bce_loss, fit
+from pipeline.training import Recipe, fit
 
 
 def toy_data(n=8, size=32, seed=0):
@@ -19,22 +19,42 @@ def toy_data(n=8, size=32, seed=0):
     return TensorDataset(x, y)
 
 
-def settings(**overrides):
-    return OmegaConf.merge(OmegaConf.structured(TrainConfig), {"batch_size": 4, "lr": 1e-2, **overrides})
+def recipe_and_settings(*overrides: str):
+    cfg = compose_config("train.batch_size=4", "train.lr=0.01", *overrides)
+    return Recipe.from_config(cfg), cfg.train
 
 
-def test_loss_is_low_for_a_perfect_prediction_and_high_for_the_opposite():
-    target = torch.zeros(1, 1, 4, 4)
-    target[..., :2, :] = 1
-    good = dice_bce_loss(target * 20 - 10, target)
-    bad = dice_bce_loss(10 - target * 20, target)
-    assert good < 0.01 and bad > 5
+def reference_dice_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The loss medprune wrote by hand before it used smp's: BCE + (1 - soft Dice with add-one smoothing)."""
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    prob, tgt = torch.sigmoid(logits).flatten(2), target.flatten(2)
+    dice = (2 * (prob * tgt).sum(-1) + 1) / (prob.sum(-1) + tgt.sum(-1) + 1)
+    return bce + 1 - dice.mean()
+
+
+def test_the_smp_dice_bce_loss_is_the_formula_for_one_image():
+    """smp's Dice is over the batch per class; for one image it is the per-image formula exactly."""
+    loss = from_conf("loss", "dice_bce")
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 2, 16, 16, generator=g) * 3
+    target = (torch.rand(1, 2, 16, 16, generator=g) > 0.6).float()
+    assert loss(logits, target).item() == pytest.approx(reference_dice_bce(logits, target).item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["dice_bce", "dice", "focal_dice"])
+def test_every_loss_is_low_for_a_perfect_prediction_and_high_for_the_opposite(name):
+    loss = from_conf("loss", name)
+    target = torch.zeros(2, 1, 8, 8)
+    target[..., :4, :] = 1
+    good, bad = loss(target * 20 - 10, target), loss(10 - target * 20, target)
+    assert good < 0.05 and bad > 0.9 and bad > 10 * good
 
 
 def test_fit_learns_and_keeps_the_best_validation_weights():
     torch.manual_seed(0)
     model = UNet(3, 1, width=4, depth=2)
-    history, best = fit(model, toy_data(), toy_data(seed=1), settings(epochs=4), torch.device("cpu"), seed=0)
+    recipe, settings = recipe_and_settings("train.epochs=4")
+    history, best = fit(model, toy_data(), toy_data(seed=1), settings, recipe, torch.device("cpu"), seed=0)
     assert len(history) == 4
     assert history[-1]["loss"] < history[0]["loss"]
     assert best == max([best] + [h["val_dice"] for h in history])
@@ -43,7 +63,8 @@ def test_fit_learns_and_keeps_the_best_validation_weights():
 def test_zero_epochs_leaves_the_model_untouched():
     model = UNet(3, 1, width=4, depth=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    history, _ = fit(model, toy_data(), toy_data(), settings(epochs=0), torch.device("cpu"), seed=0)
+    cfg = compose_config("finetune.epochs=0")
+    history, _ = fit(model, toy_data(), toy_data(), cfg.finetune, Recipe.from_config(cfg), torch.device("cpu"), seed=0)
     assert history == [] and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -52,11 +73,31 @@ def test_bn_l1_penalty_is_part_of_the_optimised_loss():
         torch.manual_seed(0)
         model = UNet(3, 1, width=4, depth=2)
         n_gammas = sum(m.num_features for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
-        history, _ = fit(model, toy_data(), toy_data(seed=1), settings(epochs=1, lr=1e-4, bn_l1=bn_l1),
-                         torch.device("cpu"), seed=0)
+        recipe, settings = recipe_and_settings("train.epochs=1", "train.lr=1e-4", f"train.bn_l1={bn_l1}")
+        history, _ = fit(model, toy_data(), toy_data(seed=1), settings, recipe, torch.device("cpu"), seed=0)
         return history[0]["loss"], n_gammas
 
     plain, n = first_epoch_loss(0.0)
     slim, _ = first_epoch_loss(0.05)
     # gammas start at 1: the penalty adds about bn_l1 * (number of gammas) while they barely move
     assert slim - plain == pytest.approx(0.05 * n, rel=0.05)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    # Adam 1e-3 + StepLR 0.1 80% into training (the default recipe): 8 epochs at 1e-3, then 1e-4
+    ([], [1e-3] * 8 + [1e-4] * 2),
+    # nnU-Net's: SGD 0.01, momentum 0.99, Nesterov, poly (power 0.9) over the phase
+    (["optimizer=sgd", "scheduler=poly", "train.lr=0.01"], [0.01 * (1 - e / 10) ** 0.9 for e in range(10)]),
+    (["scheduler=cosine"], [0.5e-3 * (1 + __import__("math").cos(__import__("math").pi * e / 10)) for e in range(10)]),
+])
+def test_recipes_are_config_only(overrides, expected):
+    cfg = compose_config("train.epochs=10", *overrides)
+    optimizer, scheduler = Recipe.from_config(cfg).build(torch.nn.Linear(2, 2), cfg.train)
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx(expected, rel=1e-6)
+    if "optimizer=sgd" in overrides:
+        assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.99 and optimizer.defaults["nesterov"]

@@ -24,10 +24,18 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 @dataclass
 class ScoringContext:
-    """What a criterion may use: data-driven criteria read calibration batches from `batches`."""
+    """What a criterion may use: data-driven criteria read calibration batches from `batches`, and the
+    gradient-based ones differentiate the run's training loss (`loss`, from conf/loss)."""
 
     device: torch.device
     batches: Optional[Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]] = None
+    loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+
+
+def training_loss(ctx: Optional[ScoringContext], who: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if ctx is None or ctx.loss is None:
+        raise ValueError(f"criterion {who} differentiates the training loss, but the ScoringContext has no loss")
+    return ctx.loss
 
 
 class Criterion:

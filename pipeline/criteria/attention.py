@@ -21,7 +21,7 @@ Procedure (`score`): trace each prunable layer's channel-wise chain (its BatchNo
 pipeline.criteria.tracing) and hook a gate at the chain's end, where it multiplies what the next layer
 receives (gate 0 there = the channel removed); freeze the network (eval mode, no parameter requires
 grad); train only the gates for `steps` Adam steps (`lr`) on the training batches, minimising
-dice_bce_loss + sparsity * (mean gate, averaged over layers): the penalty closes every gate that the
+the training loss + sparsity * (mean gate, averaged over layers): the penalty closes every gate that the
 loss does not hold open, so a gate's value says how much the loss needs its channel. The importance of
 a channel is its gate averaged over the images of `calibration_batches` batches. The gates live
 outside the model and every hook is removed afterwards: the model (weights, buffers, modules, modes,
@@ -31,14 +31,15 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.criteria import Criterion, ScoringContext, calibration_batches, cycled_batches, example_input, model_preserved
+from pipeline.criteria import (Criterion, ScoringContext, calibration_batches, cycled_batches, example_input, model_preserved,
+                               training_loss)
 from pipeline.criteria.tracing import ChainEndHooks, trace_chains
-from pipeline.training import dice_bce_loss
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ def break_ties(scores: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def make_gate(kind: str, channels: int, reduction: int, grid: int) -> nn.Module:
+def make_gate(kind: str, channels: int, reduction: Optional[int], grid: Optional[int]) -> nn.Module:
     if kind == "se":
         return SEGate(channels, reduction)
     if kind == "eca":
@@ -175,14 +176,19 @@ class AttentionCriterion(Criterion):
     max(4, C // reduction); unused by eca), `grid` (saca's sub-sampled map side), `seed` (gate init),
     `init_gate` (every gate's starting value), `sparsity` (weight of the mean-gate penalty)."""
 
-    def __init__(self, name: str = "se", kind: str = "se", steps: int = 50, lr: float = 1e-2,
-                 calibration_batches: int = 8, reduction: int = 4, grid: int = 4, seed: int = 0,
-                 init_gate: float = 0.9, sparsity: float = 1.0):
+    def __init__(self, *, name: str, kind: str, steps: int, lr: float, calibration_batches: int,
+                 reduction: Optional[int], grid: Optional[int], seed: int, init_gate: float, sparsity: float):
         if kind not in KINDS:
             raise ValueError(f"criterion.kind={kind!r}: expected one of {', '.join(KINDS)}")
+        uses = {"reduction": kind != "eca", "grid": kind == "saca"}  # what each kind's gate takes
+        for key, value in (("reduction", reduction), ("grid", grid)):
+            if uses[key] and value is None:
+                raise ValueError(f"criterion.{key} must be set for kind={kind}")
+            if not uses[key] and value is not None:
+                raise ValueError(f"criterion.{key}={value} is not used by kind={kind}: set it to null")
         for key, value, low in (("steps", steps, 0), ("calibration_batches", calibration_batches, 1),
                                 ("reduction", reduction, 1), ("grid", grid, 1)):
-            if int(value) < low:
+            if value is not None and int(value) < low:
                 raise ValueError(f"criterion.{key}={value}: expected >= {low}")
         if not lr > 0:
             raise ValueError(f"criterion.lr={lr}: expected > 0")
@@ -192,7 +198,7 @@ class AttentionCriterion(Criterion):
             raise ValueError(f"criterion.sparsity={sparsity}: expected >= 0")
         self.offset, self.sparsity = math.log(init_gate / (1 - init_gate)), float(sparsity)
         self.name, self.kind, self.steps, self.lr = name, kind, int(steps), float(lr)
-        self.calibration_batches, self.reduction, self.grid, self.seed = int(calibration_batches), int(reduction), int(grid), int(seed)
+        self.calibration_batches, self.reduction, self.grid, self.seed = int(calibration_batches), reduction, grid, int(seed)
         self.losses: list[float] = []  # training loss per step of the last call (for logs/tests)
 
     def build_gates(self, layers: dict[str, nn.Module], device: torch.device) -> nn.ModuleDict:
@@ -239,7 +245,7 @@ class AttentionCriterion(Criterion):
                     for _ in range(self.steps):
                         images, masks = next(batches)
                         penalties = []
-                        loss = dice_bce_loss(model(images), masks)
+                        loss = training_loss(ctx, self.name)(model(images).float(), masks)
                         if self.sparsity and penalties:
                             loss = loss + self.sparsity * torch.stack(penalties).mean()
                         penalties = None

@@ -10,10 +10,9 @@ import logging
 
 import torch
 
-from pipeline.criteria import (Criterion, ScoringContext, calibration_batches, example_input, model_preserved,
-                               out_dim_sum, per_channel)
+from pipeline.criteria import (Criterion, ScoringContext, calibration_batches, example_input, model_preserved, out_dim_sum,
+                               per_channel, training_loss)
 from pipeline.criteria.tracing import ChainEndHooks, trace_chains
-from pipeline.training import dice_bce_loss
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +27,11 @@ class TaylorCriterion(Criterion):
     """First-order Taylor importance (Molchanov et al., CVPR 2019).
 
     For output channel c of a layer with weight W: per batch, |sum over the filter of w * dL/dw| with L
-    the training loss (dice_bce_loss), i.e. the first-order estimate of the loss change if the filter
+    the run's training loss (conf/loss), i.e. the first-order estimate of the loss change if the filter
     were zeroed; averaged over `calibration_batches` batches. Gradients are taken with
     torch.autograd.grad, so no parameter's `.grad` is written."""
 
-    def __init__(self, name: str = "taylor", calibration_batches: int = 8):
+    def __init__(self, *, name: str, calibration_batches: int):
         self.name, self.calibration_batches = name, _check_batches(calibration_batches)
 
     def score(self, model, layers, ctx: ScoringContext):
@@ -48,7 +47,7 @@ class TaylorCriterion(Criterion):
             for w in weights:
                 w.requires_grad_(True)
             for images, masks in calibration_batches(ctx, self.calibration_batches, self.name):
-                loss = dice_bce_loss(model(images), masks)
+                loss = training_loss(ctx, self.name)(model(images).float(), masks)
                 grads = torch.autograd.grad(loss, weights, allow_unused=True)
                 for name, w, g in zip(names, weights, grads):
                     if g is not None:
@@ -64,7 +63,7 @@ class ActivationCriterion(Criterion):
     importance; post-ReLU means also see dead (never-positive) channels as zero. A layer with nothing
     channel-wise after it (a ConvTranspose before a concatenation) is measured at its own output."""
 
-    def __init__(self, name: str = "activation", calibration_batches: int = 8):
+    def __init__(self, *, name: str, calibration_batches: int):
         self.name, self.calibration_batches = name, _check_batches(calibration_batches)
 
     @torch.no_grad()

@@ -26,7 +26,7 @@ class RandomCriterion(Criterion):
     """Uniform random scores: the control every real criterion must beat. Each layer draws from its own
     generator seeded by (seed, layer name), so a layer's scores do not depend on the other layers."""
 
-    def __init__(self, name: str = "random", seed: int = 0):
+    def __init__(self, *, name: str, seed: int):
         self.name, self.seed = name, int(seed)
 
     @torch.no_grad()
@@ -50,7 +50,7 @@ class FPGMCriterion(Criterion):
     geometric median of its layer (small sum) is the one best represented by the others, so it goes
     first; unlike L1 this can remove large-norm filters and keep small, distinctive ones."""
 
-    def __init__(self, name: str = "fpgm", p: float = 2.0):
+    def __init__(self, *, name: str, p: float):
         if p <= 0:
             raise ValueError(f"criterion.p={p}: expected > 0")
         self.name, self.p = name, float(p)
@@ -68,7 +68,7 @@ class BNScaleCriterion(Criterion):
     UNet's ConvTranspose up-sampling, a conv with a bias feeding an add) falls back to the L1 norm of its
     filters (`fallback_p`), which is on another scale: see docs/CRITERIA.md."""
 
-    def __init__(self, name: str = "bn_scale", fallback_p: int = 1):
+    def __init__(self, *, name: str, fallback_p: int):
         if fallback_p not in (1, 2):
             raise ValueError(f"criterion.fallback_p={fallback_p}: expected 1 or 2")
         self.name, self.fallback_p = name, fallback_p

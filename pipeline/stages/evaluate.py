@@ -13,7 +13,7 @@ import logging
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -32,27 +32,11 @@ log = logging.getLogger(__name__)
 ROWS = ("baseline", "pruned", "final")
 FINAL_ONNX = "final.onnx"
 
-# Inference settings of this stage (evaluate.* in conf/evaluate/default.yaml and EvaluateConfig, which
-# hold the same defaults; these apply to a config without the keys). docs/PERFORMANCE.md says why.
-DEFAULTS: dict[str, Any] = {
-    "fold_bn": True,  # latency_ms of the network with BatchNorm folded into the convolutions
-    "channels_last": True,  # ... in NHWC memory layout (4-D inputs)
-    "latency_eager": True,  # also latency_eager_ms (the network as trained) when it differs from the above
-    "onnx": True,  # export to ONNX (BatchNorm folded) and time it with ONNX Runtime on CPU: onnx_latency_ms
-    "onnx_opset": 18,
-    "onnx_dynamo": False,  # torch.export-based exporter instead of the TorchScript one
-}
-
-
-def setting(ctx: Context, key: str):
-    return ctx.cfg.evaluate.get(key, DEFAULTS[key])
-
-
 def cost(ctx: Context, model: torch.nn.Module, onnx_path: Optional[Path]) -> dict[str, float]:
     """Latency of the deployed form, of the eager network (if different) and of the ONNX export."""
     e = ctx.cfg.evaluate
     shape = ctx.input_shape
-    fold, channels_last = bool(setting(ctx, "fold_bn")), bool(setting(ctx, "channels_last"))
+    fold, channels_last = bool(ctx.cfg.evaluate.fold_bn), bool(ctx.cfg.evaluate.channels_last)
     folded = inference.prepare_for_inference(model, shape, fold_bn=fold, channels_last=False)
     prepared = inference.with_channels_last(folded) if channels_last else folded
     deployed = measure_latency(prepared.model.to(ctx.device), shape, e.latency_warmup, e.latency_runs, e.latency_threads,
@@ -64,14 +48,14 @@ def cost(ctx: Context, model: torch.nn.Module, onnx_path: Optional[Path]) -> dic
         "latency_bn_folded": prepared.folded_bn,
         "latency_channels_last": int(prepared.channels_last),
     }
-    if (prepared.folded_bn or prepared.channels_last) and setting(ctx, "latency_eager"):
+    if (prepared.folded_bn or prepared.channels_last) and ctx.cfg.evaluate.latency_eager:
         eager = measure_latency(model, shape, e.latency_warmup, e.latency_runs, e.latency_threads)
         out["latency_eager_ms"] = eager["latency_ms"]
         out["latency_eager_p90_ms"] = eager["latency_p90_ms"]
     if onnx_path is not None:
         try:
-            inference.export_onnx(folded.model.cpu(), onnx_path, shape, opset=int(setting(ctx, "onnx_opset")),
-                                  dynamo=bool(setting(ctx, "onnx_dynamo")))
+            inference.export_onnx(folded.model.cpu(), onnx_path, shape, opset=int(ctx.cfg.evaluate.onnx_opset),
+                                  dynamo=bool(ctx.cfg.evaluate.onnx_dynamo))
             session = inference.onnx_session(onnx_path, e.latency_threads)
             ort = inference.measure_onnx_latency(session, shape, e.latency_warmup, e.latency_runs)
             out.update({
@@ -133,7 +117,7 @@ def run(ctx: Context, state: RunState) -> RunState:
     results: dict[str, dict] = {}
     device_names = set()
     folder = ctx.stage_dir("evaluate")
-    onnx = bool(setting(ctx, "onnx"))
+    onnx = bool(ctx.cfg.evaluate.onnx)
     scratch = tempfile.TemporaryDirectory(prefix="medprune-onnx-")
     try:
         for row in ROWS:
@@ -176,7 +160,7 @@ def run(ctx: Context, state: RunState) -> RunState:
 
 
 def _form(ctx: Context) -> str:
-    parts = [p for p, on in (("bn-folded", setting(ctx, "fold_bn")), ("channels-last", setting(ctx, "channels_last"))) if on]
+    parts = [p for p, on in (("bn-folded", ctx.cfg.evaluate.fold_bn), ("channels-last", ctx.cfg.evaluate.channels_last)) if on]
     return "+".join(parts) or "eager"
 
 

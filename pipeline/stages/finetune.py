@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from models.io import load_model, save_model
 from pipeline.state import Context, RunState, seed_everything
-from pipeline.training import fit, write_history
+from pipeline.training import Recipe, fit, write_history
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def run(ctx: Context, state: RunState) -> RunState:
     folder = ctx.stage_dir("final")
     checkpoint = folder / "checkpoint"  # in the run folder: a resumed job (pipeline/journal.py) continues it
     history, best_dice = fit(
-        model, data.dataset("train", augment=True), data.dataset("val"), cfg.finetune, ctx.device, cfg.seed,
+        model, data.dataset("train", augment=True), data.dataset("val"), cfg.finetune, Recipe.from_config(cfg), ctx.device, cfg.seed,
         log_metrics=ctx.tracker.log_metrics, desc="finetune", checkpoint=checkpoint,
     )
     save_model(model.cpu(), cfg.model, data.in_channels, data.num_classes, folder / "model")

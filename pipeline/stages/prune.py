@@ -1,6 +1,12 @@
-"""Remove channels structurally from the baseline, by the saved scores and the prune schedule."""
+"""Remove channels structurally from the baseline, by the saved scores and the prune schedule.
+
+Each schedule has its own config (pipeline.config.PRUNE_SCHEMAS). What was finally applied, and where
+the rates came from (the config, the sensitivity stage, a search), is written to `pruned/rates.json`,
+logged, and tagged (`medprune.rates_source`).
+"""
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
 from enum import Enum
@@ -8,15 +14,14 @@ from enum import Enum
 import yaml
 from omegaconf import OmegaConf
 
+from data.files import atomic_write, write_csv
 from models.io import load_model, save_model
-from pipeline import plots
+from pipeline import plots, scoring
 from pipeline.criteria.magnitude import filter_norms
 from pipeline.profiling import count_flops, count_params
 from pipeline.pruning import in_scope, prunable_layers, prune, ratio_for_flops
-from pipeline.report import write_csv
-from pipeline.stages import score as score_stage
 from pipeline.state import Context, RunState, seed_everything
-from pipeline.training import fit
+from pipeline.training import Recipe, fit
 
 log = logging.getLogger(__name__)
 
@@ -32,47 +37,60 @@ def run(ctx: Context, state: RunState) -> RunState:
     model = load_model(state.baseline)
     scores_dir = state.scores
     if scores_dir:
-        scores, criterion = score_stage.load(scores_dir)
+        scores, criterion = scoring.load(scores_dir)
         if criterion != cfg.criterion.name:
             raise RuntimeError(f"the scores in {scores_dir} were made by {criterion}, but criterion.name={cfg.criterion.name}")
     else:
         log.info("No scores in the state: scoring with %s first", cfg.criterion.name)
-        scores, criterion = score_stage.compute(ctx, model)
+        scores, criterion = scoring.compute(ctx, model)
         scores_dir = ctx.stage_dir("scores")
-        score_stage.save(scores, criterion, scores_dir)
+        scoring.save(scores, criterion, scores_dir)
     p = cfg.prune
-    scope, schedule = _value(p.scope), _value(p.schedule)
+    scope, schedule = _value(p.scope), str(p.schedule)
     if not any(in_scope(n, scope) for n in prunable_layers(model)):
         raise RuntimeError(f"prune.scope={scope} matches no prunable layer of this model")
 
     plan = dict(scope=scope, round_to=p.round_to)
-    ratio = p.ratio
+    x = ctx.example_input()
     metrics: dict[str, float] = {}
-    if state.layer_ratios:  # rates derived by the sensitivity stage win over the config
+    applied: dict = {"schedule": schedule, "scope": scope, "round_to": p.round_to}
+    flops = lambda m: count_flops(m, ctx.input_shape)  # noqa: E731
+    if schedule == "sensitivity":
+        if not state.layer_ratios:
+            raise RuntimeError("prune=sensitivity needs the rates of a sensitivity stage: add sensitivity to stages")
         rates = yaml.safe_load(open(state.layer_ratios))["layer_ratios"]
-        log.info("Using the %d per-layer rates of the sensitivity stage (%s)", len(rates), state.layer_ratios)
-        result = prune(model, scores, ctx.example_input(), 0.0, **plan, layer_ratios=rates)
-    elif schedule == "budget":
-        flops = lambda m: count_flops(m, ctx.input_shape)  # noqa: E731
-        extra = dict(global_ranking=True, max_layer_ratio=p.max_layer_ratio) if p.global_ranking else {}
-        ratio, result = ratio_for_flops(model, scores, ctx.example_input(), p.target_flops, flops, **plan, **extra)
+        applied.update(source=f"sensitivity stage ({state.layer_ratios})", layer_ratios=rates, ratio=0.0)
+        result = prune(model, scores, x, 0.0, **plan, layer_ratios=rates)
+    elif schedule in ("budget", "budget_global"):
+        extra = dict(global_ranking=True, max_layer_ratio=p.max_layer_ratio) if schedule == "budget_global" else {}
+        ratio, result = ratio_for_flops(model, scores, x, p.target_flops, flops, **plan, **extra)
         metrics["prune/found_ratio"] = ratio
+        applied.update(source=f"search for prune.target_flops={p.target_flops}", ratio=ratio, **extra)
     elif schedule == "iterative":
         result = prune(
-            model, scores, ctx.example_input(), ratio, **plan, steps=p.steps,
-            rescore=lambda m: score_stage.compute(ctx, m)[0],
+            model, scores, x, p.ratio, **plan, steps=p.steps,
+            rescore=lambda m: scoring.compute(ctx, m)[0],
             between_steps=lambda m, step: _finetune_between(ctx, m, step),
         )
-    else:
-        extra = {
-            "per_layer": dict(layer_ratios=dict(p.layer_ratios)),
-            "global": dict(global_ranking=True, max_layer_ratio=p.max_layer_ratio),
-        }.get(schedule, {})
-        result = prune(model, scores, ctx.example_input(), ratio, **plan, **extra)
+        applied.update(source="config", ratio=p.ratio, steps=p.steps)
+    elif schedule == "per_layer":
+        rates = dict(p.layer_ratios)
+        result = prune(model, scores, x, p.ratio, **plan, layer_ratios=rates)
+        applied.update(source="config", ratio=p.ratio, layer_ratios=rates)
+    elif schedule == "global":
+        result = prune(model, scores, x, p.ratio, **plan, global_ranking=True, max_layer_ratio=p.max_layer_ratio)
+        applied.update(source="config (global ranking)", ratio=p.ratio, max_layer_ratio=p.max_layer_ratio)
+    else:  # uniform
+        result = prune(model, scores, x, p.ratio, **plan)
+        applied.update(source="config", ratio=p.ratio)
+    applied["removed_per_layer"] = {r["layer"]: round(r["removed"], 4) for r in result.channels}
 
     folder = ctx.stage_dir("pruned")
     save_model(result.model, cfg.model, data.in_channels, data.num_classes, folder / "model")
     table = write_csv(result.channels, folder / "channels.csv")
+    rates_file = atomic_write(folder / "rates.json", json.dumps(applied, indent=2) + "\n")
+    ctx.tracker.set_tags({"medprune.rates_source": applied["source"]})
+    log.info("Applied prune.schedule=%s, rates from %s (pruned/rates.json)", schedule, applied["source"])
     plot = plots.channels_before_after(result.channels, folder / "channels.png", f"{cfg.criterion.name}, {schedule}, scope {scope}")
     names = list(prunable_layers(model))
     after_layers = prunable_layers(result.model)
@@ -86,7 +104,7 @@ def run(ctx: Context, state: RunState) -> RunState:
     metrics["prune/params_kept"] = after / before
     metrics["prune/channels_kept"] = sum(r["after"] for r in result.channels) / sum(r["before"] for r in result.channels)
     ctx.tracker.log_metrics(metrics)
-    for path in (table, plot, norms):
+    for path in (table, plot, norms, rates_file):
         ctx.tracker.log_artifact(path, "pruning")
     ctx.tracker.log_artifact(folder / "model", "pruned_model")
     log.info("Pruned %s -> %s parameters (%.1f%% kept)", f"{before:,}", f"{after:,}", 100 * after / before)
@@ -101,7 +119,7 @@ def _finetune_between(ctx: Context, model, step: int) -> None:
     seed_everything(ctx.cfg.seed + step)
     settings = OmegaConf.merge(ctx.cfg.finetune, {"epochs": epochs})
     fit(
-        model, ctx.data.dataset("train", augment=True), ctx.data.dataset("val"), settings, ctx.device,
-        ctx.cfg.seed, log_metrics=ctx.tracker.log_metrics, desc=f"prune_step{step}",
+        model, ctx.data.dataset("train", augment=True), ctx.data.dataset("val"), settings, Recipe.from_config(ctx.cfg),
+        ctx.device, ctx.cfg.seed, log_metrics=ctx.tracker.log_metrics, desc=f"prune_step{step}",
     )
     model.cpu().eval()

@@ -18,13 +18,13 @@ from itertools import islice
 import torch
 import yaml
 
+from data.files import write_csv
 from models.io import load_model
 from pipeline import plots
 from pipeline.metrics import SegmentationMeter
 from pipeline.profiling import count_flops
 from pipeline.pruning import in_scope, prunable_layers, prune
-from pipeline.report import write_csv
-from pipeline.stages import score as score_stage
+from pipeline.scoring import compute as compute_scores
 from pipeline.state import Context, RunState
 from pipeline.training import make_loader
 
@@ -80,7 +80,7 @@ def run(ctx: Context, state: RunState) -> RunState:
     s, p = cfg.sensitivity, cfg.prune
     scope = p.scope.value if isinstance(p.scope, Enum) else str(p.scope)
     model = load_model(state.baseline).to(ctx.device).eval()
-    scores, _ = score_stage.compute(ctx, model)
+    scores, _ = compute_scores(ctx, model)
     model.cpu()
     loader = make_loader(ctx.data.dataset("val"), cfg.evaluate.batch_size, False, 0, cfg.seed, ctx.device)
     batches = list(islice(loader, s.max_batches) if s.max_batches else loader)

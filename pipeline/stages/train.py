@@ -16,7 +16,7 @@ from models import build_model
 from models.io import save_model
 from pipeline import baseline as baselines
 from pipeline.state import Context, RunState, seed_everything
-from pipeline.training import fit, write_history
+from pipeline.training import Recipe, fit, write_history
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def _train(ctx: Context, key: str, target) -> dict:
     model = build_model(cfg.model, data.in_channels, data.num_classes)
     checkpoint = target.parent / f".{key}.checkpoint"
     history, best_dice = fit(
-        model, data.dataset("train", augment=True), data.dataset("val"), cfg.train, ctx.device, cfg.seed,
+        model, data.dataset("train", augment=True), data.dataset("val"), cfg.train, Recipe.from_config(cfg), ctx.device, cfg.seed,
         log_metrics=ctx.tracker.log_metrics, desc="train", checkpoint=checkpoint,
     )
     meta = {"key": key, "run_id": ctx.tracker.run_id, "epochs": len(history), "best_val_dice": best_dice}
