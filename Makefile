@@ -11,7 +11,7 @@ ARGS   ?=
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test test-slow ui sweep report bench clean
+.PHONY: setup run test test-unit test-all test-slow ui sweep report bench clean
 
 setup: $(STAMP)
 
@@ -26,11 +26,19 @@ $(STAMP): pyproject.toml constraints.txt
 run: setup
 	$(BIN)/python -m pipeline.run $(ARGS)
 
+# Tiers (tests/conftest.py): unit (in-process, the bulk), integration (pipeline jobs on tiny settings),
+# slow (long runs), realdata (../shared/realdata, skipped when absent). `make test` = unit + integration.
 test: setup
 	$(BIN)/python -m pytest -q $(ARGS)
 
+test-unit: setup
+	$(BIN)/python -m pytest -q -m unit $(ARGS)
+
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow $(ARGS)
+
+test-all: setup
+	$(BIN)/python -m pytest -q -m "unit or integration or slow" $(ARGS)
 
 sweep: setup
 	$(BIN)/python -m pipeline.run -m $(if $(EXP),experiment=$(EXP)) $(ARGS)

@@ -19,6 +19,8 @@ from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from pipeline.schedules import SCHEDULES, Scope  # noqa: F401  (Scope: the schema's type, re-exported)
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key."""
@@ -31,12 +33,6 @@ class Stage(str, Enum):
     prune = "prune"
     finetune = "finetune"
     evaluate = "evaluate"
-
-
-class Scope(str, Enum):
-    encoder = "encoder"
-    decoder = "decoder"
-    all = "all"
 
 
 # Every value of the fixed groups lives in its YAML (conf/<group>/<option>.yaml); these dataclasses only
@@ -61,60 +57,7 @@ class FinetuneConfig(TrainConfig):
     pass
 
 
-SCHEDULES = ("uniform", "per_layer", "global", "iterative", "budget", "budget_global", "sensitivity")
-
-
-@dataclass
-class PruneBase:
-    schedule: str = MISSING  # the schedule's name (one of SCHEDULES); its option file sets it
-    scope: Scope = MISSING  # encoder | decoder | all: the layers that may lose channels
-    round_to: Optional[int] = MISSING  # keep channel counts a multiple of this (null: exact rates)
-
-
-@dataclass
-class UniformPrune(PruneBase):
-    ratio: float = MISSING  # fraction of the output channels removed from every in-scope layer
-
-
-@dataclass
-class PerLayerPrune(PruneBase):
-    layer_ratios: Dict[str, float] = MISSING  # {glob pattern over layer names: fraction removed}, first match wins
-    ratio: float = MISSING  # fraction removed from the in-scope layers no pattern matches
-
-
-@dataclass
-class GlobalPrune(PruneBase):
-    ratio: float = MISSING  # fraction of all in-scope channels removed, by one ranking across layers
-    max_layer_ratio: float = MISSING  # ... but never more than this fraction of one layer
-
-
-@dataclass
-class IterativePrune(PruneBase):
-    ratio: float = MISSING  # the final fraction removed from every in-scope layer, reached in `steps` equal steps
-    steps: int = MISSING
-    epochs_between: int = MISSING  # fine-tuning epochs (finetune settings) between steps
-
-
-@dataclass
-class BudgetPrune(PruneBase):
-    target_flops: float = MISSING  # fraction of the baseline FLOPs to keep; the uniform ratio is searched
-
-
-@dataclass
-class BudgetGlobalPrune(PruneBase):
-    target_flops: float = MISSING  # fraction of the baseline FLOPs to keep; the global ranking's ratio is searched
-    max_layer_ratio: float = MISSING
-
-
-@dataclass
-class SensitivityPrune(PruneBase):
-    """The per-layer rates the sensitivity stage derives (its settings: the `sensitivity` group)."""
-
-
-PRUNE_SCHEMAS: dict[str, type] = {
-    "uniform": UniformPrune, "per_layer": PerLayerPrune, "global": GlobalPrune, "iterative": IterativePrune,
-    "budget": BudgetPrune, "budget_global": BudgetGlobalPrune, "sensitivity": SensitivityPrune,
-}
+PRUNE_SCHEMAS: dict[str, type] = {name: schedule.schema for name, schedule in SCHEDULES.items()}
 
 
 @dataclass

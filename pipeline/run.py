@@ -186,7 +186,7 @@ def one_line(err: BaseException) -> str:
         return " ".join(line.strip() for line in lines)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(paths.CONF_DIR), config_name="config")  # absolute: works from any folder and as the installed `medprune` script
 def main(cfg: DictConfig) -> float | None:
     try:
         with terminate_on_sigterm():

@@ -1,10 +1,23 @@
-"""Suite-wide settings."""
+"""Suite-wide settings and the test tiers.
+
+Tiers (markers): `unit` (in-process, no pipeline job; the bulk, and the default for an unmarked test),
+`integration` (a real pipeline job or a subprocess, tiny settings), `slow` (long runs, not in `make
+test`), `realdata` (reads ../shared/realdata; skipped with the reason where it is absent).
+"""
 import os
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+TIERS = ("unit", "integration", "slow")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if not any(item.get_closest_marker(tier) for tier in TIERS):
+            item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture(autouse=True, scope="session")

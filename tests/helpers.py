@@ -75,12 +75,58 @@ def training_loss():
     return from_conf("loss", "dice_bce")
 
 
-def run_pipeline(outputs: Path, *overrides: str, ok: bool = True, module: str = "pipeline.run", timeout: int = 600) -> str:
-    """Runs `python -m <module>` to the end; asserts it succeeded (or failed, `ok=False`); returns stdout+stderr."""
+def run_cli(outputs: Path, *overrides: str, ok: bool = True, module: str = "pipeline.run", timeout: int = 600) -> str:
+    """`python -m <module>` in a subprocess, to the end (for what needs a process of its own: exit codes seen
+    by a shell, signals, parallel jobs); asserts it succeeded (or failed, `ok=False`); returns stdout+stderr."""
     proc = launch(outputs, *overrides, module=module)
     out, _ = proc.communicate(timeout=timeout)
     assert (proc.returncode == 0) == ok, out[-4000:]
     return out
+
+
+def run_pipeline(outputs: Path, *overrides: str, ok: bool = True, module: str = "pipeline.run") -> str:
+    """`python -m <module> <overrides>` in this process: the same entry point (`pipeline.run.main` with
+    Hydra's command line, or `pipeline.report.main`) without paying the imports again. Returns what it
+    printed (stdout and stderr)."""
+    import contextlib
+    import importlib
+    import io
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    entry = importlib.import_module(module).main
+
+    buffer = io.StringIO()
+    saved_argv, saved_env = sys.argv, os.environ.get("MEDPRUNE_OUTPUTS")
+    os.environ["MEDPRUNE_OUTPUTS"] = str(outputs)
+    sys.argv = ["medprune", *overrides]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+            try:
+                code = (entry() if module == "pipeline.run" else entry(list(overrides))) or 0
+                code = code if isinstance(code, int) else 0  # pipeline.run.main returns the final Dice
+            except SystemExit as stop:
+                code = stop.code or 0
+    finally:
+        sys.argv = saved_argv
+        if saved_env is None:
+            os.environ.pop("MEDPRUNE_OUTPUTS", None)
+        else:
+            os.environ["MEDPRUNE_OUTPUTS"] = saved_env
+        GlobalHydra.instance().clear()
+        _reset_logging()
+    out = buffer.getvalue()
+    assert (code == 0) == ok, out[-4000:]
+    return out
+
+
+def _reset_logging() -> None:
+    """Hydra configures the root logger for each job; drop its handlers so the next job starts clean."""
+    import logging
+
+    for handler in list(logging.getLogger().handlers):
+        logging.getLogger().removeHandler(handler)
 
 
 def mlflow_runs(outputs: Path, experiment: str | None = None, **tags: str) -> list:

@@ -6,6 +6,10 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.integration  # the bench's rows run training and pruning
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

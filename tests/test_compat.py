@@ -12,6 +12,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.integration  # subprocesses with their own imports
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -397,13 +397,23 @@ def test_saturated_gates_are_ordered_by_their_logit():
 
 
 @pytest.mark.parametrize("p", [1, 2])
-def test_magnitude_is_torch_prunings_importance_and_the_filter_norm(p):
-    """L1/L2 come from torch-pruning's GroupMagnitudeImportance on each layer's own filters; they must be
-    the filter norms medprune computed by hand before (the cross-check that keeps the numbers)."""
+def test_magnitude_is_torch_prunings_magnitude_importance_of_each_layer(p):
+    """L1/L2 are torch-pruning's GroupMagnitudeImportance on each layer's own filters (root of its group;
+    for p=2 the square root of its sum of squares): the same numbers, wherever that class applies."""
+    import torch_pruning as tp
+
     from helpers import model_from_conf
 
-    for model in (model_from_conf("unet_tiny"), model_from_conf("attention_unet", width=4, depth=2)):
+    importance = tp.importance.GroupMagnitudeImportance(p=p, normalizer=None, group_reduction="first", bias=False)
+    for model in (model_from_conf("unet_tiny").eval(), model_from_conf("attention_unet", width=4, depth=2).eval()):
         layers = prunable_layers(model)
-        scores = MagnitudeCriterion(name=f"l{p}", p=p).score(model, layers, None)
+        ours = MagnitudeCriterion(name=f"l{p}", p=p).score(model, layers, None)
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 3, 32, 32))
         for name, layer in layers.items():
-            assert torch.allclose(scores[name], filter_norms(layer, p), rtol=1e-5, atol=1e-6), name
+            group = graph.get_pruning_group(layer, tp.prune_conv_out_channels, idxs=list(range(layer.out_channels)))
+            root = tp.dependency.Group()  # the layer's own output channels
+            root.add_dep(group[0].dep, group[0].idxs)
+            root[0].root_idxs = group[0].root_idxs
+            with torch.no_grad():
+                theirs = importance(root).float()
+            assert torch.allclose(ours[name], theirs.sqrt() if p == 2 else theirs, rtol=1e-5, atol=1e-6), name

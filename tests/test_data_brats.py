@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import compose_config, kwargs_of
+from helpers import REAL, compose_config, kwargs_of, requires_real
 from omegaconf import OmegaConf
 
 from data import DatasetError, SegmentationData, build_data
@@ -20,7 +20,6 @@ from data.brats import BraTS, LABEL_SCHEMES, resolve_regions
 from data.synthetic_volumes import write_synthetic_brats
 
 REPO = Path(__file__).resolve().parents[1]
-REAL = Path(__file__).resolve().parents[2] / "shared/realdata"
 REAL_2015 = REAL / "brats2015_subset"
 REAL_2023 = REAL / "brats2023_no_gt"
 SHAPE = (32, 32, 20)
@@ -448,9 +447,8 @@ def real_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("real_cache")
 
 
+@requires_real(REAL_2015)
 def test_real_brats2015_subset(real_cache):
-    if not REAL_2015.is_dir():
-        pytest.skip(f"real BraTS 2015 subset not found at {REAL_2015} (a fresh clone has no ../shared)")
     kwargs = dict(modalities=["flair", "t1ce"], label_scheme="brats2015", image_size=32, workers=2)
     data = load(REAL_2015, real_cache, **kwargs)
     stats = data.stats()
@@ -469,9 +467,8 @@ def test_real_brats2015_subset(real_cache):
     assert abs(images[..., 0][inside].mean()) < 0.1 and (images[~inside] == 0).all()
 
 
+@requires_real(REAL_2015)
 def test_real_brats2015_core_regions(real_cache):
-    if not REAL_2015.is_dir():
-        pytest.skip(f"real BraTS 2015 subset not found at {REAL_2015} (a fresh clone has no ../shared)")
     data = load(REAL_2015, real_cache, modalities=["flair", "t1ce"], label_scheme="brats2015", image_size=32,
                 region=["whole_tumor", "tumor_core", "enhancing_tumor"])
     assert data.stats()["cache_hit"] == 1  # the region is chosen when serving: same cache as above
@@ -480,9 +477,8 @@ def test_real_brats2015_core_regions(real_cache):
     assert total[0] >= total[1] >= total[2] > 0
 
 
+@requires_real(REAL_2023)
 def test_real_brats2023_naming_without_ground_truth(tmp_path):
-    if not REAL_2023.is_dir():
-        pytest.skip(f"real BraTS 2023 case not found at {REAL_2023} (a fresh clone has no ../shared)")
     with pytest.raises(DatasetError, match="BraTS-GLI-00001-000 has no segmentation.*BraTS-GLI-00001-000-seg.nii.gz"):
         load(REAL_2023, tmp_path / "cache", label_scheme="brats2023")
     with pytest.raises(DatasetError, match="no usable case"):

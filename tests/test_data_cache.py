@@ -168,6 +168,7 @@ def test_a_cache_built_with_skip_still_fails_a_strict_run(tmp_path):
 # -- concurrency and memory -------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_parallel_jobs_build_the_cache_once(ct_root, tmp_path):
     script = (
         "import sys, logging; logging.basicConfig(level=logging.INFO)\n"

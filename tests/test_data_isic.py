@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import compose_config, conf, kwargs_of
+from helpers import REAL, compose_config, conf, kwargs_of, requires_real
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -21,7 +21,7 @@ from data.isic import ISIC2018, MASK_SUFFIX, OFFICIAL_DIRS, TRAIN_DIRS
 from data.synthetic import ensure_generated, read_stamp, write_synthetic_isic
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_ISIC = Path(__file__).resolve().parents[2] / "shared/realdata/isic2018_subset"
+REAL_ISIC = REAL / "isic2018_subset"
 COUNT = 24
 SMALL = dict(min_side=64, max_side=112)
 
@@ -362,6 +362,7 @@ def test_synthetic_refuses_to_overwrite_a_real_folder(tmp_path):
     assert (tmp_path / "real" / "precious.txt").read_text() == "keep me"
 
 
+@pytest.mark.integration
 def test_parallel_jobs_share_one_synthetic_root(tmp_path):
     root = tmp_path / "shared_root"
     script = (
@@ -405,9 +406,8 @@ def test_build_data_from_a_dict(synthetic_root):
 # -- real data --------------------------------------------------------------------------------------
 
 
+@requires_real(REAL_ISIC)
 def test_real_isic_subset_loads_every_pair():
-    if not (REAL_ISIC / TRAIN_DIRS[0]).is_dir():
-        pytest.skip(f"real ISIC 2018 subset not found at {REAL_ISIC} (a fresh clone has no ../shared)")
     start = time.perf_counter()
     data = load(REAL_ISIC, image_size=64, workers=2)
     elapsed = time.perf_counter() - start

@@ -16,10 +16,10 @@ from PIL import Image
 from data import DatasetError, SegmentationData, build_data
 from data.slices import SliceFolders
 from data.synthetic_volumes import write_synthetic_slices
-from helpers import kwargs_of
+from helpers import REAL, kwargs_of, requires_real
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_SEMISEG = Path(__file__).resolve().parents[2] / "shared/realdata/covid_semiseg_subset"
+REAL_SEMISEG = REAL / "covid_semiseg_subset"
 COUNT = 18
 
 
@@ -192,9 +192,8 @@ def test_covid_semiseg_yaml_on_synthetic_data(semiseg_root):
     assert data.stats()["pairs_loaded"] == COUNT
 
 
+@requires_real(REAL_SEMISEG)
 def test_real_covid_semiseg_subset():
-    if not (REAL_SEMISEG / "Imgs").is_dir():
-        pytest.skip(f"real COVID-SemiSeg subset not found at {REAL_SEMISEG} (a fresh clone has no ../shared)")
     start = time.perf_counter()
     cfg = OmegaConf.load(REPO / "conf" / "dataset" / "covid_semiseg.yaml")
     cfg.root = str(REAL_SEMISEG)

@@ -5,18 +5,16 @@ preset's own dataset layout, with a tiny version of the preset's model.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from data.files import read_csv
+from helpers import REAL, run_pipeline
 from pipeline.paths import CONF_DIR
 
-ROOT = Path(__file__).resolve().parents[1]
-REAL_ISIC = ROOT.parent / "shared" / "realdata" / "isic2018_subset"
+REAL_ISIC = REAL / "isic2018_subset"
 COMMON = ["debug=tiny", "evaluate.latency_warmup=0", "evaluate.latency_runs=2", "evaluate.mask_examples=0"]
 TINY_UNET = ["model=unet_tiny"]
 ISIC = ["dataset=synthetic_isic", "dataset.synthetic.count=24"]
@@ -42,12 +40,7 @@ def test_every_preset_is_covered():
 
 
 def medprune(tmp_path: Path, *args: str, module: str = "pipeline.run") -> str:
-    env = {**os.environ, "MEDPRUNE_OUTPUTS": str(tmp_path), "NO_ALBUMENTATIONS_UPDATE": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:]
-    return proc.stdout
+    return run_pipeline(tmp_path, *args, module=module)
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -69,7 +62,19 @@ def test_preset_runs_end_to_end_and_reports(preset, tmp_path):
     runs = client.search_runs([client.get_experiment_by_name(names[0]).experiment_id])
     assert [r.info.status for r in runs] == ["FINISHED"]
     text = medprune(tmp_path, preset, "--no-log", module="pipeline.report")
-    assert "| 1 |" in text  # our run landed in a row of the table
     if preset != "lwunet_isic":  # the shared setting has no table of its own
         assert "(paper)" in text or preset == "channel_attention"
-    assert (tmp_path / "reports" / names[0] / "report.md").exists()
+    # our run is the row of its setting, with its own Dice (in the paper's unit)
+    from dataclasses import asdict
+
+    from helpers import compose_config
+    from pipeline.config import PaperConfig
+
+    paper = compose_config(f"experiment={preset}").paper or asdict(PaperConfig())  # the report's generic table
+    (run,) = runs
+    key = " / ".join(run.data.params[k.strip()] for k in paper["rows_by"].split(","))
+    rows = read_csv(tmp_path / "reports" / names[0] / "report.csv")
+    (row,) = [r for r in rows if r[paper["rows_by"]] == key]
+    dice_title = paper["columns"]["dice"]
+    dice = run.data.metrics[f"{paper['metric_prefix']}/dice"] * paper["scale"].get("dice", 1.0)
+    assert row["runs"] == "1" and float(row[dice_title]) == pytest.approx(dice, abs=0.01)

@@ -1,7 +1,10 @@
+"""Costs: FLOPs and parameters, and the latency loop timed against a scripted clock."""
+import pytest
 import torch
 from torch import nn
 
-from pipeline.profiling import count_flops, count_params, measure_latency
+from pipeline import profiling
+from pipeline.profiling import count_flops, count_params, measure_latency, summarize, time_calls
 
 
 def test_flops_of_a_conv_are_twice_its_macs():
@@ -11,12 +14,38 @@ def test_flops_of_a_conv_are_twice_its_macs():
     assert count_params(conv) == 8 * 27
 
 
-def test_latency_reports_median_threads_and_device():
+class ScriptedClock:
+    """perf_counter() that advances by the next scripted step (seconds) after each timed call."""
+
+    def __init__(self, steps):
+        self.now, self.steps = 0.0, list(steps)
+
+    def __call__(self):
+        return self.now
+
+    def call(self):
+        self.now += self.steps.pop(0)
+
+
+def test_time_calls_times_each_call_after_the_warm_up(monkeypatch):
+    clock = ScriptedClock([9.0, 0.010, 0.030, 0.020, 0.040])  # the first step is the warm-up call
+    monkeypatch.setattr(profiling.time, "perf_counter", clock)
+    times = time_calls(clock.call, warmup=1, runs=4)
+    assert times == pytest.approx([10.0, 30.0, 20.0, 40.0])
+    assert summarize(times) == {"median_ms": pytest.approx(25.0), "p90_ms": pytest.approx(40.0), "runs": 4}
+
+
+def test_time_calls_stops_at_its_time_budget_but_keeps_the_minimum(monkeypatch):
+    clock = ScriptedClock([1.0] * 10)
+    monkeypatch.setattr(profiling.time, "perf_counter", clock)
+    assert len(time_calls(clock.call, warmup=0, runs=10, max_seconds=0.5, min_runs=3)) == 3
+
+
+def test_latency_reports_median_threads_and_device_and_restores_threads():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     before = torch.get_num_threads()
     result = measure_latency(model, (1, 3, 32, 32), warmup=1, runs=5, threads=1)
-    assert result["latency_ms"] > 0
     assert result["latency_p90_ms"] >= result["latency_ms"]
     assert result["latency_threads"] == 1 and result["latency_runs"] == 5
-    assert result["latency_device"]
+    assert result["latency_device"] == profiling.cpu_name()
     assert torch.get_num_threads() == before

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import TINY as HELPER_TINY
-from helpers import conf, mlflow_runs
+from helpers import conf, mlflow_runs, run_pipeline
 from helpers import launch as launch_merged
 from models import build_model
 from models.io import ModelFileError, load_model, save_model
@@ -101,14 +101,14 @@ def test_a_damaged_cached_baseline_is_moved_aside(tmp_path, caplog):
 @pytest.mark.integration
 def test_a_corrupted_cache_is_retrained_and_a_corrupted_baseline_folder_is_an_error(tmp_path):
     outputs = tmp_path / "out"
-    run(outputs, *TINY)
+    run_pipeline(outputs, *TINY)
     (cached,) = [p for p in (outputs / "baselines").iterdir() if p.is_dir() and not p.name.startswith(".")]
     weights = cached / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2: len(data) // 2 + 2000] = bytes(2000)
     weights.write_bytes(bytes(data))
-    out, err = run(outputs, *TINY)
-    assert "is damaged" in out + err and "Training baseline" in out + err
+    out = run_pipeline(outputs, *TINY)
+    assert "is damaged" in out and "Training baseline" in out
     assert list((outputs / "baselines").glob(f"{cached.name}.corrupt-*"))
     latest = max(all_runs(outputs), key=lambda r: r.info.start_time)
     assert latest.info.status == "FINISHED" and latest.data.tags["medprune.baseline_reused"] == "false"
@@ -116,9 +116,9 @@ def test_a_corrupted_cache_is_retrained_and_a_corrupted_baseline_folder_is_an_er
     # the same damage in a folder given by baseline=: an error naming the file, before a run is opened
     weights.write_bytes(weights.read_bytes()[:5000])  # truncated this time
     before = len(all_runs(outputs))
-    _, err = run(outputs, *TINY, "stages=[prune,finetune,evaluate]", f"baseline={cached}", rc=2)
-    assert error_lines(err) == [line for line in err.splitlines() if str(weights) in line]
-    assert len(error_lines(err)) == 1 and "Traceback" not in err
+    out = run_pipeline(outputs, *TINY, "stages=[prune,finetune,evaluate]", f"baseline={cached}", ok=False)
+    assert error_lines(out) == [line for line in out.splitlines() if str(weights) in line]
+    assert len(error_lines(out)) == 1 and "Traceback" not in out
     assert len(all_runs(outputs)) == before
 
 
@@ -179,10 +179,14 @@ def test_errors_are_one_line_before_any_run(tmp_path):
         "evaluate.batch_size": ["evaluate.batch_size=0"],
     }
     for needle, overrides in cases.items():
-        out, err = run(outputs, "debug=tiny", "model=unet_tiny", *overrides, rc=2)
-        lines = error_lines(err)
-        assert len(lines) == 1 and needle in lines[0], (needle, err[-2000:])
-        assert "Traceback" not in err and "train 1/" not in out + err
+        out = run_pipeline(outputs, "debug=tiny", "model=unet_tiny", *overrides, ok=False)
+        lines = error_lines(out)
+        assert len(lines) == 1 and needle in lines[0], (needle, out[-2000:])
+        assert "Traceback" not in out and "train 1/" not in out
+    # what a shell sees: exit status 2, the one line on stderr, nothing on it but that line
+    _, err = run(outputs, "debug=tiny", "model=unet_tiny", "dataset=isic2018", f"dataset.root={loop}", rc=2)
+    assert err.strip().splitlines()[-1] == error_lines(err)[0] and str(image) in err
+    assert "Traceback" not in err
     assert all_runs(outputs) == []
 
 

@@ -1,19 +1,21 @@
 """Weight-magnitude criteria: the Lp norm of each output filter (data-free).
 
-The score is torch-pruning's own magnitude importance, `GroupMagnitudeImportance(p, normalizer=None,
-group_reduction="first")` (its "standard L1-norm of the first layer in a group"), taken on the
-dependency group each layer roots: sum over the filter of |w|^p. For p = 2 medprune reports the norm (its
-square root), as the lightweight-UNet study defines L2, so that layers keep the same relative scale as
-with L1 when pipeline.pruning averages a group's scores. `filter_norms` computes the same numbers
-directly from a layer's weight (for plots and fallbacks; tests/test_criteria.py checks they agree).
+This is torch-pruning's magnitude importance restricted to a layer's own filters
+(`GroupMagnitudeImportance(p, normalizer=None, group_reduction="first")`, its "standard L1-norm of the
+first layer in a group"; for p = 2 the norm, i.e. the square root of its sum of squares, as the
+lightweight-UNet study defines L2). It is computed here from the weight directly rather than through
+that class because a score must exist for every prunable layer before any graph is traced (the score
+stage saves them; the prune stage reduces them per group with torch-pruning's own reduction,
+`pipeline.pruning.ScoreTableImportance`), and torch-pruning's class returns nothing for depthwise
+convolutions (DeepLabV3+'s separable ASPP). tests/test_criteria.py checks that both give the same
+numbers wherever torch-pruning's applies.
 """
 from __future__ import annotations
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
-from pipeline.criteria import Criterion, ScoringContext, example_input, model_preserved
+from pipeline.criteria import Criterion, ScoringContext
 
 
 def filter_norms(layer: nn.Module, p: int) -> torch.Tensor:
@@ -30,16 +32,6 @@ class MagnitudeCriterion(Criterion):
             raise ValueError(f"criterion.p={p}: expected 1 or 2")
         self.name, self.p = name, p
 
+    @torch.no_grad()
     def score(self, model, layers, ctx: ScoringContext):
-        if not layers:
-            return {}
-        importance = tp.importance.GroupMagnitudeImportance(p=self.p, normalizer=None, group_reduction="first", bias=False)
-        with model_preserved(model), torch.enable_grad():  # the graph is traced through autograd
-            graph = tp.DependencyGraph().build_dependency(model.eval(), example_inputs=example_input(model, ctx))
-        scores = {}
-        for name, layer in layers.items():
-            group = graph.get_pruning_group(layer, tp.prune_conv_out_channels, idxs=list(range(layer.out_channels)))
-            with torch.no_grad():
-                value = importance(group).float().cpu()
-            scores[name] = value.sqrt() if self.p == 2 else value
-        return scores
+        return {name: filter_norms(layer, self.p) for name, layer in layers.items()}

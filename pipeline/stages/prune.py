@@ -1,6 +1,6 @@
 """Remove channels structurally from the baseline, by the saved scores and the prune schedule.
 
-Each schedule has its own config (pipeline.config.PRUNE_SCHEMAS). What was finally applied, and where
+Each schedule has its own config and function (pipeline/schedules.py). What was finally applied, and where
 the rates came from (the config, the sensitivity stage, a search), is written to `pruned/rates.json`,
 logged, and tagged (`medprune.rates_source`).
 """
@@ -19,7 +19,8 @@ from models.io import load_model, save_model
 from pipeline import plots, scoring
 from pipeline.criteria.magnitude import filter_norms
 from pipeline.profiling import count_flops, count_params
-from pipeline.pruning import in_scope, prunable_layers, prune, ratio_for_flops
+from pipeline.pruning import in_scope, prunable_layers
+from pipeline.schedules import SCHEDULES, Inputs
 from pipeline.state import Context, RunState, seed_everything
 from pipeline.training import Recipe, fit
 
@@ -50,40 +51,17 @@ def run(ctx: Context, state: RunState) -> RunState:
     if not any(in_scope(n, scope) for n in prunable_layers(model)):
         raise RuntimeError(f"prune.scope={scope} matches no prunable layer of this model")
 
-    plan = dict(scope=scope, round_to=p.round_to)
-    x = ctx.example_input()
-    metrics: dict[str, float] = {}
-    applied: dict = {"schedule": schedule, "scope": scope, "round_to": p.round_to}
-    flops = lambda m: count_flops(m, ctx.input_shape)  # noqa: E731
-    if schedule == "sensitivity":
-        if not state.layer_ratios:
-            raise RuntimeError("prune=sensitivity needs the rates of a sensitivity stage: add sensitivity to stages")
-        rates = yaml.safe_load(open(state.layer_ratios))["layer_ratios"]
-        applied.update(source=f"sensitivity stage ({state.layer_ratios})", layer_ratios=rates, ratio=0.0)
-        result = prune(model, scores, x, 0.0, **plan, layer_ratios=rates)
-    elif schedule in ("budget", "budget_global"):
-        extra = dict(global_ranking=True, max_layer_ratio=p.max_layer_ratio) if schedule == "budget_global" else {}
-        ratio, result = ratio_for_flops(model, scores, x, p.target_flops, flops, **plan, **extra)
-        metrics["prune/found_ratio"] = ratio
-        applied.update(source=f"search for prune.target_flops={p.target_flops}", ratio=ratio, **extra)
-    elif schedule == "iterative":
-        result = prune(
-            model, scores, x, p.ratio, **plan, steps=p.steps,
-            rescore=lambda m: scoring.compute(ctx, m)[0],
-            between_steps=lambda m, step: _finetune_between(ctx, m, step),
-        )
-        applied.update(source="config", ratio=p.ratio, steps=p.steps)
-    elif schedule == "per_layer":
-        rates = dict(p.layer_ratios)
-        result = prune(model, scores, x, p.ratio, **plan, layer_ratios=rates)
-        applied.update(source="config", ratio=p.ratio, layer_ratios=rates)
-    elif schedule == "global":
-        result = prune(model, scores, x, p.ratio, **plan, global_ranking=True, max_layer_ratio=p.max_layer_ratio)
-        applied.update(source="config (global ranking)", ratio=p.ratio, max_layer_ratio=p.max_layer_ratio)
-    else:  # uniform
-        result = prune(model, scores, x, p.ratio, **plan)
-        applied.update(source="config", ratio=p.ratio)
-    applied["removed_per_layer"] = {r["layer"]: round(r["removed"], 4) for r in result.channels}
+    derived = None
+    if state.layer_ratios:
+        derived = (state.layer_ratios, yaml.safe_load(open(state.layer_ratios))["layer_ratios"])
+    inputs = Inputs(
+        model=model, scores=scores, example=ctx.example_input(), flops=lambda m: count_flops(m, ctx.input_shape),
+        rescore=lambda m: scoring.compute(ctx, m)[0], between_steps=lambda m, step: _finetune_between(ctx, m, step),
+        derived_rates=derived,
+    )
+    result, applied, metrics = SCHEDULES[schedule].apply(p, inputs)
+    applied = {"schedule": schedule, "scope": scope, "round_to": p.round_to, **applied,
+               "removed_per_layer": {r["layer"]: round(r["removed"], 4) for r in result.channels}}
 
     folder = ctx.stage_dir("pruned")
     save_model(result.model, cfg.model, data.in_channels, data.num_classes, folder / "model")

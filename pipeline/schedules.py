@@ -1,0 +1,151 @@
+"""Prune schedules: each is a typed config (the keys it uses, and no other) and the function that prunes
+by it. A new schedule is a dataclass and a function here, registered in SCHEDULES, and its YAML in
+conf/prune/ (which extends the dataclass: `defaults: [schema_<name>]`).
+
+Every function gets the baseline, its scores and what the prune stage provides (`Inputs`), and returns
+the pruned network, what was applied and where the rates came from (logged as pruned/rates.json and the
+`medprune.rates_source` tag), and any metrics it found (prune/found_ratio).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from omegaconf import MISSING
+from torch import nn
+
+from pipeline.pruning import PruneResult, prune, ratio_for_flops
+
+
+class Scope(str, Enum):
+    encoder = "encoder"
+    decoder = "decoder"
+    all = "all"
+
+
+# -- the typed configs (values: conf/prune/<option>.yaml) -------------------------------------------
+
+
+@dataclass
+class PruneBase:
+    schedule: str = MISSING  # the schedule's name (a key of SCHEDULES); its option file sets it
+    scope: Scope = MISSING  # encoder | decoder | all: the layers that may lose channels
+    round_to: Optional[int] = MISSING  # keep channel counts a multiple of this (null: exact rates)
+
+
+@dataclass
+class UniformPrune(PruneBase):
+    ratio: float = MISSING  # fraction of the output channels removed from every in-scope layer
+
+
+@dataclass
+class PerLayerPrune(PruneBase):
+    layer_ratios: Dict[str, float] = MISSING  # {glob pattern over layer names: fraction removed}, first match wins
+    ratio: float = MISSING  # fraction removed from the in-scope layers no pattern matches
+
+
+@dataclass
+class GlobalPrune(PruneBase):
+    ratio: float = MISSING  # fraction of all in-scope channels removed, by one ranking across layers
+    max_layer_ratio: float = MISSING  # ... but never more than this fraction of one layer
+
+
+@dataclass
+class IterativePrune(PruneBase):
+    ratio: float = MISSING  # the final fraction removed from every in-scope layer, reached in `steps` equal steps
+    steps: int = MISSING
+    epochs_between: int = MISSING  # fine-tuning epochs (finetune settings) between steps
+
+
+@dataclass
+class BudgetPrune(PruneBase):
+    target_flops: float = MISSING  # fraction of the baseline FLOPs to keep; the uniform ratio is searched
+
+
+@dataclass
+class BudgetGlobalPrune(PruneBase):
+    target_flops: float = MISSING  # fraction of the baseline FLOPs to keep; the global ranking's ratio is searched
+    max_layer_ratio: float = MISSING
+
+
+@dataclass
+class SensitivityPrune(PruneBase):
+    """The per-layer rates the sensitivity stage derives (its settings: the `sensitivity` group)."""
+
+
+# -- how each prunes ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Inputs:
+    """What a schedule may use besides its config: the network and its scores, an example input, a FLOPs
+    counter, and the prune stage's callbacks (re-scoring, fine-tuning between steps, derived rates)."""
+
+    model: nn.Module
+    scores: dict[str, torch.Tensor]
+    example: torch.Tensor
+    flops: Callable[[nn.Module], int]
+    rescore: Callable[[nn.Module], dict[str, torch.Tensor]]
+    between_steps: Callable[[nn.Module, int], None]
+    derived_rates: Optional[tuple[str, dict[str, float]]] = None  # (source, rates) of the sensitivity stage
+
+
+Outcome = tuple[PruneResult, dict[str, Any], dict[str, float]]  # network, what was applied, metrics
+
+
+def _plan(p) -> dict:
+    return dict(scope=p.scope.value if isinstance(p.scope, Enum) else str(p.scope), round_to=p.round_to)
+
+
+def uniform(p, x: Inputs) -> Outcome:
+    return prune(x.model, x.scores, x.example, p.ratio, **_plan(p)), {"source": "config", "ratio": p.ratio}, {}
+
+
+def per_layer(p, x: Inputs) -> Outcome:
+    rates = dict(p.layer_ratios)
+    result = prune(x.model, x.scores, x.example, p.ratio, **_plan(p), layer_ratios=rates)
+    return result, {"source": "config", "ratio": p.ratio, "layer_ratios": rates}, {}
+
+
+def global_ranking(p, x: Inputs) -> Outcome:
+    result = prune(x.model, x.scores, x.example, p.ratio, **_plan(p), global_ranking=True, max_layer_ratio=p.max_layer_ratio)
+    return result, {"source": "config (global ranking)", "ratio": p.ratio, "max_layer_ratio": p.max_layer_ratio}, {}
+
+
+def iterative(p, x: Inputs) -> Outcome:
+    result = prune(x.model, x.scores, x.example, p.ratio, **_plan(p), steps=p.steps, rescore=x.rescore,
+                   between_steps=x.between_steps)
+    return result, {"source": "config", "ratio": p.ratio, "steps": p.steps}, {}
+
+
+def budget(p, x: Inputs) -> Outcome:
+    extra = dict(global_ranking=True, max_layer_ratio=p.max_layer_ratio) if "max_layer_ratio" in p else {}
+    ratio, result = ratio_for_flops(x.model, x.scores, x.example, p.target_flops, x.flops, **_plan(p), **extra)
+    return result, {"source": f"search for prune.target_flops={p.target_flops}", "ratio": ratio, **extra}, {"prune/found_ratio": ratio}
+
+
+def sensitivity(p, x: Inputs) -> Outcome:
+    if x.derived_rates is None:
+        raise RuntimeError("prune=sensitivity needs the rates of a sensitivity stage: add sensitivity to stages")
+    source, rates = x.derived_rates
+    result = prune(x.model, x.scores, x.example, 0.0, **_plan(p), layer_ratios=rates)
+    return result, {"source": f"sensitivity stage ({source})", "layer_ratios": rates}, {}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    schema: type
+    apply: Callable[[Any, Inputs], Outcome] = field(repr=False)
+
+
+SCHEDULES: dict[str, Schedule] = {
+    "uniform": Schedule(UniformPrune, uniform),
+    "per_layer": Schedule(PerLayerPrune, per_layer),
+    "global": Schedule(GlobalPrune, global_ranking),
+    "iterative": Schedule(IterativePrune, iterative),
+    "budget": Schedule(BudgetPrune, budget),
+    "budget_global": Schedule(BudgetGlobalPrune, budget),
+    "sensitivity": Schedule(SensitivityPrune, sensitivity),
+}
