@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from data.checks import check_fraction, check_int, check_number
+
 SPLITS = ("train", "val", "test")
 
 # (image as stored, mask as stored) -> (image float32 [C,H,W], mask float32 [K,H,W] in {0,1})
@@ -25,16 +27,6 @@ PairTransform = Callable[[np.ndarray, np.ndarray], "tuple[torch.Tensor, torch.Te
 
 class DatasetError(ValueError):
     """Bad input data; the message names the file/folder and what was expected."""
-
-
-def check_mask_threshold(value, key: str = "mask_threshold") -> Optional[int]:
-    """None (the documented encodings only) or an integer 0..254 (foreground = value > threshold)."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= 254:
-        raise ValueError(f"{key}={value!r} is invalid: expected null (masks in 0/255 or 0/1) or an integer 0..254 "
-                         f"(foreground = value > threshold)")
-    return int(value)
 
 
 def binary_mask(gray: np.ndarray, path, threshold: Optional[int]) -> np.ndarray:
@@ -58,6 +50,16 @@ def binary_mask(gray: np.ndarray, path, threshold: Optional[int]) -> np.ndarray:
         f"mask {path} has values {{{shown}}}: expected 0/255 or 0/1; for another encoding set "
         f"dataset.mask_threshold (foreground = value > threshold)"
     )
+
+
+MAX_PROBLEMS_SHOWN = 20
+
+
+def format_problems(problems: Sequence[str], where: str) -> str:
+    """Every bad file at once (the first MAX_PROBLEMS_SHOWN), so that one run finds them all."""
+    shown = "\n  - ".join(problems[:MAX_PROBLEMS_SHOWN])
+    more = f"\n  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
+    return f"{len(problems)} problem(s) in {where}:\n  - {shown}{more}"
 
 
 def check_foreground(masks: np.ndarray, where: str) -> None:
@@ -128,7 +130,10 @@ class ArrayDataset(Dataset):
 
 
 class SegmentationData(abc.ABC):
-    """A dataset with fixed train/val/test splits, read once by `setup(seed)`."""
+    """A dataset with fixed train/val/test splits, read once by `setup(seed)`.
+
+    The constructor takes the keys every reader has (checked here once); a reader adds its own keys and
+    passes these on (`**common`). Values: the reader's YAML in conf/dataset/ (no defaults in code)."""
 
     in_channels: int
     num_classes: int
@@ -137,7 +142,27 @@ class SegmentationData(abc.ABC):
     # (the content is keyed by `content_digest`): left out of the baseline cache key.
     SERVING_KEYS: tuple[str, ...] = ("root", "workers")
 
-    def __init__(self) -> None:
+    ROOT_EXPECTED = "the dataset folder"  # what `root` must hold, for the error when it is not set
+
+    def __init__(
+        self, *, root: str, image_size: int, val_fraction: float, test_fraction: float, split_seed: int,
+        rotate_limit: float, hflip_p: float, workers: int,
+    ) -> None:
+        if root is None or str(root).strip() == "":
+            raise ValueError(f"root is not set: expected {self.ROOT_EXPECTED}")
+        self.root = Path(str(root)).expanduser()
+        self.image_size = check_int(image_size, "image_size", 8)
+        self.val_fraction = check_fraction(val_fraction, "val_fraction")
+        self.test_fraction = check_fraction(test_fraction, "test_fraction")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} is invalid: "
+                f"expected < 1 so that training keeps some cases"
+            )
+        self.split_seed = check_int(split_seed, "split_seed", 0)
+        self.rotate_limit = check_number(rotate_limit, "rotate_limit", 0.0, 180.0)
+        self.hflip_p = check_number(hflip_p, "hflip_p", 0.0, 1.0)
+        self.workers = check_int(workers, "workers", 1)
         self._split_ids: Optional[dict[str, list[str]]] = None
         self._stats: dict[str, float] = {}
         self._files: list[tuple[str, int]] = []  # (path relative to the root, size) of every file read

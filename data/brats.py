@@ -26,7 +26,7 @@ import nibabel as nib
 import numpy as np
 
 from data.base import DatasetError
-from data.nifti import VolumeProblem, axial, find_nifti, load_canonical, read_header, same_grid, shape_str, strip_nifti
+from data.nifti import VolumeProblem, axial, find_nifti, load_canonical, read_headers, same_grid, shape_str, strip_nifti
 from data.volumes import Case, Processed, VolumeSliceData, resize_image, resize_labels
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,7 @@ class BraTS(VolumeSliceData):
     """BraTS brain tumour segmentation, one binary region (or several) from multi-modal MRI slices."""
 
     kind = "brats"
+    ROOT_EXPECTED = "the BraTS folder holding one folder per case"
     image_dtype = np.float16
 
     def __init__(
@@ -258,12 +259,7 @@ class BraTS(VolumeSliceData):
         return cases, problems, {"entries_ignored": ignored, "cases_naming_2023": naming_2023, "cases_with_brainmask": brainmasks}
 
     def _check_headers(self, case_id: str, files: dict[str, Path]) -> list[str]:
-        headers, problems = {}, []
-        for role, path in files.items():
-            try:
-                headers[role] = read_header(path)
-            except VolumeProblem as problem:
-                problems.append(str(problem))
+        headers, problems = read_headers(files)
         if problems:
             return problems
         first = self.modalities[0]

@@ -38,9 +38,10 @@ import nibabel as nib
 import numpy as np
 
 from data.base import DatasetError
-from data.nifti import VolumeProblem, axial, load_canonical, read_header, same_grid, shape_str, strip_nifti
+from data.checks import check_choice, check_floats, check_int, check_number
+from data.nifti import VolumeProblem, axial, load_canonical, read_headers, same_grid, shape_str, strip_nifti
 from data.volumes import (
-    Case, Processed, VolumeSliceData, check_choice, check_floats, check_int, check_number, resize_image, resize_labels,
+    Case, Processed, VolumeSliceData, resize_image, resize_labels,
 )
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ class CovidCT(VolumeSliceData):
     """Kaggle COVID-19 CT scans: grayscale lung CT slices, binary infection (or lung) masks."""
 
     kind = "covid_ct"
+    ROOT_EXPECTED = "the folder holding ct_scans/, infection_mask/, lung_mask/ and metadata.csv"
     image_dtype = np.uint8
     in_channels = 1
     num_classes = 1
@@ -238,12 +240,7 @@ class CovidCT(VolumeSliceData):
         return cases, problems, {"entries_ignored": ignored, "files_in_same_name_folder": nested}
 
     def _check_headers(self, case_id: str, files: dict[str, Path]) -> list[str]:
-        headers, problems = {}, []
-        for role, path in files.items():
-            try:
-                headers[role] = read_header(path)
-            except VolumeProblem as problem:
-                problems.append(str(problem))
+        headers, problems = read_headers(files)
         if problems:
             return problems
         ct = headers["ct"]

@@ -20,8 +20,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data.base import ArrayDataset, DatasetError, SegmentationData, binary_mask, check_foreground, check_mask_threshold
-from data.splits import carve, check_disjoint, check_fraction
+from data.base import ArrayDataset, DatasetError, SegmentationData, binary_mask, check_foreground, format_problems
+from data.checks import check_floats, check_int, check_mask_threshold
+from data.splits import carve, check_disjoint
 from data.transforms import build_transform
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,6 @@ OFFICIAL_DIRS = {
 }
 IMAGE_NAME = re.compile(r"^(ISIC_[^.]+)\.(jpg|jpeg)$", re.IGNORECASE)
 MASK_SUFFIX = "_segmentation.png"
-MAX_PROBLEMS_SHOWN = 20
 
 
 @dataclass(frozen=True)
@@ -116,23 +116,6 @@ def load_pair(pair: Pair, size: int, mask_threshold: Optional[int] = None) -> tu
     return np.asarray(rgb, dtype=np.uint8), mask
 
 
-def _check_int(value, key: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{key}={value!r} is invalid: expected an integer >= {low}")
-    return int(value)
-
-
-def _check_triple(value, key: str, positive: bool) -> tuple[float, float, float]:
-    try:
-        out = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        out = ()
-    if len(out) != 3 or (positive and min(out) <= 0):
-        kind = "positive numbers" if positive else "numbers"
-        raise ValueError(f"{key}={value!r} is invalid: expected a list of 3 {kind} (one per RGB channel)")
-    return out
-
-
 class ISIC2018(SegmentationData):
     """ISIC 2018 Task 1: RGB dermoscopy images, one binary lesion mask each.
 
@@ -144,47 +127,16 @@ class ISIC2018(SegmentationData):
     in_channels = 3
     num_classes = 1
 
-    def __init__(
-        self,
-        *,
-        root: str,
-        image_size: int,
-        val_fraction: float,
-        test_fraction: float,
-        limit: Optional[int],
-        rotate_limit: float,
-        hflip_p: float,
-        mean: Sequence[float],
-        std: Sequence[float],
-        workers: int,
-        split_seed: int,
-        mask_threshold: Optional[int],
-    ):
-        """Keys and defaults: conf/dataset/isic2018.yaml (the one place they are written)."""
-        super().__init__()
-        if root is None or str(root).strip() == "":
-            raise ValueError("root is not set: expected the folder holding ISIC2018_Task1-2_Training_Input")
+    ROOT_EXPECTED = "the folder holding ISIC2018_Task1-2_Training_Input"
+
+    def __init__(self, *, limit: Optional[int], mean: Sequence[float], std: Sequence[float],
+                 mask_threshold: Optional[int], **common):
+        """ISIC's own keys; `common` holds every reader's (SegmentationData). Values: conf/dataset/isic2018.yaml."""
+        super().__init__(**common)
+        self.limit = None if limit is None else check_int(limit, "limit", 1)
+        self.mean = check_floats(mean, "mean", 3)
+        self.std = check_floats(std, "std", 3, positive=True)
         self.mask_threshold = check_mask_threshold(mask_threshold)
-        self.root = Path(str(root)).expanduser()
-        self.image_size = _check_int(image_size, "image_size", 8)
-        self.val_fraction = check_fraction(val_fraction, "val_fraction")
-        self.test_fraction = check_fraction(test_fraction, "test_fraction")
-        if self.val_fraction + self.test_fraction >= 1.0:
-            raise ValueError(
-                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} is invalid: "
-                f"expected < 1 so that training keeps some pairs"
-            )
-        self.limit = None if limit is None else _check_int(limit, "limit", 1)
-        if isinstance(rotate_limit, bool) or not isinstance(rotate_limit, (int, float)) or not 0 <= rotate_limit <= 180:
-            raise ValueError(f"rotate_limit={rotate_limit!r} is invalid: expected degrees in [0, 180]")
-        self.rotate_limit = float(rotate_limit)
-        if isinstance(hflip_p, bool) or not isinstance(hflip_p, (int, float)) or not 0 <= hflip_p <= 1:
-            raise ValueError(f"hflip_p={hflip_p!r} is invalid: expected a probability in [0, 1]")
-        self.hflip_p = float(hflip_p)
-        self.mean = _check_triple(mean, "mean", positive=False)
-        self.std = _check_triple(std, "std", positive=True)
-        self.workers = _check_int(workers, "workers", 1)
-        self.split_seed = _check_int(split_seed, "split_seed", 0)
         self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._transforms: dict[bool, object] = {}
 
@@ -271,9 +223,7 @@ class ISIC2018(SegmentationData):
             bar = tqdm(results, total=len(to_load), desc=f"ISIC 2018 @{self.image_size}px", unit="img", disable=None, leave=False)
             problems += [r for r in bar if r is not None]
         if problems:
-            shown = "\n  - ".join(problems[:MAX_PROBLEMS_SHOWN])
-            more = f"\n  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
-            raise DatasetError(f"{len(problems)} problem(s) in the ISIC 2018 data under {self.root}:\n  - {shown}{more}")
+            raise DatasetError(format_problems(problems, f"the ISIC 2018 data under {self.root}"))
 
         offset = 0
         self._arrays = {}

@@ -64,6 +64,17 @@ def read_header(path: Path) -> nib.Nifti1Image:
     return img
 
 
+def read_headers(files: dict[str, Path]) -> tuple[dict[str, nib.Nifti1Image], list[str]]:
+    """Every role's header (read_header), and the problems of those that cannot be read."""
+    headers, problems = {}, []
+    for role, path in files.items():
+        try:
+            headers[role] = read_header(path)
+        except VolumeProblem as problem:
+            problems.append(str(problem))
+    return headers, problems
+
+
 def squeeze_shape(shape) -> tuple[int, ...]:
     """(240, 240, 155, 1) -> (240, 240, 155): trailing singleton dimensions carry nothing."""
     shape = tuple(int(s) for s in shape)

@@ -26,10 +26,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data.base import ArrayDataset, DatasetError, SegmentationData, binary_mask, check_foreground, check_mask_threshold
-from data.splits import carve, carve_groups, check_disjoint, check_fraction, group_of
+from data.base import ArrayDataset, DatasetError, SegmentationData, binary_mask, check_foreground, format_problems
+from data.checks import check_floats, check_int, check_mask_threshold
+from data.splits import carve, carve_groups, check_disjoint, group_of
 from data.transforms import build_transform
-from data.volumes import check_floats, check_int, check_number, format_problems
 
 log = logging.getLogger(__name__)
 
@@ -61,33 +61,16 @@ class SliceFolders(SegmentationData):
 
     num_classes = 1
 
+    ROOT_EXPECTED = "the folder holding the image and mask folders"
+
     def __init__(
-        self,
-        *,
-        root: str,
-        image_dir: str,
-        mask_dir: str,
-        image_pattern: str,
-        mask_pattern: str,
-        channels: int,
-        mask_threshold: Optional[int],
-        image_size: int,
-        val_fraction: float,
-        test_fraction: float,
-        split_seed: int,
-        group_regex: Optional[str],
-        limit: Optional[int],
-        rotate_limit: float,
-        hflip_p: float,
-        mean: Sequence[float],
-        std: Sequence[float],
-        workers: int,
+        self, *, image_dir: str, mask_dir: str, image_pattern: str, mask_pattern: str, channels: int,
+        mask_threshold: Optional[int], group_regex: Optional[str], limit: Optional[int], mean: Sequence[float],
+        std: Sequence[float], **common,
     ):
-        """Keys and defaults: conf/dataset/slice_folders.yaml (and covid_semiseg.yaml)."""
-        super().__init__()
-        if root is None or str(root).strip() == "":
-            raise ValueError(f"root is not set: expected the folder holding {image_dir}/ and {mask_dir}/")
-        self.root = Path(str(root)).expanduser()
+        """The slice reader's own keys; `common` holds every reader's (SegmentationData). Values:
+        conf/dataset/slice_folders.yaml (and covid_semiseg.yaml)."""
+        super().__init__(**common)
         for key, value in (("image_dir", image_dir), ("mask_dir", mask_dir)):
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"{key}={value!r} is invalid: expected a folder name under root")
@@ -99,24 +82,13 @@ class SliceFolders(SegmentationData):
             raise ValueError(f"channels={channels!r} is invalid: expected 1 (grayscale) or 3 (RGB)")
         self.in_channels = int(channels)
         self.mask_threshold = check_mask_threshold(mask_threshold)
-        self.image_size = check_int(image_size, "image_size", 8)
-        self.val_fraction = check_fraction(val_fraction, "val_fraction")
-        self.test_fraction = check_fraction(test_fraction, "test_fraction")
-        if self.val_fraction + self.test_fraction >= 1.0:
-            raise ValueError(
-                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} is invalid: expected < 1"
-            )
-        self.split_seed = check_int(split_seed, "split_seed", 0)
         try:
             self.group_regex = re.compile(group_regex) if group_regex else None
         except (re.error, TypeError) as err:
             raise ValueError(f"group_regex={group_regex!r} is invalid: {err}") from err
         self.limit = None if limit is None else check_int(limit, "limit", 1)
-        self.rotate_limit = check_number(rotate_limit, "rotate_limit", 0.0, 180.0)
-        self.hflip_p = check_number(hflip_p, "hflip_p", 0.0, 1.0)
         self.mean = check_floats(mean, "mean", self.in_channels)
         self.std = check_floats(std, "std", self.in_channels, positive=True)
-        self.workers = check_int(workers, "workers", 1)
         self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._transforms: dict[bool, object] = {}
 

@@ -12,13 +12,6 @@ import numpy as np
 from data.base import DatasetError
 
 
-def check_fraction(value: float, key: str) -> float:
-    """Fractions come from YAML; a bad one must name its key before any file is read."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
-        raise ValueError(f"{key}={value!r} is invalid: expected a number > 0 and < 1")
-    return float(value)
-
-
 def carve(
     ids: Iterable[str], fractions: dict[str, float], seed: int, source: str = "the training set",
     unit: str = "image/mask pair", hint: str = "add data, raise `limit`, or lower the fractions",

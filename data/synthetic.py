@@ -24,7 +24,8 @@ from PIL import Image
 
 from data.base import DatasetError
 from data.files import atomic_folder, atomic_write, file_lock
-from data.isic import MASK_SUFFIX, OFFICIAL_DIRS, TRAIN_DIRS, _check_int
+from data.checks import check_int
+from data.isic import MASK_SUFFIX, OFFICIAL_DIRS, TRAIN_DIRS
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +124,12 @@ def _write_split(root: Path, split: str, count: int, seed: int, min_side: int, m
 def synthetic_params(count=60, seed=0, min_side=160, max_side=320, val_count=0, test_count=0) -> dict:
     """The generator's settings, checked before any drawing."""
     params = dict(
-        count=_check_int(count, "count", 1),
-        seed=_check_int(seed, "seed", 0),
-        min_side=_check_int(min_side, "min_side", 16),
-        max_side=_check_int(max_side, "max_side", 16),
-        val_count=_check_int(val_count, "val_count", 0),
-        test_count=_check_int(test_count, "test_count", 0),
+        count=check_int(count, "count", 1),
+        seed=check_int(seed, "seed", 0),
+        min_side=check_int(min_side, "min_side", 16),
+        max_side=check_int(max_side, "max_side", 16),
+        val_count=check_int(val_count, "val_count", 0),
+        test_count=check_int(test_count, "test_count", 0),
     )
     if params["max_side"] < params["min_side"]:
         raise ValueError(f"max_side={max_side} is invalid: expected >= min_side={min_side}")

@@ -27,7 +27,7 @@ from nibabel import orientations
 from PIL import Image
 
 from data.brats import FILE_TOKENS, resolve_scheme
-from data.volumes import check_choice
+from data.checks import check_choice
 
 log = logging.getLogger(__name__)
 

@@ -33,57 +33,18 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 from tqdm import tqdm
 
-from data.base import ArrayDataset, DatasetError, SegmentationData
+from data.base import ArrayDataset, DatasetError, SegmentationData, format_problems
+from data.checks import check_choice, check_number
 from data.cache import SliceCache, file_signature
 from data.nifti import VolumeProblem
-from data.splits import carve_groups, check_disjoint, check_fraction, group_of
+from data.splits import carve_groups, check_disjoint, group_of
 from data.transforms import build_transform
 
 log = logging.getLogger(__name__)
 
-MAX_PROBLEMS_SHOWN = 20
 ON_MISSING = ("error", "skip")
 # What a damaged or unexpected file makes the readers raise (decompression, headers, shapes, values).
 FILE_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError, HeaderDataError, cv2.error)
-
-
-# -- small shared helpers ---------------------------------------------------------------------------
-
-
-def check_int(value, key: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{key}={value!r} is invalid: expected an integer >= {low}")
-    return int(value)
-
-
-def check_number(value, key: str, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise ValueError(f"{key}={value!r} is invalid: expected a number in [{low:g}, {high:g}]")
-    return float(value)
-
-
-def check_choice(value, key: str, choices: Sequence[str]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{key}={value!r} is invalid: expected one of {', '.join(choices)}")
-    return value
-
-
-def check_floats(value, key: str, n: Optional[int] = None, positive: bool = False) -> tuple[float, ...]:
-    try:
-        out = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        out = ()
-    if not out or (n is not None and len(out) != n) or (positive and min(out) <= 0):
-        count = f"{n} " if n is not None else ""
-        kind = "positive numbers" if positive else "numbers"
-        raise ValueError(f"{key}={value!r} is invalid: expected a list of {count}{kind}")
-    return out
-
-
-def format_problems(problems: Sequence[str], where: str) -> str:
-    shown = "\n  - ".join(problems[:MAX_PROBLEMS_SHOWN])
-    more = f"\n  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
-    return f"{len(problems)} problem(s) in {where}:\n  - {shown}{more}"
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
@@ -208,36 +169,12 @@ class VolumeSliceData(SegmentationData):
     num_classes = 1
 
     def __init__(
-        self,
-        *,
-        root: str,
-        image_size: int,
-        cache_dir: Optional[str],
-        val_fraction: float,
-        test_fraction: float,
-        split_seed: int,
-        on_missing: str,
-        empty_slice_fraction: float,
-        eval_empty_slice_fraction: float,
-        patient_regex: Optional[str],
-        rotate_limit: float,
-        hflip_p: float,
-        workers: int,
+        self, *, cache_dir: Optional[str], on_missing: str, empty_slice_fraction: float,
+        eval_empty_slice_fraction: float, patient_regex: Optional[str], **common,
     ):
-        super().__init__()
-        if root is None or str(root).strip() == "":
-            raise ValueError(f"root is not set: expected the {self.kind} dataset folder")
-        self.root = Path(str(root)).expanduser()
-        self.image_size = check_int(image_size, "image_size", 8)
+        """The keys every volumetric reader has; `common` holds every reader's (SegmentationData)."""
+        super().__init__(**common)
         self.cache_dir = None if cache_dir is None or str(cache_dir).strip() == "" else Path(str(cache_dir)).expanduser()
-        self.val_fraction = check_fraction(val_fraction, "val_fraction")
-        self.test_fraction = check_fraction(test_fraction, "test_fraction")
-        if self.val_fraction + self.test_fraction >= 1.0:
-            raise ValueError(
-                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} is invalid: "
-                f"expected < 1 so that training keeps some patients"
-            )
-        self.split_seed = check_int(split_seed, "split_seed", 0)
         self.on_missing = check_choice(on_missing, "on_missing", ON_MISSING)
         self.empty_slice_fraction = check_number(empty_slice_fraction, "empty_slice_fraction", 0.0, 1.0)
         self.eval_empty_slice_fraction = check_number(eval_empty_slice_fraction, "eval_empty_slice_fraction", 0.0, 1.0)
@@ -248,9 +185,6 @@ class VolumeSliceData(SegmentationData):
                 raise ValueError(f"patient_regex={patient_regex!r} is invalid: {err}") from err
         else:
             self.patient_regex = None
-        self.rotate_limit = check_number(rotate_limit, "rotate_limit", 0.0, 180.0)
-        self.hflip_p = check_number(hflip_p, "hflip_p", 0.0, 1.0)
-        self.workers = check_int(workers, "workers", 1)
         self.vflip_p = 0.0
         self.offline_flips = False
         self._transforms: dict[bool, object] = {}

@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from models import model_factory
-from models.unet import Down, Up
+from models.unet import Down, EncoderDecoder, Up
 
 
 class ChannelBroadcast(nn.modules.conv._ConvNd):
@@ -128,7 +128,7 @@ class AttentionUp(Up):
 
 
 @model_factory
-class AttentionUNet(nn.Module):
+class AttentionUNet(EncoderDecoder):
     """``depth`` = number of down-samplings; level i has ``width * 2**i`` channels, F_int = half a skip's.
 
     Width 64, depth 4 (conf/model/attention_unet.yaml) is the classic UNet plus four gates: about 31.4 M parameters.
@@ -162,12 +162,3 @@ class AttentionUNet(nn.Module):
         """The gates' psi branches (1x1 conv to one channel, BN, sigmoid): psi must keep its one channel."""
         return [level.gate.psi for level in self.decoder]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for level in self.encoder:
-            x = level(x)
-            skips.append(x)
-        x = skips.pop()  # bottleneck
-        for up in self.decoder:
-            x = up(x, skips.pop())
-        return self.segmentation_head(x)

@@ -66,8 +66,27 @@ class Up(nn.Module):
         return self.conv(torch.cat([skip, self.upsample(x, skip)], dim=1))
 
 
+class EncoderDecoder(nn.Module):
+    """The forward pass UNet-style networks share: encoder levels keep their outputs as skips, the deepest
+    is the bottleneck, each decoder level takes the next skip, the head maps to one channel per class."""
+
+    encoder: nn.ModuleList
+    decoder: nn.ModuleList
+    segmentation_head: nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for level in self.encoder:
+            x = level(x)
+            skips.append(x)
+        x = skips.pop()  # bottleneck
+        for up in self.decoder:
+            x = up(x, skips.pop())
+        return self.segmentation_head(x)
+
+
 @model_factory
-class UNet(nn.Module):
+class UNet(EncoderDecoder):
     """``depth`` = number of down-samplings; level i has ``width * 2**i`` channels.
 
     Width 64, depth 4 (conf/model/unet.yaml) is the paper's network: about 31.04 M parameters.
@@ -85,13 +104,3 @@ class UNet(nn.Module):
         )
         self.decoder = nn.ModuleList([Up(channels[i], channels[i - 1]) for i in range(depth, 0, -1)])
         self.segmentation_head = nn.Conv2d(channels[0], num_classes, kernel_size=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for level in self.encoder:
-            x = level(x)
-            skips.append(x)
-        x = skips.pop()  # bottleneck
-        for up in self.decoder:
-            x = up(x, skips.pop())
-        return self.segmentation_head(x)

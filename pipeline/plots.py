@@ -9,6 +9,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _save(fig, path: Path, dpi: int = 120) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def channels_before_after(rows: list[dict], path: Path, title: str) -> Path:
     """Per-layer output channels before and after pruning, in network order."""
     names = [r["layer"] for r in rows]
@@ -21,10 +28,7 @@ def channels_before_after(rows: list[dict], path: Path, title: str) -> Path:
     ax.set_ylabel("output channels")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def curves(history: dict[str, list[dict]], path: Path) -> Path:
@@ -39,10 +43,7 @@ def curves(history: dict[str, list[dict]], path: Path) -> Path:
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def sensitivity_heatmap(rows: list[dict], layers: list[str], ratios: list[float], path: Path) -> Path:
@@ -57,10 +58,7 @@ def sensitivity_heatmap(rows: list[dict], layers: list[str], ratios: list[float]
     ax.set_yticklabels(layers, fontsize=6)
     ax.set_xlabel("ratio (this layer alone)")
     fig.colorbar(image, ax=ax, label="validation Dice drop")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def masks_before_after(images, masks, predictions: dict, path: Path) -> Path:
@@ -79,10 +77,7 @@ def masks_before_after(images, masks, predictions: dict, path: Path) -> Path:
             ax.set_title(title, fontsize=7)
             ax.set_xticks([])
             ax.set_yticks([])  # keep the frame: an all-foreground mask is a white square, not a gap
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 110)
 
 
 def norms_before_after(names: list[str], before: list[float], after: list[float], path: Path, criterion: str) -> Path:
@@ -95,10 +90,7 @@ def norms_before_after(names: list[str], before: list[float], after: list[float]
     ax.set_xticklabels(names, rotation=90, fontsize=6)
     ax.set_ylabel(f"mean {criterion} filter norm")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def pareto(points: list[dict], x: str, y: str, path: Path, xlabel: str, ylabel: str) -> Path:
@@ -112,10 +104,7 @@ def pareto(points: list[dict], x: str, y: str, path: Path, xlabel: str, ylabel: 
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def pareto_front(points: list[dict], x: str, y: str) -> list[dict]:

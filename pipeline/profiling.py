@@ -126,24 +126,14 @@ def latency_times(
         return time_calls(lambda: model(x), warmup, runs, max_seconds, min_runs)
 
 
-def measure_latency(
-    model: nn.Module,
-    input_shape: tuple[int, ...],
-    warmup: int = 5,
-    runs: int = 30,
-    threads: int | None = None,
-    channels_last: bool = False,
-    max_seconds: float | None = None,
-    min_runs: int = 3,
-) -> dict[str, float | int | str]:
-    """Median/p90 latency in ms (see `latency_times`), with the thread count and device used."""
+def measure_latency(model: nn.Module, input_shape: tuple[int, ...], **timing) -> dict[str, float | int | str]:
+    """Median/p90 latency in ms, with the thread count and device used; `timing` as `latency_times`."""
     device = next(model.parameters()).device
-    times = latency_times(model, input_shape, warmup, runs, threads, channels_last, max_seconds, min_runs)
-    stats = summarize(times)
+    stats = summarize(latency_times(model, input_shape, **timing))
     return {
         "latency_ms": stats["median_ms"],
         "latency_p90_ms": stats["p90_ms"],
-        "latency_threads": int(threads or os.cpu_count() or 1) if device.type == "cpu" else 0,
+        "latency_threads": int(timing.get("threads") or os.cpu_count() or 1) if device.type == "cpu" else 0,
         "latency_runs": stats["runs"],
         "latency_device": device_name(device),
     }

@@ -29,13 +29,6 @@ CRITERIA = sorted(p.stem for p in (CONF_DIR / "criterion").glob("*.yaml"))
 FAST = {"steps": 3, "calibration_batches": 2}  # data-driven and attention criteria: a few batches
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks: thread start-up costs more than it saves (and the suite may share the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_the_lists_cover_every_shipped_config():

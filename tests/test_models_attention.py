@@ -25,13 +25,6 @@ SMALL = {"_target_": "models.attention_unet.AttentionUNet", "width": 8, "depth":
 X = torch.randn(1, 3, 64, 64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """CPU tests on a shared 2-core machine: one intra-op thread avoids oversubscription stalls (100x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small(classes: int = 2, **kw) -> AttentionUNet:

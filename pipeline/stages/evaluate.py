@@ -39,7 +39,7 @@ def cost(ctx: Context, model: torch.nn.Module, onnx_path: Optional[Path]) -> dic
     fold, channels_last = bool(ctx.cfg.evaluate.fold_bn), bool(ctx.cfg.evaluate.channels_last)
     folded = inference.prepare_for_inference(model, shape, fold_bn=fold, channels_last=False)
     prepared = inference.with_channels_last(folded) if channels_last else folded
-    deployed = measure_latency(prepared.model.to(ctx.device), shape, e.latency_warmup, e.latency_runs, e.latency_threads,
+    deployed = measure_latency(prepared.model.to(ctx.device), shape, warmup=e.latency_warmup, runs=e.latency_runs, threads=e.latency_threads,
                                channels_last=prepared.channels_last)
     out: dict[str, float] = {
         "latency_ms": deployed["latency_ms"],
@@ -49,7 +49,7 @@ def cost(ctx: Context, model: torch.nn.Module, onnx_path: Optional[Path]) -> dic
         "latency_channels_last": int(prepared.channels_last),
     }
     if (prepared.folded_bn or prepared.channels_last) and ctx.cfg.evaluate.latency_eager:
-        eager = measure_latency(model, shape, e.latency_warmup, e.latency_runs, e.latency_threads)
+        eager = measure_latency(model, shape, warmup=e.latency_warmup, runs=e.latency_runs, threads=e.latency_threads)
         out["latency_eager_ms"] = eager["latency_ms"]
         out["latency_eager_p90_ms"] = eager["latency_p90_ms"]
     if onnx_path is not None:
