@@ -3,7 +3,8 @@
 The key hashes what changes the trained weights: the data's content (`content_digest`: each split's
 case ids, every file's path relative to the dataset root and its size), the dataset settings except
 those that only serve the data (`SERVING_KEYS`: root, workers, cache folder, evaluation-only slice
-sampling), the model settings, the train settings except `TRAIN_SERVING_KEYS`, and the seed. So a moved
+sampling), the model settings, the train settings except `TRAIN_SERVING_KEYS`, the optimizer, lr
+scheduler and loss, and the seed. So a moved
 or copied dataset or outputs folder reuses its baselines, and every job of a sweep over pruning
 settings shares one (`outputs/baselines/<key>/`); a file lock makes a second concurrent job with the
 same key wait for the first instead of training it again.
@@ -51,6 +52,7 @@ def baseline_key(cfg, data) -> str:
         "content": data.content_digest(),
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "train": {k: v for k, v in train.items() if k not in TRAIN_SERVING_KEYS},
+        "recipe": {g: OmegaConf.to_container(cfg[g], resolve=True) for g in ("optimizer", "scheduler", "loss")},
         "seed": int(cfg.seed),
     }
     blob = json.dumps(parts, sort_keys=True, default=str)

@@ -90,11 +90,18 @@ class TrackingConfig:
     uri: Optional[str] = MISSING  # null: $MLFLOW_TRACKING_URI, else the SQLite store in outputs/
     experiment: str = MISSING
     run_name: Optional[str] = MISSING  # null: "<model>-<dataset>-<criterion>-r<ratio>-s<seed>"
+    log_models: bool = MISSING  # the baseline (when trained) and final networks as MLflow models (ONNX flavour)
+    register_as: Optional[str] = MISSING  # register the final network in the model registry under this name
+    system_metrics: bool = MISSING  # CPU, memory (and GPU) usage of the job as system/* metrics
 
 
 @dataclass
 class PathsConfig:
     outputs: str = MISSING
+
+
+# The report's columns for a sweep without a published table.
+GENERIC_COLUMNS = {"dice": "Dice", "iou": "IoU", "params_m": "Params (M)", "flops_g": "FLOPs (G)", "latency_ms": "Latency (ms)"}
 
 
 @dataclass
@@ -106,8 +113,7 @@ class PaperConfig:
     table: str = ""
     rows_by: str = "prune.ratio"  # the run param that tells the table's rows apart
     metric_prefix: str = "final"  # compare final/<metric> (a row may say `source: baseline`)
-    columns: Dict[str, str] = field(default_factory=lambda: {  # metric -> column title, in order
-        "dice": "Dice", "iou": "IoU", "params_m": "Params (M)", "flops_g": "FLOPs (G)", "latency_ms": "Latency (ms)"})
+    columns: Dict[str, str] = field(default_factory=dict)  # metric -> column title, in order (empty: GENERIC_COLUMNS)
     scale: Dict[str, float] = field(default_factory=dict)  # ours x scale = the paper's unit (Dice 0-1 -> %)
     rows: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # row key -> {metric: paper value}
     notes: str = ""
@@ -139,8 +145,8 @@ class MedpruneConfig:
 def register_schema() -> None:
     store = ConfigStore.instance()
     store.store(name="medprune_schema", node=MedpruneConfig)
-    for name, schema in PRUNE_SCHEMAS.items():  # conf/prune/<option>.yaml: defaults: [schema_<schedule>]
-        store.store(group="prune", name=f"schema_{name}", node=schema)
+    for name, schema in PRUNE_SCHEMAS.items():  # conf/prune/<option>.yaml: defaults: [/schema/prune/<schedule>@_here_]
+        store.store(group="schema/prune", name=name, node=schema)
 
 
 

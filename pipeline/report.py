@@ -1,20 +1,25 @@
-"""Result tables: one job's table, and the report of a sweep next to the published numbers.
+"""Result tables: one job's table, and the report of one sweep next to the published numbers.
 
-    python -m pipeline.report <experiment preset or MLflow experiment name> [--uri URI]
+    python -m pipeline.report [latest | <sweep's parent run id or a job's run id> | <multirun folder> |
+                               <experiment preset or MLflow experiment name>]
 
-reads the finished runs of the experiment from the MLflow store, groups them into the rows of the
-preset's `paper` table (runs that differ only by seed become one row, mean ± std), prints the table in
-the paper's shape with the paper's numbers and our difference beside them, writes Markdown, CSV and
-LaTeX plus Dice-vs-FLOPs and Dice-vs-latency plots (Pareto front marked) to
-outputs/reports/<experiment>/, and logs them as artifacts of a `report` run in the same experiment.
+reports ONE sweep (a Hydra multirun: its parent run and the jobs nested under it, pipeline/sweep.py),
+never a whole experiment: `latest` (the default) is the latest sweep of the default experiment, a preset
+or experiment name its latest sweep. The jobs are grouped into the rows of the preset's `paper` table
+(or, without one, by `prune.ratio`); jobs that differ only by seed become one row (mean ± std), and
+jobs of one row that differ in any other setting make the report refuse, naming the keys. Rows are
+sorted by their key. It prints the table (the paper's numbers and our difference beside them when the
+preset has them), writes Markdown, CSV and LaTeX plus Dice-vs-FLOPs and Dice-vs-latency plots (Pareto
+front marked) to outputs/reports/<sweep id>/, and logs them onto the sweep's parent run.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +34,6 @@ COLUMNS = [
     ("Size (MB)", "size_mb", "{:.2f}"),
     ("Latency (ms)", "latency_ms", "{:.2f}"),
 ]
-REPORT_TAG = "medprune.kind"  # = "report" on the runs this module creates
 
 
 def results_table(results: dict[str, dict]) -> str:
@@ -98,11 +102,10 @@ def build_rows(runs: list, paper: dict) -> list[Row]:
     return list(rows.values())
 
 
-def _fmt(values: list[float]) -> str:
+def _fmt(values: list[float], digits: int) -> str:
     if not values:
         return "–"
     mean = statistics.fmean(values)
-    digits = 2 if abs(mean) >= 1 else 4
     if len(values) > 1:
         return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
     return f"{mean:.{digits}f}"
@@ -119,7 +122,8 @@ def table_rows(rows: list[Row], paper: dict) -> tuple[list[str], list[list[str]]
         line = [r.label, str(len(r.runs))]
         for m in paper["columns"]:
             ours = r.ours.get(m, [])
-            line.append(_fmt(ours))
+            scale = paper.get("scale", {}).get(m, 1.0)
+            line.append(_fmt(ours, max(DIGITS.get(m, 3) - (2 if scale >= 100 else 0), 0)))
             if with_paper:
                 theirs = r.paper.get(m)
                 line.append("–" if theirs is None else f"{theirs:g}")
@@ -162,45 +166,129 @@ def load_preset(name: str) -> tuple[dict | None, str]:
     return paper, cfg.tracking.experiment
 
 
-def finished_runs(client, experiment: str) -> list:
-    exp = client.get_experiment_by_name(experiment)
+class ReportError(ValueError):
+    """A sweep that cannot be reported as asked (none found, or rows that mix settings)."""
+
+
+# Settings that may differ between the runs of one row: the seed (rows are mean ± std over seeds) and
+# what only names or places a job.
+ROW_FREE = ("seed", "tracking.run_name", "hydra", "resume")
+# Decimals per metric in the table, in the unit shown (a metric scaled x100 to % loses two).
+DIGITS = {"dice": 4, "iou": 4, "dice_3d": 4, "params_m": 3, "flops_g": 3, "macs_g": 3, "size_mb": 2, "latency_ms": 2}
+
+
+def check_rows(rows: list[Row], runs_by_id: dict) -> None:
+    """Runs of one row may differ only by seed: anything else would average unlike settings."""
+    for row in rows:
+        members = [runs_by_id[i] for i in dict.fromkeys(row.runs) if i in runs_by_id]
+        keys = set().union(*(m.data.params for m in members)) if members else set()
+        differing = sorted(
+            k for k in keys
+            if not any(k == f or k.startswith(f + ".") for f in ROW_FREE)
+            and len({m.data.params.get(k) for m in members}) > 1
+        )
+        if differing:
+            raise ReportError(
+                f"the runs of row {row.label!r} differ in {', '.join(differing)} (besides the seed): sweep those keys "
+                f"as rows of their own, or report the runs separately"
+            )
+
+
+def _sort_key(row: Row):
+    parts = row.label.split(" / ")
+    try:
+        return (0, tuple(float(p) for p in parts))
+    except ValueError:
+        return (1, tuple(parts))
+
+
+def find_sweep(client, target: str | None, experiment: str | None = None):
+    """(the run the report belongs to, its job runs, the paper block): a sweep's parent and its children,
+    or one job alone."""
+    import re
+
+    from pipeline.sweep import KIND_TAG, sweep_of
+
+    target = target or "latest"
+    if Path(target).is_dir():
+        info = sweep_of(Path(target))
+        if info is None:
+            raise ReportError(f"{target} is not a multirun folder of medprune (no {Path(target) / '.medprune_sweep.json'})")
+        return _with_children(client, client.get_run(info["parent_run_id"]), info.get("paper"))
+    if re.fullmatch(r"[0-9a-f]{32}", target):
+        try:
+            run = client.get_run(target)
+        except Exception as err:
+            raise ReportError(f"no MLflow run {target} in {client.tracking_uri} ({type(err).__name__})") from err
+        if run.data.tags.get(KIND_TAG) == "sweep":
+            return _with_children(client, run, _sweep_paper(client, run))
+        return run, [run], load_preset(run.data.tags.get("medprune.choice.experiment", ""))[0]
+    name = experiment or ("medprune" if target == "latest" else target)
+    paper, name = load_preset(name)
+    exp = client.get_experiment_by_name(name)
     if exp is None:
-        raise SystemExit(f"no MLflow experiment named {experiment!r} in {client.tracking_uri}")
-    runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=5000)
-    return [r for r in runs if r.data.tags.get(REPORT_TAG) != "report"]
+        raise ReportError(f"no MLflow experiment named {name!r} in {client.tracking_uri}")
+    latest = client.search_runs([exp.experiment_id], f"tags.`{KIND_TAG}` = 'sweep'", order_by=["attributes.start_time DESC"],
+                                max_results=1)
+    if not latest:
+        raise ReportError(f"experiment {name!r} has no sweep yet: run `python -m pipeline.run -m ...`, or pass a run id")
+    return _with_children(client, latest[0], _sweep_paper(client, latest[0]) or paper)
 
 
-def report(name: str, uri: str | None = None, out: Path | None = None, log: bool = True) -> str:
+def _sweep_paper(client, parent):
+    import os
+    import tempfile
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(parent.info.run_id, "sweep/.medprune_sweep.json", tmp)
+            return json.loads(Path(path).read_text()).get("paper")
+        except Exception:  # an older sweep without the file: the generic table
+            return None
+
+
+def _with_children(client, parent, paper):
+    from pipeline.sweep import sweep_children
+
+    finished = [r for r in sweep_children(client, parent) if r.info.status == "FINISHED"]
+    if not finished:
+        raise ReportError(f"sweep run {parent.info.run_id} has no finished job")
+    return parent, finished, paper
+
+
+def report_sweep(client, parent, out: Path | None = None, runs: list | None = None, paper: dict | None = None,
+                 log: bool = True) -> tuple[str, Path, int]:
+    """Tables and plots of `runs` (default: the finished jobs of the sweep `parent`), logged onto `parent`."""
     from pipeline import plots
-    from pipeline.paths import outputs_dir
-    from pipeline.tracking import client_for, resolve_uri, start_run
+    from pipeline.config import GENERIC_COLUMNS, PaperConfig
 
-    paper, experiment = load_preset(name)
-    if paper is None:  # an experiment without a published table: the generic columns
-        from dataclasses import asdict
-
-        from pipeline.config import PaperConfig
-
-        paper = asdict(PaperConfig())
-    uri = resolve_uri(uri)
-    client = client_for(uri)
-    runs = finished_runs(client, experiment)
+    if runs is None:
+        parent, runs, paper = _with_children(client, parent, _sweep_paper(client, parent))
+    paper = {**asdict(PaperConfig()), **(paper or {})}
+    paper["columns"] = paper["columns"] or GENERIC_COLUMNS
     rows = build_rows(runs, paper)
+    check_rows(rows, {r.info.run_id: r for r in runs})
+    rows = [r for r in rows if r.runs or r.paper]
+    rows.sort(key=_sort_key)
     header, cells = table_rows(rows, paper)
-    title = " ".join(x for x in (paper.get("source", ""), paper.get("table", "")) if x) or experiment
+    title = " ".join(x for x in (paper.get("source", ""), paper.get("table", "")) if x) or f"sweep {parent.info.run_name}"
     text = f"## {title}\n\n" + markdown(header, cells) + "\n"
     if paper.get("notes"):
         text += f"\n{paper['notes']}\n"
     scaled = ", ".join(f"{m} x{s:g}" for m, s in paper.get("scale", {}).items())
-    text += f"\nOurs: {paper['metric_prefix']}/<metric>{' (' + scaled + ')' if scaled else ''}, mean ± std over runs (seeds) per row; Δ = ours - paper.\n"
+    text += f"\nOurs: {paper['metric_prefix']}/<metric>{' (' + scaled + ')' if scaled else ''}, mean ± std over runs (seeds) per row"
+    text += "; Δ = ours - paper.\n" if any(r.paper for r in rows) else ".\n"
 
-    out = Path(out or outputs_dir() / "reports" / experiment)
+    from pipeline.paths import outputs_dir
+
+    out = Path(out or outputs_dir() / "reports" / parent.info.run_id)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(text)
     write_csv([dict(zip(header, c)) for c in cells] or [{h: "" for h in header}], out / "report.csv")
     (out / "report.tex").write_text(latex(header, cells, title) + "\n")
     points = [
-        {"label": f"{r.data.params.get(paper['rows_by'], '?')}",
+        {"label": " / ".join(r.data.params.get(k.strip(), "?") for k in paper["rows_by"].split(",")),
          "dice": r.data.metrics.get("final/dice"), "flops_g": r.data.metrics.get("final/flops_g"),
          "latency_ms": r.data.metrics.get("final/latency_ms")}
         for r in runs
@@ -210,25 +298,57 @@ def report(name: str, uri: str | None = None, out: Path | None = None, log: bool
     if points:
         files.append(plots.pareto(points, "flops_g", "dice", out / "dice_vs_flops.png", "FLOPs (G)", "Dice (final)"))
         files.append(plots.pareto(points, "latency_ms", "dice", out / "dice_vs_latency.png", "latency (ms)", "Dice (final)"))
-    if log and runs:
-        with start_run(uri, experiment, f"report-{name}", {REPORT_TAG: "report"}) as tracker:
-            tracker.log_params({"report.rows_by": paper["rows_by"], "report.runs": len(runs)})
-            for f in files:
-                tracker.log_artifact(f, "report")
+    if log:
+        from pipeline.tracking import Tracker
+
+        tracker = Tracker(client, parent.info.run_id, client.tracking_uri, "")
+        for f in files:
+            tracker.log_artifact(f, "report")
+        headline = {f"row/{r.label.replace(' / ', '_')}/{m}": statistics.fmean(r.ours[m])
+                    for r in rows for m in ("dice", "flops_g", "latency_ms") if r.ours.get(m)}
+        if points:
+            headline["best_final_dice"] = max(p["dice"] for p in points)
+        tracker.log_metrics({k: v for k, v in headline.items() if _METRIC_NAME.match(k)})
+    return text, out, len(runs)
+
+
+_METRIC_NAME = __import__("re").compile(r"^[\w\-. /]+$")
+
+
+def report(target: str | None = None, uri: str | None = None, out: Path | None = None, log: bool = True,
+           experiment: str | None = None) -> str:
+    from pipeline.tracking import client_for, resolve_uri
+
+    if target and Path(target).is_dir() and uri is None:
+        from pipeline.sweep import sweep_of
+
+        uri = (sweep_of(Path(target)) or {}).get("uri")
+    uri = resolve_uri(uri)
+    client = client_for(uri)
+    parent, runs, paper = find_sweep(client, target, experiment)
+    text, out, n = report_sweep(client, parent, out, runs, paper, log)
     print(text)
-    print(f"Written to {out} ({len(runs)} runs of experiment '{experiment}' in {uri})")
+    kind = "sweep" if parent.data.tags.get("medprune.kind") == "sweep" else "job"
+    print(f"Written to {out} ({n} runs of {kind} run {parent.info.run_id} in {uri})")
     return text
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", help="an experiment preset (conf/experiment/<name>.yaml) or an MLflow experiment name")
+    parser.add_argument("sweep", nargs="?", default="latest",
+                        help="latest (default), a sweep's parent run id or a job's run id, a multirun folder, or an "
+                             "experiment preset / MLflow experiment name (its latest sweep)")
+    parser.add_argument("--experiment", help="for `latest`: the MLflow experiment (default: medprune)")
     parser.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or outputs/mlflow.db)")
-    parser.add_argument("--out", type=Path, help="folder for the files (default outputs/reports/<experiment>)")
-    parser.add_argument("--no-log", action="store_true", help="do not log the report as an MLflow run")
+    parser.add_argument("--out", type=Path, help="folder for the files (default outputs/reports/<run id>)")
+    parser.add_argument("--no-log", action="store_true", help="do not log the report onto the sweep's parent run")
     args = parser.parse_args(argv)
-    report(args.experiment, args.uri, args.out, log=not args.no_log)
+    try:
+        report(args.sweep, args.uri, args.out, log=not args.no_log, experiment=args.experiment)
+    except ReportError as err:
+        print(f"medprune report: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -19,6 +19,7 @@ from pathlib import Path  # noqa: E402
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import models  # noqa: E402,F401  (torchvision compatibility before anything imports torchvision)
@@ -31,6 +32,7 @@ from pipeline.config import ConfigError, register_schema, validate  # noqa: E402
 from pipeline.journal import Journal, job_key  # noqa: E402
 from pipeline.report import results_table  # noqa: E402
 from pipeline.state import Context, RunState, pick_device, seed_everything  # noqa: E402
+from pipeline.sweep import PARENT_TAG, SWEEP_TAG, sweep_of  # noqa: E402
 from pipeline.tracking import Terminated, flatten, resolve_uri, start_run, terminate_on_sigterm  # noqa: E402
 
 log = logging.getLogger("medprune")
@@ -48,6 +50,16 @@ def run_name(cfg: DictConfig, choices: dict[str, str]) -> str:
             f"f{p.target_flops:g}" if "target_flops" in p else str(p.schedule))
         name += f"-{cfg.criterion.name}-{amount}"
     return name + f"-s{cfg.seed}"
+
+
+def describe(cfg: DictConfig, choices: dict[str, str], stages: list[str]) -> str:
+    """The run's description in the MLflow UI: what was pruned how, on what."""
+    what = f"{choices.get('model', 'model')} on {choices.get('dataset', 'data')}"
+    if "prune" in stages:
+        p = cfg.prune
+        amount = f"ratio {p.ratio}" if "ratio" in p else (f"keep {p.target_flops} of the FLOPs" if "target_flops" in p else "derived rates")
+        what += f", {cfg.criterion.name} {p.schedule} pruning ({amount}, scope {p.scope.value if hasattr(p.scope, 'value') else p.scope})"
+    return f"{what}, seed {cfg.seed}: {' → '.join(stages)}"
 
 
 def execute(cfg: DictConfig) -> dict[str, float]:
@@ -88,11 +100,16 @@ def execute(cfg: DictConfig) -> dict[str, float]:
         state = RunState.load(run_dir)
         log.info("Resuming the interrupted job of MLflow run %s in %s (stages done: %s)",
                  interrupted["run_id"], run_dir, ", ".join(state.done) or "none")
-    tags = {"medprune.run_dir": str(run_dir), "medprune.stages": ",".join(stages), "medprune.device": str(device)}
+    tags = {"medprune.run_dir": str(run_dir), "medprune.stages": ",".join(stages), "medprune.device": str(device),
+            "mlflow.note.content": describe(cfg, choices, stages)}
     tags.update({f"medprune.choice.{k}": v for k, v in choices.items()})
+    sweep = sweep_of(Path(hydra_cfg.sweep.dir)) if hydra_cfg.mode == RunMode.MULTIRUN else None
+    if sweep is not None:  # a job of a multirun: nested under the sweep's parent run
+        tags.update({PARENT_TAG: sweep["parent_run_id"], SWEEP_TAG: sweep["sweep_id"]})
     finished = False
     try:
-        with start_run(uri, cfg.tracking.experiment, name, tags, resume_run_id=interrupted and interrupted["run_id"]) as tracker:
+        with start_run(uri, cfg.tracking.experiment, name, tags, resume_run_id=interrupted and interrupted["run_id"],
+                       system_metrics=cfg.tracking.system_metrics) as tracker:
             if journal is not None:
                 journal.record(tracker.run_id, run_dir)
             if not interrupted:
@@ -102,7 +119,13 @@ def execute(cfg: DictConfig) -> dict[str, float]:
                 tracker.log_artifact(run_dir / "config.yaml")
                 (run_dir / "splits.json").write_text(json.dumps(data.split_ids(), indent=1))
                 tracker.log_artifact(run_dir / "splits.json", "data")
-                tracker.log_metrics({f"data/{k}": v for k, v in data.stats().items()})
+                tracker.log_params({f"data.{k}": f"{v:g}" for k, v in data.stats().items()})
+                tracker.log_datasets(choices.get("dataset", "dataset"), str(getattr(data, "root", "")), data.split_ids(),
+                                     data.content_digest())
+                hydra_dir = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir
+                for hydra_file in ("overrides.yaml", "hydra.yaml"):  # what the user typed, and Hydra's own settings
+                    if (hydra_dir / hydra_file).exists():
+                        tracker.log_artifact(hydra_dir / hydra_file, "hydra")
             log.info("MLflow run %s (%s) in %s", tracker.run_id, name, uri)
 
             ctx = Context(cfg=cfg, run_dir=run_dir, outputs=outputs, device=device, data=data, tracker=tracker)

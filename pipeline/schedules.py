@@ -1,6 +1,6 @@
 """Prune schedules: each is a typed config (the keys it uses, and no other) and the function that prunes
 by it. A new schedule is a dataclass and a function here, registered in SCHEDULES, and its YAML in
-conf/prune/ (which extends the dataclass: `defaults: [schema_<name>]`).
+conf/prune/ (which extends the dataclass: `defaults: [/schema/prune/<name>@_here_]`).
 
 Every function gets the baseline, its scores and what the prune stage provides (`Inputs`), and returns
 the pruned network, what was applied and where the rates came from (logged as pruned/rates.json and the

@@ -139,6 +139,21 @@ class Tracker:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         _retry(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    def log_datasets(self, name: str, root: str, splits: Mapping[str, list], content: str) -> None:
+        """The data as MLflow dataset inputs, one per split (context = the split): the UI's Dataset column,
+        and `search_runs` by dataset. The digest is of the split's case ids and the data's content."""
+        import hashlib
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = []
+        for split, ids in splits.items():
+            digest = hashlib.sha256(json.dumps([content, sorted(ids)]).encode()).hexdigest()[:16]
+            dataset = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": root, "split": split}),
+                              profile=json.dumps({"cases": len(ids)}))
+            inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", split)]))
+        _retry(self.client.log_inputs, self.run_id, datasets=inputs)
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         path = Path(path)
         if path.is_dir():
@@ -185,6 +200,27 @@ def _proc_start(pid: int) -> str | None:
         return None
 
 
+def git_tags() -> dict[str, str]:
+    """Where the code came from: the MLflow source tags (user, entry point, git commit) and whether the
+    checkout had uncommitted changes (`medprune.git_dirty`)."""
+    import getpass
+
+    from pipeline.paths import PROJECT_ROOT
+
+    tags = {"mlflow.user": getpass.getuser(), "mlflow.source.type": "LOCAL",
+            "mlflow.source.name": Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "medprune"}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return tags
+    if commit.returncode == 0:
+        tags["mlflow.source.git.commit"] = commit.stdout.strip()
+        tags["medprune.git_dirty"] = str(bool(dirty.stdout.strip())).lower()
+    return tags
+
+
 def owner_tags() -> dict[str, str]:
     pid = os.getpid()
     return {"medprune.host": socket.gethostname(), "medprune.pid": str(pid), "medprune.pid_start": _proc_start(pid) or ""}
@@ -229,7 +265,8 @@ def end_dead_runs(client: MlflowClient) -> list[str]:
 
 @contextmanager
 def start_run(
-    uri: str, experiment: str, run_name: str, tags: Mapping[str, Any], resume_run_id: str | None = None
+    uri: str, experiment: str, run_name: str, tags: Mapping[str, Any], resume_run_id: str | None = None,
+    system_metrics: bool = False,
 ) -> Iterator[Tracker]:
     """Yields a Tracker; the run ends FINISHED, FAILED if the body raises, KILLED on SIGTERM or Ctrl-C.
 
@@ -240,7 +277,7 @@ def start_run(
     client = client_for(uri)
     end_dead_runs(client)
     experiment_id = get_or_create_experiment(client, experiment, uri)
-    tags = {**{k: str(v) for k, v in tags.items()}, **owner_tags()}
+    tags = {**git_tags(), **{k: str(v) for k, v in tags.items()}, **owner_tags()}
     run = None
     if resume_run_id:
         try:
@@ -254,6 +291,12 @@ def start_run(
     else:
         run = _retry(client.create_run, experiment_id, run_name=run_name, tags=tags)
     tracker = Tracker(client, run.info.run_id, uri, experiment)
+    monitor = None
+    if system_metrics:  # CPU, memory, disk, network (and GPU) as system/* metrics, sampled every 10 s
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run.info.run_id, resume_logging=resume_run_id is not None, tracking_uri=uri)
+        monitor.start()
     status = "FAILED"
     try:
         with terminate_on_sigterm():
@@ -263,6 +306,8 @@ def start_run(
         status = "KILLED"
         raise
     finally:
+        if monitor is not None:
+            monitor.finish()
         try:
             _retry(client.set_terminated, run.info.run_id, status)
         except Exception as err:  # the job's own error matters more; the next job ends the run as KILLED
@@ -309,10 +354,14 @@ def ui(argv: list[str] | None = None) -> int:
         print(uri)
         return 0
     client_for(uri)  # create the store if it does not exist yet, so the UI has something to open
-    print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port}", flush=True)
-    return subprocess.call(
-        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)]
-    )
+    db = _sqlite_path(uri)
+    proc = start_server(uri, args.port, (db.parent / "mlartifacts") if db else None)  # one worker; waits for /health
+    print(f"MLflow UI for {uri}: http://127.0.0.1:{args.port}  (Ctrl-C stops it)", flush=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        stop_server(proc)
+        return 0
 
 
 if __name__ == "__main__":

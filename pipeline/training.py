@@ -137,7 +137,9 @@ def fit(
         getattr(train_set, "reseed", lambda s: None)(epoch_seed(seed, epoch))  # augmentation in this process
         model.train()
         total, seen = 0.0, 0
-        bar = tqdm(train_loader, desc=f"{desc} {epoch}/{settings.epochs}", leave=False, file=sys.stderr, dynamic_ncols=True)
+        # A bar on a terminal only; in a log file (SLURM, `make run > log`) the per-epoch log line is the record.
+        bar = tqdm(train_loader, desc=f"{desc} {epoch}/{settings.epochs}", leave=False, file=sys.stderr, dynamic_ncols=True,
+                   disable=None)
         for images, masks in bar:
             images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)

@@ -122,7 +122,8 @@ def test_pipeline_on_real_isic_pairs(outputs):
                  "evaluate.latency_runs=2", "evaluate.latency_warmup=0")
     r = mlflow_runs(outputs)[0]
     assert r.info.status == "FINISHED"
-    assert r.data.metrics["data/n_train"] + r.data.metrics["data/n_val"] + r.data.metrics["data/n_test"] == 16
+    p = r.data.params  # data statistics are params (counts, not measurements)
+    assert int(p["data.n_train"]) + int(p["data.n_val"]) + int(p["data.n_test"]) == 16
     assert 0.0 <= r.data.metrics["final/dice"] <= 1.0
 
 

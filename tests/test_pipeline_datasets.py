@@ -40,9 +40,9 @@ def test_synthetic_covid_ct_runs_and_the_second_run_hits_the_slice_cache(outputs
     client, r = latest_run(outputs)
     assert r.info.status == "FINISHED"
     assert "building slice cache" in out
-    m = r.data.metrics
-    assert m["data/cache_hit"] == 0 and m["data/cases"] == 6 and m["data/volumes_hu"] == 3
-    assert m["data/slices_dropped_nan_mask"] == 1 and m["data/slices_dropped_duplicate"] == 1
+    m, d = r.data.metrics, r.data.params
+    assert int(d["data.cache_hit"]) == 0 and int(d["data.cases"]) == 6 and int(d["data.volumes_hu"]) == 3
+    assert int(d["data.slices_dropped_nan_mask"]) == 1 and int(d["data.slices_dropped_duplicate"]) == 1
     assert 0.0 <= m["final/dice"] <= 1.0
     splits = splits_of(client, r)
     assert sorted(sum(splits.values(), [])) and not set(splits["train"]) & set(splits["test"])
@@ -50,7 +50,7 @@ def test_synthetic_covid_ct_runs_and_the_second_run_hits_the_slice_cache(outputs
     out = run(outputs, "dataset=synthetic_covid_ct", "dataset.synthetic.count=6", "prune.ratio=0.25")
     assert "slice cache hit" in out and "building slice cache" not in out
     client, again = latest_run(outputs)
-    assert again.info.status == "FINISHED" and again.data.metrics["data/cache_hit"] == 1
+    assert again.info.status == "FINISHED" and int(again.data.params["data.cache_hit"]) == 1
     assert splits_of(client, again) == splits
 
 
@@ -62,10 +62,10 @@ def test_pipeline_on_the_real_brats2015_subset(outputs):
     )
     client, r = latest_run(outputs)
     assert r.info.status == "FINISHED"
-    m = r.data.metrics
-    assert m["data/cases"] == 4 and m["data/cases_with_brainmask"] == 4 and m["data/in_channels"] == 2
-    assert m["data/cases_train"] + m["data/cases_val"] + m["data/cases_test"] == 4
-    assert m["data/slices_dropped_no_brain"] > 0 and 0.0 <= m["final/dice"] <= 1.0
+    m, d = r.data.metrics, r.data.params
+    assert int(d["data.cases"]) == 4 and int(d["data.cases_with_brainmask"]) == 4 and int(d["data.in_channels"]) == 2
+    assert int(d["data.cases_train"]) + int(d["data.cases_val"]) + int(d["data.cases_test"]) == 4
+    assert int(d["data.slices_dropped_no_brain"]) > 0 and 0.0 <= m["final/dice"] <= 1.0
     # volumes: the per-case 3D Dice (slices stacked back) is reported beside the per-slice mean
     assert 0.0 <= m["final/dice_3d"] <= 1.0 and m["final/test_cases"] >= 1
     assert "building slice cache brats" in out
@@ -76,7 +76,7 @@ def test_pipeline_on_the_real_covid_semiseg_subset(outputs):
     run(outputs, "dataset=covid_semiseg", f"dataset.root={REAL_SEMISEG}")
     _, r = latest_run(outputs)
     assert r.info.status == "FINISHED"
-    m = r.data.metrics
-    assert m["data/n_train"] + m["data/n_val"] + m["data/n_test"] == 50
+    m, d = r.data.metrics, r.data.params
+    assert int(d["data.n_train"]) + int(d["data.n_val"]) + int(d["data.n_test"]) == 50
     assert 0.0 <= m["final/dice"] <= 1.0
     assert "final/dice_3d" not in m  # 2D slices: no volumes to stack

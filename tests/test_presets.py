@@ -61,20 +61,21 @@ def test_preset_runs_end_to_end_and_reports(preset, tmp_path):
     assert len(names) == 1
     runs = client.search_runs([client.get_experiment_by_name(names[0]).experiment_id])
     assert [r.info.status for r in runs] == ["FINISHED"]
-    text = medprune(tmp_path, preset, "--no-log", module="pipeline.report")
+    (run,) = runs
+    text = medprune(tmp_path, run.info.run_id, "--no-log", module="pipeline.report")  # a single job's report
     if preset != "lwunet_isic":  # the shared setting has no table of its own
         assert "(paper)" in text or preset == "channel_attention"
     # our run is the row of its setting, with its own Dice (in the paper's unit)
     from dataclasses import asdict
 
     from helpers import compose_config
-    from pipeline.config import PaperConfig
+    from pipeline.config import GENERIC_COLUMNS, PaperConfig
 
-    paper = compose_config(f"experiment={preset}").paper or asdict(PaperConfig())  # the report's generic table
-    (run,) = runs
+    paper = compose_config(f"experiment={preset}").paper or asdict(PaperConfig())
+    columns = paper["columns"] or GENERIC_COLUMNS  # the report's generic table
     key = " / ".join(run.data.params[k.strip()] for k in paper["rows_by"].split(","))
-    rows = read_csv(tmp_path / "reports" / names[0] / "report.csv")
+    rows = read_csv(tmp_path / "reports" / run.info.run_id / "report.csv")
     (row,) = [r for r in rows if r[paper["rows_by"]] == key]
-    dice_title = paper["columns"]["dice"]
+    dice_title = columns["dice"]
     dice = run.data.metrics[f"{paper['metric_prefix']}/dice"] * paper["scale"].get("dice", 1.0)
     assert row["runs"] == "1" and float(row[dice_title]) == pytest.approx(dice, abs=0.01)

@@ -237,6 +237,7 @@ def test_baseline_key_follows_content_not_paths_or_serving_keys(tmp_path):
     assert key(tmp_path / "a", "paths.outputs=/elsewhere") == first
     assert key(tmp_path / "a", "dataset.workers=1", "train.num_workers=3", "train.checkpoint_every=5") == first
     assert key(tmp_path / "a", "train.lr=0.01") != first
+    assert key(tmp_path / "a", "loss=dice") != first and key(tmp_path / "a", "optimizer=sgd") != first
     assert key(tmp_path / "a", "seed=1") != first
     victim = sorted((tmp_path / "copy" / "ISIC2018_Task1-2_Training_Input").glob("*.jpg"))[0]
     from PIL import Image

@@ -105,7 +105,7 @@ def test_submitit_jobs_log_to_a_tracking_server_found_through_its_rest_api(tmp_p
 def test_a_paper_preset_sweeps_and_reports_in_the_papers_shape(tmp_path):
     synthetic = ["dataset=synthetic_isic", f"dataset.root={tmp_path / 'data'}"]
     medprune(tmp_path, "-m", "experiment=lwunet_table5", *synthetic, *TINY, "seed=0,1")
-    runs = runs_in(f"sqlite:///{tmp_path / 'mlflow.db'}", "lwunet_table5")
+    runs = [r for r in runs_in(f"sqlite:///{tmp_path / 'mlflow.db'}", "lwunet_table5") if r.data.tags.get("medprune.kind") != "sweep"]
     assert len(runs) == 4 and {r.data.params["criterion.name"] for r in runs} == {"l1", "l2"}
     text = medprune(tmp_path, "lwunet_table5", module="pipeline.report")
     assert "Table 5" in text and "Dice (%) (paper)" in text and "Δ IoU (%)" in text
@@ -113,13 +113,15 @@ def test_a_paper_preset_sweeps_and_reports_in_the_papers_shape(tmp_path):
     cells = [c.strip() for c in l1_row.strip("|").split("|")]
     assert cells[1] == "2"  # two seeds in one row
     assert "±" in cells[2] and cells[3] == "88.3"  # mean ± std over seeds, the paper's Dice beside it
-    report_dir = tmp_path / "reports" / "lwunet_table5"
+    (parent,) = [r for r in runs_in(f"sqlite:///{tmp_path / 'mlflow.db'}", "lwunet_table5")
+                 if r.data.tags.get("medprune.kind") == "sweep"]
+    report_dir = tmp_path / "reports" / parent.info.run_id
     for name in ("report.md", "report.csv", "report.tex", "dice_vs_flops.png", "dice_vs_latency.png"):
         assert (report_dir / name).exists(), name
     assert r"\begin{tabular}" in (report_dir / "report.tex").read_text()
-    report_runs = [r for r in runs_in(f"sqlite:///{tmp_path / 'mlflow.db'}", "lwunet_table5")
-                   if r.data.tags.get("medprune.kind") == "report"]
-    assert len(report_runs) == 1
+    assert "Δ = ours - paper" in text  # paper columns: the difference is explained
+    logged = {a.path for a in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").list_artifacts(parent.info.run_id, "report")}
+    assert "report/report.md" in logged  # the report lives with its sweep's parent run
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from models.io import load_model, model_size_mb
-from pipeline import inference, plots
+from pipeline import inference, mlflow_model, plots
 from pipeline.profiling import count_flops, count_params, cpu_name, device_name, measure_latency
 from pipeline.metrics import binarize, dice_iou
 from pipeline.pruning import prunable_layers
@@ -30,6 +30,10 @@ from pipeline.training import make_loader, read_history
 log = logging.getLogger(__name__)
 
 ROWS = ("baseline", "pruned", "final")
+# Results that describe how a measurement was taken (counts, flags, thread counts): MLflow params
+# (`final.latency_threads`), not metrics, so the compare view shows the measurements themselves.
+DESCRIPTIVE = ("latency_threads", "latency_bn_folded", "latency_channels_last", "channels_aligned8", "test_images",
+               "test_cases")
 FINAL_ONNX = "final.onnx"
 
 def cost(ctx: Context, model: torch.nn.Module, onnx_path: Optional[Path]) -> dict[str, float]:
@@ -137,7 +141,9 @@ def run(ctx: Context, state: RunState) -> RunState:
     finally:
         scratch.cleanup()
     flat = {f"{row}/{k}": v for row, metrics in results.items() for k, v in metrics.items()}
-    ctx.tracker.log_metrics(flat)
+    # Measurements are metrics; counts and flags that describe how they were taken are params.
+    ctx.tracker.log_metrics({k: v for k, v in flat.items() if k.rsplit("/", 1)[1] not in DESCRIPTIVE})
+    ctx.tracker.log_params({k.replace("/", "."): v for k, v in flat.items() if k.rsplit("/", 1)[1] in DESCRIPTIVE})
     tags = {"medprune.latency_device": ", ".join(sorted(device_names)),
             "medprune.latency_form": _form(ctx)}
     if onnx:
@@ -156,7 +162,28 @@ def run(ctx: Context, state: RunState) -> RunState:
     if ctx.cfg.evaluate.mask_examples > 0:
         _mask_plot(ctx, {row: sources[row] for row in ("baseline", "final") if sources[row]}, folder / "masks.png")
     ctx.tracker.log_artifact(folder, "evaluate")
+    _log_models(ctx, state, sources, flat)
     return replace(state, metrics={**state.metrics, **flat})
+
+
+def _log_models(ctx: Context, state: RunState, sources: dict, metrics: dict) -> None:
+    """The final network (and the baseline, in the run that trained it) as MLflow models; the final one
+    registered when `tracking.register_as` names a model (pipeline/mlflow_model.py)."""
+    if not ctx.cfg.tracking.log_models:
+        return
+    example = ctx.data.dataset("test")[0][0].unsqueeze(0)
+    threshold = ctx.cfg.evaluate.threshold
+    logged = {}
+    for row, artifact in (("final", "final_mlflow_model"), ("baseline", "baseline_mlflow_model")):
+        if not sources[row] or (row == "baseline" and state.baseline_run_id != ctx.tracker.run_id):
+            continue
+        logged[row] = mlflow_model.log_model(ctx.tracker, load_model(sources[row]), threshold, example, artifact)
+    if ctx.cfg.tracking.register_as and "final" in logged:
+        headline = {k: v for k, v in metrics.items() if k.startswith("final/") and k.rsplit("/", 1)[1] in
+                    ("dice", "iou", "params_m", "flops_g", "latency_ms")}
+        version = mlflow_model.register(ctx.tracker.client, ctx.cfg.tracking.register_as, ctx.tracker.run_id,
+                                        "final_mlflow_model", headline)
+        ctx.tracker.set_tags({"medprune.registered_model": f"{ctx.cfg.tracking.register_as}/{version}"})
 
 
 def _form(ctx: Context) -> str:

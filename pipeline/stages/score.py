@@ -16,8 +16,7 @@ def run(ctx: Context, state: RunState) -> RunState:
         raise RuntimeError("score needs a baseline model: add train to stages or set baseline=<run id or path>")
     scores, criterion = scoring.compute(ctx, load_model(state.baseline))
     folder = ctx.stage_dir("scores")
-    rows = scoring.save(scores, criterion, folder)
-    ctx.tracker.log_metrics({f"score/{r['layer']}": r["mean"] for r in rows})
+    rows = scoring.save(scores, criterion, folder)  # per-layer statistics: scores/layer_stats.csv
     ctx.tracker.log_artifact(folder, "scores")
     log.info("Scored %d layers with %s", len(rows), criterion)
     return replace(state, scores=str(folder))

@@ -1,0 +1,84 @@
+"""A network as an MLflow model: `mlflow.pyfunc.load_model(uri).predict(images)` gives its masks.
+
+The model is logged in MLflow's ONNX flavour (an MLmodel file, an .onnx graph, the signature and an
+input example): loading it reads the graph with ONNX Runtime and unpickles nothing, and no code travels
+with it. The graph is the network with its output turned into the mask the pipeline scores
+(sigmoid, > `evaluate.threshold`), with a dynamic batch: images [N, C, H, W] float32, normalised as the
+dataset serves them, give masks [N, K, H, W] uint8 in {0, 1}.
+
+`tracking.register_as=<name>` registers the final network in the model registry as a new version of
+`<name>`, tagged with the run's headline metrics.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.inference import export_onnx
+
+log = logging.getLogger(__name__)
+
+OUTPUT = "mask"
+
+
+class MaskHead(nn.Module):
+    """network -> uint8 mask (sigmoid(logits) > threshold, as pipeline.metrics.binarize)."""
+
+    def __init__(self, network: nn.Module, threshold: float):
+        super().__init__()
+        self.network, self.threshold = network, float(threshold)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (torch.sigmoid(self.network(images)) > self.threshold).to(torch.uint8)
+
+
+def save(network: nn.Module, threshold: float, example: torch.Tensor, folder: Path) -> Path:
+    """Writes the MLflow model of `network` into `folder` (which must not exist); returns it."""
+    import mlflow.onnx
+    import onnx
+    from mlflow.models import infer_signature
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(MaskHead(network, threshold).eval(), Path(tmp) / "model.onnx", tuple(example.shape))
+        graph = onnx.load(str(path))
+        with torch.no_grad():
+            masks = MaskHead(network.cpu().eval(), threshold)(example.cpu()).numpy()
+        signature = infer_signature(example.numpy(), masks)
+        mlflow.onnx.save_model(graph, str(folder), signature=signature, input_example=example.numpy(),
+                               save_as_external_data=False)
+    return folder
+
+
+def log_model(tracker, network: nn.Module, threshold: float, example: torch.Tensor, artifact_path: str) -> str:
+    """Logs the MLflow model under `artifact_path` of the tracker's run; returns its `runs:/` URI."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save(network, threshold, example, Path(tmp) / artifact_path)
+        tracker.log_artifact(folder, artifact_path)
+    return f"runs:/{tracker.run_id}/{artifact_path}"
+
+
+def register(client, name: str, run_id: str, artifact_path: str, metrics: dict[str, float]) -> str:
+    """A new version of registered model `name` from the run's `artifact_path`, tagged with `metrics`."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException:  # it exists already: add a version
+        pass
+    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    version = client.create_model_version(name, source, run_id=run_id, tags={k: f"{v:.6g}" for k, v in metrics.items()})
+    log.info("Registered runs:/%s/%s as version %s of model %r", run_id, artifact_path, version.version, name)
+    return version.version
+
+
+def predict_masks(model_uri: str, images: np.ndarray) -> np.ndarray:
+    """Masks of a logged model (what `mlflow.pyfunc.load_model(uri).predict(images)` returns, as an array)."""
+    import mlflow.pyfunc
+
+    out = mlflow.pyfunc.load_model(model_uri).predict(images.astype(np.float32))
+    return np.asarray(next(iter(out.values())) if isinstance(out, dict) else out)

@@ -1,0 +1,132 @@
+"""MLflow as its users expect it: a parent run per sweep, sweep-scoped reports, logged models that load
+through MLflow, dataset inputs, source tags, params vs metrics, the installed `medprune` command."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from helpers import ROOT, TINY, mlflow_runs, run_cli, run_pipeline
+
+pytestmark = pytest.mark.integration
+
+
+def client_of(outputs: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{outputs / 'mlflow.db'}")
+
+
+def test_a_joblib_sweep_is_one_parent_run_and_its_report_ignores_other_runs(tmp_path):
+    outputs = tmp_path / "out"
+    run_pipeline(outputs, *TINY, "prune.ratio=0.5", "evaluate.onnx=false")  # a job outside the sweep, before it
+    run_cli(outputs, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=3", *TINY, "evaluate.onnx=false",
+            "prune.ratio=0.25,0.5,0.75", timeout=900)
+    runs = mlflow_runs(outputs)
+    (parent,) = [r for r in runs if r.data.tags.get("medprune.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
+    assert {r.data.tags["medprune.sweep_id"] for r in children} == {parent.data.tags["medprune.sweep_id"]}
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["sweep.jobs"] == "3" and parent.data.params["sweep.jobs_finished"] == "3"
+    assert "prune.ratio=0.25,0.5,0.75" in parent.data.params["sweep.overrides"]
+    artifacts = {a.path for a in client_of(outputs).list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.md", "report/report.csv", "report/dice_vs_flops.png"} <= artifacts
+    assert "row/0.5/dice" in parent.data.metrics
+
+    # the report of the latest sweep: its three jobs, in order, not the job made outside it
+    text = run_pipeline(outputs, "--no-log", module="pipeline.report")
+    table = [line for line in text.splitlines() if line.startswith("| 0.")]
+    assert [line.split("|")[1].strip() for line in table] == ["0.25", "0.5", "0.75"]
+    assert all(line.split("|")[2].strip() == "1" for line in table)  # the outside job would make 0.5 a 2-run row
+    assert "Δ" not in text  # no paper columns, no difference footer
+    # the same sweep named by its parent run id and by its multirun folder
+    def table_rows(text):
+        return [line for line in text.splitlines() if line.startswith("| 0.")]
+
+    assert table_rows(run_pipeline(outputs, parent.info.run_id, "--no-log", module="pipeline.report")) == table
+    sweep_dir = parent.data.tags["medprune.sweep_dir"]
+    assert table_rows(run_pipeline(outputs, sweep_dir, "--no-log", module="pipeline.report")) == table
+
+
+def test_a_report_refuses_rows_that_mix_settings(tmp_path):
+    from pipeline.report import ReportError, report_sweep
+
+    outputs = tmp_path / "out"
+    run_pipeline(outputs, "-m", *TINY, "evaluate.onnx=false", "prune.ratio=0.5", "train.lr=0.001,0.002")
+    client = client_of(outputs)
+    (parent,) = [r for r in mlflow_runs(outputs) if r.data.tags.get("medprune.kind") == "sweep"]
+    with pytest.raises(ReportError, match=r"differ in .*train\.lr"):
+        report_sweep(client, parent, tmp_path / "report", log=False)
+
+
+def test_a_job_logs_its_models_datasets_sources_and_only_measurements_as_metrics(tmp_path):
+    from models.io import load_model
+    from pipeline.metrics import binarize
+    from pipeline.mlflow_model import predict_masks
+
+    outputs = tmp_path / "out"
+    run_pipeline(outputs, *TINY, "evaluate.onnx=false")
+    (run,) = mlflow_runs(outputs)
+    client = client_of(outputs)
+    tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+    for tag in ("mlflow.user", "mlflow.source.name", "mlflow.source.git.commit", "medprune.git_dirty", "mlflow.note.content"):
+        assert tags.get(tag), tag
+    assert "l1 uniform pruning (ratio 0.5" in tags["mlflow.note.content"]
+    # counters and flags are params; the run's metrics are measurements and curves
+    assert "final.latency_threads" in params and "data.n_train" in params
+    assert not [k for k in metrics if k.startswith(("data/", "score/")) or k.endswith(("latency_threads", "test_images"))]
+    assert {"final/dice", "final/iou", "final/params_m", "final/flops_g", "final/size_mb", "final/latency_ms"} <= set(metrics)
+    # what the user typed and Hydra's settings, beside the resolved config
+    assert {"hydra/overrides.yaml", "hydra/hydra.yaml"} <= {a.path for a in client.list_artifacts(run.info.run_id, "hydra")}
+    # the data as MLflow dataset inputs, one per split
+    inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
+    contexts = {i.tags[0].value for i in inputs}
+    assert contexts == {"train", "val", "test"} and {i.dataset.name for i in inputs} == {"synthetic_isic"}
+
+    # the final network loads back through MLflow (no unpickling) and gives the pipeline's masks
+    local = client.download_artifacts(run.info.run_id, "final_mlflow_model", str(tmp_path / "download"))
+    assert (Path(local) / "MLmodel").exists() and not list(Path(local).rglob("*.pkl"))
+    run_dir = Path(tags["medprune.run_dir"])
+    from helpers import compose_config  # the same test images the evaluate stage scored
+    from data import build_data
+
+    cfg = compose_config(*TINY, f"paths.outputs={outputs}")
+    test = build_data(cfg.dataset, 0).dataset("test")
+    images = torch.stack([test[i][0] for i in range(len(test))])
+    with torch.no_grad():
+        expected = binarize(load_model(run_dir / "final" / "model").eval()(images), cfg.evaluate.threshold).numpy()
+    masks = predict_masks(local, images.numpy())
+    assert masks.shape == expected.shape and np.array_equal(masks.astype(bool), expected.astype(bool))
+
+
+def test_register_as_adds_a_model_version_with_the_runs_metrics(tmp_path):
+    outputs = tmp_path / "out"
+    run_pipeline(outputs, *TINY, "evaluate.onnx=false", "tracking.register_as=tiny-unet")
+    (run,) = mlflow_runs(outputs)
+    client = client_of(outputs)
+    (version,) = client.search_model_versions("name='tiny-unet'")
+    assert version.run_id == run.info.run_id and float(version.tags["final/dice"]) == pytest.approx(run.data.metrics["final/dice"], rel=1e-5)
+    assert run.data.tags["medprune.registered_model"] == f"tiny-unet/{version.version}"
+
+
+def test_the_installed_medprune_command_works_from_any_folder_and_has_its_own_help(tmp_path):
+    script = ROOT / ".venv" / "bin" / "medprune"
+    if not script.exists():
+        pytest.skip(f"no installed script at {script} (make setup installs it)")
+    proc = subprocess.run([str(script), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for text in ("train -> [sensitivity] -> score -> prune -> finetune -> evaluate", "prune: budget", "experiment:",
+                 "python -m pipeline.report"):
+        assert text in proc.stdout, text
+    proc = subprocess.run([str(script), "--cfg", "job", "model=unet_tiny"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "width: 4" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_training_writes_one_line_per_epoch_to_a_file(tmp_path):
+    out = run_cli(tmp_path / "out", *TINY, "train.epochs=3", "evaluate.onnx=false")
+    assert "\r" not in out  # no progress-bar frames in a log file
+    assert sum("train epoch" in line for line in out.splitlines()) == 3
