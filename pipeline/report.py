@@ -172,7 +172,7 @@ class ReportError(ValueError):
 
 # Settings that may differ between the runs of one row: the seed (rows are mean ± std over seeds) and
 # what only names or places a job.
-ROW_FREE = ("seed", "tracking.run_name", "hydra", "resume")
+ROW_FREE = ("seed", "tracking.run_name", "hydra", "resume", "data")  # data.*: statistics (load time, cache hit)
 # Decimals per metric in the table, in the unit shown (a metric scaled x100 to % loses two).
 DIGITS = {"dice": 4, "iou": 4, "dice_3d": 4, "params_m": 3, "flops_g": 3, "macs_g": 3, "size_mb": 2, "latency_ms": 2}
 
@@ -207,7 +207,7 @@ def find_sweep(client, target: str | None, experiment: str | None = None):
     or one job alone."""
     import re
 
-    from pipeline.sweep import KIND_TAG, sweep_of
+    from pipeline.tracking import KIND_TAG, sweep_of
 
     target = target or "latest"
     if Path(target).is_dir():
@@ -249,7 +249,7 @@ def _sweep_paper(client, parent):
 
 
 def _with_children(client, parent, paper):
-    from pipeline.sweep import sweep_children
+    from pipeline.tracking import sweep_children
 
     finished = [r for r in sweep_children(client, parent) if r.info.status == "FINISHED"]
     if not finished:
@@ -320,7 +320,7 @@ def report(target: str | None = None, uri: str | None = None, out: Path | None =
     from pipeline.tracking import client_for, resolve_uri
 
     if target and Path(target).is_dir() and uri is None:
-        from pipeline.sweep import sweep_of
+        from pipeline.tracking import sweep_of
 
         uri = (sweep_of(Path(target)) or {}).get("uri")
     uri = resolve_uri(uri)

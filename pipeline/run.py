@@ -32,8 +32,9 @@ from pipeline.config import ConfigError, register_schema, validate  # noqa: E402
 from pipeline.journal import Journal, job_key  # noqa: E402
 from pipeline.report import results_table  # noqa: E402
 from pipeline.state import Context, RunState, pick_device, seed_everything  # noqa: E402
-from pipeline.sweep import PARENT_TAG, SWEEP_TAG, sweep_of  # noqa: E402
-from pipeline.tracking import Terminated, flatten, resolve_uri, start_run, terminate_on_sigterm  # noqa: E402
+from pipeline.tracking import (  # noqa: E402
+    PARENT_TAG, SWEEP_TAG, Terminated, flatten, resolve_uri, start_run, sweep_of, terminate_on_sigterm,
+)
 
 log = logging.getLogger("medprune")
 register_schema()

@@ -14,28 +14,15 @@ import json
 import logging
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from data.files import atomic_write
+from pipeline.tracking import KIND_TAG, SWEEP_FILE, SWEEP_TAG, sweep_children, sweep_of
 
 log = logging.getLogger(__name__)
-
-SWEEP_FILE = ".medprune_sweep.json"
-KIND_TAG = "medprune.kind"
-SWEEP_TAG = "medprune.sweep_id"
-PARENT_TAG = "mlflow.parentRunId"
-
-
-def sweep_of(sweep_dir: Path) -> Optional[dict[str, Any]]:
-    """The parent run of the multirun whose folder is `sweep_dir`, if a SweepCallback opened one."""
-    try:
-        return json.loads((Path(sweep_dir) / SWEEP_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-
 
 def _sweep_params(config: DictConfig) -> dict[str, str]:
     """The sweep as the user gave it: the command line's overrides and the sweeper's params (presets)."""
@@ -91,10 +78,3 @@ class SweepCallback(Callback):
         client.set_terminated(parent.info.run_id, status)
         log.info("Sweep %s: %d jobs (%d finished, %d failed); parent run %s %s", info["sweep_id"], len(children),
                  counts["FINISHED"], counts["FAILED"], parent.info.run_id, status)
-
-
-def sweep_children(client, parent) -> list:
-    """The job runs of the sweep whose parent run is `parent` (every status)."""
-    sweep_id = parent.data.tags[SWEEP_TAG]
-    found = client.search_runs([parent.info.experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep_id}'", max_results=5000)
-    return [r for r in found if r.info.run_id != parent.info.run_id]

@@ -87,7 +87,9 @@ def _retry(fn, *args, **kwargs):
             try:
                 return fn(*args, **kwargs)
             except Exception as err:  # MLflow wraps the sqlite error in its own exception types
-                if "database is locked" not in str(err) or attempt == 11:
+                # "locked": another writer holds SQLite; "UNIQUE constraint": a parallel job inserted the same
+                # row (a dataset input) first, and the retry finds and reuses it
+                if not any(m in str(err) for m in ("database is locked", "UNIQUE constraint failed")) or attempt == 11:
                     raise
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -97,6 +99,29 @@ def _retry(fn, *args, **kwargs):
         if pending is not None and _writes["depth"] == 0:
             _writes["pending"] = None
             raise Terminated(pending)
+
+
+# -- sweeps (pipeline/sweep.py opens them; jobs and reports find them) ----------------------------------
+
+SWEEP_FILE = ".medprune_sweep.json"  # in a multirun's folder: its parent run, sweep id, store, paper block
+KIND_TAG = "medprune.kind"  # "sweep" on a sweep's parent run
+SWEEP_TAG = "medprune.sweep_id"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def sweep_of(sweep_dir: Path) -> dict[str, Any] | None:
+    """The parent run of the multirun whose folder is `sweep_dir`, if one was opened."""
+    try:
+        return json.loads((Path(sweep_dir) / SWEEP_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def sweep_children(client: MlflowClient, parent) -> list:
+    """The job runs of the sweep whose parent run is `parent` (every status)."""
+    sweep_id = parent.data.tags[SWEEP_TAG]
+    found = client.search_runs([parent.info.experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep_id}'", max_results=5000)
+    return [r for r in found if r.info.run_id != parent.info.run_id]
 
 
 _PARAM_KEY = re.compile(r"^[\w\-. :/]+$")  # what MLflow accepts in a param name

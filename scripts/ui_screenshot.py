@@ -1,10 +1,14 @@
 #!/usr/bin/env python
-"""Screenshot the MLflow UI's page of an experiment, to show that it lists a sweep's runs.
+"""Screenshots of the MLflow UI: an experiment's runs table, a sweep's parent run, and the compare view
+of the sweep's jobs (the compare workflow of the README).
 
-Starts `mlflow server` on 127.0.0.1 against the store, opens the experiment page in headless Debian
-Chromium (`apt-get install chromium`) and writes a PNG:
+Starts `mlflow server` on 127.0.0.1 against the store, opens the pages in headless Debian Chromium
+(`apt-get install chromium`; the browser Playwright or the driver would download cannot be fetched here)
+and writes PNGs:
 
     .venv/bin/python scripts/ui_screenshot.py --experiment real_isic_mini --out docs/img/mlflow_ui.png
+    .venv/bin/python scripts/ui_screenshot.py --experiment real_isic_mini --views runs,sweep,compare --out docs/img/mlflow.png
+      # -> docs/img/mlflow_runs.png, mlflow_sweep.png, mlflow_compare.png
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -32,7 +37,38 @@ def find_chromium() -> str | None:
     return next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium") if p and Path(p).exists()), None)
 
 
-def screenshot(uri: str, experiment: str, out: Path, width: int = 1900, height: int = 1000, wait_ms: int = 20000) -> Path:
+def _rest(port: int, path: str, body: dict) -> dict:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.load(r)
+
+
+def _urls(port: int, experiment: str, views: list[str]) -> dict[str, str]:
+    """The page of each view: the runs table, the latest sweep's parent run, the compare view of its jobs."""
+    exps = {e["name"]: e["experiment_id"] for e in _rest(port, "experiments/search", {"max_results": 1000})["experiments"]}
+    if experiment not in exps:
+        raise SystemExit(f"no experiment {experiment!r}; there are: {', '.join(exps)}")
+    exp_id = exps[experiment]
+    base = f"http://127.0.0.1:{port}/#/experiments/{exp_id}"
+    urls = {"runs": f"{base}/runs"}
+    if {"sweep", "compare"} & set(views):
+        sweeps = _rest(port, "runs/search", {"experiment_ids": [exp_id], "filter": "tags.`medprune.kind` = 'sweep'",
+                                             "order_by": ["attributes.start_time DESC"], "max_results": 1}).get("runs", [])
+        if not sweeps:
+            raise SystemExit(f"experiment {experiment!r} has no sweep (run `python -m pipeline.run -m ...` first)")
+        parent = sweeps[0]["info"]["run_id"]
+        jobs = _rest(port, "runs/search", {"experiment_ids": [exp_id], "filter": f"tags.`mlflow.parentRunId` = '{parent}'",
+                                           "max_results": 50}).get("runs", [])
+        urls["sweep"] = f"{base}/runs/{parent}"
+        ids = urllib.parse.quote(json.dumps([r["info"]["run_id"] for r in jobs]))
+        urls["compare"] = f"http://127.0.0.1:{port}/#/compare-runs?runs={ids}&experiments={urllib.parse.quote(json.dumps([exp_id]))}"
+    return {v: urls[v] for v in views}
+
+
+def screenshot(uri: str, experiment: str, out: Path, views: list[str] = ("runs",), width: int = 1900, height: int = 1000,
+               wait_ms: int = 20000) -> list[Path]:
+    """One PNG per view: `out` itself for a single view, else `<out stem>_<view>.png` beside it."""
     browser = find_chromium()
     if browser is None:
         raise SystemExit("no chromium found: apt-get install chromium")
@@ -40,27 +76,24 @@ def screenshot(uri: str, experiment: str, out: Path, width: int = 1900, height: 
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = start_server(uri, port)
+    written = []
     try:
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
-                                     data=json.dumps({"max_results": 1000}).encode(), headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            exps = {e["name"]: e["experiment_id"] for e in json.load(r)["experiments"]}
-        if experiment not in exps:
-            raise SystemExit(f"no experiment {experiment!r} in {uri}; there are: {', '.join(exps)}")
-        url = f"http://127.0.0.1:{port}/#/experiments/{exps[experiment]}/runs"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as profile:
-            subprocess.run(
-                [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}",
-                 f"--virtual-time-budget={wait_ms}", f"--screenshot={out.resolve()}", url],
-                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=180,
-            )
+        for view, url in _urls(port, experiment, list(views)).items():
+            path = out if len(views) == 1 else out.with_name(f"{out.stem}_{view}{out.suffix}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory() as profile:
+                subprocess.run(
+                    [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}",
+                     f"--virtual-time-budget={wait_ms}", f"--screenshot={path.resolve()}", url],
+                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=180,
+                )
+            if not path.exists():
+                raise SystemExit(f"chromium wrote no screenshot of {url}")
+            print(f"{url} -> {path}")
+            written.append(path)
     finally:
         stop_server(server)
-    if not out.exists():
-        raise SystemExit("chromium wrote no screenshot")
-    print(f"{url} -> {out}")
-    return out
+    return written
 
 
 def main() -> int:
@@ -68,8 +101,10 @@ def main() -> int:
     parser.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or outputs/mlflow.db)")
     parser.add_argument("--experiment", default="medprune")
     parser.add_argument("--out", type=Path, default=Path("outputs/mlflow_ui.png"))
+    parser.add_argument("--views", default="runs", help="comma-separated: runs, sweep (the latest sweep's parent run), "
+                                                        "compare (the compare view of its jobs)")
     args = parser.parse_args()
-    screenshot(resolve_uri(args.uri), args.experiment, args.out)
+    screenshot(resolve_uri(args.uri), args.experiment, args.out, [v.strip() for v in args.views.split(",")])
     return 0
 
 

@@ -70,7 +70,7 @@ def test_four_parallel_joblib_jobs_are_all_recorded_in_one_sqlite_store(tmp_path
     out = medprune(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", *TINY,
                    "prune.ratio=0.1,0.2,0.3,0.4")
     assert "database is locked" not in out
-    runs = runs_in(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = [r for r in runs_in(f"sqlite:///{tmp_path / 'mlflow.db'}") if r.data.tags.get("medprune.kind") != "sweep"]
     assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
     assert sorted(r.data.params["prune.ratio"] for r in runs) == ["0.1", "0.2", "0.3", "0.4"]
     assert sorted(r.data.tags["medprune.baseline_reused"] for r in runs) == ["false", "true", "true", "true"]
@@ -89,8 +89,11 @@ def test_submitit_jobs_log_to_a_tracking_server_found_through_its_rest_api(tmp_p
                  "prune.ratio=0.25,0.5")
         exps = server.rest("experiments/search", {"max_results": 10})["experiments"]
         exp_id = next(e["experiment_id"] for e in exps if e["name"] == "medprune")
-        found = server.rest("runs/search", {"experiment_ids": [exp_id], "max_results": 10})["runs"]
-        assert len(found) == 2
+        every = server.rest("runs/search", {"experiment_ids": [exp_id], "max_results": 10})["runs"]
+        tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in every]
+        (parent,) = [r for r, t in zip(every, tags) if t.get("medprune.kind") == "sweep"]
+        found = [r for r, t in zip(every, tags) if t.get("mlflow.parentRunId") == parent["info"]["run_id"]]
+        assert len(found) == 2 and parent["info"]["status"] == "FINISHED"  # the SLURM-style jobs nest under the sweep
         assert all(r["info"]["status"] == "FINISHED" for r in found)
         ratios = sorted(p["value"] for r in found for p in r["data"]["params"] if p["key"] == "prune.ratio")
         assert ratios == ["0.25", "0.5"]
