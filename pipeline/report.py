@@ -172,7 +172,7 @@ class ReportError(ValueError):
 
 # Settings that may differ between the runs of one row: the seed (rows are mean ± std over seeds) and
 # what only names or places a job.
-ROW_FREE = ("seed", "tracking.run_name", "hydra", "resume", "data")  # data.*: statistics (load time, cache hit)
+ROW_FREE = ("seed", "tracking.run_name", "hydra", "resume")
 # Decimals per metric in the table, in the unit shown (a metric scaled x100 to % loses two).
 DIGITS = {"dice": 4, "iou": 4, "dice_3d": 4, "params_m": 3, "flops_g": 3, "macs_g": 3, "size_mb": 2, "latency_ms": 2}
 

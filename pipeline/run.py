@@ -53,6 +53,18 @@ def run_name(cfg: DictConfig, choices: dict[str, str]) -> str:
     return name + f"-s{cfg.seed}"
 
 
+# Data statistics that describe this job's run, not the data: flags become tags, timings stay in the
+# stats artifact; everything else (counts, sizes, fractions) is a `data.*` param.
+DATA_FLAGS = ("cache_hit", "synthetic_generated")
+
+
+def log_data_stats(tracker, stats: dict[str, float], run_dir: Path) -> None:
+    (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=1))
+    tracker.log_artifact(run_dir / "data_stats.json", "data")
+    tracker.log_params({f"data.{k}": f"{v:g}" for k, v in stats.items() if k not in DATA_FLAGS and not k.endswith("_seconds")})
+    tracker.set_tags({f"medprune.data.{k}": f"{stats[k]:g}" for k in DATA_FLAGS if k in stats})
+
+
 def describe(cfg: DictConfig, choices: dict[str, str], stages: list[str]) -> str:
     """The run's description in the MLflow UI: what was pruned how, on what."""
     what = f"{choices.get('model', 'model')} on {choices.get('dataset', 'data')}"
@@ -120,7 +132,7 @@ def execute(cfg: DictConfig) -> dict[str, float]:
                 tracker.log_artifact(run_dir / "config.yaml")
                 (run_dir / "splits.json").write_text(json.dumps(data.split_ids(), indent=1))
                 tracker.log_artifact(run_dir / "splits.json", "data")
-                tracker.log_params({f"data.{k}": f"{v:g}" for k, v in data.stats().items()})
+                log_data_stats(tracker, data.stats(), run_dir)
                 tracker.log_datasets(choices.get("dataset", "dataset"), str(getattr(data, "root", "")), data.split_ids(),
                                      data.content_digest())
                 hydra_dir = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir

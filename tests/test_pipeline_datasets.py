@@ -41,7 +41,7 @@ def test_synthetic_covid_ct_runs_and_the_second_run_hits_the_slice_cache(outputs
     assert r.info.status == "FINISHED"
     assert "building slice cache" in out
     m, d = r.data.metrics, r.data.params
-    assert int(d["data.cache_hit"]) == 0 and int(d["data.cases"]) == 6 and int(d["data.volumes_hu"]) == 3
+    assert int(r.data.tags["medprune.data.cache_hit"]) == 0 and int(d["data.cases"]) == 6 and int(d["data.volumes_hu"]) == 3
     assert int(d["data.slices_dropped_nan_mask"]) == 1 and int(d["data.slices_dropped_duplicate"]) == 1
     assert 0.0 <= m["final/dice"] <= 1.0
     splits = splits_of(client, r)
@@ -50,7 +50,7 @@ def test_synthetic_covid_ct_runs_and_the_second_run_hits_the_slice_cache(outputs
     out = run(outputs, "dataset=synthetic_covid_ct", "dataset.synthetic.count=6", "prune.ratio=0.25")
     assert "slice cache hit" in out and "building slice cache" not in out
     client, again = latest_run(outputs)
-    assert again.info.status == "FINISHED" and int(again.data.params["data.cache_hit"]) == 1
+    assert again.info.status == "FINISHED" and int(again.data.tags["medprune.data.cache_hit"]) == 1
     assert splits_of(client, again) == splits
 
 
