@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 
 from data.files import move_aside
 from models.io import ModelFileError, read_json, verify_model
-from pipeline.state import Context, RunState
+from pipeline.state import RunState
 
 log = logging.getLogger(__name__)
 

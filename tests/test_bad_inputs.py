@@ -24,13 +24,13 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import pipeline.run  # noqa: F401  (schema and resolvers)
-from data import DatasetError, build_data
+from data import build_data
 from data.isic import MASK_SUFFIX, TRAIN_DIRS
 from data.synthetic import write_synthetic_isic
 from data.synthetic_volumes import write_synthetic_brats, write_synthetic_covid_ct, write_synthetic_slices
 from helpers import conf
 from models import build_model
-from models.io import ModelFileError, load_model, save_model
+from models.io import load_model, save_model
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import COUNT_RULES, ConfigError, count_minimum, validate
 from pipeline.paths import CONF_DIR

@@ -3,7 +3,6 @@ patient splits, bad input, and the real subsets (skipped where ../shared is abse
 from __future__ import annotations
 
 import gzip
-import inspect
 import os
 import shutil
 from pathlib import Path

@@ -4,7 +4,6 @@ flips, patient splits and bad input (there are no real CT volumes in ../shared).
 from __future__ import annotations
 
 import csv
-import inspect
 import shutil
 from pathlib import Path
 

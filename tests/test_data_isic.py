@@ -1,7 +1,6 @@
 """ISIC 2018 reader, its synthetic twin and their configs: real layout in, checked tensors out."""
 from __future__ import annotations
 
-import inspect
 import os
 import shutil
 import subprocess

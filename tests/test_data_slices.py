@@ -2,7 +2,6 @@
 grouped splits and bad input."""
 from __future__ import annotations
 
-import inspect
 import shutil
 import time
 from pathlib import Path

@@ -9,7 +9,7 @@ from models.unet import UNet
 from pipeline.criteria.magnitude import MagnitudeCriterion, filter_norms
 from pipeline.profiling import count_flops, count_params
 from pipeline.pruning import in_scope, prunable_layers, prune
-from helpers import kwargs_of, model_from_conf, training_loss
+from helpers import model_from_conf, training_loss
 
 
 def l1_scores(model):
@@ -119,7 +119,6 @@ def test_default_classic_unet_at_half_keeps_at_most_30_percent_of_flops():
 
 
 def test_smp_unet_with_resnet_encoder_prunes_across_residuals_and_skips():
-    from models.smp import build_smp
 
     model = model_from_conf("smp_unet", encoder_name="resnet18").eval()
     result = prune(model, l1_scores(model), X, ratio=0.5)

@@ -282,7 +282,7 @@ def test_a_job_killed_in_training_and_in_fine_tuning_resumes_to_the_same_weights
     out, err = run(outputs, *args)
     log = out + err
     assert "Resuming the interrupted job" in log and "finetune: resuming after epoch" in log
-    assert f"marked KILLED" in log
+    assert "marked KILLED" in log
 
     # one MLflow run, continued, FINISHED; the same weights as the run that was never interrupted
     (r,) = all_runs(outputs)
