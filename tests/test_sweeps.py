@@ -66,6 +66,7 @@ class Server:
         stop_server(self.proc)
 
 
+@pytest.mark.slow  # make test covers parallel joblib jobs with tests/test_mlflow_native.py's 3-job sweep
 def test_four_parallel_joblib_jobs_are_all_recorded_in_one_sqlite_store(tmp_path):
     out = medprune(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", *TINY,
                    "prune.ratio=0.1,0.2,0.3,0.4")
