@@ -24,6 +24,7 @@ from pipeline.tracking import KIND_TAG, SWEEP_FILE, SWEEP_TAG, sweep_children, s
 
 log = logging.getLogger(__name__)
 
+
 def _sweep_params(config: DictConfig) -> dict[str, str]:
     """The sweep as the user gave it: the command line's overrides and the sweeper's params (presets)."""
     task = list(config.hydra.overrides.task)

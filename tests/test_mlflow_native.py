@@ -121,12 +121,3 @@ def test_the_installed_medprune_command_works_from_any_folder_and_has_its_own_he
     for text in ("train -> [sensitivity] -> score -> prune -> finetune -> evaluate", "prune: budget", "experiment:",
                  "python -m pipeline.report"):
         assert text in proc.stdout, text
-    proc = subprocess.run([str(script), "--cfg", "job", "model=unet_tiny"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0 and "width: 4" in proc.stdout, proc.stderr[-2000:]
-
-
-def test_training_writes_one_line_per_epoch_to_a_file(tmp_path):
-    out = run_cli(tmp_path / "out", *TINY, "train.epochs=3", "evaluate.onnx=false")
-    assert "\r" not in out  # no progress-bar frames in a log file
-    assert sum("train epoch" in line for line in out.splitlines()) == 3

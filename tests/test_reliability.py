@@ -203,6 +203,8 @@ def test_sigterm_is_one_line_and_the_run_killed(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM
     assert error_lines(err) == ["medprune: terminated by signal 15; rerun the same command to resume"]
     assert "Traceback" not in err and "database is locked" not in err
+    # written to a file (as a SLURM log is): one line per epoch, no progress-bar frames
+    assert "\r" not in out + err and "train epoch 1/500" in out + err
     (r,) = all_runs(outputs)
     assert r.info.status == "KILLED" and r.info.end_time
 
