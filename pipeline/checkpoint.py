@@ -91,12 +91,3 @@ class Checkpoint:
             raise ModelFileError(f"checkpoint {path}: not a {FORMAT} file")
         tensors = load_tensors(self.folder / meta["file"], meta.get("sha256"), "checkpoint")
         return int(meta["epoch"]), _join(meta["state"], tensors)
-
-    def clear(self) -> None:
-        for path in self.folder.glob("epoch-*.safetensors"):
-            path.unlink(missing_ok=True)
-        (self.folder / META).unlink(missing_ok=True)
-        try:
-            self.folder.rmdir()
-        except OSError:
-            pass

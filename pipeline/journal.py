@@ -33,7 +33,6 @@ def job_key(cfg: DictConfig) -> str:
 
 class Journal:
     def __init__(self, outputs: Path, key: str):
-        self.key = key
         self.entry = Path(outputs) / "jobs" / f"{key}.json"
         self._lock = None
 

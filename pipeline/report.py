@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 from dataclasses import asdict, dataclass, field
@@ -205,8 +206,6 @@ def _sort_key(row: Row):
 def find_sweep(client, target: str | None, experiment: str | None = None):
     """(the run the report belongs to, its job runs, the paper block): a sweep's parent and its children,
     or one job alone."""
-    import re
-
     from pipeline.tracking import KIND_TAG, sweep_of
 
     target = target or "latest"
@@ -312,7 +311,7 @@ def report_sweep(client, parent, out: Path | None = None, runs: list | None = No
     return text, out, len(runs)
 
 
-_METRIC_NAME = __import__("re").compile(r"^[\w\-. /]+$")
+_METRIC_NAME = re.compile(r"^[\w\-. /]+$")
 
 
 def report(target: str | None = None, uri: str | None = None, out: Path | None = None, log: bool = True,

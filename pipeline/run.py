@@ -47,7 +47,7 @@ def run_name(cfg: DictConfig, choices: dict[str, str]) -> str:
     name = f"{choices.get('model', 'model')}-{choices.get('dataset', 'data')}"
     if "prune" in stages:
         p = cfg.prune
-        amount = f"r{p.ratio:g}" if "ratio" in p and str(p.schedule) != "sensitivity" else (
+        amount = f"r{p.ratio:g}" if "ratio" in p else (
             f"f{p.target_flops:g}" if "target_flops" in p else str(p.schedule))
         name += f"-{cfg.criterion.name}-{amount}"
     return name + f"-s{cfg.seed}"

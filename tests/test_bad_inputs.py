@@ -120,32 +120,17 @@ BRATS = conf("dataset", "brats", image_size=16, workers=1, cache_dir=None)
 COVID = conf("dataset", "covid_ct", image_size=16, workers=1, cache_dir=None)
 
 
-def isic(fn, **extra):
-    def damage(root):
-        fn(root)
-        return {"dataset": {**ISIC, "root": str(root), **extra}}
-    return damage
+def _damages(base: dict):
+    """`damages(fn, **extra)`: a damage that runs fn on the copied data folder and points the dataset config `base` at it."""
+    def damages(fn, **extra):
+        def damage(root):
+            fn(root)
+            return {"dataset": {**base, "root": str(root), **extra}}
+        return damage
+    return damages
 
 
-def slices(fn, **extra):
-    def damage(root):
-        fn(root)
-        return {"dataset": {**SLICES, "root": str(root), **extra}}
-    return damage
-
-
-def brats(fn, **extra):
-    def damage(root):
-        fn(root)
-        return {"dataset": {**BRATS, "root": str(root), **extra}}
-    return damage
-
-
-def covid(fn, **extra):
-    def damage(root):
-        fn(root)
-        return {"dataset": {**COVID, "root": str(root), **extra}}
-    return damage
+isic, slices, brats, covid = _damages(ISIC), _damages(SLICES), _damages(BRATS), _damages(COVID)
 
 
 def folder(kind):
