@@ -222,11 +222,12 @@ def _quiet_export() -> Iterator[None]:
 
 def export_onnx(
     model: nn.Module, path: str | Path, input_shape: tuple[int, ...], opset: int = 18, dynamo: bool = False,
-    dynamic_batch: bool = True,
+    dynamic_batch: bool = True, output_name: str = OUTPUT_NAME,
 ) -> Path:
     """Exports `model` (eval mode, on CPU) for inputs shaped like `input_shape` to `path`.
 
-    The batch dimension is dynamic (`dynamic_batch`); height and width are fixed to the input's.
+    The batch dimension is dynamic (`dynamic_batch`); height and width are fixed to the input's. The
+    graph's input is named `image`, its output `output_name`.
     `dynamo=False` is torch's TorchScript-based exporter; `dynamo=True` the torch.export-based one. Both
     give the same graph once ONNX Runtime has optimised it (same fused Conv / layout-reorder nodes);
     the TorchScript one has no fixed start-up cost (0.4 s instead of 4 s for a tiny UNet), which keeps
@@ -235,11 +236,11 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).cpu().eval().to(memory_format=torch.contiguous_format)
     x = torch.randn(input_shape)
-    kwargs: dict = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset, dynamo=dynamo)
+    kwargs: dict = dict(input_names=[INPUT_NAME], output_names=[output_name], opset_version=opset, dynamo=dynamo)
     if dynamic_batch and dynamo:
         kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch")},)
     elif dynamic_batch:
-        kwargs["dynamic_axes"] = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+        kwargs["dynamic_axes"] = {INPUT_NAME: {0: "batch"}, output_name: {0: "batch"}}
     if dynamo:
         kwargs.update(verbose=False, report=False, optimize=True)
     with _quiet_export(), torch.no_grad():

@@ -4,7 +4,7 @@ The model is logged in MLflow's ONNX flavour (an MLmodel file, an .onnx graph, t
 input example): loading it reads the graph with ONNX Runtime and unpickles nothing, and no code travels
 with it. The graph is the network with its output turned into the mask the pipeline scores
 (sigmoid, > `evaluate.threshold`), with a dynamic batch: images [N, C, H, W] float32, normalised as the
-dataset serves them, give masks [N, K, H, W] uint8 in {0, 1}.
+dataset serves them, give masks [N, K, H, W] uint8 in {0, 1}, as the output named `mask`.
 
 `tracking.register_as=<name>` registers the final network in the model registry as a new version of
 `<name>`, tagged with the run's headline metrics.
@@ -23,7 +23,7 @@ from pipeline.inference import export_onnx
 
 log = logging.getLogger(__name__)
 
-OUTPUT = "mask"
+OUTPUT = "mask"  # the graph's output: predict() gives {"mask": masks}
 
 
 class MaskHead(nn.Module):
@@ -44,7 +44,8 @@ def save(network: nn.Module, threshold: float, example: torch.Tensor, folder: Pa
     from mlflow.models import infer_signature
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_onnx(MaskHead(network, threshold).eval(), Path(tmp) / "model.onnx", tuple(example.shape))
+        path = export_onnx(MaskHead(network, threshold).eval(), Path(tmp) / "model.onnx", tuple(example.shape),
+                           output_name=OUTPUT)
         graph = onnx.load(str(path))
         with torch.no_grad():
             masks = MaskHead(network.cpu().eval(), threshold)(example.cpu()).numpy()
@@ -81,4 +82,4 @@ def predict_masks(model_uri: str, images: np.ndarray) -> np.ndarray:
     import mlflow.pyfunc
 
     out = mlflow.pyfunc.load_model(model_uri).predict(images.astype(np.float32))
-    return np.asarray(next(iter(out.values())) if isinstance(out, dict) else out)
+    return np.asarray(out[OUTPUT] if isinstance(out, dict) else out)
