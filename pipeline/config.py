@@ -34,6 +34,9 @@ class Stage(str, Enum):
     finetune = "finetune"
     evaluate = "evaluate"
 
+    def __str__(self) -> str:  # "train", as the YAML writes it, on every Python version
+        return self.value
+
 
 # Every value of the fixed groups lives in its YAML (conf/<group>/<option>.yaml); these dataclasses only
 # type the keys (MISSING = no default here), so a default is written once. tests/test_config.py checks that
@@ -305,7 +308,7 @@ def validate(cfg: DictConfig) -> None:
     for group in ("criterion", "optimizer", "scheduler", "loss"):
         check_target_keys(cfg[group], group)
 
-    stages = [str(s.value if isinstance(s, Enum) else s) for s in cfg.stages]
+    stages = [str(s) for s in cfg.stages]
     validate_prune(cfg.prune, stages)
     for i, r in enumerate(cfg.sensitivity.ratios):
         _check_range(r, f"sensitivity.ratios[{i}]", 0.0, 1.0)

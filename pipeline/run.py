@@ -42,8 +42,7 @@ register_schema()
 NEEDS_BASELINE = ("sensitivity", "score", "prune")
 
 
-def run_name(cfg: DictConfig, choices: dict[str, str]) -> str:
-    stages = [str(s.value if hasattr(s, "value") else s) for s in cfg.stages]
+def run_name(cfg: DictConfig, choices: dict[str, str], stages: list[str]) -> str:
     name = f"{choices.get('model', 'model')}-{choices.get('dataset', 'data')}"
     if "prune" in stages:
         p = cfg.prune
@@ -71,7 +70,7 @@ def describe(cfg: DictConfig, choices: dict[str, str], stages: list[str]) -> str
     if "prune" in stages:
         p = cfg.prune
         amount = f"ratio {p.ratio}" if "ratio" in p else (f"keep {p.target_flops} of the FLOPs" if "target_flops" in p else "derived rates")
-        what += f", {cfg.criterion.name} {p.schedule} pruning ({amount}, scope {p.scope.value if hasattr(p.scope, 'value') else p.scope})"
+        what += f", {cfg.criterion.name} {p.schedule} pruning ({amount}, scope {p.scope})"
     return f"{what}, seed {cfg.seed}: {' → '.join(stages)}"
 
 
@@ -85,11 +84,11 @@ def execute(cfg: DictConfig) -> dict[str, float]:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     choices = {k: v for k, v in hydra_cfg.runtime.choices.items() if v is not None and not k.startswith("hydra")}
     outputs = Path(cfg.paths.outputs)
-    stages = [str(s.value if hasattr(s, "value") else s) for s in cfg.stages]
+    stages = [str(s) for s in cfg.stages]
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     uri = resolve_uri(cfg.tracking.uri, outputs)
-    name = cfg.tracking.run_name or run_name(cfg, choices)
+    name = cfg.tracking.run_name or run_name(cfg, choices, stages)
 
     # Everything that can be checked is checked before a run is opened or anything trained.
     data = build_data(cfg.dataset, cfg.seed)  # reads and checks every file
@@ -179,7 +178,7 @@ def preflight_prune(cfg: DictConfig, data) -> None:
     from models import build_model
     from pipeline.pruning import in_scope, match_layer_ratios, prunable_layers
 
-    scope = cfg.prune.scope.value if hasattr(cfg.prune.scope, "value") else str(cfg.prune.scope)
+    scope = str(cfg.prune.scope)
     names = [n for n in prunable_layers(build_model(cfg.model, data.in_channels, data.num_classes)) if in_scope(n, scope)]
     if not names:
         raise ConfigError(f"prune.scope={scope} matches no prunable layer of model {cfg.model._target_}")

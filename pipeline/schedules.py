@@ -24,6 +24,9 @@ class Scope(str, Enum):
     decoder = "decoder"
     all = "all"
 
+    def __str__(self) -> str:  # "encoder", as the YAML writes it, on every Python version
+        return self.value
+
 
 # -- the typed configs (values: conf/prune/<option>.yaml) -------------------------------------------
 
@@ -96,7 +99,7 @@ Outcome = tuple[PruneResult, dict[str, Any], dict[str, float]]  # network, what 
 
 
 def _plan(p) -> dict:
-    return dict(scope=p.scope.value if isinstance(p.scope, Enum) else str(p.scope), round_to=p.round_to)
+    return dict(scope=str(p.scope), round_to=p.round_to)
 
 
 def uniform(p, x: Inputs) -> Outcome:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import replace
-from enum import Enum
 
 import yaml
 from omegaconf import OmegaConf
@@ -25,10 +24,6 @@ from pipeline.state import Context, RunState, seed_everything
 from pipeline.training import Recipe, fit
 
 log = logging.getLogger(__name__)
-
-
-def _value(x) -> str:
-    return x.value if isinstance(x, Enum) else str(x)
 
 
 def run(ctx: Context, state: RunState) -> RunState:
@@ -47,7 +42,7 @@ def run(ctx: Context, state: RunState) -> RunState:
         scores_dir = ctx.stage_dir("scores")
         scoring.save(scores, criterion, scores_dir)
     p = cfg.prune
-    scope, schedule = _value(p.scope), str(p.schedule)
+    scope, schedule = str(p.scope), str(p.schedule)
     if not any(in_scope(n, scope) for n in prunable_layers(model)):
         raise RuntimeError(f"prune.scope={scope} matches no prunable layer of this model")
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from enum import Enum
 from itertools import islice
 
 import torch
@@ -78,7 +77,7 @@ def run(ctx: Context, state: RunState) -> RunState:
     if not state.baseline:
         raise RuntimeError("sensitivity needs a baseline model: add train to stages or set baseline=<run id or path>")
     s, p = cfg.sensitivity, cfg.prune
-    scope = p.scope.value if isinstance(p.scope, Enum) else str(p.scope)
+    scope = str(p.scope)
     model = load_model(state.baseline).to(ctx.device).eval()
     scores, _ = compute_scores(ctx, model)
     model.cpu()
