@@ -40,7 +40,7 @@ def cost(ctx: Context, model: torch.nn.Module, onnx_path: Optional[Path]) -> dic
     """Latency of the deployed form, of the eager network (if different) and of the ONNX export."""
     e = ctx.cfg.evaluate
     shape = ctx.input_shape
-    fold, channels_last = bool(ctx.cfg.evaluate.fold_bn), bool(ctx.cfg.evaluate.channels_last)
+    fold, channels_last = bool(e.fold_bn), bool(e.channels_last)
     folded = inference.prepare_for_inference(model, shape, fold_bn=fold, channels_last=False)
     prepared = inference.with_channels_last(folded) if channels_last else folded
     deployed = measure_latency(prepared.model.to(ctx.device), shape, warmup=e.latency_warmup, runs=e.latency_runs, threads=e.latency_threads,
@@ -52,14 +52,13 @@ def cost(ctx: Context, model: torch.nn.Module, onnx_path: Optional[Path]) -> dic
         "latency_bn_folded": prepared.folded_bn,
         "latency_channels_last": int(prepared.channels_last),
     }
-    if (prepared.folded_bn or prepared.channels_last) and ctx.cfg.evaluate.latency_eager:
+    if (prepared.folded_bn or prepared.channels_last) and e.latency_eager:
         eager = measure_latency(model, shape, warmup=e.latency_warmup, runs=e.latency_runs, threads=e.latency_threads)
         out["latency_eager_ms"] = eager["latency_ms"]
         out["latency_eager_p90_ms"] = eager["latency_p90_ms"]
     if onnx_path is not None:
         try:
-            inference.export_onnx(folded.model.cpu(), onnx_path, shape, opset=int(ctx.cfg.evaluate.onnx_opset),
-                                  dynamo=bool(ctx.cfg.evaluate.onnx_dynamo))
+            inference.export_onnx(folded.model.cpu(), onnx_path, shape, opset=int(e.onnx_opset), dynamo=bool(e.onnx_dynamo))
             session = inference.onnx_session(onnx_path, e.latency_threads)
             ort = inference.measure_onnx_latency(session, shape, e.latency_warmup, e.latency_runs)
             out.update({

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import replace
+from pathlib import Path
 
 import yaml
 from omegaconf import OmegaConf
@@ -48,7 +49,7 @@ def run(ctx: Context, state: RunState) -> RunState:
 
     derived = None
     if state.layer_ratios:
-        derived = (state.layer_ratios, yaml.safe_load(open(state.layer_ratios))["layer_ratios"])
+        derived = (state.layer_ratios, yaml.safe_load(Path(state.layer_ratios).read_text())["layer_ratios"])
     inputs = Inputs(
         model=model, scores=scores, example=ctx.example_input(), flops=lambda m: count_flops(m, ctx.input_shape),
         rescore=lambda m: scoring.compute(ctx, m)[0], between_steps=lambda m, step: _finetune_between(ctx, m, step),
