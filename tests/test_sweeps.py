@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -13,18 +12,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from helpers import TINY as HELPER_TINY
-from helpers import run_cli, run_pipeline
+from helpers import mlflow_runs, pipeline_env, run_cli, run_pipeline
 from pipeline.tracking import start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [*HELPER_TINY, "evaluate.mask_examples=0"]
 pytestmark = pytest.mark.integration
-
-
-def env_for(outputs: Path) -> dict:
-    env = {**os.environ, "MEDPRUNE_OUTPUTS": str(outputs), "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
 
 
 def medprune(outputs: Path, *args: str, module: str = "pipeline.run") -> str:
@@ -33,12 +26,6 @@ def medprune(outputs: Path, *args: str, module: str = "pipeline.run") -> str:
     if any(a.startswith("hydra/launcher=") for a in args):
         return run_cli(outputs, *args, module=module, timeout=900)
     return run_pipeline(outputs, *args, module=module)
-
-
-def runs_in(uri: str, experiment: str = "medprune"):
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    return client.search_runs([exp.experiment_id], max_results=100) if exp else []
 
 
 def free_port() -> int:
@@ -71,7 +58,7 @@ def test_four_parallel_joblib_jobs_are_all_recorded_in_one_sqlite_store(tmp_path
     out = medprune(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", *TINY,
                    "prune.ratio=0.1,0.2,0.3,0.4")
     assert "database is locked" not in out
-    runs = [r for r in runs_in(f"sqlite:///{tmp_path / 'mlflow.db'}") if r.data.tags.get("medprune.kind") != "sweep"]
+    runs = [r for r in mlflow_runs(tmp_path, "medprune") if r.data.tags.get("medprune.kind") != "sweep"]
     assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
     assert sorted(r.data.params["prune.ratio"] for r in runs) == ["0.1", "0.2", "0.3", "0.4"]
     assert sorted(r.data.tags["medprune.baseline_reused"] for r in runs) == ["false", "true", "true", "true"]
@@ -109,7 +96,7 @@ def test_submitit_jobs_log_to_a_tracking_server_found_through_its_rest_api(tmp_p
 def test_a_paper_preset_sweeps_and_reports_in_the_papers_shape(tmp_path):
     synthetic = ["dataset=synthetic_isic", f"dataset.root={tmp_path / 'data'}"]
     medprune(tmp_path, "-m", "experiment=lwunet_table5", *synthetic, *TINY, "seed=0,1")
-    runs = [r for r in runs_in(f"sqlite:///{tmp_path / 'mlflow.db'}", "lwunet_table5") if r.data.tags.get("medprune.kind") != "sweep"]
+    runs = [r for r in mlflow_runs(tmp_path, "lwunet_table5") if r.data.tags.get("medprune.kind") != "sweep"]
     assert len(runs) == 4 and {r.data.params["criterion.name"] for r in runs} == {"l1", "l2"}
     text = medprune(tmp_path, "lwunet_table5", module="pipeline.report")
     assert "Table 5" in text and "Dice (%) (paper)" in text and "Δ IoU (%)" in text
@@ -117,8 +104,7 @@ def test_a_paper_preset_sweeps_and_reports_in_the_papers_shape(tmp_path):
     cells = [c.strip() for c in l1_row.strip("|").split("|")]
     assert cells[1] == "2"  # two seeds in one row
     assert "±" in cells[2] and cells[3] == "88.3"  # mean ± std over seeds, the paper's Dice beside it
-    (parent,) = [r for r in runs_in(f"sqlite:///{tmp_path / 'mlflow.db'}", "lwunet_table5")
-                 if r.data.tags.get("medprune.kind") == "sweep"]
+    (parent,) = mlflow_runs(tmp_path, "lwunet_table5", **{"medprune.kind": "sweep"})
     report_dir = tmp_path / "reports" / parent.info.run_id
     for name in ("report.md", "report.csv", "report.tex", "dice_vs_flops.png", "dice_vs_latency.png"):
         assert (report_dir / name).exists(), name
@@ -134,6 +120,6 @@ def test_the_mlflow_ui_shows_a_sweeps_runs_in_a_headless_browser(tmp_path):
     medprune(tmp_path, "-m", *TINY, "prune.ratio=0.25,0.5")
     out = tmp_path / "ui.png"
     proc = subprocess.run([sys.executable, "scripts/ui_screenshot.py", "--uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-                           "--out", str(out)], cwd=ROOT, env=env_for(tmp_path), capture_output=True, text=True, timeout=600)
+                           "--out", str(out)], cwd=ROOT, env={**pipeline_env(tmp_path), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert out.stat().st_size > 20_000  # a rendered page, not a blank one
