@@ -20,7 +20,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import pipeline.run  # noqa: F401  (schema and resolvers)
@@ -28,12 +27,11 @@ from data import build_data
 from data.isic import MASK_SUFFIX, TRAIN_DIRS
 from data.synthetic import write_synthetic_isic
 from data.synthetic_volumes import write_synthetic_brats, write_synthetic_covid_ct, write_synthetic_slices
-from helpers import conf
+from helpers import compose_config, conf
 from models import build_model
 from models.io import load_model, save_model
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import COUNT_RULES, ConfigError, count_minimum, validate
-from pipeline.paths import CONF_DIR
 from pipeline.run import USER_ERRORS, one_line
 from pipeline import scoring
 
@@ -257,11 +255,6 @@ def test_damaged_input_is_a_one_line_error_naming_it_or_a_counted_skip(case, pri
 # -- every count, size, batch, worker and epoch key of every group --------------------------------
 
 
-def _compose(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
-
-
 def _count_keys(node, prefix="") -> list[tuple[str, int]]:
     from omegaconf import DictConfig
 
@@ -281,7 +274,7 @@ GROUP_CHOICES = ["criterion=taylor", "criterion=se", "sensitivity=default", "pru
 def _all_count_keys() -> list[tuple[str, int, str]]:
     keys = {}
     for choice in ["", *GROUP_CHOICES]:
-        cfg = _compose(*([choice] if choice else []))
+        cfg = compose_config(*([choice] if choice else []))
         for key, low in _count_keys(cfg):
             keys.setdefault(key, (low, choice))
     return [(k, low, choice) for k, (low, choice) in sorted(keys.items())]
@@ -292,7 +285,7 @@ COUNT_KEYS = _all_count_keys()
 
 @pytest.mark.parametrize("key, low, choice", COUNT_KEYS, ids=[k for k, _, _ in COUNT_KEYS])
 def test_out_of_range_count_is_rejected_at_start_up_naming_the_key(key, low, choice):
-    cfg = _compose(*([choice] if choice else []), f"{key}={low - 1}")
+    cfg = compose_config(*([choice] if choice else []), f"{key}={low - 1}")
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert key in one_line(err.value)

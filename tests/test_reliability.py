@@ -39,10 +39,6 @@ def run(outputs: Path, *overrides: str, rc: int = 0) -> tuple[str, str]:
     return out, err
 
 
-def all_runs(outputs: Path):
-    return mlflow_runs(outputs)
-
-
 def error_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("medprune:")]
 
@@ -110,16 +106,16 @@ def test_a_corrupted_cache_is_retrained_and_a_corrupted_baseline_folder_is_an_er
     out = run_pipeline(outputs, *TINY)
     assert "is damaged" in out and "Training baseline" in out
     assert list((outputs / "baselines").glob(f"{cached.name}.corrupt-*"))
-    latest = max(all_runs(outputs), key=lambda r: r.info.start_time)
+    latest = max(mlflow_runs(outputs), key=lambda r: r.info.start_time)
     assert latest.info.status == "FINISHED" and latest.data.tags["medprune.baseline_reused"] == "false"
 
     # the same damage in a folder given by baseline=: an error naming the file, before a run is opened
     weights.write_bytes(weights.read_bytes()[:5000])  # truncated this time
-    before = len(all_runs(outputs))
+    before = len(mlflow_runs(outputs))
     out = run_pipeline(outputs, *TINY, "stages=[prune,finetune,evaluate]", f"baseline={cached}", ok=False)
     assert error_lines(out) == [line for line in out.splitlines() if str(weights) in line]
     assert len(error_lines(out)) == 1 and "Traceback" not in out
-    assert len(all_runs(outputs)) == before
+    assert len(mlflow_runs(outputs)) == before
 
 
 # -- 3. a killed run is not left RUNNING -----------------------------------------------------------
@@ -187,7 +183,7 @@ def test_errors_are_one_line_before_any_run(tmp_path):
     _, err = run(outputs, "debug=tiny", "model=unet_tiny", "dataset=isic2018", f"dataset.root={loop}", rc=2)
     assert err.strip().splitlines()[-1] == error_lines(err)[0] and str(image) in err
     assert "Traceback" not in err
-    assert all_runs(outputs) == []
+    assert mlflow_runs(outputs) == []
 
 
 @pytest.mark.integration
@@ -205,7 +201,7 @@ def test_sigterm_is_one_line_and_the_run_killed(tmp_path):
     assert "Traceback" not in err and "database is locked" not in err
     # written to a file (as a SLURM log is): one line per epoch, no progress-bar frames
     assert "\r" not in out + err and "train epoch 1/500" in out + err
-    (r,) = all_runs(outputs)
+    (r,) = mlflow_runs(outputs)
     assert r.info.status == "KILLED" and r.info.end_time
 
 
@@ -279,7 +275,7 @@ def test_a_job_killed_in_training_and_in_fine_tuning_resumes_to_the_same_weights
         assert proc.returncode == -signal.SIGKILL, "the job ended before it could be killed"
 
     kill_when("baselines/.*.checkpoint/checkpoint.json", 3)  # in training
-    (interrupted,) = all_runs(outputs)
+    (interrupted,) = mlflow_runs(outputs)
     kill_when("runs/*/*/final/checkpoint/checkpoint.json", 2)  # rerun: resumes, then killed in fine-tuning
     out, err = run(outputs, *args)
     log = out + err
@@ -287,12 +283,12 @@ def test_a_job_killed_in_training_and_in_fine_tuning_resumes_to_the_same_weights
     assert "marked KILLED" in log
 
     # one MLflow run, continued, FINISHED; the same weights as the run that was never interrupted
-    (r,) = all_runs(outputs)
+    (r,) = mlflow_runs(outputs)
     assert r.info.run_id == interrupted.info.run_id and r.info.status == "FINISHED"
     assert int(r.data.tags["medprune.resumed"]) == 2
     for pattern in ("baselines/*/model.safetensors", "runs/*/*/final/model/model.safetensors"):
         ours, theirs = _weights(outputs, pattern), _weights(reference, pattern)
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), pattern
-    ref = all_runs(reference)[0]
+    ref = mlflow_runs(reference)[0]
     assert r.data.metrics["final/dice"] == ref.data.metrics["final/dice"]
     assert not list(outputs.glob("jobs/*.json")) and not list(outputs.glob("baselines/.*.checkpoint"))
