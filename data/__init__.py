@@ -14,10 +14,11 @@ from data.base import DatasetError, SegmentationData
 __all__ = ["DatasetError", "SegmentationData", "build_data"]
 
 
-def build_data(cfg, seed: int) -> SegmentationData:
+def build_data(cfg, seed: int, test_only: bool = False) -> SegmentationData:
     """Builds the dataset a config names (`_target_` plus keys) and loads it; fails before any training.
 
-    A `synthetic:` block first generates the data in the reader's layout under `root` (data/synthetic.py)."""
+    A `synthetic:` block first generates the data in the reader's layout under `root` (data/synthetic.py).
+    `test_only` (an evaluate-only job) reads `dataset.test_root` alone: `root` is neither generated nor read."""
     from hydra.utils import instantiate
     from omegaconf import DictConfig, OmegaConf
 
@@ -26,15 +27,16 @@ def build_data(cfg, seed: int) -> SegmentationData:
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)
     cfg, synthetic = split_synthetic(cfg)
-    generated = ensure_generated(cfg["root"], synthetic) if synthetic else None
+    generated = ensure_generated(cfg["root"], synthetic) if synthetic and not test_only else None
     data = instantiate(cfg, _convert_="all")
     if not isinstance(data, SegmentationData):
         target = cfg.get("_target_") if hasattr(cfg, "get") else None
         raise TypeError(f"dataset._target_={target!r} built a {type(data).__name__}, not a data.SegmentationData")
     try:
-        data.setup(seed)
+        data.setup(seed, test_only=test_only)
     except OSError as err:  # a symlink loop, a permission, a vanished file: name the path, not a traceback
-        raise DatasetError(f"{err.filename or cfg.get('root')}: {err.strerror or err} (while reading the dataset)") from err
+        where = cfg.get("test_root") if test_only else cfg.get("root")
+        raise DatasetError(f"{err.filename or where}: {err.strerror or err} (while reading the dataset)") from err
     if generated is not None:
         data._stats["synthetic_generated"] = float(generated)
     return data

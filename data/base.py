@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
@@ -19,7 +20,11 @@ from torch.utils.data import Dataset
 
 from data.checks import check_fraction, check_int, check_number
 
+log = logging.getLogger(__name__)
+
 SPLITS = ("train", "val", "test")
+# Files read from `test_root` are named `<TEST_ROOT_PREFIX><path relative to test_root>` in the content digest.
+TEST_ROOT_PREFIX = "test_root:"
 
 # (image as stored, mask as stored) -> (image float32 [C,H,W], mask float32 [K,H,W] in {0,1})
 PairTransform = Callable[[np.ndarray, np.ndarray], "tuple[torch.Tensor, torch.Tensor]"]
@@ -140,17 +145,23 @@ class SegmentationData(abc.ABC):
     image_size: int
     # Constructor keys that change where or how fast the data is read, never what a network trains on
     # (the content is keyed by `content_digest`): left out of the baseline cache key.
-    SERVING_KEYS: tuple[str, ...] = ("root", "workers")
+    SERVING_KEYS: tuple[str, ...] = ("root", "test_root", "workers")
 
     ROOT_EXPECTED = "the dataset folder"  # what `root` must hold, for the error when it is not set
 
     def __init__(
-        self, *, root: str, image_size: int, val_fraction: float, test_fraction: float, split_seed: int,
-        rotate_limit: float, hflip_p: float, workers: int,
+        self, *, root: Optional[str], test_root: Optional[str], image_size: int, val_fraction: float, test_fraction: float,
+        split_seed: int, rotate_limit: float, hflip_p: float, workers: int,
     ) -> None:
+        self.test_root = None if test_root is None or str(test_root).strip() == "" else Path(str(test_root)).expanduser()
         if root is None or str(root).strip() == "":
-            raise ValueError(f"root is not set: expected {self.ROOT_EXPECTED}")
-        self.root = Path(str(root)).expanduser()
+            if self.test_root is None:  # an evaluate-only job may leave root unset: it reads test_root alone
+                raise ValueError(f"root is not set: expected {self.ROOT_EXPECTED}")
+            self.root: Optional[Path] = None
+        else:
+            self.root = Path(str(root)).expanduser()
+        if self.root is not None and self.test_root is not None and self.root.absolute() == self.test_root.absolute():
+            raise ValueError(f"test_root={str(test_root)!r} is root itself: expected a separate folder holding only the test set")
         self.image_size = check_int(image_size, "image_size", 8)
         self.val_fraction = check_fraction(val_fraction, "val_fraction")
         self.test_fraction = check_fraction(test_fraction, "test_fraction")
@@ -163,14 +174,16 @@ class SegmentationData(abc.ABC):
         self.rotate_limit = check_number(rotate_limit, "rotate_limit", 0.0, 180.0)
         self.hflip_p = check_number(hflip_p, "hflip_p", 0.0, 1.0)
         self.workers = check_int(workers, "workers", 1)
+        self.test_only = False
         self._split_ids: Optional[dict[str, list[str]]] = None
         self._stats: dict[str, float] = {}
         self._files: list[tuple[str, int]] = []  # (path relative to the root, size) of every file read
 
     def content_digest(self) -> str:
         """sha256 of what the data is: each split's case ids and every file read, by its path relative to
-        the dataset root and its size. A moved or copied dataset keeps its digest; an added, removed or
-        rewritten file (of another size) changes it. Keys the baseline cache (pipeline/baseline.py)."""
+        the dataset root (files of `test_root` relative to it, under TEST_ROOT_PREFIX) and its size. A moved
+        or copied dataset keeps its digest; an added, removed or rewritten file (of another size) changes it.
+        Keys the baseline cache (pipeline/baseline.py). In a test-only setup it is the test set's digest."""
         self._require_setup()
         payload = {"splits": self.split_ids(), "files": sorted([str(p), int(n)] for p, n in self._files)}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -189,8 +202,57 @@ class SegmentationData(abc.ABC):
         return out
 
     @abc.abstractmethod
-    def setup(self, seed: int) -> None:
-        """Reads and validates every file, then fixes the splits (`seed` picks carved splits)."""
+    def setup(self, seed: int, test_only: bool = False) -> None:
+        """Reads and validates every file, then fixes the splits (`seed` picks carved splits).
+
+        `test_only` (an evaluate-only job): reads `test_root` alone, never `root`; the train and val splits
+        are then empty and `dataset("train"/"val")` is an error."""
+
+    # -- test_root ------------------------------------------------------------------------------------
+
+    def _begin_setup(self, test_only: bool) -> None:
+        """Checks the mode of this setup against the keys, before any file is read; says where the test
+        split comes from."""
+        if not isinstance(test_only, bool):
+            raise TypeError(f"test_only={test_only!r}: expected True or False")
+        if test_only and self.test_root is None:
+            raise DatasetError(
+                "dataset.test_root is not set: an evaluate-only (test-only) job needs the folder holding the test set"
+            )
+        if not test_only and self.root is None:
+            raise DatasetError(
+                f"dataset.root is not set: expected {self.ROOT_EXPECTED} (only an evaluate-only job, reading "
+                f"dataset.test_root alone, may leave it unset)"
+            )
+        self.test_only = test_only
+        self._split_ids = None
+        if self.test_root is not None and not test_only:
+            log.info("dataset.test_root is set: the test split is all of %s; %s provides train and val "
+                     "(val_fraction=%g; test_fraction is not used)", self.test_root, self.root, self.val_fraction)
+
+    def _folder_name(self, folder: Path) -> str:
+        """How an error names a folder read: "dataset root" or "dataset.test_root"."""
+        return "dataset.test_root" if self.test_root is not None and folder == self.test_root else "dataset root"
+
+    def _test_root_files(self, paths: Iterable[Path]) -> list[tuple[str, int]]:
+        """`relative_sizes` of files under test_root, named apart from root's files of the same path."""
+        return [(f"{TEST_ROOT_PREFIX}{rel}", size) for rel, size in self.relative_sizes(paths, self.test_root)]
+
+    def _test_root_stats(self, n_cases: int, unit: str = "cases") -> dict[str, float]:
+        """Where the test split came from, for the logged data parameters; logs it once."""
+        if self.test_root is not None:
+            log.info("test split: all %d %s of %s", n_cases, unit, self.test_root)
+        return {"test_from_test_root": int(self.test_root is not None), "test_only": int(self.test_only)}
+
+    def _check_read(self, split: str) -> None:
+        """A test-only setup read no train/val data: asking for it is an error, not an empty split."""
+        self._check_split(split)
+        self._require_setup()
+        if self.test_only and split != "test":
+            raise DatasetError(
+                f"the {split} split was not read (test-only job): setup(seed, test_only=True) reads only "
+                f"dataset.test_root ({self.test_root})"
+            )
 
     @abc.abstractmethod
     def dataset(self, split: str, augment: bool = False) -> Dataset:

@@ -183,8 +183,8 @@ class BraTS(VolumeSliceData):
 
     # -- scanning -----------------------------------------------------------------------------------
 
-    def _describe(self) -> str:
-        return f"the BraTS data under {self.root}"
+    def _describe(self, root: Path) -> str:
+        return f"the BraTS data under {root}"
 
     def _expected(self, case: str = "<case>") -> str:
         first = self.modalities[0]
@@ -193,17 +193,17 @@ class BraTS(VolumeSliceData):
             f"{case}/{case}-{FILE_TOKENS['2023'][first]}.nii.gz (2023 naming)"
         )
 
-    def _scan(self):
-        if not self.root.is_dir():
+    def _scan(self, root: Path):
+        if not root.is_dir():
             raise DatasetError(
-                f"dataset root {self.root} does not exist or is not a folder: expected the BraTS folder holding one "
+                f"{self._folder_name(root)} {root} does not exist or is not a folder: expected the BraTS folder holding one "
                 f"folder per case, e.g. {self._expected()}"
             )
         cases: list[Case] = []
         problems: list[tuple[Optional[str], str]] = []
         ignored = 0
         naming_2023 = brainmasks = 0
-        for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
+        for entry in sorted(os.scandir(root), key=lambda e: e.name):
             if not entry.is_dir():
                 ignored += 1  # name_mapping.csv, survival_info.csv, licences...
                 continue
@@ -251,9 +251,9 @@ class BraTS(VolumeSliceData):
             brainmasks += mask is not None
             cases.append(Case(case_id, files, {"naming": naming}))
         if not cases and not problems:
-            present = sorted(os.listdir(self.root))[:10]
+            present = sorted(os.listdir(root))[:10]
             raise DatasetError(
-                f"no BraTS case folder found in {self.root} (found: {', '.join(present) or 'nothing'}): expected one folder "
+                f"no BraTS case folder found in {root} (found: {', '.join(present) or 'nothing'}): expected one folder "
                 f"per case, e.g. {self._expected()}"
             )
         return cases, problems, {"entries_ignored": ignored, "cases_naming_2023": naming_2023, "cases_with_brainmask": brainmasks}

@@ -152,29 +152,30 @@ class CovidCT(VolumeSliceData):
 
     # -- scanning -----------------------------------------------------------------------------------
 
-    def _describe(self) -> str:
-        return f"the COVID-19 CT data under {self.root}"
+    def _describe(self, root: Path) -> str:
+        return f"the COVID-19 CT data under {root}"
 
-    def _scan(self):
-        if not self.root.is_dir():
+    def _scan(self, root: Path):
+        if not root.is_dir():
             raise DatasetError(
-                f"dataset root {self.root} does not exist or is not a folder: expected the Kaggle COVID-19 CT scans "
+                f"{self._folder_name(root)} {root} does not exist or is not a folder: expected the Kaggle COVID-19 CT scans "
                 f"folder holding {', '.join(FOLDERS.values())}/ and {METADATA}"
             )
-        missing = [name + "/" for name in FOLDERS.values() if not (self.root / name).is_dir()]
-        if not (self.root / METADATA).is_file():
+        missing = [name + "/" for name in FOLDERS.values() if not (root / name).is_dir()]
+        if not (root / METADATA).is_file():
             missing.append(METADATA)
         if missing:
-            present = sorted(os.listdir(self.root))
+            present = sorted(os.listdir(root))
             hint = ""
-            inner = [p for p in present if (self.root / p / FOLDERS["ct"]).is_dir()]
+            inner = [p for p in present if (root / p / FOLDERS["ct"]).is_dir()]
             if inner:
-                hint = f"; the layout is one level down: use root={self.root / inner[0]}"
+                key = "test_root" if root == self.test_root else "root"
+                hint = f"; the layout is one level down: use {key}={root / inner[0]}"
             raise DatasetError(
-                f"{', '.join(missing)} missing in {self.root} (found: {', '.join(present[:10]) or 'nothing'}): expected the "
+                f"{', '.join(missing)} missing in {root} (found: {', '.join(present[:10]) or 'nothing'}): expected the "
                 f"Kaggle layout {', '.join(FOLDERS.values())}/ and {METADATA}{hint}"
             )
-        csv_path = self.root / METADATA
+        csv_path = root / METADATA
         try:
             with open(csv_path, newline="", encoding="utf-8-sig") as handle:
                 reader = csv.DictReader(handle)
@@ -205,7 +206,7 @@ class CovidCT(VolumeSliceData):
             files: dict[str, Path] = {}
             row_problems = []
             for role, column in COLUMNS.items():
-                folder = self.root / FOLDERS[role]
+                folder = root / FOLDERS[role]
                 listed = row[column]
                 path, in_folder = resolve_listed(folder, listed) if listed else (None, False)
                 name = listed.replace("\\", "/").split("/")[-1] if listed else ""
@@ -230,7 +231,7 @@ class CovidCT(VolumeSliceData):
 
         listed_cts = {c.files["ct"] for c in cases}
         ignored = 0
-        for entry in os.scandir(self.root / FOLDERS["ct"]):
+        for entry in os.scandir(root / FOLDERS["ct"]):
             path = Path(entry.path)
             if entry.is_dir() and (path / entry.name).is_file():
                 path = path / entry.name

@@ -121,7 +121,8 @@ class ISIC2018(SegmentationData):
 
     Official validation/test folders (with ground truth) are used as the val/test splits when present;
     a split without them is carved from the training pairs with `split_seed` (not the run's seed, so a
-    sweep over seeds keeps one test set).
+    sweep over seeds keeps one test set). With `test_root`, every folder pair found there is the test
+    split instead (root's official test folder is then left unread).
     """
 
     in_channels = 3
@@ -143,7 +144,8 @@ class ISIC2018(SegmentationData):
     # -- reading -----------------------------------------------------------------------------------
 
     def _find_pairs(self) -> tuple[dict[str, list[Pair]], dict[str, float], list[str]]:
-        """Lists every pair to load, per source ("train" and any official "val"/"test")."""
+        """Lists every pair to load under root, per source ("train" and any official "val"/"test"; an
+        official test folder is left unread when test_root holds the test split)."""
         if not self.root.is_dir():
             raise DatasetError(
                 f"dataset root {self.root} does not exist or is not a folder: expected the ISIC 2018 folder "
@@ -179,6 +181,9 @@ class ISIC2018(SegmentationData):
             stats[f"official_{split}"] = 0
             if not official_in.is_dir():
                 continue
+            if split == "test" and self.test_root is not None:
+                log.info("ignoring %s: the test split is dataset.test_root (%s)", official_in, self.test_root)
+                continue
             if not official_gt.is_dir():
                 log.warning("%s has no ground truth folder %s: carving %s from training instead", official_in, gt_name, split)
                 continue
@@ -192,21 +197,78 @@ class ISIC2018(SegmentationData):
         stats["files_ignored"] = ignored
         return sources, stats, problems
 
-    def setup(self, seed: int) -> None:
+    def _find_test_pairs(self) -> tuple[list[Pair], dict[str, float], list[str]]:
+        """Every pair of every official folder pair found in test_root (the whole folder is the test split)."""
+        test_root = self.test_root
+        names = [TRAIN_DIRS, *OFFICIAL_DIRS.values()]
+        if not test_root.is_dir():
+            raise DatasetError(
+                f"dataset.test_root {test_root} does not exist or is not a folder: expected a folder holding ISIC 2018 "
+                f"folder pairs, e.g. {OFFICIAL_DIRS['test'][0]}/ and {OFFICIAL_DIRS['test'][1]}/"
+            )
+        pairs: list[Pair] = []
+        problems: list[str] = []
+        ignored = 0
+        folder_of: dict[str, Path] = {}
+        for in_name, gt_name in names:
+            input_dir = test_root / in_name
+            if not input_dir.is_dir():
+                continue
+            found, n_ignored, found_problems = scan_folder(input_dir, test_root / gt_name)
+            if not found and not found_problems:
+                raise DatasetError(f"no ISIC_*.jpg images found in {input_dir}: expected files named ISIC_XXXXXXX.jpg")
+            for pair in found:
+                if pair.case_id in folder_of:
+                    raise DatasetError(
+                        f"{pair.case_id} is in both {folder_of[pair.case_id]} and {input_dir} of dataset.test_root: "
+                        f"expected each case once"
+                    )
+                folder_of[pair.case_id] = input_dir
+            pairs += found
+            ignored += n_ignored
+            problems += found_problems
+        if not folder_of and not problems:
+            present = sorted(os.listdir(test_root))[:10]
+            raise DatasetError(
+                f"no ISIC 2018 input folder in dataset.test_root {test_root} (found: {', '.join(present) or 'nothing'}): "
+                f"expected one or more of {', '.join(n for n, _ in names)}, each beside its GroundTruth folder"
+            )
+        return sorted(pairs, key=lambda p: p.case_id), {"test_pairs_found": len(pairs), "test_files_ignored": ignored}, problems
+
+    def _where(self) -> str:
+        folders = [str(f) for f in (None if self.test_only else self.root, self.test_root) if f is not None]
+        return f"the ISIC 2018 data under {' and '.join(folders)}"
+
+    def setup(self, seed: int, test_only: bool = False) -> None:
         start = time.perf_counter()
-        sources, stats, problems = self._find_pairs()
+        self._begin_setup(test_only)
+        if test_only:
+            sources, stats, problems = {"train": []}, {"train_pairs_found": 0, "files_ignored": 0}, []
+        else:
+            sources, stats, problems = self._find_pairs()
+        test_pairs: list[Pair] = []
+        if self.test_root is not None:
+            test_pairs, test_stats, test_problems = self._find_test_pairs()
+            stats.update(test_stats)
+            stats["files_ignored"] += test_stats["test_files_ignored"]
+            problems += test_problems
         train_pairs = sources["train"]
-        carved = {s: f for s, f in (("val", self.val_fraction), ("test", self.test_fraction)) if s not in sources}
+        carved = {s: f for s, f in (("val", self.val_fraction), ("test", self.test_fraction))
+                  if s not in sources and not (s == "test" and self.test_root is not None)}
         split_ids = {"train": [p.case_id for p in train_pairs]}
-        if carved and not problems:
+        if carved and not problems and not test_only:
             source = f"{self.root / TRAIN_DIRS[0]}" + (f" (limit={self.limit})" if self.limit is not None else "")
             split_ids = carve(split_ids["train"], carved, self.split_seed, source=source)
         for split in ("val", "test"):
             if split in sources:
                 split_ids[split] = [p.case_id for p in sources[split]]
+        if test_only:
+            split_ids["val"] = []
+        if self.test_root is not None:
+            split_ids["test"] = [p.case_id for p in test_pairs]
         check_disjoint(split_ids)
 
-        by_id = {p.case_id: p for pairs in sources.values() for p in pairs}
+        by_id = {p.case_id: p for pairs in [*sources.values(), test_pairs] for p in pairs}
         to_load = [by_id[i] for split in ("train", "val", "test") for i in split_ids.get(split, [])]
         images = np.empty((len(to_load), self.image_size, self.image_size, 3), dtype=np.uint8)
         masks = np.empty((len(to_load), self.image_size, self.image_size), dtype=np.uint8)
@@ -223,7 +285,7 @@ class ISIC2018(SegmentationData):
             bar = tqdm(results, total=len(to_load), desc=f"ISIC 2018 @{self.image_size}px", unit="img", disable=None, leave=False)
             problems += [r for r in bar if r is not None]
         if problems:
-            raise DatasetError(format_problems(problems, f"the ISIC 2018 data under {self.root}"))
+            raise DatasetError(format_problems(problems, self._where()))
 
         offset = 0
         self._arrays = {}
@@ -231,9 +293,14 @@ class ISIC2018(SegmentationData):
             n = len(split_ids[split])
             self._arrays[split] = (images[offset:offset + n], masks[offset:offset + n])
             offset += n
+        if not test_only:  # a test-only job reads no training split
+            check_foreground(self._arrays["train"][1], self._where())
+        from_test_root = {p.case_id for p in test_pairs}
+        self._files = self._test_root_files([f for p in test_pairs for f in (p.image, p.mask)])
+        if not test_only:
+            self._files += self.relative_sizes(
+                [f for p in to_load if p.case_id not in from_test_root for f in (p.image, p.mask)], self.root)
         self._split_ids = {split: list(split_ids[split]) for split in ("train", "val", "test")}
-        check_foreground(self._arrays["train"][1], f"the ISIC 2018 data under {self.root}")
-        self._files = self.relative_sizes([f for p in to_load for f in (p.image, p.mask)], self.root)
         self._transforms = {}
 
         foreground = masks.reshape(len(masks), -1).mean(axis=1) if len(masks) else np.zeros(0)
@@ -241,7 +308,7 @@ class ISIC2018(SegmentationData):
         if empty:
             log.warning("%d mask(s) are empty at %dpx (lesion absent or smaller than a pixel)", empty, self.image_size)
         stats.update(
-            pairs_found=stats["train_pairs_found"] + sum(len(p) for s, p in sources.items() if s != "train"),
+            pairs_found=stats["train_pairs_found"] + sum(len(p) for s, p in sources.items() if s != "train") + len(test_pairs),
             pairs_loaded=len(to_load),
             n_train=len(split_ids["train"]),
             n_val=len(split_ids["val"]),
@@ -251,6 +318,7 @@ class ISIC2018(SegmentationData):
             image_size=self.image_size,
             load_seconds=time.perf_counter() - start,
         )
+        stats.update(self._test_root_stats(len(test_pairs), "pairs"))
         self._stats = stats
         log.info(
             "ISIC 2018: %d train / %d val / %d test pairs at %dpx in %.1fs (%d files ignored)",
@@ -260,8 +328,7 @@ class ISIC2018(SegmentationData):
     # -- serving -----------------------------------------------------------------------------------
 
     def dataset(self, split: str, augment: bool = False) -> ArrayDataset:
-        self._check_split(split)
-        self._require_setup()
+        self._check_read(split)
         augment = bool(augment)
         if augment not in self._transforms:
             self._transforms[augment] = build_transform(

@@ -93,20 +93,22 @@ class SliceFolders(SegmentationData):
         self._transforms: dict[bool, object] = {}
 
     def _describe(self) -> str:
-        return f"the slice folders under {self.root}"
+        folders = [str(f) for f in (None if self.test_only else self.root, self.test_root) if f is not None]
+        return f"the slice folders under {' and '.join(folders)}"
 
-    def _scan(self) -> tuple[list[SlicePair], int, list[str]]:
-        if not self.root.is_dir():
+    def _scan(self, root: Path) -> tuple[list[SlicePair], int, list[str]]:
+        """Pairs of one folder in the configured layout: root, or test_root (read the same way)."""
+        if not root.is_dir():
             raise DatasetError(
-                f"dataset root {self.root} does not exist or is not a folder: expected the folder holding "
+                f"{self._folder_name(root)} {root} does not exist or is not a folder: expected the folder holding "
                 f"{self.image_dir}/{self.image_pattern} and {self.mask_dir}/{self.mask_pattern}"
             )
-        image_dir, mask_dir = self.root / self.image_dir, self.root / self.mask_dir
+        image_dir, mask_dir = root / self.image_dir, root / self.mask_dir
         for folder, what in ((image_dir, "image"), (mask_dir, "mask")):
             if not folder.is_dir():
-                present = sorted(os.listdir(self.root))[:10]
+                present = sorted(os.listdir(root))[:10]
                 raise DatasetError(
-                    f"{what} folder {folder} is missing (found in {self.root}: {', '.join(present) or 'nothing'}): expected "
+                    f"{what} folder {folder} is missing (found in {root}: {', '.join(present) or 'nothing'}): expected "
                     f"{self.image_dir}/{self.image_pattern} with {self.mask_dir}/{self.mask_pattern}"
                 )
         pairs, problems, ignored = [], [], 0
@@ -170,12 +172,24 @@ class SliceFolders(SegmentationData):
     def _group(self, case_id: str) -> str:
         return group_of(case_id, self.group_regex)
 
-    def setup(self, seed: int) -> None:
+    def setup(self, seed: int, test_only: bool = False) -> None:
         start = time.perf_counter()
-        pairs, ignored, problems = self._scan()
-        found = len(pairs)
-        if self.limit is not None:
-            pairs = pairs[: self.limit]
+        self._begin_setup(test_only)
+        pairs, ignored, problems, found = [], 0, [], 0
+        if not test_only:
+            pairs, ignored, problems = self._scan(self.root)
+            found = len(pairs)
+            if self.limit is not None:
+                pairs = pairs[: self.limit]
+        test_pairs: list[SlicePair] = []
+        if self.test_root is not None:  # all of it is the test split; `limit` is for root's pairs
+            test_pairs, test_ignored, test_problems = self._scan(self.test_root)
+            found += len(test_pairs)
+            ignored += test_ignored
+            problems += test_problems
+            check_disjoint({"train/val": [p.case_id for p in pairs], "test": [p.case_id for p in test_pairs]})
+        root_count = len(pairs)
+        pairs = pairs + test_pairs
         images = np.empty((len(pairs), self.image_size, self.image_size, self.in_channels), dtype=np.uint8)
         masks = np.empty((len(pairs), self.image_size, self.image_size), dtype=np.uint8)
 
@@ -193,12 +207,24 @@ class SliceFolders(SegmentationData):
             raise DatasetError(format_problems(problems, self._describe()))
         foreground = masks.reshape(len(masks), -1).mean(axis=1)
         ids = [p.case_id for p in pairs]
-        fractions = {"val": self.val_fraction, "test": self.test_fraction}
-        source = f"{self.root / self.image_dir}" + (f" (limit={self.limit})" if self.limit is not None else "")
-        if self.group_regex is not None:
-            split_ids = carve_groups({i: self._group(i) for i in ids}, fractions, self.split_seed, source=source, unit="group")
+        root_ids, test_ids = ids[:root_count], ids[root_count:]
+        fractions = {"val": self.val_fraction}
+        if self.test_root is None:
+            fractions["test"] = self.test_fraction
+        if test_only:
+            split_ids = {"train": [], "val": []}
         else:
-            split_ids = carve(ids, fractions, self.split_seed, source=source)
+            source = f"{self.root / self.image_dir}" + (f" (limit={self.limit})" if self.limit is not None else "")
+            if self.group_regex is not None:
+                split_ids = carve_groups({i: self._group(i) for i in root_ids}, fractions, self.split_seed, source=source, unit="group")
+            else:
+                log.warning(
+                    "dataset.group_regex is null: %s is split per image, so slices of one patient may sit in both train "
+                    "and %s; set dataset.group_regex to split by patient", self.root, "/".join(fractions),
+                )
+                split_ids = carve(root_ids, fractions, self.split_seed, source=source)
+        if self.test_root is not None:
+            split_ids["test"] = test_ids
         check_disjoint(split_ids)
         position = {case_id: i for i, case_id in enumerate(ids)}
         self._arrays = {}
@@ -208,8 +234,11 @@ class SliceFolders(SegmentationData):
             index = np.array([position[i] for i in chosen], dtype=np.int64)
             self._arrays[split] = (images[index], masks[index])
             self._split_ids[split] = chosen
-        check_foreground(self._arrays["train"][1], self._describe())
-        self._files = self.relative_sizes([f for p in pairs for f in (p.image, p.mask)], self.root)
+        if not test_only:  # a test-only job reads no training split
+            check_foreground(self._arrays["train"][1], self._describe())
+        self._files = self._test_root_files([f for p in test_pairs for f in (p.image, p.mask)]) if test_pairs else []
+        if not test_only:
+            self._files += self.relative_sizes([f for p in pairs[:root_count] for f in (p.image, p.mask)], self.root)
         self._transforms = {}
         empty = int((foreground == 0).sum())
         self._stats = {
@@ -220,20 +249,21 @@ class SliceFolders(SegmentationData):
             "n_val": len(self._split_ids["val"]),
             "n_test": len(self._split_ids["test"]),
             "empty_masks": empty,
-            "foreground_fraction": float(foreground.mean()),
+            "foreground_fraction": float(foreground.mean()) if len(foreground) else 0.0,
             "image_size": self.image_size,
             "load_seconds": time.perf_counter() - start,
+            "split_by_group": int(self.group_regex is not None),
+            **self._test_root_stats(len(test_ids), "pairs"),
         }
         if self.group_regex is not None:
             self._stats["groups"] = len({self._group(i) for i in ids})
         log.info(
-            "slice folders %s: %d train / %d val / %d test pairs at %dpx (%d files ignored, %d empty masks)",
-            self.root, self._stats["n_train"], self._stats["n_val"], self._stats["n_test"], self.image_size, ignored, empty,
+            "%s: %d train / %d val / %d test pairs at %dpx (%d files ignored, %d empty masks)",
+            self._describe(), self._stats["n_train"], self._stats["n_val"], self._stats["n_test"], self.image_size, ignored, empty,
         )
 
     def dataset(self, split: str, augment: bool = False) -> ArrayDataset:
-        self._check_split(split)
-        self._require_setup()
+        self._check_read(split)
         augment = bool(augment)
         if augment not in self._transforms:
             self._transforms[augment] = build_transform(augment, self.mean, self.std, self.rotate_limit, self.hflip_p)

@@ -1,17 +1,19 @@
 """What every volumetric dataset shares: scan and check, slice cache, patient splits, slice serving.
 
 A subclass knows its layout and preprocessing:
-- `_scan()` lists the cases with their files and checks what headers can tell (files present, shapes,
-  grids), without decompressing any volume;
+- `_scan(root)` lists the cases of a folder (root, or test_root in the same layout) with their files and
+  checks what headers can tell (files present, shapes, grids), without decompressing any volume;
 - `_process(case)` reads one case and returns its kept axial slices, preprocessed, in ascending order;
 - `_settings()` is everything the preprocessing depends on (part of the cache key);
 - `_target_values()` says which stored label values are foreground, per output channel.
 
 `setup(seed)` then: reports every problem at once (or skips those cases with `on_missing=skip`), builds
 the slice cache unless it exists (streaming one volume at a time per worker), splits by patient with
-`split_seed`, and chooses which target-free slices to serve. Items are served from the memory-mapped
-cache: `dataset(split)` carries `ids` ("<case>/<slice>") and `cases`, one case's items contiguous and
-in ascending slice order, so that predictions can be stacked back into volumes.
+`split_seed`, and chooses which target-free slices to serve. With `test_root`, that folder gets a slice
+cache entry of its own and all its cases are the test split (root's patients then make train and val
+only). Items are served from the memory-mapped cache: `dataset(split)` carries `ids`
+("<case>/<slice>") and `cases`, one case's items contiguous and in ascending slice order, so that
+predictions can be stacked back into volumes.
 """
 from __future__ import annotations
 
@@ -33,9 +35,9 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 from tqdm import tqdm
 
-from data.base import ArrayDataset, DatasetError, SegmentationData, format_problems
+from data.base import TEST_ROOT_PREFIX, ArrayDataset, DatasetError, SegmentationData, format_problems
 from data.checks import check_choice, check_number
-from data.cache import SliceCache, file_signature
+from data.cache import CachedSlices, SliceCache, file_signature
 from data.nifti import VolumeProblem
 from data.splits import carve_groups, check_disjoint, group_of
 from data.transforms import build_transform
@@ -146,6 +148,22 @@ class Case:
 
 
 @dataclass
+class _Read:
+    """One folder (root or test_root) read into its slice cache, with what its cases hold."""
+
+    root: Path
+    cache: SliceCache
+    cached: CachedSlices
+    hit: bool
+    used: list[dict]  # cache entries of the cases that kept slices
+    without: int  # cases that kept none
+    has_target: np.ndarray  # per cached row
+    signature: list[list]  # file_signature of its files
+    stats: dict  # the scan's statistics
+    skipped: int  # cases left out for problems (on_missing=skip)
+
+
+@dataclass
 class Processed:
     """One case after preprocessing: kept slices in ascending order, and why the others were dropped."""
 
@@ -189,15 +207,18 @@ class VolumeSliceData(SegmentationData):
         self.offline_flips = False
         self._transforms: dict[bool, object] = {}
         self._served: dict[str, tuple[np.ndarray, list[str], list[str], Optional[np.ndarray]]] = {}
-        self._cached = None
+        self._cached = None  # root's slices (test_root's in a test-only setup)
         self._cache: Optional[SliceCache] = None
+        self._reads: dict[str, _Read] = {}  # "root" and/or "test_root"
+        self._source: dict[str, CachedSlices] = {}  # the slices each split is served from
 
     # -- what a subclass provides -------------------------------------------------------------------
 
     @abc.abstractmethod
-    def _scan(self) -> tuple[list[Case], list[tuple[Optional[str], str]], dict[str, float]]:
-        """(cases, problems as (case id or None, message), scan statistics). Raises DatasetError when
-        the layout itself is wrong (missing root or folder)."""
+    def _scan(self, root: Path) -> tuple[list[Case], list[tuple[Optional[str], str]], dict[str, float]]:
+        """The cases of one folder in the reader's layout (root, or test_root read the same way): (cases,
+        problems as (case id or None, message), numeric scan statistics). Raises DatasetError when the
+        layout itself is wrong (missing folder)."""
 
     @abc.abstractmethod
     def _process(self, case: Case) -> Processed:
@@ -218,8 +239,9 @@ class VolumeSliceData(SegmentationData):
     def _normalisation(self) -> tuple[Optional[Sequence[float]], Optional[Sequence[float]]]:
         return None, None  # float slices: already normalised per volume
 
-    def _describe(self) -> str:
-        return f"{self.kind} data under {self.root}"
+    def _describe(self, root: Path) -> str:
+        """The data of one folder read (root or test_root), for messages."""
+        return f"{self.kind} data under {root}"
 
     def _extra_stats(self, meta: dict, used: Sequence[dict]) -> dict[str, float]:
         return {}
@@ -236,7 +258,7 @@ class VolumeSliceData(SegmentationData):
         except FILE_ERRORS as err:
             return VolumeProblem(f"case {case.case_id} ({', '.join(str(p) for p in case.files.values())}) failed: {type(err).__name__}: {err}")
 
-    def _build(self, cases: list[Case], folder: Path) -> dict:
+    def _build(self, cases: list[Case], folder: Path, root: Path) -> dict:
         from data.cache import SliceWriter
 
         writer = SliceWriter(folder, (self.image_size, self.image_size, self._channels), self.image_dtype)
@@ -258,7 +280,7 @@ class VolumeSliceData(SegmentationData):
             writer.close()
         if skipped and self.on_missing == "error":
             raise DatasetError(
-                format_problems(list(skipped.values()), self._describe())
+                format_problems(list(skipped.values()), self._describe(root))
                 + "\n(set on_missing=skip to leave these cases out)"
             )
         return {
@@ -275,16 +297,17 @@ class VolumeSliceData(SegmentationData):
     def _patient(self, case_id: str) -> str:
         return group_of(case_id, self.patient_regex)
 
-    def setup(self, seed: int) -> None:
-        start = time.perf_counter()
-        cases, problems, stats = self._scan()
+    def _usable_cases(self, root: Path, minimum: str) -> tuple[list[Case], dict, dict[str, list[str]]]:
+        """Scans one folder: (cases to read, scan statistics, cases skipped for problems). Every problem
+        is reported at once, or (on_missing=skip) its case is left out."""
+        cases, problems, stats = self._scan(root)
         stats = dict(stats)
         stats["cases_found"] = len(cases) + len({case_id for case_id, _ in problems})
         scan_skipped: dict[str, list[str]] = {}
         if problems:
             if self.on_missing == "error":
                 raise DatasetError(
-                    format_problems([msg for _, msg in problems], self._describe())
+                    format_problems([msg for _, msg in problems], self._describe(root))
                     + "\n(set on_missing=skip to leave these cases out)"
                 )
             for case_id, message in problems:
@@ -293,23 +316,26 @@ class VolumeSliceData(SegmentationData):
             cases = [c for c in cases if c.case_id not in scan_skipped]
         if not cases:
             raise DatasetError(
-                f"no usable case in {self._describe()}"
+                f"no usable case in {self._describe(root)}"
                 + (f" ({len(scan_skipped)} skipped for problems)" if scan_skipped else "")
-                + ": expected at least 3 cases (train, val and test)"
+                + f": expected {minimum}"
             )
+        return cases, stats, scan_skipped
 
+    def _read_cached(self, root: Path, cases: list[Case], stats: dict, scan_skipped: dict) -> "_Read":
+        """Finds or builds the slice cache of one folder's cases and checks what it holds. root and
+        test_root each get a cache entry of their own (keyed by settings and files, like any other)."""
         files = [path for case in cases for path in case.files.values()]
-        signature = file_signature(files, self.root.resolve())
+        signature = file_signature(files, root.resolve())
         payload = {"settings": self._settings(), "files": signature}
-        self._cache = SliceCache(self.cache_dir, self.kind, payload)
-        hit = self._cache.ensure(lambda folder: self._build(cases, folder), label=f"{self.kind} ({len(cases)} cases, {self.root})")
-        cached = self._cache.open()
-        self._cached = cached
+        cache = SliceCache(self.cache_dir, self.kind, payload)
+        hit = cache.ensure(lambda folder: self._build(cases, folder, root), label=f"{self.kind} ({len(cases)} cases, {root})")
+        cached = cache.open()
         meta = cached.meta
         if meta["skipped"]:
             if self.on_missing == "error":  # a cache built with on_missing=skip, now read with error
                 raise DatasetError(
-                    format_problems(list(meta["skipped"].values()), self._describe())
+                    format_problems(list(meta["skipped"].values()), self._describe(root))
                     + "\n(set on_missing=skip to leave these cases out)"
                 )
             for message in meta["skipped"].values():
@@ -321,34 +347,74 @@ class VolumeSliceData(SegmentationData):
             log.warning("%d case(s) kept no slice after preprocessing: %s", len(without), ", ".join(without[:10]))
         if not used:
             raise DatasetError(
-                f"all-empty dataset: preprocessing kept no slice of the {len(meta['cases'])} case(s) in {self._describe()} "
+                f"all-empty dataset: preprocessing kept no slice of the {len(meta['cases'])} case(s) in {self._describe(root)} "
                 f"(dropped: {meta['dropped']}): expected volumes with anatomy in them"
             )
-        target_values = self._target_values()
-        union = sorted({v for values in target_values for v in values})
+        union = sorted({v for values in self._target_values() for v in values})
         has_target = (cached.counts[:, [v - 1 for v in union]] > 0).any(axis=1) if union else np.zeros(len(cached.case), bool)
         if not has_target.any():
             raise DatasetError(
-                f"all-empty dataset: no slice of {self._describe()} has a non-empty target mask "
+                f"all-empty dataset: no slice of {self._describe(root)} has a non-empty target mask "
                 f"(label values {union}): expected some foreground; check the label scheme and the target settings"
             )
+        return _Read(root, cache, cached, hit, used, len(without), has_target, signature, stats,
+                     len(scan_skipped) + len(meta["skipped"]))
 
-        groups = {c["id"]: self._patient(c["id"]) for c in used}
-        splits = carve_groups(
-            groups, {"val": self.val_fraction, "test": self.test_fraction}, self.split_seed,
-            source=f"{self._describe()} ({len(used)} cases with slices)",
-        )
+    def setup(self, seed: int, test_only: bool = False) -> None:
+        start = time.perf_counter()
+        self._begin_setup(test_only)
+        folders = {} if test_only else {"root": self.root}
+        if self.test_root is not None:
+            folders["test_root"] = self.test_root
+        minimum = {"root": "at least 3 cases (train, val and test)" if self.test_root is None else "at least 2 cases (train and val)",
+                   "test_root": "at least 1 case (the test split)"}
+        scanned = {role: self._usable_cases(folder, minimum[role]) for role, folder in folders.items()}
+        if len(scanned) == 2:  # before any volume is read: a case in both would leak test data into training
+            check_disjoint({"train/val": [c.case_id for c in scanned["root"][0]], "test": [c.case_id for c in scanned["test_root"][0]]})
+        read = {role: self._read_cached(folders[role], *scanned[role]) for role in folders}
+
+        splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+        groups: dict[str, str] = {}
+        # the folder each split is served from (None: not read, in a test-only setup)
+        source = {"train": read.get("root"), "val": read.get("root"), "test": read.get("test_root", read.get("root"))}
+        if "root" in read:
+            main = read["root"]
+            groups.update({c["id"]: self._patient(c["id"]) for c in main.used})
+            fractions = {"val": self.val_fraction}
+            if self.test_root is None:
+                fractions["test"] = self.test_fraction
+            splits.update(carve_groups(
+                groups, fractions, self.split_seed, source=f"{self._describe(main.root)} ({len(main.used)} cases with slices)",
+            ))
+        if "test_root" in read:  # all of it is the test split: its patients need no grouping
+            test = read["test_root"]
+            splits["test"] = sorted(c["id"] for c in test.used)
+            test_groups = {c["id"]: self._patient(c["id"]) for c in test.used}
+            shared = sorted(set(test_groups.values()) & set(groups.values()))
+            if shared:
+                log.warning("%d patient(s) have cases in both root and dataset.test_root (by patient_regex): %s",
+                            len(shared), ", ".join(shared[:5]))
+            groups.update(test_groups)
         check_disjoint(splits)
-        by_id = {c["id"]: c for c in used}
+        by_id = {c["id"]: c for r in read.values() for c in r.used}
         served: dict = {}
+        stats: dict = {}
+        for r in read.values():  # scan statistics of both folders, added up
+            for key, value in r.stats.items():
+                stats[key] = stats.get(key, 0) + value
         stats["offline_flip_copies"] = 0
         for split in ("train", "val", "test"):
+            r = source[split]
+            if r is None:  # a test-only setup: nothing of root was read
+                served[split] = (np.zeros(0, np.int64), [], [], None)
+                stats.update({f"{key}_{split}": 0 for key in ("cases", "patients", "slices", "n", "slices_dropped_empty_target")})
+                continue
             fraction = self.empty_slice_fraction if split == "train" else self.eval_empty_slice_fraction
             rows, ids, case_ids = [], [], []
             dropped_empty = 0
             for case_id in splits[split]:
                 case_rows = np.arange(by_id[case_id]["start"], by_id[case_id]["stop"])
-                empty = ~has_target[case_rows]
+                empty = ~r.has_target[case_rows]
                 keep = ~empty
                 n_empty = int(empty.sum())
                 n_keep = int(round(fraction * n_empty))
@@ -358,7 +424,7 @@ class VolumeSliceData(SegmentationData):
                 dropped_empty += n_empty - n_keep
                 chosen = case_rows[keep]
                 rows.append(chosen)
-                ids += [f"{case_id}/{int(s):03d}" for s in cached.slice[chosen]]
+                ids += [f"{case_id}/{int(s):03d}" for s in r.cached.slice[chosen]]
                 case_ids += [case_id] * len(chosen)
             rows_arr = np.concatenate(rows) if rows else np.zeros(0, np.int64)
             flips = None
@@ -370,7 +436,7 @@ class VolumeSliceData(SegmentationData):
                 case_ids = case_ids + [f"{c}#flipud" for c in case_ids] + [f"{c}#fliplr" for c in case_ids]
             if not len(rows_arr):
                 raise DatasetError(
-                    f"the {split} split of {self._describe()} has no slice (cases {', '.join(splits[split])}): "
+                    f"the {split} split of {self._describe(r.root)} has no slice (cases {', '.join(splits[split])}): "
                     f"raise empty_slice_fraction / eval_empty_slice_fraction or add cases"
                 )
             served[split] = (rows_arr, ids, case_ids, flips)
@@ -382,41 +448,58 @@ class VolumeSliceData(SegmentationData):
             if flips is not None:
                 stats["offline_flip_copies"] = 2 * (len(rows_arr) // 3)
 
-        if not has_target[served["train"][0]].any():
+        target_values = self._target_values()
+        union = sorted({v for values in target_values for v in values})
+        if not test_only and not source["train"].has_target[served["train"][0]].any():
             raise DatasetError(
-                f"the training split of {self._describe()} (cases {', '.join(splits['train'][:10])}) has no slice with "
+                f"the training split of {self._describe(self.root)} (cases {', '.join(splits['train'][:10])}) has no slice with "
                 f"target label values {union}: expected some foreground to learn; check the label scheme and region"
             )
+        self._reads = read
+        self._source = {split: r.cached for split, r in source.items() if r is not None}
+        first = read["root" if "root" in read else "test_root"]
+        self._cache, self._cached = first.cache, first.cached
         self._served = served
         self._split_ids = {split: list(splits[split]) for split in ("train", "val", "test")}
-        self._files = [(rel, size) for rel, size, _ in signature]
+        self._files = [(rel, size) for rel, size, _ in read["root"].signature] if "root" in read else []
+        if "test_root" in read:
+            self._files += [(f"{TEST_ROOT_PREFIX}{rel}", size) for rel, size, _ in read["test_root"].signature]
         self._transforms = {}
 
-        all_rows = np.concatenate([served[s][0] for s in ("train", "val", "test")])
         pixels = self.image_size * self.image_size
-        fg = np.stack([cached.counts[all_rows][:, [v - 1 for v in values]].sum(axis=1) for values in target_values], axis=1)
-        dropped = meta["dropped"]
+        empty_served = foreground = n_served = 0
+        for r in read.values():  # what each folder serves (root: train and val, or all three; test_root: test)
+            rows = [served[split][0] for split in splits if source[split] is r and len(served[split][0])]
+            rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+            empty_served += int((~r.has_target[rows]).sum())
+            foreground += sum(int(r.cached.counts[rows][:, [v - 1 for v in values]].sum()) for values in target_values)
+            n_served += len(rows)
+        dropped: Counter = Counter()
+        for r in read.values():
+            dropped.update(r.cached.meta["dropped"])
+        used = [c for r in read.values() for c in r.used]
         stats.update(
             cases=len(used),
             patients=len(set(groups.values())),
-            cases_skipped=len(scan_skipped) + len(meta["skipped"]),
-            cases_without_slices=len(without),
-            slices_total=meta["slices_total"],
-            slices_cached=meta["slices_cached"],
+            cases_skipped=sum(r.skipped for r in read.values()),
+            cases_without_slices=sum(r.without for r in read.values()),
+            slices_total=sum(r.cached.meta["slices_total"] for r in read.values()),
+            slices_cached=sum(r.cached.meta["slices_cached"] for r in read.values()),
             **{f"slices_dropped_{reason}": count for reason, count in sorted(dropped.items())},
-            target_empty_slices=int((~has_target[all_rows]).sum()),
-            foreground_fraction=float(fg.sum() / (len(all_rows) * pixels * len(target_values))),
+            target_empty_slices=empty_served,
+            foreground_fraction=float(foreground / (n_served * pixels * len(target_values))),
             image_size=self.image_size,
-            cache_hit=int(hit),
-            cache_build_seconds=0.0 if hit else float(meta["build_seconds"]),
+            cache_hit=int(all(r.hit for r in read.values())),
+            cache_build_seconds=sum(0.0 if r.hit else float(r.cached.meta["build_seconds"]) for r in read.values()),
             load_seconds=time.perf_counter() - start,
         )
-        stats.update(self._extra_stats(meta, used))
+        stats.update(self._extra_stats({"cases": used}, used))
+        stats.update(self._test_root_stats(len(splits["test"]) if self.test_root is not None else 0))
         self._stats = stats
         log.info(
-            "%s: %d cases (%d patients), %d/%d/%d train/val/test slices at %dpx, slice cache %s (%s) in %.1fs",
+            "%s: %d cases (%d patients), %d/%d/%d train/val/test slices at %dpx, slice cache %s in %.1fs",
             self.kind, stats["cases"], stats["patients"], stats["n_train"], stats["n_val"], stats["n_test"], self.image_size,
-            "hit" if hit else "built", self._cache.folder, stats["load_seconds"],
+            ", ".join(f"{'hit' if r.hit else 'built'} ({r.cache.folder})" for r in read.values()), stats["load_seconds"],
         )
         if dropped:
             log.info("%s: slices dropped by preprocessing: %s", self.kind, ", ".join(f"{k} {v}" for k, v in sorted(dropped.items())))
@@ -428,8 +511,7 @@ class VolumeSliceData(SegmentationData):
         return None if self._cache is None else self._cache.folder
 
     def dataset(self, split: str, augment: bool = False) -> SliceDataset:
-        self._check_split(split)
-        self._require_setup()
+        self._check_read(split)
         augment = bool(augment)
         if augment not in self._transforms:
             mean, std = self._normalisation()
@@ -438,4 +520,5 @@ class VolumeSliceData(SegmentationData):
                 vflip_p=self.vflip_p, target=LabelTarget(self._target_values()),
             )
         rows, ids, cases, flips = self._served[split]
-        return SliceDataset(self._cached.images, self._cached.labels, ids, self._transforms[augment], cases, rows, flips)
+        cached = self._source[split]
+        return SliceDataset(cached.images, cached.labels, ids, self._transforms[augment], cases, rows, flips)
