@@ -60,6 +60,15 @@ def binary_mask(gray: np.ndarray, path, threshold: Optional[int]) -> np.ndarray:
 MAX_PROBLEMS_SHOWN = 20
 
 
+def read_mask(path: Path, threshold: Optional[int]) -> np.ndarray:
+    """A mask file at its own resolution -> bool [1, H, W] (the encoding rules of `binary_mask`)."""
+    from PIL import Image
+
+    with Image.open(path) as m:
+        gray = np.asarray(m if m.mode == "L" else m.convert("L"))
+    return binary_mask(gray, path, threshold)[None]
+
+
 def format_problems(problems: Sequence[str], where: str) -> str:
     """Every bad file at once (the first MAX_PROBLEMS_SHOWN), so that one run finds them all."""
     shown = "\n  - ".join(problems[:MAX_PROBLEMS_SHOWN])
@@ -257,6 +266,12 @@ class SegmentationData(abc.ABC):
     @abc.abstractmethod
     def dataset(self, split: str, augment: bool = False) -> Dataset:
         """Items are (image [C,H,W] float32, mask [num_classes,H,W] float32 in {0,1}); ids in `.ids`."""
+
+    def original_mask(self, split: str, index: int) -> Optional[np.ndarray]:
+        """The `index`-th item's true mask at the image's original resolution (bool [K, H, W]), for scoring as
+        the challenges do (predictions resized back); None where the reader serves no such thing (volumes,
+        scored on their served grid). 2D readers re-read the mask file, checked when the data was set up."""
+        return None
 
     def split_ids(self) -> dict[str, list[str]]:
         """Case ids per split, saved with the run so that a result can be traced to its test cases."""

@@ -20,7 +20,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data.base import ArrayDataset, DatasetError, SegmentationData, binary_mask, check_foreground, format_problems
+from data.base import (
+    ArrayDataset, DatasetError, SegmentationData, binary_mask, check_foreground, format_problems, read_mask,
+)
 from data.checks import check_floats, check_int, check_mask_threshold
 from data.splits import carve, check_disjoint
 from data.transforms import build_transform
@@ -301,6 +303,7 @@ class ISIC2018(SegmentationData):
             self._files += self.relative_sizes(
                 [f for p in to_load if p.case_id not in from_test_root for f in (p.image, p.mask)], self.root)
         self._split_ids = {split: list(split_ids[split]) for split in ("train", "val", "test")}
+        self._mask_files = {split: [by_id[i].mask for i in split_ids[split]] for split in ("train", "val", "test")}
         self._transforms = {}
 
         foreground = masks.reshape(len(masks), -1).mean(axis=1) if len(masks) else np.zeros(0)
@@ -326,6 +329,10 @@ class ISIC2018(SegmentationData):
         )
 
     # -- serving -----------------------------------------------------------------------------------
+
+    def original_mask(self, split: str, index: int) -> np.ndarray:
+        self._check_read(split)
+        return read_mask(self._mask_files[split][index], self.mask_threshold)
 
     def dataset(self, split: str, augment: bool = False) -> ArrayDataset:
         self._check_read(split)

@@ -26,7 +26,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data.base import ArrayDataset, DatasetError, SegmentationData, binary_mask, check_foreground, format_problems
+from data.base import (
+    ArrayDataset, DatasetError, SegmentationData, binary_mask, check_foreground, format_problems, read_mask,
+)
 from data.checks import check_floats, check_int, check_mask_threshold
 from data.splits import carve, carve_groups, check_disjoint, group_of
 from data.transforms import build_transform
@@ -229,11 +231,13 @@ class SliceFolders(SegmentationData):
         position = {case_id: i for i, case_id in enumerate(ids)}
         self._arrays = {}
         self._split_ids = {}
+        self._mask_files: dict[str, list[Path]] = {}
         for split in ("train", "val", "test"):
             chosen = sorted(split_ids[split], key=natural_key)
             index = np.array([position[i] for i in chosen], dtype=np.int64)
             self._arrays[split] = (images[index], masks[index])
             self._split_ids[split] = chosen
+            self._mask_files[split] = [pairs[position[i]].mask for i in chosen]
         if not test_only:  # a test-only job reads no training split
             check_foreground(self._arrays["train"][1], self._describe())
         self._files = self._test_root_files([f for p in test_pairs for f in (p.image, p.mask)]) if test_pairs else []
@@ -261,6 +265,10 @@ class SliceFolders(SegmentationData):
             "%s: %d train / %d val / %d test pairs at %dpx (%d files ignored, %d empty masks)",
             self._describe(), self._stats["n_train"], self._stats["n_val"], self._stats["n_test"], self.image_size, ignored, empty,
         )
+
+    def original_mask(self, split: str, index: int) -> np.ndarray:
+        self._check_read(split)
+        return read_mask(self._mask_files[split][index], self.mask_threshold)
 
     def dataset(self, split: str, augment: bool = False) -> ArrayDataset:
         self._check_read(split)

@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 
 MODEL_FILES = ("model.json", "model.safetensors")
 BASELINE_META = "baseline.json"
-# Train keys that do not change the trained weights.
-TRAIN_SERVING_KEYS = ("num_workers", "checkpoint_every")
+# Train keys that do not change the trained weights (threads: at most in the last float bits, from the order
+# of parallel sums; a cached baseline stays valid on a machine with other cores).
+TRAIN_SERVING_KEYS = ("num_workers", "checkpoint_every", "threads")
 
 
 class BaselineError(RuntimeError):

@@ -53,6 +53,7 @@ class TrainConfig:
     checkpoint_every: int = MISSING  # save the training state every N epochs (0: never); a rerun resumes from it
     bn_l1: float = MISSING  # network slimming: L1 penalty on BatchNorm gammas added to the loss
     num_workers: int = MISSING
+    threads: Optional[int] = MISSING  # CPU threads of the training loop (on CPU only); null: all cores
 
 
 @dataclass
@@ -76,6 +77,13 @@ class EvaluateConfig:
     threshold: float = MISSING
     extra_splits: List[str] = MISSING  # e.g. [train]: also <row>/train_dice, train_iou
     mask_examples: int = MISSING  # test images in the before/after mask plot (0: no plot)
+    # Per-case results (pipeline/casewise.py, evaluate/cases_<network>.csv)
+    ignore_empty: bool = MISSING  # MONAI's ignore_empty: cases with an empty true mask are left out of the means
+    nsd_tolerance: float = MISSING  # normalised surface Dice tolerance, mm (volumes with spacing) or pixels (2D)
+    jaccard_threshold: Optional[float] = MISSING  # ISIC 2018's thresholded Jaccard (IoU below it counts 0); null: off
+    collapse_tolerance: float = MISSING  # flag a network predicting >= 1 - tol of the pixels, or <= tol x the truth's
+    export_masks: int = MISSING  # predicted masks written for the first N test cases (evaluate/masks/<network>/)
+    original_resolution: bool = MISSING  # 2D: also score predictions resized back to each image's size (*_orig)
     # How latency is measured (docs/PERFORMANCE.md): latency_ms is the network as deployed
     fold_bn: bool = MISSING  # BatchNorm folded into the convolution before it (exact in eval mode)
     channels_last: bool = MISSING  # NHWC memory layout
@@ -83,9 +91,13 @@ class EvaluateConfig:
     onnx: bool = MISSING  # export to ONNX (BatchNorm folded), time with ONNX Runtime: onnx_latency_ms, onnx_max_abs_diff
     onnx_opset: int = MISSING
     onnx_dynamo: bool = MISSING  # torch.export-based exporter instead of the TorchScript one
-    latency_warmup: int = MISSING
-    latency_runs: int = MISSING
-    latency_threads: Optional[int] = MISSING  # null: all cores (os.cpu_count()); the count used is logged
+    threads: Optional[int] = MISSING  # CPU threads of the whole stage (quality and timing); null: all cores
+    # Timing (profiling.time_interleaved): every form of every network in one round-robin pass
+    latency_warmup: int = MISSING  # untimed rounds
+    latency_runs: int = MISSING  # the window: stable when the CV of each form's last latency_runs timings is low
+    latency_max_runs: int = MISSING  # timed rounds at most
+    latency_target_cv: float = MISSING  # stdev / mean a window must reach to count as settled
+    latency_max_seconds: float = MISSING  # time budget of the timed rounds (each form still gets 3 runs)
 
 
 @dataclass
@@ -114,7 +126,10 @@ class PaperConfig:
 
     source: str = ""
     table: str = ""
-    rows_by: str = "prune.ratio"  # the run param that tells the table's rows apart
+    rows_by: str = "prune.ratio"  # the run param that tells the table's rows apart (comma-separated: several)
+    # "key=value" of rows_by: each row is also paired with the row that has this value (and the row's other
+    # keys), e.g. criterion.name=l1; empty: only with the run's own baseline
+    reference: str = ""
     metric_prefix: str = "final"  # compare final/<metric> (a row may say `source: baseline`)
     columns: Dict[str, str] = field(default_factory=dict)  # metric -> column title, in order (empty: GENERIC_COLUMNS)
     scale: Dict[str, float] = field(default_factory=dict)  # ours x scale = the paper's unit (Dice 0-1 -> %)
@@ -324,8 +339,16 @@ def validate(cfg: DictConfig) -> None:
     for split in cfg.evaluate.extra_splits:
         if split not in ("train", "val"):
             raise ConfigError(f"evaluate.extra_splits has {split!r}: expected train and/or val (test is always evaluated)")
-    _check_range(cfg.evaluate.latency_runs, "evaluate.latency_runs", 1, None)
-    _check_range(cfg.evaluate.latency_warmup, "evaluate.latency_warmup", 0, None)
+    e = cfg.evaluate
+    if e.latency_runs < 2:
+        raise ConfigError(f"evaluate.latency_runs={e.latency_runs} is out of range: the stability window needs >= 2 runs")
+    _check_range(e.latency_warmup, "evaluate.latency_warmup", 0, None)
+    if e.latency_max_runs < e.latency_runs:
+        raise ConfigError(f"evaluate.latency_max_runs={e.latency_max_runs} is below evaluate.latency_runs={e.latency_runs}: "
+                          "the window could never fill")
+    _check_range(e.latency_target_cv, "evaluate.latency_target_cv", 0.0, None)
+    if not e.latency_max_seconds > 0:
+        raise ConfigError(f"evaluate.latency_max_seconds={e.latency_max_seconds} is out of range: expected > 0")
 
     if not stages:
         raise ConfigError("stages is empty: expected a list such as [train, score, prune, finetune, evaluate]")

@@ -283,9 +283,14 @@ def time_onnx(
     """Per-run milliseconds of `session` on a random input of `input_shape` (see profiling.time_calls)."""
     from pipeline.profiling import time_calls
 
+    return time_calls(onnx_call(session, input_shape), warmup, runs, max_seconds, min_runs)
+
+
+def onnx_call(session, input_shape: tuple[int, ...]):
+    """One run of `session` on a fixed random input of `input_shape`, as a callable to time."""
     x = np.random.default_rng(0).standard_normal(input_shape, dtype=np.float32)
     feed = {session.get_inputs()[0].name: x}
-    return time_calls(lambda: session.run(None, feed), warmup, runs, max_seconds, min_runs)
+    return lambda: session.run(None, feed)
 
 
 def measure_onnx_latency(

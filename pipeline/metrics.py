@@ -1,4 +1,4 @@
-"""Dice and IoU for binary masks, per image, then averaged.
+"""Dice and IoU for binary masks, per image, then averaged; and the per-case metrics of the evaluate stage.
 
 Convention for an image whose true and predicted masks are both empty: Dice = IoU = 1 (a correct
 "nothing here"); if only one of them is empty the score is 0. Multi-channel outputs (one binary mask
@@ -10,8 +10,12 @@ with the same empty convention per case: a case with no tumour that is predicted
 """
 from __future__ import annotations
 
+import math
+import warnings
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 
@@ -72,3 +76,92 @@ class SegmentationMeter:
             out["dice_3d"] = float(torch.stack(per_case).mean())
             out["cases"] = len(per_case)
         return out
+
+
+# -- per-case metrics -------------------------------------------------------------------------------
+#
+# What the field reports per image (2D) or per case (volumes): Dice, IoU, the 95th-percentile Hausdorff
+# distance and the normalised surface Dice, from MONAI's implementations (monai.metrics), in the units of
+# the grid's spacing (mm for volumes that record it, pixels otherwise). MONAI leaves an empty mask to the
+# caller (it returns nan or inf); the rules here, stated once:
+#   both masks empty        Dice = IoU = NSD = 1, HD95 = 0      (a correct "nothing here")
+#   only the truth empty    Dice = IoU = NSD = 0, HD95 = the grid's diagonal (the worst distance it has)
+#   only the prediction empty   the same as above
+# With `ignore_empty` (MONAI's DiceMetric(ignore_empty=True) semantics) a case whose truth is empty is
+# left out of every mean (its row keeps NaN), whatever was predicted.
+
+CASE_METRICS = ("dice", "iou", "hd95", "nsd")
+
+
+@dataclass(frozen=True)
+class CaseRules:
+    """How per-case metrics are scored (evaluate.ignore_empty, nsd_tolerance, jaccard_threshold)."""
+
+    ignore_empty: bool
+    nsd_tolerance: float  # surface Dice tolerance, in the grid's spacing unit (mm, or pixels)
+    jaccard_threshold: Optional[float] = None  # ISIC 2018's thresholded Jaccard: IoU below it counts 0
+
+
+def _diagonal(shape: Sequence[int], spacing: Sequence[float]) -> float:
+    return float(np.sqrt(sum(((n - 1) * s) ** 2 for n, s in zip(shape, spacing))))
+
+
+def case_metrics(pred: np.ndarray, true: np.ndarray, rules: CaseRules, spacing: Optional[Sequence[float]] = None,
+                 names: Optional[Sequence[str]] = None) -> dict[str, float]:
+    """Metrics of one case: boolean masks shaped (C, *spatial), one channel per class/region.
+
+    Returns the channel means (`dice`, `iou`, `hd95`, `nsd`, `thresholded_jaccard`), the foreground sizes
+    (`true_px`, `pred_px`, summed over channels) and, with several channels, each channel's metrics as
+    `<metric>_<name>`."""
+    from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+
+    pred, true = np.asarray(pred, bool), np.asarray(true, bool)
+    if pred.shape != true.shape:
+        raise ValueError(f"prediction {pred.shape} and truth {true.shape}: expected the same shape")
+    dims = pred.ndim - 1
+    spacing = tuple(float(s) for s in (spacing if spacing is not None else (1.0,) * dims))
+    names = list(names) if names is not None else [str(c) for c in range(pred.shape[0])]
+    per_channel: list[dict[str, float]] = []
+    for p, t in zip(pred, true):
+        inter, np_, nt = float((p & t).sum()), float(p.sum()), float(t.sum())
+        if nt == 0 and rules.ignore_empty:
+            scores = dict.fromkeys(CASE_METRICS, math.nan)
+        elif np_ == 0 and nt == 0:
+            scores = {"dice": 1.0, "iou": 1.0, "hd95": 0.0, "nsd": 1.0}
+        elif np_ == 0 or nt == 0:
+            scores = {"dice": 0.0, "iou": 0.0, "hd95": _diagonal(p.shape, spacing), "nsd": 0.0}
+        else:
+            yp, yt = torch.from_numpy(p[None, None]), torch.from_numpy(t[None, None])
+            with warnings.catch_warnings():  # MONAI 1.6 warns about its own deprecated internal argument
+                warnings.simplefilter("ignore", FutureWarning)
+                hd = compute_hausdorff_distance(yp, yt, include_background=True, percentile=95, spacing=spacing)
+                nsd = compute_surface_dice(yp, yt, [rules.nsd_tolerance], include_background=True, spacing=spacing)
+            scores = {"dice": 2 * inter / (np_ + nt), "iou": inter / (np_ + nt - inter),
+                      "hd95": float(hd.item()), "nsd": float(nsd.item())}
+        per_channel.append(scores)
+    out: dict[str, float] = {}
+    for metric in CASE_METRICS:
+        values = [s[metric] for s in per_channel]
+        out[metric] = math.nan if all(math.isnan(v) for v in values) else float(np.nanmean(values))
+        if len(per_channel) > 1:
+            out.update({f"{metric}_{name}": v for name, v in zip(names, values)})
+    if rules.jaccard_threshold is not None:
+        iou = out["iou"]
+        out["thresholded_jaccard"] = iou if math.isnan(iou) or iou >= rules.jaccard_threshold else 0.0
+    out["true_px"] = int(true.sum())
+    out["pred_px"] = int(pred.sum())
+    return out
+
+
+def summarize_cases(rows: Sequence[dict]) -> dict[str, float]:
+    """Means over cases of every metric column (NaN cells, i.e. ignored empty cases, left out), and how
+    many cases were left out (`cases_ignored_empty`)."""
+    if not rows:
+        raise ValueError("no case was scored")
+    keys = [k for k, v in rows[0].items() if isinstance(v, float)]
+    out = {}
+    for key in keys:
+        values = np.array([r[key] for r in rows], dtype=float)
+        out[key] = float(np.nanmean(values)) if (~np.isnan(values)).any() else math.nan
+    out["cases_ignored_empty"] = int(sum(math.isnan(r["dice"]) for r in rows))
+    return out

@@ -8,14 +8,20 @@ Latency: batch 1, `warmup` untimed runs, then the median (and p90) of `runs` tim
 mode with a fixed thread count on CPU (recorded), or with CUDA events on a GPU. The same timing loop
 (`time_calls`) serves torch modules and ONNX Runtime sessions (pipeline.inference), so their numbers
 compare. `machine_info` describes where a number was taken (CPU model, threads, versions, load).
+
+`time_interleaved` is what the evaluate stage uses: every form of every network timed round-robin in
+one pass, until each one's latest timings are stable (or a run / time budget is spent), so a busy spell
+of a shared machine hits all of them alike and a number taken in one is flagged (docs/PERFORMANCE.md).
 """
 from __future__ import annotations
 
+import math
 import os
 import platform
 import statistics
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -87,11 +93,16 @@ def summarize(times_ms: list[float]) -> dict[str, float | int]:
     }
 
 
+def thread_count(threads: int | None) -> int:
+    """The thread count a `threads` setting means (None: all cores)."""
+    return int(threads or os.cpu_count() or 1)
+
+
 @contextmanager
 def cpu_threads(threads: int | None) -> Iterator[int]:
     """Fixes torch's intra-op thread count (None: all cores) and restores it after."""
     previous = torch.get_num_threads()
-    threads = int(threads or os.cpu_count() or 1)
+    threads = thread_count(threads)
     torch.set_num_threads(threads)
     try:
         yield threads
@@ -153,6 +164,119 @@ def _cuda_times(fn: Callable[[], object], device: torch.device, warmup: int, run
         torch.cuda.synchronize(device)
         times.append(start.elapsed_time(end))
     return times
+
+
+# Fewest timed runs per callable before the time budget (max_seconds) may stop a timing pass.
+MIN_RUNS = 3
+
+
+@dataclass
+class Timing:
+    """One callable's latency over its window (its last `runs` timings) in an interleaved pass."""
+
+    median_ms: float
+    p90_ms: float
+    cv: float  # stdev / mean of the window
+    runs: int  # timed calls made in all (the statistics are over the window)
+    settled: bool  # the window was full and its cv <= target_cv
+
+
+@dataclass
+class InterleavedTimes:
+    """What `time_interleaved` found, per callable, and how the pass went."""
+
+    timings: dict[str, Timing]
+    rounds: int
+    seconds: float  # timed rounds only (warm-up excluded), by the clock given
+    stopped_by: str  # "settled", "max_runs" or "max_seconds"
+    load_before: float | None  # 1-minute load average before the warm-up and after the last round
+    load_after: float | None
+
+    def unsettled(self) -> list[str]:
+        return [name for name, t in self.timings.items() if not t.settled]
+
+
+def coefficient_of_variation(times: list[float]) -> float:
+    mean = statistics.fmean(times)
+    spread = statistics.stdev(times) if len(times) > 1 else 0.0
+    return spread / mean if mean > 0 else (0.0 if spread == 0 else math.inf)
+
+
+def round_order(names: list[str], round_index: int) -> list[str]:
+    """The calling order of one round: rotated by one each round, and reversed every other cycle of
+    rotations, so no callable always runs right after the same other one (caches, clocks, turbo)."""
+    n = len(names)
+    k = round_index % n if n else 0
+    order = names[k:] + names[:k]
+    return order[::-1] if (round_index // max(n, 1)) % 2 else order
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], *, warmup: int, runs: int, max_runs: int, target_cv: float,
+    max_seconds: float, clock: Callable[[], float] = time.perf_counter,
+) -> InterleavedTimes:
+    """Times several callables round-robin until their latest timings are stable.
+
+    `warmup` untimed rounds, then timed rounds: each calls every fn once (`round_order`), timing each
+    call by `clock` (wall clock: a fn that runs on a GPU must synchronise before it returns). The pass
+    stops after the first round where every fn has at least `runs` timings and the coefficient of
+    variation (stdev / mean) of each fn's latest `runs` timings (its window) is <= `target_cv`; else
+    after `max_runs` rounds, or once `max_seconds` of timed rounds have passed and every fn has at
+    least min(runs, MIN_RUNS) timings. Median, p90 and cv come from each fn's final window; a fn is
+    `settled` when that window was full and within `target_cv`. One pass for all of them (rather than
+    one after another) makes a busy spell of a shared machine slow all of them alike instead of one."""
+    if runs < 2:
+        raise ValueError(f"runs={runs}: a coefficient of variation needs a window of at least 2 timings")
+    names = list(fns)
+    load_before = _load_1min()
+    for round_index in range(warmup):
+        for name in round_order(names, round_index):
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    rounds, stopped_by, start = 0, "max_runs", clock()
+    while names and rounds < max_runs:
+        for name in round_order(names, rounds):
+            t0 = clock()
+            fns[name]()
+            times[name].append((clock() - t0) * 1e3)
+        rounds += 1
+        if rounds >= runs and all(coefficient_of_variation(t[-runs:]) <= target_cv for t in times.values()):
+            stopped_by = "settled"
+            break
+        if clock() - start >= max_seconds and rounds >= min(runs, MIN_RUNS):
+            stopped_by = "max_seconds"
+            break
+    seconds = clock() - start
+    timings = {}
+    for name, t in times.items():
+        window = t[-runs:]
+        stats, cv = summarize(window), coefficient_of_variation(window)
+        timings[name] = Timing(stats["median_ms"], stats["p90_ms"], cv, len(t), len(window) >= runs and cv <= target_cv)
+    return InterleavedTimes(timings, rounds, seconds, stopped_by, load_before, _load_1min())
+
+
+def forward_call(model: nn.Module, input_shape: tuple[int, ...], channels_last: bool = False) -> Callable[[], object]:
+    """One batch-`input_shape` inference of `model` on a fixed random input, as a callable to time; on a
+    GPU it waits for the kernels to finish, so a wall clock around it times the work, not the launch."""
+    device = next(model.parameters()).device
+    model.eval()
+    x = torch.randn(input_shape, device=device)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def call():
+        with torch.inference_mode():
+            out = model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return out
+
+    return call
+
+
+def _load_1min() -> float | None:
+    load = load_average()
+    return load[0] if load else None
 
 
 def load_average() -> tuple[float, float, float] | None:

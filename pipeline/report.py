@@ -35,6 +35,9 @@ COLUMNS = [
     ("Size (MB)", "size_mb", "{:.2f}"),
     ("Latency (ms)", "latency_ms", "{:.2f}"),
 ]
+# A latency cell whose timing window did not settle (pipeline/stages/evaluate.py) gets this mark and the note.
+UNSETTLED_MARK = "*"
+UNSETTLED_NOTE = "* latency did not settle (CV > evaluate.latency_target_cv): not a reliable figure"
 
 
 def results_table(results: dict[str, dict]) -> str:
@@ -43,10 +46,18 @@ def results_table(results: dict[str, dict]) -> str:
     if any("dice_3d" in r for r in results.values()):
         columns.insert(1, ("Dice 3D", "dice_3d", "{:.4f}"))
     lines = ["| Network | " + " | ".join(c[0] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    marked = False
     for key, label in LABELS.items():
         if key in results:
             r = results[key]
-            lines.append(f"| {label} | " + " | ".join(fmt.format(r[field]) for _, field, fmt in columns) + " |")
+            cells = []
+            for _, name, fmt in columns:
+                unsettled = name == "latency_ms" and r.get("latency_settled") == 0
+                marked |= unsettled
+                cells.append(fmt.format(r[name]) + (UNSETTLED_MARK if unsettled else ""))
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if marked:
+        lines += ["", UNSETTLED_NOTE]
     return "\n".join(lines)
 
 
@@ -68,6 +79,7 @@ class Row:
     runs: list = field(default_factory=list)
     ours: dict[str, list[float]] = field(default_factory=dict)
     paper: dict[str, float] = field(default_factory=dict)
+    collapsed: dict[str, str] = field(default_factory=dict)  # run id -> the network's `collapsed` param
 
 
 def build_rows(runs: list, paper: dict) -> list[Row]:
@@ -89,6 +101,7 @@ def build_rows(runs: list, paper: dict) -> list[Row]:
         key = _key(value)
         row = rows.setdefault(key, Row(key=str(value), label=str(value)))
         row.runs.append(run.info.run_id)
+        row.collapsed[run.info.run_id] = params.get(f"{prefix}.collapsed", "no")
         for m in columns:
             if f"{prefix}/{m}" in metrics:
                 row.ours.setdefault(m, []).append(metrics[f"{prefix}/{m}"] * scale.get(m, 1.0))
@@ -120,7 +133,7 @@ def table_rows(rows: list[Row], paper: dict) -> tuple[list[str], list[list[str]]
         header += [title] + ([f"{title} (paper)", f"Δ {title}"] if with_paper else [])
     cells = []
     for r in rows:
-        line = [r.label, str(len(r.runs))]
+        line = [r.label + _collapsed_note(r, paper), str(len(r.runs))]
         for m in paper["columns"]:
             ours = r.ours.get(m, [])
             scale = paper.get("scale", {}).get(m, 1.0)
@@ -131,6 +144,93 @@ def table_rows(rows: list[Row], paper: dict) -> tuple[list[str], list[list[str]]
                 line.append("–" if theirs is None or not ours else f"{statistics.fmean(ours) - theirs:+.2f}")
         cells.append(line)
     return header, cells
+
+
+# -- uncertainty: per-case results of the runs (evaluate/cases_<network>.csv, pipeline/stats.py) ---------
+
+def case_dice(client, run_id: str, network: str, cache: dict) -> dict[str, float] | None:
+    """case -> Dice of `network` in run `run_id`, from its per-case artifact; None for a run without one."""
+    import os
+    import tempfile
+
+    from data.files import read_csv
+
+    if (run_id, network) not in cache:
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = client.download_artifacts(run_id, f"evaluate/cases_{network}.csv", tmp)
+            except Exception:  # a run from before per-case results, or without an evaluate stage
+                cache[(run_id, network)] = None
+            else:
+                cache[(run_id, network)] = {r["case"]: float(r["dice"]) for r in read_csv(path)}
+    return cache[(run_id, network)]
+
+
+def uncertainty(client, rows: list[Row], paper: dict) -> dict[str, dict]:
+    """Per row (by label): the bootstrap interval of the mean Dice over test cases and the Wilcoxon p-values
+    against the runs' baseline and against the reference row (`paper.reference`), see pipeline/stats.py."""
+    from pipeline import stats
+
+    cache: dict = {}
+    network = paper["metric_prefix"]
+    per_case: dict[str, dict[str, float]] = {}
+    baselines: dict[str, dict[str, float]] = {}
+    for row in rows:
+        runs = list(dict.fromkeys(row.runs))
+        tables = [t for t in (case_dice(client, r, network, cache) for r in runs) if t]
+        if tables and len(tables) == len(runs):
+            per_case[row.label] = stats.per_case_mean(tables)
+            base = [t for t in (case_dice(client, r, "baseline", cache) for r in runs) if t]
+            if len(base) == len(runs) and network != "baseline":
+                baselines[row.label] = stats.per_case_mean(base)
+    keys = [k.strip() for k in paper["rows_by"].split(",")]
+    ref_key, _, ref_value = paper.get("reference", "").partition("=")
+    out: dict[str, dict] = {}
+    for label, cases in per_case.items():
+        entry: dict = {"cases": len(cases), "ci": stats.bootstrap_ci(list(cases.values()))}
+        if label in baselines:
+            entry["p_baseline"] = stats.paired_p(cases, baselines[label])
+        if ref_key.strip() in keys:
+            parts = label.split(" / ")
+            parts[keys.index(ref_key.strip())] = ref_value.strip()
+            reference = " / ".join(parts)
+            if reference != label and reference in per_case:
+                entry["p_reference"] = stats.paired_p(cases, per_case[reference])
+        out[label] = entry
+    return out
+
+
+def _p(value) -> str:
+    if value is None:
+        return "–"
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def add_uncertainty(header: list[str], cells: list[list[str]], rows: list[Row], found: dict[str, dict],
+                    paper: dict) -> tuple[list[str], list[list[str]]]:
+    """The interval and p-value columns, after the metric columns."""
+    if not found:
+        return header, cells
+    scale = paper.get("scale", {}).get("dice", 1.0)
+    digits = 2 if scale >= 100 else 4
+    reference = paper.get("reference", "").partition("=")[2].strip()
+    header = header + ["Dice 95% CI (cases)", "p vs baseline"] + ([f"p vs {reference}"] if reference else [])
+    new = []
+    for row, line in zip(rows, cells):
+        entry = found.get(row.label, {})
+        lo, hi = entry.get("ci", (math.nan, math.nan))
+        ci = "–" if math.isnan(lo) else f"[{lo * scale:.{digits}f}, {hi * scale:.{digits}f}]"
+        extra = [ci, _p(entry.get("p_baseline"))] + ([_p(entry.get("p_reference"))] if reference else [])
+        new.append(line + extra)
+    return header, new
+
+
+def _collapsed_note(row: Row, paper: dict) -> str:
+    """' (collapsed in k/n runs)' when the row's network predicted all foreground/background in some runs."""
+    flags = [row.collapsed.get(run_id) for run_id in dict.fromkeys(row.runs)]
+    bad = sum(1 for f in flags if f and f != "no")
+    return f" ⚠ collapsed in {bad}/{len(flags)} runs" if bad else ""
 
 
 def markdown(header: list[str], cells: list[list[str]]) -> str:
@@ -174,6 +274,9 @@ class ReportError(ValueError):
 # Settings that may differ between the runs of one row: the seed (rows are mean ± std over seeds) and
 # what only names or places a job.
 ROW_FREE = ("seed", "tracking.run_name", "hydra", "resume")
+# Params that are results, not settings (how a network's measurement went: `final.collapsed`,
+# `final.latency_threads`...): they may differ between the seeds of a row.
+RESULT_PARAMS = ("baseline.", "pruned.", "final.")
 # Decimals per metric in the table, in the unit shown (a metric scaled x100 to % loses two).
 DIGITS = {"dice": 4, "iou": 4, "dice_3d": 4, "params_m": 3, "flops_g": 3, "macs_g": 3, "size_mb": 2, "latency_ms": 2}
 
@@ -185,7 +288,7 @@ def check_rows(rows: list[Row], runs_by_id: dict) -> None:
         keys = set().union(*(m.data.params for m in members)) if members else set()
         differing = sorted(
             k for k in keys
-            if not any(k == f or k.startswith(f + ".") for f in ROW_FREE)
+            if not any(k == f or k.startswith(f + ".") for f in ROW_FREE) and not k.startswith(RESULT_PARAMS)
             and len({m.data.params.get(k) for m in members}) > 1
         )
         if differing:
@@ -271,6 +374,8 @@ def report_sweep(client, parent, out: Path | None = None, runs: list | None = No
     rows = [r for r in rows if r.runs or r.paper]
     rows.sort(key=_sort_key)
     header, cells = table_rows(rows, paper)
+    found = uncertainty(client, rows, paper)
+    header, cells = add_uncertainty(header, cells, rows, found, paper)
     title = " ".join(x for x in (paper.get("source", ""), paper.get("table", "")) if x) or f"sweep {parent.info.run_name}"
     text = f"## {title}\n\n" + markdown(header, cells) + "\n"
     if paper.get("notes"):
@@ -278,6 +383,12 @@ def report_sweep(client, parent, out: Path | None = None, runs: list | None = No
     scaled = ", ".join(f"{m} x{s:g}" for m, s in paper.get("scale", {}).items())
     text += f"\nOurs: {paper['metric_prefix']}/<metric>{' (' + scaled + ')' if scaled else ''}, mean ± std over runs (seeds) per row"
     text += "; Δ = ours - paper.\n" if any(r.paper for r in rows) else ".\n"
+    if found:
+        n = max(e["cases"] for e in found.values())
+        text += (f"\nDice 95% CI: bootstrap interval (BCa, {n} test cases, each case's Dice averaged over the row's seeds) "
+                 f"of the mean over cases. p: two-sided Wilcoxon signed-rank test over the same cases against the runs' "
+                 f"baseline" + (f" and against the {paper['reference']} row of the same setting" if paper.get("reference") else "")
+                 + "; p < 0.05 marks a difference unlikely to be chance on this test set (seed-to-seed spread: ± std).\n")
 
     from pipeline.paths import outputs_dir
 

@@ -155,25 +155,32 @@ def test_timing_helpers_stop_at_the_time_budget_and_time_channels_last_inputs():
 
 
 def _ctx(**evaluate):
-    cfg = OmegaConf.create({"evaluate": conf("evaluate", "default", latency_warmup=1, latency_runs=3, latency_threads=1, **evaluate)})
+    settings = dict(latency_warmup=1, latency_runs=3, latency_max_runs=5, latency_max_seconds=5.0, threads=1)
+    cfg = OmegaConf.create({"evaluate": conf("evaluate", "default", **{**settings, **evaluate})})
     return SimpleNamespace(cfg=cfg, input_shape=(1, 3, 32, 32), device=torch.device("cpu"))
 
 
-def test_evaluate_reports_deployed_eager_and_onnx_latency(tmp_path):
+def test_evaluate_reports_deployed_eager_and_onnx_latency_of_every_network_in_one_pass(tmp_path):
     from pipeline.stages.evaluate import cost
 
-    model = small_unet()
-    out = cost(_ctx(), copy.deepcopy(model), tmp_path / "final.onnx")
-    for key in ("latency_ms", "latency_p90_ms", "latency_eager_ms", "onnx_latency_ms", "onnx_latency_p90_ms",
-                "onnx_max_abs_diff", "onnx_size_mb"):
-        assert out[key] >= 0, key
-    assert out["latency_bn_folded"] == bn_count(model)
-    assert out["onnx_max_abs_diff"] < 1e-4
+    model, pruned = small_unet(), small_unet()
+    out, timed = cost(_ctx(), {"baseline": copy.deepcopy(model), "final": pruned},
+                      {"baseline": None, "final": tmp_path / "final.onnx"})
+    assert sorted(timed.timings) == ["baseline/latency", "baseline/latency_eager", "final/latency",
+                                     "final/latency_eager", "final/onnx_latency"]
+    assert len({t.runs for t in timed.timings.values()}) == 1  # round-robin: every form timed as often
+    for key in ("latency_ms", "latency_p90_ms", "latency_cv", "latency_eager_ms", "onnx_latency_ms", "onnx_latency_p90_ms",
+                "onnx_latency_cv", "onnx_max_abs_diff", "onnx_size_mb"):
+        assert out["final"][key] >= 0, key
+    assert out["final"]["latency_settled"] in (0, 1) and 3 <= out["final"]["latency_runs"] <= 5
+    assert "onnx_latency_ms" not in out["baseline"]
+    assert out["final"]["latency_bn_folded"] == bn_count(model) and out["final"]["latency_threads"] == 1
+    assert out["final"]["onnx_max_abs_diff"] < 1e-4
     assert (tmp_path / "final.onnx").is_file()
 
-    plain = cost(_ctx(fold_bn=False, channels_last=False, onnx=False), copy.deepcopy(model), None)
-    assert "latency_eager_ms" not in plain and "onnx_latency_ms" not in plain  # eager is the deployed form here
-    assert plain["latency_bn_folded"] == 0 and plain["latency_channels_last"] == 0
+    plain, _ = cost(_ctx(fold_bn=False, channels_last=False, onnx=False), {"final": copy.deepcopy(model)}, {"final": None})
+    assert "latency_eager_ms" not in plain["final"] and "onnx_latency_ms" not in plain["final"]  # eager is deployed here
+    assert plain["final"]["latency_bn_folded"] == 0 and plain["final"]["latency_channels_last"] == 0
 
 
 def test_evaluate_keeps_its_numbers_when_the_export_fails(tmp_path, monkeypatch, caplog):
@@ -183,6 +190,6 @@ def test_evaluate_keeps_its_numbers_when_the_export_fails(tmp_path, monkeypatch,
         raise RuntimeError("exporter gap")
 
     monkeypatch.setattr(evaluate.inference, "export_onnx", broken)
-    out = evaluate.cost(_ctx(), small_unet(), tmp_path / "final.onnx")
-    assert "latency_ms" in out and "onnx_latency_ms" not in out
+    out, _ = evaluate.cost(_ctx(), {"final": small_unet()}, {"final": tmp_path / "final.onnx"})
+    assert "latency_ms" in out["final"] and "onnx_latency_ms" not in out["final"]
     assert "exporter gap" in caplog.text

@@ -5,6 +5,9 @@ the convolutions and, where `evaluate.channels_last`, NHWC memory layout (`laten
 trained (`latency_eager_ms`) when that differs; and the exported ONNX model (BatchNorm folded) under
 ONNX Runtime on CPU (`onnx_latency_ms`, with `onnx_max_abs_diff` against the torch output). The final
 network's ONNX file is kept in the evaluate folder (`final.onnx`) and logged; the others' are not.
+Quality comes first for every network; then every form of every network is timed in one interleaved
+pass until each is stable (`cost`); a form that did not settle is warned about, tagged
+(`medprune.latency_unsettled`) and starred in the results table.
 """
 from __future__ import annotations
 
@@ -18,9 +21,11 @@ from typing import Optional
 import torch
 
 from models.io import load_model, model_size_mb
-from pipeline import inference, mlflow_model, plots
-from pipeline.profiling import count_flops, count_params, cpu_name, device_name, measure_latency
-from pipeline.metrics import binarize, dice_iou
+from data.files import write_csv
+from pipeline import casewise, inference, mlflow_model, plots
+from pipeline.profiling import (InterleavedTimes, count_flops, count_params, cpu_name, cpu_threads, device_name,
+                                forward_call, thread_count, time_interleaved)
+from pipeline.metrics import CaseRules, binarize, dice_iou
 from pipeline.pruning import prunable_layers
 from pipeline.report import LABELS, results_table
 from pipeline.state import Context, RunState
@@ -33,45 +38,61 @@ ROWS = ("baseline", "pruned", "final")
 # Results that describe how a measurement was taken (counts, flags, thread counts): MLflow params
 # (`final.latency_threads`), not metrics, so the compare view shows the measurements themselves.
 DESCRIPTIVE = ("latency_threads", "latency_bn_folded", "latency_channels_last", "channels_aligned8", "test_images",
-               "test_cases")
+               "test_cases", "cases_ignored_empty", "collapsed")
 FINAL_ONNX = "final.onnx"
 
-def cost(ctx: Context, model: torch.nn.Module, onnx_path: Optional[Path]) -> dict[str, float]:
-    """Latency of the deployed form, of the eager network (if different) and of the ONNX export."""
+# The timed forms of a network, as the prefixes of their results: latency_ms (as deployed),
+# latency_eager_ms (as trained), onnx_latency_ms (ONNX Runtime); each with _p90_ms, _cv (metrics) and
+# _runs, _settled (how the timing went: params, `final.latency_settled`).
+FORMS = ("latency", "latency_eager", "onnx_latency")
+DESCRIPTIVE += tuple(f"{form}_{what}" for form in FORMS for what in ("runs", "settled"))
+
+
+def cost(ctx: Context, models: dict[str, torch.nn.Module],
+         onnx_paths: dict[str, Optional[Path]]) -> tuple[dict[str, dict], InterleavedTimes]:
+    """Latency of every network (by row) in every form, timed in ONE interleaved pass (profiling.
+    time_interleaved): the deployed form, the eager network (if different) and the ONNX export (where
+    `onnx_paths` names a file for the row). Timing the networks one after another let a busy spell of a
+    shared machine land on one of them (two networks of one shape at 258 and 2559 ms)."""
     e = ctx.cfg.evaluate
     shape = ctx.input_shape
-    fold, channels_last = bool(e.fold_bn), bool(e.channels_last)
-    folded = inference.prepare_for_inference(model, shape, fold_bn=fold, channels_last=False)
-    prepared = inference.with_channels_last(folded) if channels_last else folded
-    deployed = measure_latency(prepared.model.to(ctx.device), shape, warmup=e.latency_warmup, runs=e.latency_runs, threads=e.latency_threads,
-                               channels_last=prepared.channels_last)
-    out: dict[str, float] = {
-        "latency_ms": deployed["latency_ms"],
-        "latency_p90_ms": deployed["latency_p90_ms"],
-        "latency_threads": deployed["latency_threads"],
-        "latency_bn_folded": prepared.folded_bn,
-        "latency_channels_last": int(prepared.channels_last),
-    }
-    if (prepared.folded_bn or prepared.channels_last) and e.latency_eager:
-        eager = measure_latency(model, shape, warmup=e.latency_warmup, runs=e.latency_runs, threads=e.latency_threads)
-        out["latency_eager_ms"] = eager["latency_ms"]
-        out["latency_eager_p90_ms"] = eager["latency_p90_ms"]
-    if onnx_path is not None:
-        try:
-            inference.export_onnx(folded.model.cpu(), onnx_path, shape, opset=int(e.onnx_opset), dynamo=bool(e.onnx_dynamo))
-            session = inference.onnx_session(onnx_path, e.latency_threads)
-            ort = inference.measure_onnx_latency(session, shape, e.latency_warmup, e.latency_runs)
-            out.update({
-                "onnx_latency_ms": ort["latency_ms"],
-                "onnx_latency_p90_ms": ort["latency_p90_ms"],
-                "onnx_max_abs_diff": inference.onnx_max_abs_diff(model.cpu().eval(), session, shape),
-                "onnx_size_mb": onnx_path.stat().st_size / 1e6,
-            })
-        except Exception as err:  # an exporter gap must not cost the run its quality numbers
-            log.warning("ONNX export / ONNX Runtime timing failed (%s: %s); no onnx_* metrics", type(err).__name__, err)
-        finally:
-            model.to(ctx.device)
-    return out
+    fns, out = {}, {}
+    for row, model in models.items():
+        folded = inference.prepare_for_inference(model, shape, fold_bn=bool(e.fold_bn), channels_last=False)
+        prepared = inference.with_channels_last(folded) if e.channels_last else folded
+        out[row] = {
+            "latency_threads": thread_count(e.threads) if ctx.device.type == "cpu" else 0,
+            "latency_bn_folded": prepared.folded_bn,
+            "latency_channels_last": int(prepared.channels_last),
+        }
+        fns[f"{row}/latency"] = forward_call(prepared.model.to(ctx.device), shape, prepared.channels_last)
+        if (prepared.folded_bn or prepared.channels_last) and e.latency_eager:
+            fns[f"{row}/latency_eager"] = forward_call(model, shape)
+        onnx_path = onnx_paths.get(row)
+        if onnx_path is not None:
+            try:  # export_onnx exports a CPU copy: the deployed form stays on its device
+                inference.export_onnx(folded.model, onnx_path, shape, opset=int(e.onnx_opset), dynamo=bool(e.onnx_dynamo))
+                session = inference.onnx_session(onnx_path, e.threads)
+                out[row]["onnx_max_abs_diff"] = inference.onnx_max_abs_diff(model.cpu().eval(), session, shape)
+                out[row]["onnx_size_mb"] = onnx_path.stat().st_size / 1e6
+                fns[f"{row}/onnx_latency"] = inference.onnx_call(session, shape)
+            except Exception as err:  # an exporter gap must not cost the run its quality numbers
+                log.warning("ONNX export / ONNX Runtime session of the %s network failed (%s: %s); no onnx_* metrics",
+                            row, type(err).__name__, err)
+            finally:
+                model.to(ctx.device)
+    log.info("Timing %d forms of %d networks interleaved (evaluate.latency_*)", len(fns), len(models))
+    with cpu_threads(e.threads):
+        timed = time_interleaved(fns, warmup=int(e.latency_warmup), runs=int(e.latency_runs), max_runs=int(e.latency_max_runs),
+                                 target_cv=float(e.latency_target_cv), max_seconds=float(e.latency_max_seconds))
+    for name, t in timed.timings.items():
+        row, form = name.split("/")
+        out[row].update({f"{form}_ms": t.median_ms, f"{form}_p90_ms": t.p90_ms, f"{form}_cv": t.cv,
+                         f"{form}_runs": t.runs, f"{form}_settled": int(t.settled)})
+    load = "/".join("?" if v is None else f"{v:.2f}" for v in (timed.load_before, timed.load_after))
+    log.info("Latency: %d rounds in %.1f s, stopped by %s; 1-minute load average %s (before/after)",
+             timed.rounds, timed.seconds, timed.stopped_by, load)
+    return out, timed
 
 
 def aligned_fraction(model: torch.nn.Module, multiple: int = 8) -> float:
@@ -80,40 +101,63 @@ def aligned_fraction(model: torch.nn.Module, multiple: int = 8) -> float:
     return sum(c % multiple == 0 for c in counts) / len(counts) if counts else 1.0
 
 
-def measure(ctx: Context, model_dir: str, onnx_path: Optional[Path] = None) -> dict[str, float]:
+def score_quality(ctx: Context, model: torch.nn.Module, row: str) -> dict:
+    """Per-case metrics of `model` on the test split, written to evaluate/cases_<row>.csv (pipeline/casewise.py),
+    and their means; a network that collapsed to all foreground / all background is flagged."""
+    e = ctx.cfg.evaluate
+    folder = ctx.stage_dir("evaluate")
+    dataset = ctx.data.dataset("test")
+    rules = CaseRules(ignore_empty=bool(e.ignore_empty), nsd_tolerance=float(e.nsd_tolerance),
+                      jaccard_threshold=e.jaccard_threshold)
+    results = casewise.score_cases(
+        model, dataset, ctx.device, e.batch_size, e.threshold, rules, names=getattr(ctx.data, "regions", None),
+        spacing_of=getattr(ctx.data, "case_spacing", None), export=int(e.export_masks), export_dir=folder / "masks" / row,
+        originals=(lambda i: ctx.data.original_mask("test", i)) if e.original_resolution else None,
+    )
+    write_csv(results.rows, folder / f"cases_{row}.csv")
+    out = casewise.headline(results, volumetric=getattr(dataset, "cases", None) is not None)
+    collapsed = casewise.collapse(results, float(e.collapse_tolerance))
+    out["collapsed"] = collapsed or "no"
+    if collapsed:
+        log.warning("The %s network COLLAPSED: it predicts %s (%.1f%% of the test pixels foreground, truth %.1f%%); "
+                    "its Dice is not a segmentation result", row, collapsed, 100 * results.pred_foreground_fraction,
+                    100 * results.true_foreground_fraction)
+    return out
+
+
+def measure(ctx: Context, model_dir: str, row: str = "final") -> dict[str, float]:
     e = ctx.cfg.evaluate
     model = load_model(model_dir).to(ctx.device).eval()
-    loader = make_loader(ctx.data.dataset("test"), e.batch_size, False, 0, ctx.cfg.seed, ctx.device)
-    quality = test_metrics(model, loader, ctx.device, e.threshold)
+    quality = score_quality(ctx, model, row)
     extra = {}
     for split in e.extra_splits:
         split_loader = make_loader(ctx.data.dataset(split), e.batch_size, False, 0, ctx.cfg.seed, ctx.device)
         m = test_metrics(model, split_loader, ctx.device, e.threshold)
         extra.update({f"{split}_dice": m["dice"], f"{split}_iou": m["iou"]})
     flops = count_flops(model, ctx.input_shape)
-    latency = cost(ctx, model, onnx_path)
     aligned = aligned_fraction(model)
     if aligned < 1:
         log.info("%.0f%% of the prunable layers of %s have channel counts that are multiples of 8; CPU and GPU "
                  "convolution kernels run fastest on such counts (prune.round_to=8, docs/PERFORMANCE.md)",
                  100 * aligned, model_dir)
-    volume = {"dice_3d": quality["dice_3d"], "test_cases": quality["cases"]} if "dice_3d" in quality else {}
     return {
-        **volume,
+        **quality,
         **extra,
-        "dice": quality["dice"],
-        "iou": quality["iou"],
-        "test_images": quality["images"],
         "params_m": count_params(model) / 1e6,
         "flops_g": flops / 1e9,
         "macs_g": flops / 2e9,
         "size_mb": model_size_mb(model_dir),
         "channels_aligned8": aligned,
-        **latency,
     }, device_name(ctx.device)
 
 
 def run(ctx: Context, state: RunState) -> RunState:
+    """The whole stage (quality passes and timing) with `evaluate.threads` CPU threads."""
+    with cpu_threads(ctx.cfg.evaluate.threads):
+        return _run(ctx, state)
+
+
+def _run(ctx: Context, state: RunState) -> RunState:
     sources = {"baseline": state.baseline, "pruned": state.pruned, "final": state.final}
     if not any(sources.values()):
         raise RuntimeError("evaluate has no model: run train/prune first or set baseline=<run id or path>")
@@ -122,31 +166,57 @@ def run(ctx: Context, state: RunState) -> RunState:
     folder = ctx.stage_dir("evaluate")
     onnx = bool(ctx.cfg.evaluate.onnx)
     scratch = tempfile.TemporaryDirectory(prefix="medprune-onnx-")
+    models: dict[str, torch.nn.Module] = {}
+    onnx_paths: dict[str, Optional[Path]] = {}
     try:
         for row in ROWS:
             path = sources[row]
             if not path:
                 continue
             if row == "final" and path == sources["pruned"] and "pruned" in results:
-                results[row] = dict(results["pruned"])  # no fine-tuning: the same network
-                continue
+                continue  # no fine-tuning: the same network, measured and timed once (copied below)
             # only the final network's ONNX file is kept (and logged with the evaluate folder)
-            onnx_path = None
+            onnx_paths[row] = None
             if onnx:
-                onnx_path = folder / FINAL_ONNX if path == sources["final"] else Path(scratch.name) / f"{row}.onnx"
+                onnx_paths[row] = folder / FINAL_ONNX if path == sources["final"] else Path(scratch.name) / f"{row}.onnx"
             log.info("Evaluating the %s network on the test split", row)
-            results[row], device_name = measure(ctx, path, onnx_path)
+            results[row], device_name = measure(ctx, path, row)
             device_names.add(device_name)
+            models[row] = load_model(path).to(ctx.device).eval()
+        # then one timing pass over every form of every network, after all the quality passes
+        latency, timed = cost(ctx, models, onnx_paths)
     finally:
         scratch.cleanup()
+    for row, values in latency.items():
+        results[row].update(values)
+    if "final" not in models and sources["final"] and sources["final"] == sources["pruned"]:
+        results["final"] = dict(results["pruned"])
+    unsettled = {f"{row}/{form}_ms": f"CV {r[f'{form}_cv']:.2f}, {r[f'{form}_runs']} runs"
+                 for row, r in results.items() for form in FORMS if r.get(f"{form}_settled") == 0}
+    if unsettled:
+        e = ctx.cfg.evaluate
+        log.warning("Latency did NOT settle for %s: the CV of the last %d runs stayed above evaluate.latency_target_cv=%g "
+                    "(or the window never filled) within %d runs / %g s; 1-minute load average %s before, %s after. "
+                    "These figures are not reliable: time again on a quieter machine, or raise "
+                    "evaluate.latency_max_runs / latency_max_seconds", ", ".join(f"{k} ({v})" for k, v in unsettled.items()),
+                    e.latency_runs, e.latency_target_cv, e.latency_max_runs, e.latency_max_seconds, timed.load_before,
+                    timed.load_after)
+    load = {f"evaluate/load_average_{when}": v for when, v in (("before", timed.load_before), ("after", timed.load_after))
+            if v is not None}
+    ctx.tracker.log_metrics(load)  # metrics, not evaluate.* params: those are settings, alike in a report row
     flat = {f"{row}/{k}": v for row, metrics in results.items() for k, v in metrics.items()}
     # Measurements are metrics; counts and flags that describe how they were taken are params.
     ctx.tracker.log_metrics({k: v for k, v in flat.items() if k.rsplit("/", 1)[1] not in DESCRIPTIVE})
     ctx.tracker.log_params({k.replace("/", "."): v for k, v in flat.items() if k.rsplit("/", 1)[1] in DESCRIPTIVE})
     tags = {"medprune.latency_device": ", ".join(sorted(device_names)),
             "medprune.latency_form": _form(ctx)}
+    collapsed = {row: r["collapsed"] for row, r in results.items() if r.get("collapsed", "no") != "no"}
+    if collapsed:
+        tags["medprune.collapsed"] = ", ".join(f"{row}: {how}" for row, how in collapsed.items())
     if onnx:
         tags["medprune.onnx_latency_device"] = f"{cpu_name()} (ONNX Runtime CPU)"
+    if unsettled:
+        tags["medprune.latency_unsettled"] = ",".join(unsettled)
     ctx.tracker.set_tags(tags)
 
     (folder / "metrics.json").write_text(json.dumps(results, indent=2))

@@ -6,6 +6,7 @@ import shutil
 from dataclasses import replace
 
 from models.io import load_model, save_model
+from pipeline.profiling import thread_count
 from pipeline.state import Context, RunState, seed_everything
 from pipeline.training import Recipe, fit, write_history
 
@@ -23,6 +24,8 @@ def run(ctx: Context, state: RunState) -> RunState:
     model = load_model(state.pruned)
     folder = ctx.stage_dir("final")
     checkpoint = folder / "checkpoint"  # in the run folder: a resumed job (pipeline/journal.py) continues it
+    if ctx.device.type == "cpu":  # fit runs with finetune.threads (a tag, as train.threads)
+        ctx.tracker.set_tags({"medprune.finetune_threads": thread_count(cfg.finetune.threads)})
     history, best_dice = fit(
         model, data.dataset("train", augment=True), data.dataset("val"), cfg.finetune, Recipe.from_config(cfg), ctx.device, cfg.seed,
         log_metrics=ctx.tracker.log_metrics, desc="finetune", checkpoint=checkpoint,

@@ -15,6 +15,7 @@ from data.files import atomic_folder, atomic_write, file_lock
 from models import build_model
 from models.io import save_model
 from pipeline import baseline as baselines
+from pipeline.profiling import thread_count
 from pipeline.state import Context, RunState, seed_everything
 from pipeline.training import Recipe, fit, write_history
 
@@ -48,6 +49,9 @@ def _train(ctx: Context, key: str, target) -> dict:
     seed_everything(cfg.seed)
     model = build_model(cfg.model, data.in_channels, data.num_classes)
     checkpoint = target.parent / f".{key}.checkpoint"
+    # the thread count fit runs with: a tag, as a param the jobs that reuse this baseline would split report rows
+    if ctx.device.type == "cpu":
+        ctx.tracker.set_tags({"medprune.train_threads": thread_count(cfg.train.threads)})
     history, best_dice = fit(
         model, data.dataset("train", augment=True), data.dataset("val"), cfg.train, Recipe.from_config(cfg), ctx.device, cfg.seed,
         log_metrics=ctx.tracker.log_metrics, desc="train", checkpoint=checkpoint,

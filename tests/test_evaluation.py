@@ -1,0 +1,131 @@
+"""Evaluation as researchers report it: per-case metrics (MONAI's HD95 and surface Dice, the empty-mask
+rules), the per-case rows of a split, the collapsed-network flag, and the statistics of the reports."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from data.base import ArrayDataset
+from pipeline import casewise, stats
+from pipeline.metrics import CaseRules, case_metrics
+
+RULES = CaseRules(ignore_empty=False, nsd_tolerance=1.0, jaccard_threshold=0.65)
+
+
+def disc(shape, centre, radius) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return ((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2)[None]
+
+
+def test_hd95_of_two_points_is_their_distance_in_the_grid_spacing():
+    a, b = np.zeros((1, 20, 20), bool), np.zeros((1, 20, 20), bool)
+    a[0, 2, 3], b[0, 5, 7] = True, True  # 3 rows and 4 columns apart
+    assert case_metrics(b, a, RULES)["hd95"] == pytest.approx(5.0)
+    # rows 2 mm apart, columns 0.5 mm: sqrt((3 x 2)^2 + (4 x 0.5)^2)
+    assert case_metrics(b, a, RULES, spacing=(2.0, 0.5))["hd95"] == pytest.approx(math.sqrt(36 + 4), rel=1e-5)
+
+
+def test_hd95_of_a_shifted_square_is_the_shift_and_identical_masks_score_perfectly():
+    a = np.zeros((1, 64, 64), bool)
+    a[0, 10:30, 10:30] = True
+    b = np.roll(a, 4, axis=2)
+    m = case_metrics(b, a, RULES)
+    assert m["hd95"] == pytest.approx(4.0)
+    assert m["dice"] == pytest.approx(0.8) and m["iou"] == pytest.approx(16 / 24)
+    same = case_metrics(a, a, RULES)
+    assert (same["dice"], same["iou"], same["hd95"], same["nsd"]) == (1.0, 1.0, 0.0, 1.0)
+    assert m["true_px"] == m["pred_px"] == 400
+
+
+def test_thresholded_jaccard_counts_cases_below_the_threshold_as_zero():
+    a = np.zeros((1, 32, 32), bool)
+    a[0, 0:10, 0:10] = True
+    half = np.zeros_like(a)
+    half[0, 0:10, 0:5] = True  # IoU 0.5 < 0.65
+    assert case_metrics(half, a, RULES)["thresholded_jaccard"] == 0.0
+    assert case_metrics(a, a, RULES)["thresholded_jaccard"] == 1.0
+
+
+def test_the_empty_mask_rules():
+    empty, lesion = np.zeros((1, 16, 16), bool), disc((16, 16), (8, 8), 3)
+    both = case_metrics(empty, empty, RULES)
+    assert (both["dice"], both["iou"], both["hd95"], both["nsd"]) == (1.0, 1.0, 0.0, 1.0)
+    missed = case_metrics(empty, lesion, RULES)
+    assert (missed["dice"], missed["nsd"]) == (0.0, 0.0)
+    assert missed["hd95"] == pytest.approx(math.sqrt(2) * 15)  # the grid's diagonal: the worst distance it has
+    ignore = CaseRules(ignore_empty=True, nsd_tolerance=1.0)
+    assert all(math.isnan(case_metrics(m, empty, ignore)[k]) for m in (empty, lesion) for k in ("dice", "hd95"))
+    assert case_metrics(empty, lesion, ignore)["dice"] == 0.0  # a missed lesion still counts
+
+
+def test_several_channels_are_reported_each_and_averaged():
+    a = np.concatenate([disc((24, 24), (12, 12), 5), disc((24, 24), (12, 12), 2)])
+    pred = a.copy()
+    pred[1] = False
+    m = case_metrics(pred, a, RULES, names=["whole_tumor", "enhancing_tumor"])
+    assert m["dice_whole_tumor"] == 1.0 and m["dice_enhancing_tumor"] == 0.0 and m["dice"] == 0.5
+
+
+class Fixed(nn.Module):
+    """Logits from the image itself (the image is the mask), or a constant."""
+
+    def __init__(self, constant=None):
+        super().__init__()
+        self.constant = constant
+        self.w = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return torch.full_like(x[:, :1], self.constant) if self.constant is not None else (x[:, :1] - 0.5) * 20
+
+
+def to_tensors(image, mask):
+    return torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1), torch.from_numpy(mask.astype(np.float32))[None]
+
+
+def dataset(n=6, cases=None):
+    masks = np.stack([disc((16, 16), (8, 8), 2 + i % 3)[0] for i in range(n)]).astype(np.uint8)
+    return ArrayDataset(masks[..., None], masks, [f"img{i}" for i in range(n)], to_tensors, cases=cases)
+
+
+def test_score_cases_gives_a_row_per_image_and_the_collapse_flag():
+    data = dataset()
+    rules = CaseRules(ignore_empty=False, nsd_tolerance=1.0)
+    good = casewise.score_cases(Fixed(), data, torch.device("cpu"), 4, 0.5, rules)
+    assert [r["case"] for r in good.rows] == data.ids
+    assert good.means["dice"] == 1.0 and casewise.collapse(good, 0.02) is None
+    everything = casewise.score_cases(Fixed(10.0), data, torch.device("cpu"), 4, 0.5, rules)
+    assert casewise.collapse(everything, 0.02) == "all foreground"
+    assert everything.pred_foreground_fraction == 1.0
+    nothing = casewise.score_cases(Fixed(-10.0), data, torch.device("cpu"), 4, 0.5, rules)
+    assert casewise.collapse(nothing, 0.02) == "all background"
+
+
+def test_score_cases_stacks_the_slices_of_a_volume_into_one_case(tmp_path):
+    data = dataset(6, cases=["a", "a", "a", "b", "b", "b"])
+    rules = CaseRules(ignore_empty=False, nsd_tolerance=1.0)
+    res = casewise.score_cases(Fixed(), data, torch.device("cpu"), 4, 0.5, rules, spacing_of=lambda case: (5.0, 1.0, 1.0),
+                               export=1, export_dir=tmp_path)
+    assert [(r["case"], r["slices"]) for r in res.rows] == [("a", 3), ("b", 3)]
+    assert res.image_means["cases"] == 2 and res.image_means["dice_3d"] == 1.0
+    assert [p.name for p in tmp_path.iterdir()] == ["a.nii.gz"]  # only the first case exported
+
+
+def test_bootstrap_interval_is_seeded_and_holds_the_mean():
+    values = np.random.default_rng(0).random(40)
+    low, high = stats.bootstrap_ci(values)
+    assert low < values.mean() < high
+    assert (low, high) == stats.bootstrap_ci(values)
+
+
+def test_the_paired_test_sees_a_consistent_drop_and_not_noise():
+    rng = np.random.default_rng(1)
+    base = {f"c{i}": v for i, v in enumerate(rng.random(30))}
+    dropped = {k: v - 0.05 + 0.005 * rng.standard_normal() for k, v in base.items()}
+    assert stats.paired_p(dropped, base) < 0.001
+    assert stats.paired_p(base, dict(base)) == 1.0
+    assert stats.paired_p({"a": 1.0}, {"a": 0.5}) is None  # too few cases to test
+    assert stats.per_case_mean([{"a": 0.5, "b": 1.0}, {"a": 0.7, "c": 0.1}]) == {"a": pytest.approx(0.6)}
