@@ -157,3 +157,49 @@ def test_per_layer_pattern_matching_nothing_fails_before_training(outputs):
     out = run_pipeline(outputs, *TINY, "prune=per_layer", "++prune.layer_ratios={down4.*:0.5}", ok=False)
     assert "down4.*" in out and "matches no prunable layer" in out
     assert "train 1/" not in out
+
+
+def _artifact_csv(outputs: Path, run_id: str, path: str) -> list[dict]:
+    from mlflow.tracking import MlflowClient
+
+    from data.files import read_csv
+
+    client = MlflowClient(f"sqlite:///{outputs / 'mlflow.db'}")
+    return read_csv(client.download_artifacts(run_id, path, str(outputs / f"dl-{run_id}")))
+
+
+def test_per_case_results_have_a_row_per_test_case(outputs, default_run):
+    _, run = default_run
+    test_ids = yaml.safe_load((Path(run.data.tags["medprune.run_dir"]) / "splits.json").read_text())["test"]
+    for network in ("baseline", "pruned", "final"):
+        rows = _artifact_csv(outputs, run.info.run_id, f"evaluate/cases_{network}.csv")
+        assert [r["case"] for r in rows] == test_ids
+        assert {"dice", "iou", "hd95", "nsd", "thresholded_jaccard", "true_px", "pred_px"} <= set(rows[0])
+    assert run.data.metrics["final/hd95"] >= 0 and 0 <= run.data.metrics["final/nsd"] <= 1
+    assert run.data.params["final.collapsed"] in ("no", "all foreground", "all background")  # 1 tiny epoch may well collapse
+
+
+def test_an_evaluate_only_job_scores_a_finished_run_on_a_test_set_with_its_settings(outputs, default_run, tmp_path):
+    from data.synthetic import write_synthetic_isic
+
+    _, source = default_run
+    holdout = tmp_path / "holdout"
+    write_synthetic_isic(holdout, count=9, seed=11, min_side=40, max_side=64)
+    run_pipeline(outputs, f"run={source.info.run_id}", f"dataset.test_root={holdout}", "evaluate.onnx=false",
+                 module="pipeline.evaluate")
+    (run,) = mlflow_runs(outputs, **{"medprune.kind": "evaluation"})
+    tags, params = run.data.tags, run.data.params
+    assert tags["medprune.source_run_id"] == tags["mlflow.parentRunId"] == source.info.run_id
+    assert len(tags["medprune.test_digest"]) == 64 and tags["medprune.test_root"] == str(holdout)
+    changed = ("dataset.test_root", "evaluate.", "tracking.log_models", "tracking.register_as", "data.", "baseline.",
+               "pruned.", "final.")
+    settings = {k: v for k, v in source.data.params.items() if not k.startswith(changed)}
+    assert settings and {k: params.get(k) for k in settings} == settings  # the source's ratio, criterion, model...
+    assert params["dataset.test_root"] == str(holdout) and params["data.test_only"] == "1"
+    rows = _artifact_csv(outputs, run.info.run_id, "evaluate/cases_final.csv")
+    assert len(rows) == 9  # every case of the test set, nothing of the training data
+    assert {"baseline/dice", "pruned/dice", "final/dice"} <= set(run.data.metrics)
+
+    out = run_pipeline(outputs, f"run={source.info.run_id}", f"dataset.test_root={holdout}", "prune.ratio=0.3", ok=False,
+                       module="pipeline.evaluate")
+    assert "prune.ratio cannot be changed for an evaluate-only job" in out

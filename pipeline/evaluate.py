@@ -1,0 +1,307 @@
+"""Evaluate-only jobs: the networks of a finished run scored on a test set of one's own.
+
+    python -m pipeline.evaluate run=<MLflow run id | run folder | sweep parent run id> dataset.test_root=<folder>
+                                [evaluate.<key>=<value> ...] [device=cpu]
+
+The baseline, pruned and final networks of the source run are scored on every case of `dataset.test_root`
+(read by the source run's reader with its preprocessing; the training data is not read) by the evaluate
+stage, with the source run's settings: the evaluation run logs the source run's params (plus
+`dataset.test_root`), so `pipeline.report` files it under the source's ratio and criterion. It is a child of
+the source run in the MLflow UI (`mlflow.parentRunId`), tagged `medprune.source_run_id` and
+`medprune.test_digest` (the test set's content digest). Given a sweep's parent run, every finished job of
+the sweep is evaluated, under a new sweep parent run that `python -m pipeline.report <its id>` tabulates
+with the source sweep's table settings.
+
+The source run's config is data: its dataset reader must be one of medprune's (the `_target_` of a file in
+conf/dataset/); nothing else it names is built. Models are loaded with their checksums verified.
+Only `dataset.test_root`, `evaluate.*` and `device` may be given: anything else would no longer describe
+how the networks were trained.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import datetime  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import uuid  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Optional  # noqa: E402
+
+import yaml  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+import models  # noqa: E402,F401  (torchvision compatibility before anything imports torchvision)
+from pipeline.config import ConfigError  # noqa: E402
+from pipeline.paths import CONF_DIR, outputs_dir  # noqa: E402
+from pipeline.state import Context, RunState, pick_device, seed_everything  # noqa: E402
+from pipeline.tracking import KIND_TAG, PARENT_TAG, SWEEP_TAG, flatten  # noqa: E402
+
+log = logging.getLogger("medprune.evaluate")
+
+EVALUATION = "evaluation"  # KIND_TAG of an evaluate-only run
+SOURCE_TAG = "medprune.source_run_id"
+OVERRIDABLE = ("dataset.test_root", "evaluate.", "device")
+NETWORKS = {"baseline": "baseline", "pruned": "pruned_model", "final": "final_model"}  # state field -> artifact
+
+
+class SourceError(ValueError):
+    """The run to evaluate cannot be found or used; the message names it."""
+
+
+def dataset_readers() -> set[str]:
+    """The readers medprune ships (the `_target_` of each conf/dataset/*.yaml): the only ones a run's
+    config, read back from disk or MLflow, may name."""
+    targets = set()
+    for path in (CONF_DIR / "dataset").glob("*.yaml"):
+        target = (yaml.safe_load(path.read_text()) or {}).get("_target_")
+        if target:
+            targets.add(target)
+    return targets
+
+
+def parse_args(argv: list[str]) -> tuple[str, dict[str, Any]]:
+    """`run=<ref>` and the `key=value` overrides (values parsed as YAML, as Hydra does)."""
+    ref, overrides = None, {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise ConfigError(f"argument {arg!r}: expected key=value (run=<run id or folder>, dataset.test_root=<folder>)")
+        if key == "run":
+            ref = value
+        elif key == "dataset.test_root":
+            overrides[key] = str(Path(value).expanduser().resolve()) if value else None
+        elif key.startswith(OVERRIDABLE) or key in OVERRIDABLE:
+            overrides[key] = yaml.safe_load(value) if value != "" else None
+        else:
+            raise ConfigError(
+                f"{key} cannot be changed for an evaluate-only job (only dataset.test_root, evaluate.* and device): "
+                f"the networks were trained with the source run's settings"
+            )
+    if not ref:
+        raise ConfigError("run= is missing: expected run=<MLflow run id | run folder | sweep parent run id>")
+    return ref, overrides
+
+
+def build_config(source: dict, overrides: dict[str, Any]) -> DictConfig:
+    """The source run's resolved config with the overrides; evaluate keys it predates take today's defaults
+    (conf/evaluate/default.yaml), keys today's evaluate stage no longer has are dropped."""
+    current = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "evaluate" / "default.yaml"), resolve=False)
+    evaluate = {**current, **{k: v for k, v in (source.get("evaluate") or {}).items() if k in current}}
+    cfg = OmegaConf.create({**source, "evaluate": evaluate})
+    target = cfg.dataset.get("_target_") if isinstance(cfg.get("dataset"), DictConfig) else None
+    if target not in dataset_readers():
+        raise SourceError(f"the source run's dataset._target_={target!r} is not one of medprune's readers "
+                          f"({', '.join(sorted(dataset_readers()))}): refusing to build it")
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value, force_add=key == "dataset.test_root")
+    cfg.tracking.log_models = False  # the source run holds the models; an evaluation only scores them
+    cfg.tracking.register_as = None
+    if not cfg.dataset.get("test_root"):
+        raise ConfigError("dataset.test_root is not set: expected the folder holding the test set to evaluate on")
+    return cfg
+
+
+# -- finding the source ---------------------------------------------------------------------------------
+
+class Source:
+    """One finished run to evaluate: its config (a dict), its networks (model folders) and identity."""
+
+    def __init__(self, config: dict, state: RunState, run_id: Optional[str], name: str, params: dict[str, str]):
+        self.config, self.state, self.run_id, self.name, self.params = config, state, run_id, name, params
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise SourceError(f"cannot read the source run's config {path}: {err}") from err
+
+
+def from_folder(run_dir: Path, client=None) -> Source:
+    if not (run_dir / "config.yaml").exists() or not (run_dir / "state.json").exists():
+        raise SourceError(f"{run_dir} is not a medprune run folder: expected config.yaml and state.json in it")
+    state = RunState.load(run_dir)
+    run = None
+    experiments = [e.experiment_id for e in client.search_experiments()] if client is not None else []
+    if experiments:  # the MLflow run that wrote the folder, if this store has it
+        found = client.search_runs(experiments, f"tags.`medprune.run_dir` = '{run_dir}'", max_results=1)
+        run = found[0] if found else None
+    return Source(_read_config(run_dir / "config.yaml"), state, run.info.run_id if run else None,
+                  run.info.run_name if run else run_dir.name, run.data.params if run else {})
+
+
+def from_mlflow(client, run, download_to: Path) -> Source:
+    """A run's networks from its folder when it is on this machine, else from its artifacts."""
+    tags = run.data.tags
+    run_dir = Path(tags.get("medprune.run_dir", ""))
+    if str(run_dir) and (run_dir / "state.json").exists() and (run_dir / "config.yaml").exists():
+        state = RunState.load(run_dir)
+        if all(Path(p).exists() for p in (state.baseline, state.pruned, state.final) if p):
+            return Source(_read_config(run_dir / "config.yaml"), state, run.info.run_id, run.info.run_name, run.data.params)
+    folder = download_to / run.info.run_id
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        config = _read_config(Path(client.download_artifacts(run.info.run_id, "config.yaml", str(folder))))
+    except Exception as err:
+        raise SourceError(f"run {run.info.run_id} has no config.yaml artifact ({type(err).__name__})") from err
+    paths: dict[str, Optional[str]] = {}
+    for field, artifact in NETWORKS.items():
+        owner = tags.get("medprune.baseline_run_id", run.info.run_id) if field == "baseline" else run.info.run_id
+        try:
+            paths[field] = client.download_artifacts(owner, artifact, str(folder / field))
+        except Exception:
+            paths[field] = None
+    if not any(paths.values()):
+        raise SourceError(f"run {run.info.run_id} has no network to evaluate (no {', '.join(NETWORKS.values())} artifact)")
+    return Source(config, RunState(**paths), run.info.run_id, run.info.run_name, run.data.params)
+
+
+def sources(ref: str, client, download_to: Path) -> tuple[list[Source], Any]:
+    """The runs `ref` names, and the sweep parent run when it names a sweep."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return [from_folder(path.resolve(), client)], None
+    if not re.fullmatch(r"[0-9a-f]{32}", ref):
+        raise SourceError(f"run={ref}: expected an existing run folder or a 32-character MLflow run id")
+    try:
+        run = client.get_run(ref)
+    except Exception as err:
+        raise SourceError(f"run={ref}: no such MLflow run in {client.tracking_uri} ({type(err).__name__})") from err
+    if run.data.tags.get(KIND_TAG) == "sweep":
+        from pipeline.tracking import sweep_children
+
+        jobs = [r for r in sweep_children(client, run) if r.info.status == "FINISHED"]
+        if not jobs:
+            raise SourceError(f"sweep run {ref} has no finished job to evaluate")
+        return [from_mlflow(client, job, download_to) for job in sorted(jobs, key=lambda r: r.info.start_time)], run
+    return [from_mlflow(client, run, download_to)], None
+
+
+# -- running ----------------------------------------------------------------------------------------------
+
+def evaluate_one(source: Source, overrides: dict, uri: str, outputs: Path, parent_id: Optional[str],
+                 sweep_id: Optional[str]) -> dict[str, float]:
+    from data import build_data
+    from pipeline.report import results_table
+    from pipeline.stages import evaluate as stage
+    from pipeline.tracking import start_run
+
+    cfg = build_config(source.config, overrides)
+    seed_everything(int(cfg.seed))
+    device = pick_device(str(cfg.device))
+    data = build_data(cfg.dataset, int(cfg.seed), test_only=True)  # reads and checks every test file first
+    digest = data.content_digest()
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f")
+    run_dir = outputs / "evaluations" / stamp
+    run_dir.mkdir(parents=True, exist_ok=True)
+    test_root = str(cfg.dataset.test_root)
+    tags = {KIND_TAG: EVALUATION, "medprune.run_dir": str(run_dir), "medprune.stages": "evaluate",
+            "medprune.test_root": test_root, "medprune.test_digest": digest, "medprune.device": str(device),
+            "mlflow.note.content": f"{source.name} evaluated on every case of {test_root} (evaluate-only job)"}
+    if source.run_id:
+        tags[SOURCE_TAG] = source.run_id
+    if parent_id:  # a child of the evaluation sweep, or of the source run itself
+        tags[PARENT_TAG] = parent_id
+    if sweep_id:
+        tags[SWEEP_TAG] = sweep_id
+    tags.update({f"medprune.choice.{k[len('choice.'):]}": v for k, v in source.params.items() if k.startswith("choice.")})
+    experiment = str(cfg.tracking.experiment)
+    with start_run(uri, experiment, f"{source.name}@{Path(test_root).name}", tags) as tracker:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        choices = {k: v for k, v in source.params.items() if k.startswith("choice.")}
+        tracker.log_params({**flatten(resolved), **choices})
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+        tracker.log_artifact(run_dir / "config.yaml")
+        (run_dir / "splits.json").write_text(json.dumps(data.split_ids(), indent=1))
+        tracker.log_artifact(run_dir / "splits.json", "data")
+        tracker.log_datasets(Path(test_root).name, test_root, {"test": data.split_ids()["test"]}, digest)
+        stats = data.stats()
+        tracker.log_params({f"data.{k}": f"{v:g}" for k, v in stats.items() if not k.endswith("_seconds")})
+        log.info("MLflow run %s: %s on %d test cases of %s", tracker.run_id, source.name, len(data.split_ids()["test"]), test_root)
+        ctx = Context(cfg=cfg, run_dir=run_dir, outputs=outputs, device=device, data=data, tracker=tracker)
+        state = stage.run(ctx, RunState(baseline=source.state.baseline, pruned=source.state.pruned, final=source.state.final))
+        rows: dict[str, dict] = {}
+        for key, value in state.metrics.items():
+            row, _, name = key.partition("/")
+            rows.setdefault(row, {})[name] = value
+        print(f"\n{source.name} on {test_root}:\n" + results_table(rows) + "\n")
+        print(f"MLflow run {tracker.run_id} in experiment '{experiment}' at {uri}")
+    return state.metrics
+
+
+def evaluate(ref: str, overrides: dict[str, Any]) -> list[dict[str, float]]:
+    from mlflow.entities import Param
+
+    from pipeline.tracking import client_for, get_or_create_experiment, git_tags, owner_tags, resolve_uri
+
+    outputs = outputs_dir()
+    uri = resolve_uri(None, outputs)
+    client = client_for(uri)
+    with tempfile.TemporaryDirectory(prefix="medprune-evaluate-", dir=outputs if outputs.exists() else None) as tmp:
+        found, sweep = sources(ref, client, Path(tmp))
+        for source in found:  # every config is checked before anything runs
+            build_config(source.config, overrides)
+        if sweep is None:
+            source = found[0]
+            return [evaluate_one(source, overrides, uri, outputs, source.run_id, None)]
+        # A sweep: a new parent run, so that `pipeline.report <its id>` tabulates the evaluations.
+        sweep_id = uuid.uuid4().hex[:12]
+        test_root = str(overrides.get("dataset.test_root"))
+        tags = {KIND_TAG: "sweep", SWEEP_TAG: sweep_id, SOURCE_TAG: sweep.info.run_id, "medprune.test_root": test_root,
+                **git_tags(), **owner_tags(),
+                "mlflow.note.content": f"sweep {sweep.info.run_name} evaluated on {test_root} (evaluate-only jobs)"}
+        parent = client.create_run(get_or_create_experiment(client, client.get_experiment(sweep.info.experiment_id).name, uri),
+                                   run_name=f"{sweep.info.run_name}@{Path(test_root).name}", tags=tags)
+        client.log_batch(parent.info.run_id, params=[Param("evaluate.overrides", json.dumps(overrides))])
+        status = "FAILED"
+        try:
+            try:  # the source sweep's table settings (its preset's paper block)
+                paper_file = client.download_artifacts(sweep.info.run_id, "sweep/.medprune_sweep.json", tmp)
+                client.log_artifact(parent.info.run_id, paper_file, "sweep")
+            except Exception:
+                pass
+            results = [evaluate_one(s, overrides, uri, outputs, parent.info.run_id, sweep_id) for s in found]
+            status = "FINISHED"
+        finally:
+            client.set_terminated(parent.info.run_id, status)
+        print(f"Evaluation sweep: parent run {parent.info.run_id}; table: python -m pipeline.report {parent.info.run_id}")
+        return results
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from data import DatasetError
+    from models import ModelConfigError
+    from models.io import ModelFileError
+    from pipeline.run import one_line
+    from pipeline.tracking import Terminated, terminate_on_sigterm
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    errors = {ConfigError: "configuration error", SourceError: "source run error", DatasetError: "data error",
+              ModelFileError: "model file error", ModelConfigError: "configuration error"}
+    try:
+        with terminate_on_sigterm():
+            ref, overrides = parse_args(argv)
+            evaluate(ref, overrides)
+    except tuple(errors) as err:
+        kind = next(label for cls, label in errors.items() if isinstance(err, cls))
+        print(f"medprune evaluate: {kind}: {one_line(err)}", file=sys.stderr)
+        return 2
+    except Terminated as stop:
+        print(f"medprune evaluate: terminated by signal {stop.signum}", file=sys.stderr)
+        return stop.code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
