@@ -58,7 +58,7 @@ class TrainConfig:
 
 @dataclass
 class FinetuneConfig(TrainConfig):
-    pass
+    steps: Optional[int] = MISSING  # the budget in optimiser steps instead of epochs (null: finetune.epochs)
 
 
 PRUNE_SCHEMAS: dict[str, type] = {name: schedule.schema for name, schedule in SCHEDULES.items()}

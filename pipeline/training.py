@@ -7,6 +7,7 @@ validation Dice are kept. Mixed precision (`amp`) applies on CUDA only.
 from __future__ import annotations
 
 import copy
+import math
 import inspect
 import logging
 import sys
@@ -46,12 +47,15 @@ class Recipe:
     def from_config(cls, cfg) -> "Recipe":
         return cls(instantiate(cfg.optimizer), instantiate(cfg.scheduler), instantiate(cfg.loss))
 
-    def build(self, model: nn.Module, settings) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    def build(self, model: nn.Module, settings, epochs: Optional[int] = None,
+              ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """`epochs`: the phase's length when it is not `settings.epochs` (a budget given in steps)."""
         optimizer = self.optimizer(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
         target = getattr(self.scheduler, "func", self.scheduler)
         given = getattr(self.scheduler, "keywords", {})
         params = inspect.signature(target).parameters
-        length = {name: int(settings.epochs) for name in LENGTH_ARGS if name in params and name not in given}
+        epochs = int(settings.epochs if epochs is None else epochs)
+        length = {name: epochs for name in LENGTH_ARGS if name in params and name not in given}
         return optimizer, self.scheduler(optimizer, **length)
 
 
@@ -112,14 +116,27 @@ def fit(
         return _fit(model, train_set, val_set, settings, recipe, device, seed, log_metrics, desc, checkpoint)
 
 
+def budget(settings, batches_per_epoch: int, desc: str = "finetune") -> tuple[int, Optional[int]]:
+    """(epochs, optimiser steps or None): `steps` (fine-tuning only; null: use `epochs`) is the budget when
+    set, run as ceil(steps / batches per epoch) epochs, the last one cut at the step count."""
+    steps = getattr(settings, "steps", None)
+    if steps is None:
+        return int(settings.epochs), None
+    epochs = math.ceil(int(steps) / max(batches_per_epoch, 1))
+    log.info("%s.steps=%d: %d epoch(s) of %d optimiser steps (%s.epochs is not used)", desc, steps, epochs,
+             batches_per_epoch, desc)
+    return epochs, int(steps)
+
+
 def _fit(model, train_set, val_set, settings, recipe, device, seed, log_metrics, desc, checkpoint):
     model.to(device)
     history: list[dict[str, float]] = []
-    if settings.epochs == 0:
+    if settings.epochs == 0 and getattr(settings, "steps", None) is None:
         return history, float("nan")
     train_loader = make_loader(train_set, settings.batch_size, True, settings.num_workers, seed, device)
     val_loader = make_loader(val_set, settings.batch_size, False, settings.num_workers, seed, device)
-    optimizer, scheduler = recipe.build(model, settings)
+    epochs, max_steps = budget(settings, len(train_loader), desc)
+    optimizer, scheduler = recipe.build(model, settings, epochs)
     loss_fn = recipe.loss.to(device)
     use_amp = bool(settings.amp) and device.type == "cuda"
     if settings.amp and not use_amp:
@@ -135,7 +152,7 @@ def _fit(model, train_set, val_set, settings, recipe, device, seed, log_metrics,
         scheduler.load_state_dict(parts["scheduler"])
         scaler.load_state_dict(parts["scaler"])
         history, best_dice, best_state = parts["history"], parts["best_dice"], parts["best_state"]
-        log.info("%s: resuming after epoch %d of %d from the checkpoint in %s", desc, done, settings.epochs, saver.folder)
+        log.info("%s: resuming after epoch %d of %d from the checkpoint in %s", desc, done, epochs, saver.folder)
     else:
         done = 0
         # The starting weights are a candidate too: fine-tuning must not end worse (on validation) than it began.
@@ -143,16 +160,18 @@ def _fit(model, train_set, val_set, settings, recipe, device, seed, log_metrics,
         if log_metrics:
             log_metrics({f"{desc}/val_dice": best_dice}, 0)
 
-    for epoch in range(done + 1, settings.epochs + 1):
+    for epoch in range(done + 1, epochs + 1):
         seed_everything(epoch_seed(seed, epoch))  # dropout and anything else on the global RNGs
         train_loader.generator.manual_seed(epoch_seed(seed, epoch))  # shuffling, and the workers' seeds
         getattr(train_set, "reseed", lambda s: None)(epoch_seed(seed, epoch))  # augmentation in this process
         model.train()
         total, seen = 0.0, 0
         # A bar on a terminal only; in a log file (SLURM, `make run > log`) the per-epoch log line is the record.
-        bar = tqdm(train_loader, desc=f"{desc} {epoch}/{settings.epochs}", leave=False, file=sys.stderr, dynamic_ncols=True,
+        bar = tqdm(train_loader, desc=f"{desc} {epoch}/{epochs}", leave=False, file=sys.stderr, dynamic_ncols=True,
                    disable=None)
-        for images, masks in bar:
+        for batch, (images, masks) in enumerate(bar):
+            if max_steps is not None and (epoch - 1) * len(train_loader) + batch >= max_steps:
+                break  # the step budget ends inside this (last) epoch
             images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
@@ -170,12 +189,12 @@ def _fit(model, train_set, val_set, settings, recipe, device, seed, log_metrics,
         val = evaluate(model, val_loader, device)
         row = {"loss": total / max(seen, 1), "val_dice": val["dice"], "val_iou": val["iou"], "lr": lr}
         history.append(row)
-        log.info("%s epoch %d/%d: loss %.4f, val Dice %.4f", desc, epoch, settings.epochs, row["loss"], row["val_dice"])
+        log.info("%s epoch %d/%d: loss %.4f, val Dice %.4f", desc, epoch, epochs, row["loss"], row["val_dice"])
         if log_metrics:
             log_metrics({f"{desc}/{k}": v for k, v in row.items()}, epoch)
         if val["dice"] > best_dice:
             best_dice, best_state = val["dice"], copy.deepcopy(model.state_dict())
-        if saver is not None and saver.due(epoch, settings.epochs):
+        if saver is not None and saver.due(epoch, epochs):
             saver.save(epoch, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "history": history, "best_dice": best_dice, "best_state": best_state,

@@ -101,3 +101,30 @@ def test_recipes_are_config_only(overrides, expected):
     assert lrs == pytest.approx(expected, rel=1e-6)
     if "optimizer=sgd" in overrides:
         assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.99 and optimizer.defaults["nesterov"]
+
+
+def test_a_fine_tuning_budget_in_steps_runs_exactly_that_many_optimiser_steps():
+    cfg = compose_config("train.batch_size=4", "finetune.steps=3")
+    model = UNet(3, 1, width=4, depth=2)
+    calls = []
+    recipe = Recipe.from_config(cfg)
+    make = recipe.optimizer
+    recipe.optimizer = lambda *a, **k: _counting(make(*a, **k), calls)
+    history, _ = fit(model, toy_data(), toy_data(seed=1), cfg.finetune, recipe, torch.device("cpu"), seed=0)
+    assert len(calls) == 3  # 8 images at batch 4: 2 steps per epoch, so 2 epochs, the second cut after 1 step
+    assert len(history) == 2
+
+
+def test_a_step_budget_is_fine_tuning_only_and_counted():
+    from omegaconf import OmegaConf
+
+    assert "steps" not in OmegaConf.to_container(compose_config().train)
+    from pipeline.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="finetune.steps"):
+        validate(compose_config("finetune.steps=0"))
+
+
+def _counting(optimizer, calls):
+    optimizer.register_step_post_hook(lambda *_: calls.append(1))
+    return optimizer

@@ -17,7 +17,7 @@ def run(ctx: Context, state: RunState) -> RunState:
     cfg, data = ctx.cfg, ctx.data
     if not state.pruned:
         raise RuntimeError("finetune needs a pruned model: add prune to stages or set baseline=<a run folder that pruned>")
-    if cfg.finetune.epochs == 0:
+    if cfg.finetune.epochs == 0 and cfg.finetune.steps is None:
         log.info("finetune.epochs=0: the pruned network is the final one")
         return replace(state, final=state.pruned)
     seed_everything(cfg.seed)

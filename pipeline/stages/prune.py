@@ -91,7 +91,7 @@ def _finetune_between(ctx: Context, model, step: int) -> None:
     if epochs == 0:
         return
     seed_everything(ctx.cfg.seed + step)
-    settings = OmegaConf.merge(ctx.cfg.finetune, {"epochs": epochs})
+    settings = OmegaConf.merge(ctx.cfg.finetune, {"epochs": epochs, "steps": None})  # epochs_between is the budget
     fit(
         model, ctx.data.dataset("train", augment=True), ctx.data.dataset("val"), settings, Recipe.from_config(ctx.cfg),
         ctx.device, ctx.cfg.seed, log_metrics=ctx.tracker.log_metrics, desc=f"prune_step{step}",
