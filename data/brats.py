@@ -26,12 +26,14 @@ import nibabel as nib
 import numpy as np
 
 from data.base import DatasetError
-from data.nifti import VolumeProblem, axial, find_nifti, load_canonical, read_headers, same_grid, shape_str, strip_nifti
+from data.nifti import (
+    VolumeProblem, axial, canonical_affine, find_nifti, load_canonical, read_headers, same_grid, shape_str, strip_nifti,
+)
 from data.volumes import Case, Processed, VolumeSliceData, resize_image, resize_labels
 
 log = logging.getLogger(__name__)
 
-PREPROCESS_VERSION = 1  # bump when the stored slices change for the same settings
+PREPROCESS_VERSION = 2  # bump when the stored slices (or their per-case info: 2 added the voxel spacing) change
 
 # Configured modality -> canonical name; the canonical name -> file token per naming.
 MODALITY_ALIASES = {"flair": "flair", "t2f": "flair", "t1": "t1", "t1n": "t1", "t1ce": "t1ce", "t1c": "t1ce", "t2": "t2", "t2w": "t2"}
@@ -300,7 +302,9 @@ class BraTS(VolumeSliceData):
                 raise VolumeProblem(f"{path} contains NaN or infinite values: expected finite intensities")
             volumes.append(volume)
         seg_path = case.files["seg"]
-        labels = check_labels(load_canonical(nib.load(str(seg_path), mmap=False), seg_path), seg_path, self.label_scheme)
+        seg_image = nib.load(str(seg_path), mmap=False)
+        labels = check_labels(load_canonical(seg_image, seg_path), seg_path, self.label_scheme)
+        sx, sy, sz = (float(v) for v in nib.affines.voxel_sizes(canonical_affine(seg_image))[:3])
         if "brainmask" in case.files:
             mask_path = case.files["brainmask"]
             brain = load_canonical(nib.load(str(mask_path), mmap=False), mask_path) >= 0.5  # stored as 0 / 0.99999997
@@ -327,7 +331,10 @@ class BraTS(VolumeSliceData):
             stacked = np.stack([s[z] for s in slices_axial], axis=-1)
             images[i] = resize_image(stacked, size)
             out_labels[i] = resize_labels(labels_axial[z], size)
-        info = {"naming": case.info.get("naming", "2018"), "brainmask": "brainmask" in case.files}
+        rows, cols = labels_axial.shape[1:]
+        # mm per voxel of the served grid (slices [z, rows, cols] resized to size x size): per-case HD95 in mm
+        spacing = [sz, sy * rows / size, sx * cols / size]
+        info = {"naming": case.info.get("naming", "2018"), "brainmask": "brainmask" in case.files, "spacing": spacing}
         return Processed(images, out_labels, keep, {"no_brain": depth - len(keep)}, depth, info)
 
     def _extra_stats(self, meta: dict, used) -> dict[str, float]:

@@ -510,6 +510,16 @@ class VolumeSliceData(SegmentationData):
     def cache_folder(self) -> Optional[Path]:
         return None if self._cache is None else self._cache.folder
 
+    def case_spacing(self, case_id: str) -> Optional[tuple[float, ...]]:
+        """Millimetres per voxel of a case's served slices stacked back ([slice, row, col]), where the reader
+        records it (BraTS); None otherwise (per-case distances are then in voxels)."""
+        self._require_setup()
+        for cached in self._source.values():
+            for case in cached.meta["cases"]:
+                if case["id"] == case_id and case.get("spacing"):
+                    return tuple(float(s) for s in case["spacing"])
+        return None
+
     def dataset(self, split: str, augment: bool = False) -> SliceDataset:
         self._check_read(split)
         augment = bool(augment)

@@ -41,23 +41,31 @@ UNSETTLED_NOTE = "* latency did not settle (CV > evaluate.latency_target_cv): no
 
 
 def results_table(results: dict[str, dict]) -> str:
-    """One row per evaluated network (baseline / pruned / fine-tuned); 3D Dice for volumes."""
+    """One row per evaluated network (baseline / pruned / fine-tuned); 3D Dice for volumes. Latencies that did
+    not settle are starred, collapsed networks marked (pipeline/casewise.py), each with a note below."""
     columns = list(COLUMNS)
     if any("dice_3d" in r for r in results.values()):
         columns.insert(1, ("Dice 3D", "dice_3d", "{:.4f}"))
     lines = ["| Network | " + " | ".join(c[0] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    marked = False
+    marked, collapsed = False, []
     for key, label in LABELS.items():
         if key in results:
             r = results[key]
+            if r.get("collapsed", "no") != "no":
+                collapsed.append(f"{label}: predicts {r['collapsed']}")
+                label += " ⚠"
             cells = []
             for _, name, fmt in columns:
                 unsettled = name == "latency_ms" and r.get("latency_settled") == 0
                 marked |= unsettled
                 cells.append(fmt.format(r[name]) + (UNSETTLED_MARK if unsettled else ""))
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if marked or collapsed:
+        lines.append("")
     if marked:
-        lines += ["", UNSETTLED_NOTE]
+        lines.append(UNSETTLED_NOTE)
+    if collapsed:
+        lines.append(f"⚠ collapsed ({'; '.join(collapsed)}): its Dice is not a segmentation result")
     return "\n".join(lines)
 
 

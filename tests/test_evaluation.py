@@ -129,3 +129,26 @@ def test_the_paired_test_sees_a_consistent_drop_and_not_noise():
     assert stats.paired_p(base, dict(base)) == 1.0
     assert stats.paired_p({"a": 1.0}, {"a": 0.5}) is None  # too few cases to test
     assert stats.per_case_mean([{"a": 0.5, "b": 1.0}, {"a": 0.7, "c": 0.1}]) == {"a": pytest.approx(0.6)}
+
+
+def test_the_results_table_marks_a_collapsed_network():
+    from pipeline.report import results_table
+
+    row = {"dice": 0.3, "iou": 0.2, "params_m": 1.0, "flops_g": 1.0, "size_mb": 1.0, "latency_ms": 1.0, "latency_settled": 1}
+    table = results_table({"baseline": {**row, "collapsed": "no"}, "pruned": {**row, "collapsed": "all foreground"}})
+    assert "| pruned ⚠ |" in table and "| baseline |" in table
+    assert "⚠ collapsed (pruned: predicts all foreground)" in table
+
+
+def test_brats_records_the_voxel_spacing_of_its_served_grid(tmp_path):
+    """Per-case HD95 of volumes is in mm: slices [z, rows, cols] of 1 mm voxels resized from 40 to 16 pixels."""
+    from helpers import conf
+
+    from data import build_data
+    from data.synthetic_volumes import write_synthetic_brats
+
+    ids = write_synthetic_brats(tmp_path / "brats", count=4, seed=1, shape=(40, 40, 12))
+    data = build_data(conf("dataset", "brats", root=str(tmp_path / "brats"), image_size=16, cache_dir=str(tmp_path / "cache"),
+                           workers=1), seed=0)
+    assert data.case_spacing(ids[0]) == pytest.approx((1.0, 2.5, 2.5))
+    assert data.case_spacing("no-such-case") is None
