@@ -1,5 +1,9 @@
 """Test-split quality and cost of the baseline, the pruned and the final network, side by side.
 
+Quality is per case (`score_quality`, pipeline/casewise.py, docs/EVALUATION.md): Dice, IoU, HD95, surface
+Dice and ISIC's thresholded Jaccard per image or volume in evaluate/cases_<network>.csv, their means as the
+network's metrics, and a flag for a network that collapsed to all foreground or all background.
+
 Latency is measured on the network as it is deployed (docs/PERFORMANCE.md): BatchNorm folded into
 the convolutions and, where `evaluate.channels_last`, NHWC memory layout (`latency_ms`); the network as
 trained (`latency_eager_ms`) when that differs; and the exported ONNX model (BatchNorm folded) under
