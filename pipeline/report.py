@@ -141,7 +141,7 @@ def table_rows(rows: list[Row], paper: dict) -> tuple[list[str], list[list[str]]
         header += [title] + ([f"{title} (paper)", f"Δ {title}"] if with_paper else [])
     cells = []
     for r in rows:
-        line = [r.label + _collapsed_note(r, paper), str(len(r.runs))]
+        line = [r.label, str(len(r.runs))]
         for m in paper["columns"]:
             ours = r.ours.get(m, [])
             scale = paper.get("scale", {}).get(m, 1.0)
@@ -234,11 +234,16 @@ def add_uncertainty(header: list[str], cells: list[list[str]], rows: list[Row], 
     return header, new
 
 
-def _collapsed_note(row: Row, paper: dict) -> str:
-    """' (collapsed in k/n runs)' when the row's network predicted all foreground/background in some runs."""
-    flags = [row.collapsed.get(run_id) for run_id in dict.fromkeys(row.runs)]
-    bad = sum(1 for f in flags if f and f != "no")
-    return f" ⚠ collapsed in {bad}/{len(flags)} runs" if bad else ""
+def add_collapsed(header: list[str], cells: list[list[str]], rows: list[Row]) -> tuple[list[str], list[list[str]]]:
+    """A `⚠ collapsed` column (k/n runs whose network predicted all foreground or all background,
+    pipeline/casewise.py) when any row has such runs: their Dice is not a segmentation result."""
+    counts = []
+    for row in rows:
+        flags = [row.collapsed.get(run_id) for run_id in dict.fromkeys(row.runs)]
+        counts.append((sum(1 for f in flags if f and f != "no"), len(flags)))
+    if not any(bad for bad, _ in counts):
+        return header, cells
+    return header + ["⚠ collapsed"], [line + [f"{bad}/{n}" if bad else "–"] for line, (bad, n) in zip(cells, counts)]
 
 
 def markdown(header: list[str], cells: list[list[str]]) -> str:
@@ -384,6 +389,7 @@ def report_sweep(client, parent, out: Path | None = None, runs: list | None = No
     header, cells = table_rows(rows, paper)
     found = uncertainty(client, rows, paper)
     header, cells = add_uncertainty(header, cells, rows, found, paper)
+    header, cells = add_collapsed(header, cells, rows)
     title = " ".join(x for x in (paper.get("source", ""), paper.get("table", "")) if x) or f"sweep {parent.info.run_name}"
     text = f"## {title}\n\n" + markdown(header, cells) + "\n"
     if paper.get("notes"):

@@ -42,6 +42,13 @@ def test_a_joblib_sweep_is_one_parent_run_and_its_report_ignores_other_runs(tmp_
     assert [line.split("|")[1].strip() for line in table] == ["0.25", "0.5", "0.75"]
     assert all(line.split("|")[2].strip() == "1" for line in table)  # the outside job would make 0.5 a 2-run row
     assert "Δ" not in text  # no paper columns, no difference footer
+    # the uncertainty columns, from the jobs' per-case files: an interval around each row's mean Dice
+    header = next(line for line in text.splitlines() if line.startswith("| prune.ratio"))
+    assert "Dice 95% CI (cases)" in header and "p vs baseline" in header
+    for line in table:
+        cells = [c.strip() for c in line.split("|")]
+        low, high = (float(v) for v in cells[header.split("|").index(" Dice 95% CI (cases) ")].strip("[]").split(","))
+        assert low <= float(cells[3]) <= high
     # the same sweep named by its parent run id and by its multirun folder
     def table_rows(text):
         return [line for line in text.splitlines() if line.startswith("| 0.")]
