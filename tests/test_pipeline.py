@@ -203,3 +203,22 @@ def test_an_evaluate_only_job_scores_a_finished_run_on_a_test_set_with_its_setti
     out = run_pipeline(outputs, f"run={source.info.run_id}", f"dataset.test_root={holdout}", "prune.ratio=0.3", ok=False,
                        module="pipeline.evaluate")
     assert "prune.ratio cannot be changed for an evaluate-only job" in out
+
+
+def test_an_evaluate_only_job_over_a_sweep_is_a_reportable_sweep_of_its_own(outputs, tmp_path):
+    from data.synthetic import write_synthetic_isic
+
+    run_pipeline(outputs, "-m", *TINY, "seed=2", "evaluate.onnx=false", "prune.ratio=0.25,0.5")
+    (source,) = [r for r in mlflow_runs(outputs) if r.data.tags.get("medprune.kind") == "sweep"
+                 and "seed=2" in r.data.params.get("sweep.overrides", "")]
+    holdout = tmp_path / "holdout"
+    write_synthetic_isic(holdout, count=6, seed=12, min_side=40, max_side=64)
+    out = run_pipeline(outputs, f"run={source.info.run_id}", f"dataset.test_root={holdout}", "evaluate.onnx=false",
+                       module="pipeline.evaluate")
+    (parent,) = mlflow_runs(outputs, **{"medprune.kind": "sweep", "medprune.source_run_id": source.info.run_id})
+    assert parent.info.status == "FINISHED" and parent.info.run_id in out
+    jobs = mlflow_runs(outputs, **{"mlflow.parentRunId": parent.info.run_id})
+    assert sorted(r.data.params["prune.ratio"] for r in jobs) == ["0.25", "0.5"]
+    assert all(r.data.tags["medprune.kind"] == "evaluation" for r in jobs)
+    text = run_pipeline(outputs, parent.info.run_id, "--no-log", module="pipeline.report")
+    assert [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| 0.")] == ["0.25", "0.5"]
