@@ -123,3 +123,21 @@ def test_the_mlflow_ui_shows_a_sweeps_runs_in_a_headless_browser(tmp_path):
                            "--out", str(out)], cwd=ROOT, env={**pipeline_env(tmp_path), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert out.stat().st_size > 20_000  # a rendered page, not a blank one
+
+
+def test_two_sweeps_started_together_keep_their_own_folders_and_jobs(tmp_path):
+    """Sweep folders are named to the microsecond: two sweeps launched in the same second once shared one
+    folder, and with it the sweep file that tells each job its parent run, and the jobs' run folders."""
+    from helpers import launch
+
+    outputs = tmp_path / "out"
+    run_pipeline(outputs, *TINY, "stages=[train]", "seed=4")  # the store exists before the two start together
+    procs = [launch(outputs, "-m", *TINY, "stages=[train]", f"seed={seed}", "tracking.experiment=together") for seed in (5, 6)]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-3000:]
+    parents = [r for r in mlflow_runs(outputs, "together") if r.data.tags.get("medprune.kind") == "sweep"]
+    assert len(parents) == 2 and len({p.data.tags["medprune.sweep_dir"] for p in parents}) == 2
+    for parent in parents:
+        (job,) = mlflow_runs(outputs, **{"mlflow.parentRunId": parent.info.run_id})
+        assert f"seed={job.data.params['seed']}" in parent.data.params["sweep.overrides"]
