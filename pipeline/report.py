@@ -88,6 +88,7 @@ class Row:
     ours: dict[str, list[float]] = field(default_factory=dict)
     paper: dict[str, float] = field(default_factory=dict)
     collapsed: dict[str, str] = field(default_factory=dict)  # run id -> the network's `collapsed` param
+    unsettled: set = field(default_factory=set)  # runs whose network's latency did not settle
 
 
 def build_rows(runs: list, paper: dict) -> list[Row]:
@@ -110,6 +111,8 @@ def build_rows(runs: list, paper: dict) -> list[Row]:
         row = rows.setdefault(key, Row(key=str(value), label=str(value)))
         row.runs.append(run.info.run_id)
         row.collapsed[run.info.run_id] = params.get(f"{prefix}.collapsed", "no")
+        if params.get(f"{prefix}.latency_settled") == "0":
+            row.unsettled.add(run.info.run_id)
         for m in columns:
             if f"{prefix}/{m}" in metrics:
                 row.ours.setdefault(m, []).append(metrics[f"{prefix}/{m}"] * scale.get(m, 1.0))
@@ -145,7 +148,8 @@ def table_rows(rows: list[Row], paper: dict) -> tuple[list[str], list[list[str]]
         for m in paper["columns"]:
             ours = r.ours.get(m, [])
             scale = paper.get("scale", {}).get(m, 1.0)
-            line.append(_fmt(ours, max(DIGITS.get(m, 3) - (2 if scale >= 100 else 0), 0)))
+            line.append(_fmt(ours, max(DIGITS.get(m, 3) - (2 if scale >= 100 else 0), 0))
+                        + (UNSETTLED_MARK if m == "latency_ms" and r.unsettled else ""))
             if with_paper:
                 theirs = r.paper.get(m)
                 line.append("–" if theirs is None else f"{theirs:g}")
@@ -397,6 +401,10 @@ def report_sweep(client, parent, out: Path | None = None, runs: list | None = No
     scaled = ", ".join(f"{m} x{s:g}" for m, s in paper.get("scale", {}).items())
     text += f"\nOurs: {paper['metric_prefix']}/<metric>{' (' + scaled + ')' if scaled else ''}, mean ± std over runs (seeds) per row"
     text += "; Δ = ours - paper.\n" if any(r.paper for r in rows) else ".\n"
+    unsettled = sum(len(r.unsettled) for r in rows)
+    if unsettled:
+        text += (f"\n{UNSETTLED_MARK} latency did not settle in {unsettled} of the runs behind the row (CV above "
+                 f"evaluate.latency_target_cv: the machine was busy): not a reliable figure.\n")
     if found:
         n = max(e["cases"] for e in found.values())
         text += (f"\nDice 95% CI: bootstrap interval (BCa, {n} test cases, each case's Dice averaged over the row's seeds) "

@@ -152,3 +152,20 @@ def test_brats_records_the_voxel_spacing_of_its_served_grid(tmp_path):
                            workers=1), seed=0)
     assert data.case_spacing(ids[0]) == pytest.approx((1.0, 2.5, 2.5))
     assert data.case_spacing("no-such-case") is None
+
+
+def test_a_sweep_table_stars_latencies_that_did_not_settle_and_counts_collapsed_runs():
+    from types import SimpleNamespace
+
+    from pipeline.report import add_collapsed, build_rows, table_rows
+
+    def run(run_id, ratio, settled, collapsed):
+        params = {"prune.ratio": ratio, "final.latency_settled": settled, "final.collapsed": collapsed}
+        return SimpleNamespace(info=SimpleNamespace(run_id=run_id),
+                               data=SimpleNamespace(params=params, metrics={"final/dice": 0.5, "final/latency_ms": 3.0}))
+
+    paper = {"rows_by": "prune.ratio", "metric_prefix": "final", "columns": {"dice": "Dice", "latency_ms": "Latency (ms)"}}
+    rows = build_rows([run("a", "0.2", "1", "no"), run("b", "0.4", "0", "no"), run("c", "0.4", "1", "all foreground")], paper)
+    header, cells = add_collapsed(*table_rows(rows, paper), rows)
+    assert header[-1] == "⚠ collapsed"
+    assert [(c[0], c[3], c[-1]) for c in cells] == [("0.2", "3.00", "–"), ("0.4", "3.00 ± 0.00*", "1/2")]
