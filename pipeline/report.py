@@ -137,11 +137,12 @@ def _fmt(values: list[float], digits: int) -> str:
 
 
 def table_rows(rows: list[Row], paper: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and cells: per metric our value, the paper's, and ours minus the paper's."""
-    with_paper = any(r.paper for r in rows)
+    """Header and cells: per metric our value, the paper's, and ours minus the paper's (for the metrics the
+    paper has)."""
     header = [paper["rows_by"], "runs"]
+    published = {m for r in rows for m in r.paper}
     for m, title in paper["columns"].items():
-        header += [title] + ([f"{title} (paper)", f"Δ {title}"] if with_paper else [])
+        header += [title] + ([f"{title} (paper)", f"Δ {title}"] if m in published else [])
     cells = []
     for r in rows:
         line = [r.label, str(len(r.runs))]
@@ -150,7 +151,7 @@ def table_rows(rows: list[Row], paper: dict) -> tuple[list[str], list[list[str]]
             scale = paper.get("scale", {}).get(m, 1.0)
             line.append(_fmt(ours, max(DIGITS.get(m, 3) - (2 if scale >= 100 else 0), 0))
                         + (UNSETTLED_MARK if m == "latency_ms" and r.unsettled else ""))
-            if with_paper:
+            if m in published:
                 theirs = r.paper.get(m)
                 line.append("–" if theirs is None else f"{theirs:g}")
                 line.append("–" if theirs is None or not ours else f"{statistics.fmean(ours) - theirs:+.2f}")
@@ -295,7 +296,9 @@ ROW_FREE = ("seed", "tracking.run_name", "hydra", "resume")
 # `final.latency_threads`...): they may differ between the seeds of a row.
 RESULT_PARAMS = ("baseline.", "pruned.", "final.")
 # Decimals per metric in the table, in the unit shown (a metric scaled x100 to % loses two).
-DIGITS = {"dice": 4, "iou": 4, "dice_3d": 4, "params_m": 3, "flops_g": 3, "macs_g": 3, "size_mb": 2, "latency_ms": 2}
+# Metrics that are fractions (0-1): a report's --columns shows them in the preset's Dice unit.
+FRACTIONS = ("dice", "iou", "nsd", "thresholded_jaccard")
+DIGITS = {**{f"{m}{v}": 4 for m in FRACTIONS for v in ("", "_orig", "_3d")}, "hd95": 2, "hd95_orig": 2, "dice": 4, "iou": 4, "dice_3d": 4, "params_m": 3, "flops_g": 3, "macs_g": 3, "size_mb": 2, "latency_ms": 2}
 
 
 def check_rows(rows: list[Row], runs_by_id: dict) -> None:
@@ -448,7 +451,9 @@ _METRIC_NAME = re.compile(r"^[\w\-. /]+$")
 
 
 def report(target: str | None = None, uri: str | None = None, out: Path | None = None, log: bool = True,
-           experiment: str | None = None) -> str:
+           experiment: str | None = None, columns: list[str] | None = None) -> str:
+    """`columns`: the metrics to tabulate instead of the preset's (`final/<metric>` of every run: dice_orig,
+    hd95, nsd, thresholded_jaccard...); the paper's numbers then show only for the metrics it has."""
     from pipeline.tracking import client_for, resolve_uri
 
     if target and Path(target).is_dir() and uri is None:
@@ -458,6 +463,16 @@ def report(target: str | None = None, uri: str | None = None, out: Path | None =
     uri = resolve_uri(uri)
     client = client_for(uri)
     parent, runs, paper = find_sweep(client, target, experiment)
+    if columns:
+        paper = dict(paper or {})
+        known = paper.get("columns") or {}
+        percent = (paper.get("scale") or {}).get("dice", 1.0)  # fractions in the unit the preset shows Dice in
+        scale = dict(paper.get("scale") or {})
+        for m in columns:
+            if m not in scale and re.sub(r"_(orig|3d)$", "", m) in FRACTIONS:
+                scale[m] = percent
+        paper["scale"] = scale
+        paper["columns"] = {m: known.get(m, m + (" (%)" if scale.get(m, 1.0) == 100 else "")) for m in columns}
     text, out, n = report_sweep(client, parent, out, runs, paper, log)
     print(text)
     kind = "sweep" if parent.data.tags.get("medprune.kind") == "sweep" else "job"
@@ -475,9 +490,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or outputs/mlflow.db)")
     parser.add_argument("--out", type=Path, help="folder for the files (default outputs/reports/<run id>)")
     parser.add_argument("--no-log", action="store_true", help="do not log the report onto the sweep's parent run")
+    parser.add_argument("--columns", help="comma-separated metrics to tabulate instead of the preset's, e.g. "
+                                          "dice,dice_orig,hd95,thresholded_jaccard_orig,latency_ms")
     args = parser.parse_args(argv)
+    columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
     try:
-        report(args.sweep, args.uri, args.out, log=not args.no_log, experiment=args.experiment)
+        report(args.sweep, args.uri, args.out, log=not args.no_log, experiment=args.experiment, columns=columns)
     except ReportError as err:
         print(f"medprune report: {err}", file=sys.stderr)
         return 2

@@ -32,7 +32,10 @@ PRESETS = {
     "channel_attention": ["model=deeplabv3plus", "model.encoder_name=resnet18",
                           "model.decoder_channels=32", "criterion=se", "criterion.steps=3", "criterion.calibration_batches=2"],
     "real_isic_mini": ["dataset.limit=16"] + TINY_UNET,
+    "real_isic_small": ["dataset.limit=16"] + TINY_UNET,
+    "criteria_isic": ["dataset.limit=16", "criterion=taylor"] + TINY_UNET,
 }
+READS_REAL_ISIC = ("real_isic_mini", "real_isic_small", "criteria_isic")
 
 
 def test_every_preset_is_covered():
@@ -46,7 +49,7 @@ def medprune(tmp_path: Path, *args: str, module: str = "pipeline.run") -> str:
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_preset_runs_end_to_end_and_reports(preset, tmp_path):
     overrides = list(PRESETS[preset])
-    if preset == "real_isic_mini" and not REAL_ISIC.is_dir():
+    if preset in READS_REAL_ISIC and not REAL_ISIC.is_dir():
         pytest.skip(f"real ISIC subset not found at {REAL_ISIC}")
     if preset == "channel_attention":
         from data.synthetic_volumes import write_synthetic_slices
@@ -63,7 +66,7 @@ def test_preset_runs_end_to_end_and_reports(preset, tmp_path):
     assert [r.info.status for r in runs] == ["FINISHED"]
     (run,) = runs
     text = medprune(tmp_path, run.info.run_id, "--no-log", module="pipeline.report")  # a single job's report
-    if preset != "lwunet_isic":  # the shared setting has no table of its own
+    if preset not in ("lwunet_isic", "real_isic_small", "criteria_isic"):  # shared settings; a table of criteria rows
         assert "(paper)" in text or preset == "channel_attention"
     # our run is the row of its setting, with its own Dice (in the paper's unit)
     from dataclasses import asdict
