@@ -406,8 +406,8 @@ def report_sweep(client, parent, out: Path | None = None, runs: list | None = No
     text += "; Δ = ours - paper.\n" if any(r.paper for r in rows) else ".\n"
     unsettled = sum(len(r.unsettled) for r in rows)
     if unsettled:
-        text += (f"\n{UNSETTLED_MARK} latency did not settle in {unsettled} of the runs behind the row (CV above "
-                 f"evaluate.latency_target_cv: the machine was busy): not a reliable figure.\n")
+        text += (f"\n{UNSETTLED_MARK} the latency of the row's network did not settle in some of its runs ({unsettled} run(s) "
+                 f"in all; CV above evaluate.latency_target_cv: the machine was busy): not a reliable figure.\n")
     if found:
         n = max(e["cases"] for e in found.values())
         text += (f"\nDice 95% CI: bootstrap interval (BCa, {n} test cases, each case's Dice averaged over the row's seeds) "
