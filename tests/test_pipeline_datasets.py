@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+from data.files import read_csv
 from mlflow.tracking import MlflowClient
 
 from helpers import REAL, mlflow_runs, requires_real, run_pipeline
@@ -52,6 +54,19 @@ def test_synthetic_covid_ct_runs_and_the_second_run_hits_the_slice_cache(outputs
     client, again = latest_run(outputs)
     assert again.info.status == "FINISHED" and int(again.data.tags["medprune.data.cache_hit"]) == 1
     assert splits_of(client, again) == splits
+
+
+def test_brats_regions_are_scored_each_per_case_in_millimetres(outputs):
+    """Three regions, one output channel each: every per-case metric per region, per volume, in mm."""
+    run(outputs, "dataset=synthetic_brats", "dataset.synthetic.count=6", "evaluate.onnx=false",
+        "dataset.region=[whole_tumor,tumor_core,enhancing_tumor]")
+    client, r = latest_run(outputs)
+    m, d = r.data.metrics, r.data.params
+    for region in ("whole_tumor", "tumor_core", "enhancing_tumor"):
+        assert 0.0 <= m[f"final/dice_{region}"] <= 1.0 and m[f"final/hd95_{region}"] >= 0.0
+    rows = read_csv(client.download_artifacts(r.info.run_id, "evaluate/cases_final.csv"))
+    assert len(rows) == int(d["final.test_cases"]) == len(splits_of(client, r)["test"])
+    assert all(float(row["hd95"]) <= 60 for row in rows)  # mm: at most the diagonal of the served grid (about 59 mm)
 
 
 @requires_real(REAL_BRATS)
