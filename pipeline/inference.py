@@ -248,12 +248,18 @@ def export_onnx(
     return path
 
 
-def onnx_session(path: str | Path, threads: Optional[int] = None):
+def onnx_session(path: str | Path, threads: Optional[int] = None, spinning: bool = True):
     """ONNX Runtime CPU session with `threads` intra-op threads (None: all cores), one inter-op thread,
-    sequential execution and every graph optimisation (Conv+BN+activation fusion, NCHWc layout)."""
+    sequential execution and every graph optimisation (Conv+BN+activation fusion, NCHWc layout).
+
+    `spinning=False`: the worker threads sleep when a run ends instead of spinning for more work. Each
+    session has its own pool; when several sessions are timed in turn, the spinning threads of the last
+    one take the cores from the next (the evaluate stage's per-network ONNX timings read 2-3x slow)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.intra_op_num_threads = int(threads or os.cpu_count() or 1)
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
