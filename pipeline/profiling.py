@@ -279,6 +279,33 @@ def _load_1min() -> float | None:
     return load[0] if load else None
 
 
+@torch.inference_mode()
+def machine_peak(device: torch.device, threads: int | None = None, matmul_size: int = 1024,
+                 conv_shape: tuple[int, int, int, int] = (1, 64, 128, 128), runs: int = 5) -> dict[str, float]:
+    """What this machine can do at `threads`: GFLOP/s of a large float32 matmul and of a large 3x3
+    convolution (64 -> 64 channels, channels_last, as the deployed networks run), best of `runs` after a
+    warm-up. A network's achieved GFLOP/s over this peak says how much of the machine it uses: a pruned
+    network that is fast but far below the peak leaves the machine idle (small, thin convolutions)."""
+    def timed(fn) -> float:
+        def call():
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        with cpu_threads(threads):
+            return min(time_calls(call, warmup=2, runs=runs)) / 1e3
+
+    a = torch.randn(matmul_size, matmul_size, device=device)
+    b = torch.randn(matmul_size, matmul_size, device=device)
+    matmul = 2 * matmul_size**3 / timed(lambda: a @ b) / 1e9
+    conv = nn.Conv2d(conv_shape[1], conv_shape[1], 3, padding=1, bias=False).to(device).eval()
+    x = torch.randn(conv_shape, device=device)
+    if device.type == "cpu":
+        conv, x = conv.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    flops = count_flops(conv, conv_shape)
+    convolution = flops / timed(lambda: conv(x)) / 1e9
+    return {"peak_matmul_gflops": matmul, "peak_conv_gflops": convolution, "peak_gflops": max(matmul, convolution)}
+
+
 def load_average() -> tuple[float, float, float] | None:
     try:
         return os.getloadavg()

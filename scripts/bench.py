@@ -52,7 +52,7 @@ from torch import nn  # noqa: E402
 
 from models import build_model  # noqa: E402  (models/__init__ runs the torchvision compatibility shim first)
 from pipeline import inference  # noqa: E402
-from pipeline.profiling import count_flops, count_params, latency_times, machine_info, summarize, time_calls  # noqa: E402
+from pipeline.profiling import count_flops, count_params, latency_times, machine_info, machine_peak, summarize, time_calls  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -686,6 +686,11 @@ def render(results: dict) -> str:
         f"{results.get('seconds', 0):.0f} s in all.",
         "",
     ]
+    peak = results.get("peak")
+    if peak:
+        lines += [f"Machine peak at {results['threads']} threads: {peak['peak_matmul_gflops']:.0f} GFLOP/s (float32 matmul 1024³), "
+                  f"{peak['peak_conv_gflops']:.0f} GFLOP/s (3x3 convolution 64→64 at 128², channels_last, FLOPs counted as "
+                  f"direct convolution). `% peak` below is a network's achieved GFLOP/s over the larger of the two.", ""]
     speed = results.get("speed")
     if speed and speed["networks"]:
         lines += ["## 1. Pruned-network speed", "",
@@ -699,13 +704,16 @@ def render(results: dict) -> str:
         for n in speed["networks"]:
             lines.append(f"| {n['model']} | {n['round_to'] or '-'} | {n['ratio']:g} | {n['params_m']:.3f} | {n['macs_g']:.3f} | "
                          f"{n['flops_g']:.3f} | {base[(n['model'], n['round_to'])] / n['flops_g']:.2f} | {n['channels']} |")
-        lines += ["", "| model | round_to | ratio | variant | latency (ms) | p90 (ms) | min (ms) | img/s @batch | speed-up | efficiency | vs eager |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| model | round_to | ratio | variant | latency (ms) | p90 (ms) | min (ms) | img/s @batch | speed-up | efficiency | vs eager | GFLOP/s | % peak |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        flops = {(n["model"], n["round_to"], n["ratio"]): n["flops_g"] for n in speed["networks"]}
         for r in speed["latency"]:
             variant = r["variant"] + (f" ({r['device']})" if r["device"] != m["device_type"] else "")
+            achieved = flops[(r["model"], r["round_to"], r["ratio"])] / (r["median_ms"] / 1e3)
+            share = f"{100 * achieved / peak['peak_gflops']:.0f}" if peak else "–"
             lines.append(f"| {r['model']} | {r['round_to'] or '-'} | {r['ratio']:g} | {variant} | {r['median_ms']:.2f} | "
                          f"{r['p90_ms']:.2f} | {r['min_ms']:.2f} | {_f(r.get('throughput_ips'), '{:.2f}')} | {_f(r['speedup'])}x | "
-                         f"{_f(r['efficiency'])} | {_f(r['speedup_vs_eager'])}x |")
+                         f"{_f(r['efficiency'])} | {_f(r['speedup_vs_eager'])}x | {achieved:.0f} | {share} |")
         lines.append("")
     if speed and speed.get("export"):
         lines += ["## 2. ONNX export (BatchNorm folded)", "",
@@ -836,6 +844,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "command": " ".join(["scripts/bench.py", *(argv if argv is not None else sys.argv[1:])]).strip(),
         "started": datetime.now().isoformat(timespec="seconds"),
         "machine": machine_info(device), "threads": threads, "settings": _settings_dict(s),
+        "peak": machine_peak(device, threads),  # the yardstick: a large matmul's and a large conv's GFLOP/s
     }
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="medprune-bench-"))

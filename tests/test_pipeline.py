@@ -18,8 +18,8 @@ pytestmark = pytest.mark.integration
 REQUIRED_METRICS = [
     f"{row}/{m}"
     for row in ("baseline", "final")
-    for m in ("dice", "iou", "params_m", "flops_g", "macs_g", "latency_ms", "size_mb")
-] + ["pruned/dice", "pruned/params_m", "train/loss", "train/val_dice", "finetune/loss"]
+    for m in ("dice", "iou", "params_m", "flops_g", "macs_g", "latency_ms", "size_mb", "achieved_gflops", "peak_fraction")
+] + ["pruned/dice", "pruned/params_m", "train/loss", "train/val_dice", "finetune/loss", "evaluate/peak_gflops"]
 
 
 @pytest.fixture(scope="module")

@@ -49,3 +49,15 @@ def test_latency_reports_median_threads_and_device_and_restores_threads():
     assert result["latency_threads"] == 1 and result["latency_runs"] == 5
     assert result["latency_device"] == profiling.cpu_name()
     assert torch.get_num_threads() == before
+
+
+def test_machine_peak_times_a_matmul_and_a_convolution_and_restores_the_threads():
+    import torch
+
+    from pipeline.profiling import machine_peak
+
+    before = torch.get_num_threads()
+    peak = machine_peak(torch.device("cpu"), threads=1, matmul_size=128, conv_shape=(1, 8, 32, 32), runs=2)
+    assert peak["peak_matmul_gflops"] > 0 and peak["peak_conv_gflops"] > 0
+    assert peak["peak_gflops"] == max(peak["peak_matmul_gflops"], peak["peak_conv_gflops"])
+    assert torch.get_num_threads() == before

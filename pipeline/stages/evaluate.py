@@ -28,7 +28,7 @@ from models.io import load_model, model_size_mb
 from data.files import write_csv
 from pipeline import casewise, inference, mlflow_model, plots
 from pipeline.profiling import (InterleavedTimes, count_flops, count_params, cpu_name, cpu_threads, device_name,
-                                forward_call, thread_count, time_interleaved)
+                                forward_call, machine_peak, thread_count, time_interleaved)
 from pipeline.metrics import CaseRules, binarize, dice_iou
 from pipeline.pruning import prunable_layers
 from pipeline.report import LABELS, results_table
@@ -208,6 +208,14 @@ def _run(ctx: Context, state: RunState) -> RunState:
         scratch.cleanup()
     for row, values in latency.items():
         results[row].update(values)
+    peak = machine_peak(ctx.device, ctx.cfg.evaluate.threads)
+    for row, r in results.items():  # how much of the machine each network uses, as deployed
+        if r.get("latency_ms"):
+            r["achieved_gflops"] = r["flops_g"] / (r["latency_ms"] / 1e3)
+            r["peak_fraction"] = r["achieved_gflops"] / peak["peak_gflops"]
+    log.info("Machine peak at %s thread(s): %.1f GFLOP/s matmul, %.1f GFLOP/s convolution; the networks reach %s",
+             ctx.cfg.evaluate.threads or "all", peak["peak_matmul_gflops"], peak["peak_conv_gflops"],
+             ", ".join(f"{row} {100 * r['peak_fraction']:.0f}%" for row, r in results.items() if "peak_fraction" in r))
     if "final" not in models and sources["final"] and sources["final"] == sources["pruned"]:
         results["final"] = dict(results["pruned"])
     unsettled = {f"{row}/{form}_ms": f"CV {r[f'{form}_cv']:.2f}, {r[f'{form}_runs']} runs"
@@ -222,7 +230,8 @@ def _run(ctx: Context, state: RunState) -> RunState:
                     timed.load_after)
     load = {f"evaluate/load_average_{when}": v for when, v in (("before", timed.load_before), ("after", timed.load_after))
             if v is not None}
-    ctx.tracker.log_metrics(load)  # metrics, not evaluate.* params: those are settings, alike in a report row
+    ctx.tracker.log_metrics({**load, **{f"evaluate/{k}": v for k, v in peak.items()}})  # metrics, not evaluate.* params:
+    # those are settings, alike in a report row
     flat = {f"{row}/{k}": v for row, metrics in results.items() for k, v in metrics.items()}
     # Measurements are metrics; counts and flags that describe how they were taken are params.
     ctx.tracker.log_metrics({k: v for k, v in flat.items() if k.rsplit("/", 1)[1] not in DESCRIPTIVE})
