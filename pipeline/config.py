@@ -12,30 +12,26 @@ import importlib
 import inspect
 import re
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from pipeline.schedules import SCHEDULES, Scope  # noqa: F401  (Scope: the schema's type, re-exported)
+from pipeline.schedules import SCHEDULES, ConfigEnum, Scope  # noqa: F401  (Scope: the schema's type, re-exported)
 
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key."""
 
 
-class Stage(str, Enum):
+class Stage(ConfigEnum):
     train = "train"
     sensitivity = "sensitivity"
     score = "score"
     prune = "prune"
     finetune = "finetune"
     evaluate = "evaluate"
-
-    def __str__(self) -> str:  # "train", as the YAML writes it, on every Python version
-        return self.value
 
 
 # Every value of the fixed groups lives in its YAML (conf/<group>/<option>.yaml); these dataclasses only

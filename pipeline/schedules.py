@@ -19,13 +19,17 @@ from torch import nn
 from pipeline.pruning import PruneResult, prune, ratio_for_flops
 
 
-class Scope(str, Enum):
+class ConfigEnum(str, Enum):
+    """A config key's closed set of values (pipeline.config.Stage, Scope): prints as the YAML writes it."""
+
+    def __str__(self) -> str:  # "encoder", not "Scope.encoder", on every Python version
+        return self.value
+
+
+class Scope(ConfigEnum):
     encoder = "encoder"
     decoder = "decoder"
     all = "all"
-
-    def __str__(self) -> str:  # "encoder", as the YAML writes it, on every Python version
-        return self.value
 
 
 # -- the typed configs (values: conf/prune/<option>.yaml) -------------------------------------------
