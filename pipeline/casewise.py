@@ -11,8 +11,6 @@ records the case's voxel spacing (`case_spacing`), in voxels otherwise.
 """
 from __future__ import annotations
 
-import logging
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.metrics import CaseRules, SegmentationMeter, binarize, case_metrics, summarize_cases
-
-log = logging.getLogger(__name__)
+from pipeline.metrics import CASE_METRICS, CaseRules, SegmentationMeter, binarize, case_metrics, summarize_cases
 
 
 @dataclass
@@ -110,8 +106,8 @@ def score_cases(
     ids = list(getattr(dataset, "ids"))
     meter = SegmentationMeter(threshold, case_of)
     out = CaseResults()
-    pending: dict[str, list] = {}  # volumes: the current case's (pred, true) slices
-    order: list[str] = []
+    current: Optional[str] = None  # volumes: the case whose slices are being gathered (they come contiguous)
+    slices: list[tuple[np.ndarray, np.ndarray]] = []  # its (pred, true) slices, in order
     seen = 0
 
     def finish(case: str, pred: np.ndarray, true: np.ndarray) -> None:
@@ -126,6 +122,10 @@ def score_cases(
         if len(out.rows) <= export and export_dir is not None:
             _export(pred, case, export_dir, spacing)
 
+    def finish_volume() -> None:
+        finish(current, np.stack([p for p, _ in slices], 1), np.stack([t for _, t in slices], 1))
+        slices.clear()
+
     for images, masks in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         logits = model(images.to(device))
         meter.update(logits, masks.to(device))
@@ -136,33 +136,28 @@ def score_cases(
                 finish(ids[seen], pred, true)
                 original = originals(seen) if originals is not None else None
                 if original is not None:
-                    out.rows[-1].update(_at_original(logits[i : i + 1], original, threshold, rules, spacing_of, ids[seen], names))
+                    out.rows[-1].update(_at_original(logits[i : i + 1], original, threshold, rules, names))
             else:
-                case = case_of[seen]
-                if order and order[-1] != case:
-                    done = order[-1]
-                    slices = pending.pop(done)
-                    finish(done, np.stack([p for p, _ in slices], 1), np.stack([t for _, t in slices], 1))
-                if not order or order[-1] != case:
-                    order.append(case)
-                pending.setdefault(case, []).append((pred, true))
+                if slices and case_of[seen] != current:
+                    finish_volume()
+                current = case_of[seen]
+                slices.append((pred, true))
             seen += 1
-    for case, slices in pending.items():
-        finish(case, np.stack([p for p, _ in slices], 1), np.stack([t for _, t in slices], 1))
+    if slices:
+        finish_volume()
     out.image_means = meter.compute()
     return out
 
 
-def _at_original(logits: torch.Tensor, original: np.ndarray, threshold: float, rules: CaseRules, spacing_of,
-                 case: str, names) -> dict[str, float]:
+def _at_original(logits: torch.Tensor, original: np.ndarray, threshold: float, rules: CaseRules,
+                 names: Optional[Sequence[str]]) -> dict[str, float]:
     """The case's metrics with its prediction resized back to the original mask's size."""
     import torch.nn.functional as F
 
     up = F.interpolate(logits.float(), size=original.shape[-2:], mode="bilinear", align_corners=False)
     pred = binarize(up, threshold)[0].cpu().numpy()
     scores = case_metrics(pred, original, rules, None, names)
-    keep = ("dice", "iou", "hd95", "nsd", "thresholded_jaccard")
-    return {f"{k}_orig": v for k, v in scores.items() if k in keep}
+    return {f"{k}_orig": v for k, v in scores.items() if k in (*CASE_METRICS, "thresholded_jaccard")}
 
 
 def headline(results: CaseResults, volumetric: bool) -> dict[str, float]:
@@ -179,4 +174,4 @@ def headline(results: CaseResults, volumetric: bool) -> dict[str, float]:
     out["test_images"] = results.image_means["images"]
     out["pred_foreground_fraction"] = results.pred_foreground_fraction
     out["true_foreground_fraction"] = results.true_foreground_fraction
-    return {k: (float(v) if isinstance(v, float) and not math.isnan(v) else v) for k, v in out.items()}
+    return out
