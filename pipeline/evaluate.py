@@ -40,7 +40,7 @@ import models  # noqa: E402,F401  (torchvision compatibility before anything imp
 from pipeline.config import ConfigError  # noqa: E402
 from pipeline.paths import CONF_DIR, outputs_dir  # noqa: E402
 from pipeline.state import Context, RunState, pick_device, seed_everything  # noqa: E402
-from pipeline.tracking import KIND_TAG, PARENT_TAG, SWEEP_TAG, flatten  # noqa: E402
+from pipeline.tracking import KIND_TAG, PARENT_TAG, SWEEP_TAG  # noqa: E402
 
 log = logging.getLogger("medprune.evaluate")
 
@@ -95,9 +95,10 @@ def build_config(source: dict, overrides: dict[str, Any]) -> DictConfig:
     evaluate = {**current, **{k: v for k, v in (source.get("evaluate") or {}).items() if k in current}}
     cfg = OmegaConf.create({**source, "evaluate": evaluate})
     target = cfg.dataset.get("_target_") if isinstance(cfg.get("dataset"), DictConfig) else None
-    if target not in dataset_readers():
+    readers = dataset_readers()
+    if target not in readers:
         raise SourceError(f"the source run's dataset._target_={target!r} is not one of medprune's readers "
-                          f"({', '.join(sorted(dataset_readers()))}): refusing to build it")
+                          f"({', '.join(sorted(readers))}): refusing to build it")
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value, force_add=key == "dataset.test_root")
     cfg.tracking.log_models = False  # the source run holds the models; an evaluation only scores them
@@ -191,6 +192,7 @@ def evaluate_one(source: Source, overrides: dict, uri: str, outputs: Path, paren
     from data import build_data
     from pipeline.report import results_table
     from pipeline.stages import evaluate as stage
+    from pipeline.run import record_inputs
     from pipeline.tracking import start_run
 
     cfg = build_config(source.config, overrides)
@@ -214,16 +216,9 @@ def evaluate_one(source: Source, overrides: dict, uri: str, outputs: Path, paren
     tags.update({f"medprune.choice.{k[len('choice.'):]}": v for k, v in source.params.items() if k.startswith("choice.")})
     experiment = str(cfg.tracking.experiment)
     with start_run(uri, experiment, f"{source.name}@{Path(test_root).name}", tags) as tracker:
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        choices = {k: v for k, v in source.params.items() if k.startswith("choice.")}
-        tracker.log_params({**flatten(resolved), **choices})
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-        tracker.log_artifact(run_dir / "config.yaml")
-        (run_dir / "splits.json").write_text(json.dumps(data.split_ids(), indent=1))
-        tracker.log_artifact(run_dir / "splits.json", "data")
-        tracker.log_datasets(Path(test_root).name, test_root, {"test": data.split_ids()["test"]}, digest)
-        stats = data.stats()
-        tracker.log_params({f"data.{k}": f"{v:g}" for k, v in stats.items() if not k.endswith("_seconds")})
+        choices = {k[len("choice."):]: v for k, v in source.params.items() if k.startswith("choice.")}
+        record_inputs(tracker, OmegaConf.to_container(cfg, resolve=True), choices, data, run_dir, Path(test_root).name,
+                      test_root, digest)
         log.info("MLflow run %s: %s on %d test cases of %s", tracker.run_id, source.name, len(data.split_ids()["test"]), test_root)
         ctx = Context(cfg=cfg, run_dir=run_dir, outputs=outputs, device=device, data=data, tracker=tracker)
         state = stage.run(ctx, RunState(baseline=source.state.baseline, pruned=source.state.pruned, final=source.state.final))
@@ -276,10 +271,7 @@ def evaluate(ref: str, overrides: dict[str, Any]) -> list[dict[str, float]]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from data import DatasetError
-    from models import ModelConfigError
-    from models.io import ModelFileError
-    from pipeline.run import one_line
+    from pipeline.run import USER_ERRORS, one_line
     from pipeline.tracking import Terminated, terminate_on_sigterm
 
     argv = sys.argv[1:] if argv is None else argv
@@ -287,8 +279,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(__doc__)
         return 0 if argv else 2
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    errors = {ConfigError: "configuration error", SourceError: "source run error", DatasetError: "data error",
-              ModelFileError: "model file error", ModelConfigError: "configuration error"}
+    errors = {**USER_ERRORS, SourceError: "source run error"}
     try:
         with terminate_on_sigterm():
             ref, overrides = parse_args(argv)

@@ -64,6 +64,21 @@ def log_data_stats(tracker, stats: dict[str, float], run_dir: Path) -> None:
     tracker.set_tags({f"medprune.data.{k}": f"{stats[k]:g}" for k in DATA_FLAGS if k in stats})
 
 
+def record_inputs(tracker, resolved: dict, choices: dict[str, str], data, run_dir: Path, name: str, root: str,
+                  digest: str) -> None:
+    """What a run logs about what it ran on (pipeline.run and the evaluate-only jobs of pipeline.evaluate):
+    the flattened config and group choices as params, config.yaml, the split ids, the data statistics and
+    the splits that hold cases as MLflow dataset inputs."""
+    tracker.log_params({**flatten(resolved), **{f"choice.{k}": v for k, v in choices.items()}})
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    tracker.log_artifact(run_dir / "config.yaml")
+    splits = data.split_ids()
+    (run_dir / "splits.json").write_text(json.dumps(splits, indent=1))
+    tracker.log_artifact(run_dir / "splits.json", "data")
+    log_data_stats(tracker, data.stats(), run_dir)
+    tracker.log_datasets(name, root, {split: ids for split, ids in splits.items() if ids}, digest)
+
+
 def describe(cfg: DictConfig, choices: dict[str, str], stages: list[str]) -> str:
     """The run's description in the MLflow UI: what was pruned how, on what."""
     what = f"{choices.get('model', 'model')} on {choices.get('dataset', 'data')}"
@@ -125,15 +140,8 @@ def execute(cfg: DictConfig) -> dict[str, float]:
             if journal is not None:
                 journal.record(tracker.run_id, run_dir)
             if not interrupted:
-                resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-                tracker.log_params({**flatten(resolved), **{f"choice.{k}": v for k, v in choices.items()}})
-                (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-                tracker.log_artifact(run_dir / "config.yaml")
-                (run_dir / "splits.json").write_text(json.dumps(data.split_ids(), indent=1))
-                tracker.log_artifact(run_dir / "splits.json", "data")
-                log_data_stats(tracker, data.stats(), run_dir)
-                tracker.log_datasets(choices.get("dataset", "dataset"), str(getattr(data, "root", "")), data.split_ids(),
-                                     data.content_digest())
+                record_inputs(tracker, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), choices, data, run_dir,
+                              choices.get("dataset", "dataset"), str(getattr(data, "root", "")), data.content_digest())
                 hydra_dir = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir
                 for hydra_file in ("overrides.yaml", "hydra.yaml"):  # what the user typed, and Hydra's own settings
                     if (hydra_dir / hydra_file).exists():
