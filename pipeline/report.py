@@ -161,22 +161,28 @@ def table_rows(rows: list[Row], paper: dict) -> tuple[list[str], list[list[str]]
 
 # -- uncertainty: per-case results of the runs (evaluate/cases_<network>.csv, pipeline/stats.py) ---------
 
-def case_dice(client, run_id: str, network: str, cache: dict) -> dict[str, float] | None:
-    """case -> Dice of `network` in run `run_id`, from its per-case artifact; None for a run without one."""
+def _artifact_text(client, run_id: str, path: str) -> str | None:
+    """The text of one artifact of a run; None where the run has none (an older run, another stage list)."""
     import os
     import tempfile
 
-    from data.files import read_csv
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return Path(client.download_artifacts(run_id, path, tmp)).read_text()
+        except Exception:
+            return None
+
+
+def case_dice(client, run_id: str, network: str, cache: dict) -> dict[str, float] | None:
+    """case -> Dice of `network` in run `run_id`, from its per-case artifact; None for a run without one."""
+    import csv
+    import io
 
     if (run_id, network) not in cache:
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                path = client.download_artifacts(run_id, f"evaluate/cases_{network}.csv", tmp)
-            except Exception:  # a run from before per-case results, or without an evaluate stage
-                cache[(run_id, network)] = None
-            else:
-                cache[(run_id, network)] = {r["case"]: float(r["dice"]) for r in read_csv(path)}
+        text = _artifact_text(client, run_id, f"evaluate/cases_{network}.csv")
+        cache[(run_id, network)] = None if text is None else {
+            r["case"]: float(r["dice"]) for r in csv.DictReader(io.StringIO(text))}
     return cache[(run_id, network)]
 
 
@@ -358,16 +364,11 @@ def find_sweep(client, target: str | None, experiment: str | None = None):
 
 
 def _sweep_paper(client, parent):
-    import os
-    import tempfile
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = client.download_artifacts(parent.info.run_id, "sweep/.medprune_sweep.json", tmp)
-            return json.loads(Path(path).read_text()).get("paper")
-        except Exception:  # an older sweep without the file: the generic table
-            return None
+    text = _artifact_text(client, parent.info.run_id, "sweep/.medprune_sweep.json")
+    try:
+        return None if text is None else json.loads(text).get("paper")
+    except ValueError:  # None: an older sweep (or an unreadable file): the generic table
+        return None
 
 
 def _with_children(client, parent, paper):
