@@ -51,7 +51,8 @@ class _Problem(Exception):
 
 
 def scan_folder(input_dir: Path, mask_dir: Path) -> tuple[list[Pair], int, list[str]]:
-    """Pairs ISIC_*.jpg with their masks. Returns (pairs sorted by id, files ignored, problems)."""
+    """Pairs ISIC_*.jpg with their masks. Returns (pairs sorted by id, files ignored, problems); a folder
+    without a single ISIC image (and so without problems either) is a DatasetError naming it."""
     if not mask_dir.is_dir():
         raise DatasetError(
             f"mask folder {mask_dir} is missing: expected it beside {input_dir.name}, holding "
@@ -69,6 +70,8 @@ def scan_folder(input_dir: Path, mask_dir: Path) -> tuple[list[Pair], int, list[
             problems.append(f"image {Path(entry.path)} has no mask: expected {mask}")
             continue
         pairs.append(Pair(case_id, Path(entry.path), mask))
+    if not pairs and not problems:
+        raise DatasetError(f"no ISIC_*.jpg images found in {input_dir}: expected files named ISIC_XXXXXXX.jpg")
     mask_names = {f"{p.case_id}{MASK_SUFFIX}" for p in pairs}
     ignored += sum(1 for name in os.listdir(mask_dir) if name not in mask_names)
     return pairs, ignored, problems
@@ -168,10 +171,6 @@ class ISIC2018(SegmentationData):
         problems: list[str] = []
         ignored = 0
         pairs, n_ignored, found = scan_folder(input_dir, self.root / TRAIN_DIRS[1])
-        if not pairs and not found:
-            raise DatasetError(
-                f"no ISIC_*.jpg images found in {input_dir}: expected files named ISIC_XXXXXXX.jpg"
-            )
         stats["train_pairs_found"] = len(pairs)
         ignored += n_ignored
         problems += found
@@ -190,8 +189,6 @@ class ISIC2018(SegmentationData):
                 log.warning("%s has no ground truth folder %s: carving %s from training instead", official_in, gt_name, split)
                 continue
             pairs, n_ignored, found = scan_folder(official_in, official_gt)
-            if not pairs and not found:
-                raise DatasetError(f"no ISIC_*.jpg images found in {official_in}: expected files named ISIC_XXXXXXX.jpg")
             sources[split] = pairs
             stats[f"official_{split}"] = 1
             ignored += n_ignored
@@ -217,8 +214,6 @@ class ISIC2018(SegmentationData):
             if not input_dir.is_dir():
                 continue
             found, n_ignored, found_problems = scan_folder(input_dir, test_root / gt_name)
-            if not found and not found_problems:
-                raise DatasetError(f"no ISIC_*.jpg images found in {input_dir}: expected files named ISIC_XXXXXXX.jpg")
             for pair in found:
                 if pair.case_id in folder_of:
                     raise DatasetError(

@@ -18,6 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data import DatasetError  # noqa: E402
 from data.isic import TRAIN_DIRS, scan_folder  # noqa: E402
 
 
@@ -29,9 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     source = args.source.resolve()
-    pairs, _, problems = scan_folder(source / TRAIN_DIRS[0], source / TRAIN_DIRS[1])
-    if problems or not pairs:
-        print(f"holdout_split: {source} is not a usable ISIC folder: {problems[:1] or 'no pairs'}", file=sys.stderr)
+    try:
+        pairs, _, problems = scan_folder(source / TRAIN_DIRS[0], source / TRAIN_DIRS[1])
+    except (DatasetError, OSError) as err:
+        problems = [str(err)]
+    if problems:
+        print(f"holdout_split: {source} is not a usable ISIC folder: {problems[0]}", file=sys.stderr)
         return 2
     if not 0 < args.holdout < len(pairs):
         print(f"holdout_split: --holdout {args.holdout}: expected 1..{len(pairs) - 1} of the {len(pairs)} pairs", file=sys.stderr)
