@@ -143,6 +143,18 @@ class ArrayDataset(Dataset):
         return self.transform(self.images[row], self.masks[row])
 
 
+class MaskFiles:
+    """For a 2D reader that keeps each split's mask files (`_mask_files`, read with its `mask_threshold`):
+    a mask at its image's original resolution (SegmentationData.original_mask)."""
+
+    _mask_files: dict[str, list[Path]]
+    mask_threshold: Optional[int]
+
+    def original_mask(self, split: str, index: int) -> np.ndarray:
+        self._check_read(split)
+        return read_mask(self._mask_files[split][index], self.mask_threshold)
+
+
 class SegmentationData(abc.ABC):
     """A dataset with fixed train/val/test splits, read once by `setup(seed)`.
 

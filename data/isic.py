@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data.base import (
-    ArrayDataset, DatasetError, SegmentationData, binary_mask, check_foreground, format_problems, read_mask,
+    ArrayDataset, DatasetError, SegmentationData, MaskFiles, binary_mask, check_foreground, format_problems,
 )
 from data.checks import check_floats, check_int, check_mask_threshold
 from data.splits import carve, check_disjoint
@@ -121,7 +121,7 @@ def load_pair(pair: Pair, size: int, mask_threshold: Optional[int] = None) -> tu
     return np.asarray(rgb, dtype=np.uint8), mask
 
 
-class ISIC2018(SegmentationData):
+class ISIC2018(MaskFiles, SegmentationData):
     """ISIC 2018 Task 1: RGB dermoscopy images, one binary lesion mask each.
 
     Official validation/test folders (with ground truth) are used as the val/test splits when present;
@@ -324,10 +324,6 @@ class ISIC2018(SegmentationData):
         )
 
     # -- serving -----------------------------------------------------------------------------------
-
-    def original_mask(self, split: str, index: int) -> np.ndarray:
-        self._check_read(split)
-        return read_mask(self._mask_files[split][index], self.mask_threshold)
 
     def dataset(self, split: str, augment: bool = False) -> ArrayDataset:
         self._check_read(split)

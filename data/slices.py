@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data.base import (
-    ArrayDataset, DatasetError, SegmentationData, binary_mask, check_foreground, format_problems, read_mask,
+    ArrayDataset, DatasetError, SegmentationData, MaskFiles, binary_mask, check_foreground, format_problems,
 )
 from data.checks import check_floats, check_int, check_mask_threshold
 from data.splits import carve, carve_groups, check_disjoint, group_of
@@ -58,7 +58,7 @@ def natural_key(text: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
-class SliceFolders(SegmentationData):
+class SliceFolders(MaskFiles, SegmentationData):
     """Image/mask folder pairs with a configurable name mapping; one binary mask per image."""
 
     num_classes = 1
@@ -265,10 +265,6 @@ class SliceFolders(SegmentationData):
             "%s: %d train / %d val / %d test pairs at %dpx (%d files ignored, %d empty masks)",
             self._describe(), self._stats["n_train"], self._stats["n_val"], self._stats["n_test"], self.image_size, ignored, empty,
         )
-
-    def original_mask(self, split: str, index: int) -> np.ndarray:
-        self._check_read(split)
-        return read_mask(self._mask_files[split][index], self.mask_threshold)
 
     def dataset(self, split: str, augment: bool = False) -> ArrayDataset:
         self._check_read(split)

@@ -174,7 +174,7 @@ def test_per_case_results_have_a_row_per_test_case(outputs, default_run):
     for network in ("baseline", "pruned", "final"):
         rows = _artifact_csv(outputs, run.info.run_id, f"evaluate/cases_{network}.csv")
         assert [r["case"] for r in rows] == test_ids
-        assert {"dice", "iou", "hd95", "nsd", "thresholded_jaccard", "true_px", "pred_px"} <= set(rows[0])
+        assert {"dice", "iou", "hd95", "nsd", "thresholded_jaccard", "true_px", "pred_px", "dice_orig", "hd95_orig"} <= set(rows[0])
     assert run.data.metrics["final/hd95"] >= 0 and 0 <= run.data.metrics["final/nsd"] <= 1
     assert run.data.params["final.collapsed"] in ("no", "all foreground", "all background")  # 1 tiny epoch may well collapse
 
