@@ -345,6 +345,11 @@ def validate(cfg: DictConfig) -> None:
     _check_range(e.latency_target_cv, "evaluate.latency_target_cv", 0.0, None)
     if not e.latency_max_seconds > 0:
         raise ConfigError(f"evaluate.latency_max_seconds={e.latency_max_seconds} is out of range: expected > 0")
+    if not e.nsd_tolerance > 0:
+        raise ConfigError(f"evaluate.nsd_tolerance={e.nsd_tolerance} is out of range: expected > 0 (mm, or pixels)")
+    if e.jaccard_threshold is not None:
+        _check_range(e.jaccard_threshold, "evaluate.jaccard_threshold", 0.0, 1.0, high_open=False)
+    _check_range(e.collapse_tolerance, "evaluate.collapse_tolerance", 0.0, 0.5)
 
     if not stages:
         raise ConfigError("stages is empty: expected a list such as [train, score, prune, finetune, evaluate]")

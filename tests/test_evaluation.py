@@ -169,3 +169,19 @@ def test_a_sweep_table_stars_latencies_that_did_not_settle_and_counts_collapsed_
     header, cells = add_collapsed(*table_rows(rows, paper), rows)
     assert header[-1] == "⚠ collapsed"
     assert [(c[0], c[3], c[-1]) for c in cells] == [("0.2", "3.00", "–"), ("0.4", "3.00 ± 0.00*", "1/2")]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("evaluate.nsd_tolerance=0", "evaluate.nsd_tolerance"),
+    ("evaluate.jaccard_threshold=1.5", "evaluate.jaccard_threshold"),
+    ("evaluate.collapse_tolerance=-1", "evaluate.collapse_tolerance"),
+    ("evaluate.collapse_tolerance=0.5", "evaluate.collapse_tolerance"),
+])
+def test_per_case_settings_out_of_range_are_refused_naming_the_key(override, key):
+    from helpers import compose_config
+
+    from pipeline.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=key):
+        validate(compose_config(override))
+    validate(compose_config("evaluate.jaccard_threshold=null"))  # null: the thresholded Jaccard is off
