@@ -87,10 +87,44 @@ class ScoreTableImportance(tp.importance.GroupMagnitudeImportance):
         return self._normalize(self._reduce(group_imp, group_idxs), self.normalizer)
 
 
+class RoundingPruner(tp.pruner.BasePruner):
+    """torch-pruning's pruner whose channel rounding never empties a layer.
+
+    torch-pruning rounds the kept count down to a multiple of `round_to`; a layer that would keep fewer
+    than `round_to` channels rounds to 0, which it then silently skips (the layer stays whole: a
+    16-channel layer at ratio 0.6 and round_to=8 kept 16, not 8). Here such a layer keeps `round_to`
+    channels, or all of them when it has no more than that (a tiny layer), and each case is recorded in
+    `guarded` (layer module, channels before, kept by the ratio, kept) for the log and channels.csv.
+    The module being rounded is the last one whose channel count the pruner asked the graph for, just
+    before it calls `_round_to` (torch-pruning 1.6, pinned; tests/test_pruning.py checks the records)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.guarded: list[tuple[nn.Module, int, int, int]] = []
+        self._asked: Optional[nn.Module] = None
+        graph = self.DG
+        for fn_name in ("get_out_channels", "get_in_channels"):
+            original = getattr(graph, fn_name)
+
+            def asked(module_or_node, _original=original):
+                self._asked = getattr(module_or_node, "module", module_or_node)
+                return _original(module_or_node)
+
+            setattr(graph, fn_name, asked)
+
+    def _round_to(self, n_pruned, current_channels, round_to):
+        keep = current_channels - n_pruned
+        rounded = keep - keep % round_to
+        if rounded == 0:
+            rounded = min(round_to, current_channels)
+            self.guarded.append((self._asked, current_channels, keep, rounded))
+        return current_channels - rounded
+
+
 @dataclass
 class PruneResult:
     model: nn.Module
-    channels: list[dict]  # one row per prunable layer: name, before, after
+    channels: list[dict]  # one row per prunable layer: name, before, after, removed, rounding
 
 
 def out_channels(model: nn.Module) -> dict[str, int]:
@@ -158,7 +192,7 @@ def prune(
         per_layer = global_layer_ratios(model, scores, names, example_inputs, ratio, max_layer_ratio, ignored)
         ratio = 0.0
     importance = ScoreTableImportance(scores, names)
-    pruner = tp.pruner.BasePruner(
+    pruner = RoundingPruner(
         model,
         example_inputs,
         importance=importance,
@@ -176,12 +210,34 @@ def prune(
                 importance.scores = rescore(model)
         pruner.step()  # at ratio 0 this removes nothing (tested), so one path serves every ratio
     after = out_channels(model)
+    rounding = _rounding_notes(pruner, names, round_to)
     rows = [
         {"layer": n, "scope": "encoder" if n.startswith("encoder.") else "decoder" if n.startswith("decoder.") else "other",
-         "before": before[n], "after": after[n], "removed": 1 - after[n] / before[n]}
+         "before": before[n], "after": after[n], "removed": 1 - after[n] / before[n], "rounding": rounding.get(n, "")}
         for n in before
     ]
     return PruneResult(model=model, channels=rows)
+
+
+def _rounding_notes(pruner: RoundingPruner, names: dict[nn.Module, str], round_to: Optional[int]) -> dict[str, str]:
+    """{layer: what the rounding guard did}, logged once: layers raised to `round_to` channels instead of
+    emptied, and tiny layers (no more than `round_to` channels) left whole."""
+    notes, raised, whole = {}, [], []
+    for module, current, keep, kept in pruner.guarded:
+        name = names.get(module, "?")
+        if kept == current:
+            notes[name] = f"kept whole: {current} <= round_to"
+            whole.append(name)
+        else:
+            notes[name] = f"raised to {kept}: the ratio keeps {keep}, which rounds to 0"
+            raised.append(f"{name} ({keep} -> {kept})")
+    if raised:
+        log.info("prune.round_to=%s: %d layer(s) keep %s channels where the ratio's count rounds down to 0: %s",
+                 round_to, len(raised), round_to, ", ".join(raised))
+    if whole:
+        log.info("prune.round_to=%s: %d tiny layer(s) with at most %s channels are left whole: %s",
+                 round_to, len(whole), round_to, ", ".join(whole))
+    return notes
 
 
 def global_layer_ratios(model, scores, names, example_inputs, ratio, max_layer_ratio, ignored) -> dict[str, float]:

@@ -93,6 +93,30 @@ def test_round_to_keeps_channel_multiples():
         assert row["after"] < row["before"] or row["before"] % 4 == 0
 
 
+def test_rounding_never_empties_a_layer_and_says_which_it_guarded(caplog):
+    # width 8, depth 2: layers of 8, 16 and 32 channels. At 0.6 with round_to=8 the exact counts are 3, 6
+    # and 12: torch-pruning's own rounding takes 3 and 6 down to 0 and then silently leaves those layers whole.
+    model = small_unet(width=8, depth=2)
+    with caplog.at_level("INFO", logger="pipeline.pruning"):
+        result = prune(model, l1_scores(model), X, ratio=0.6, round_to=8)
+    rows = {r["layer"]: r for r in result.channels}
+    for row in rows.values():
+        assert row["after"] > 0 and (row["after"] % 8 == 0 or row["after"] == row["before"]), row
+    assert rows["encoder.1.conv.0"]["before"] == 16 and rows["encoder.1.conv.0"]["after"] == 8
+    assert rows["encoder.1.conv.0"]["rounding"].startswith("raised to 8: the ratio keeps 6")
+    assert rows["encoder.2.conv.0"]["after"] == 8 and rows["encoder.2.conv.0"]["rounding"] == ""  # 12 -> 8, plain rounding
+    assert rows["encoder.0.conv.0"]["after"] == 8 and rows["encoder.0.conv.0"]["rounding"] == "kept whole: 8 <= round_to"
+    assert "encoder.1.conv.0 (6 -> 8)" in caplog.text and "left whole: " in caplog.text
+    assert result.model(X).shape == (1, 1, 64, 64)
+
+
+def test_exact_rates_have_no_rounding_notes():
+    model = small_unet(width=8, depth=2)
+    result = prune(model, l1_scores(model), X, ratio=0.6, round_to=None)
+    assert {r["after"] for r in result.channels if r["before"] == 16} == {6}
+    assert all(r["rounding"] == "" for r in result.channels)
+
+
 def test_pruned_network_trains():
     model = small_unet()
     pruned = prune(model, l1_scores(model), X, ratio=0.5).model.train()
