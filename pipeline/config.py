@@ -18,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from pipeline.precision import Precision
 from pipeline.schedules import SCHEDULES, ConfigEnum, Scope  # noqa: F401  (Scope: the schema's type, re-exported)
 
 
@@ -39,13 +40,21 @@ class Stage(ConfigEnum):
 # every option of every group sets exactly the schema's keys.
 
 
+class Runtime(ConfigEnum):
+    """An inference runtime the evaluate stage can deploy a network in besides torch (pipeline/runtimes.py)."""
+
+    onnxruntime = "onnxruntime"
+    openvino = "openvino"
+    compile = "compile"
+
+
 @dataclass
 class TrainConfig:
     epochs: int = MISSING
     batch_size: int = MISSING
     lr: float = MISSING  # passed to the optimizer (conf/optimizer)
     weight_decay: float = MISSING  # passed to the optimizer
-    amp: bool = MISSING  # CUDA mixed precision (ignored on CPU, with a warning)
+    precision: Precision = MISSING  # fp32 | bf16 | fp16: autocast type of the loop (pipeline/precision.py)
     checkpoint_every: int = MISSING  # save the training state every N epochs (0: never); a rerun resumes from it
     bn_l1: float = MISSING  # network slimming: L1 penalty on BatchNorm gammas added to the loss
     num_workers: int = MISSING
@@ -84,7 +93,8 @@ class EvaluateConfig:
     fold_bn: bool = MISSING  # BatchNorm folded into the convolution before it (exact in eval mode)
     channels_last: bool = MISSING  # NHWC memory layout
     latency_eager: bool = MISSING  # also latency_eager_ms (the network as trained) when the form above differs
-    onnx: bool = MISSING  # export to ONNX (BatchNorm folded), time with ONNX Runtime: onnx_latency_ms, onnx_max_abs_diff
+    runtimes: List[Runtime] = MISSING  # deployed forms timed beside torch's: onnxruntime | openvino | compile
+    precision: Precision = MISSING  # fp32 | bf16 | fp16: also time every form in this type and score Dice in it
     onnx_opset: int = MISSING
     onnx_dynamo: bool = MISSING  # torch.export-based exporter instead of the TorchScript one
     threads: Optional[int] = MISSING  # CPU threads of the whole stage (quality and timing); null: all cores
@@ -360,9 +370,14 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"stages={stages} is out of order: expected a subsequence of {order}")
     if not (cfg.device == "auto" or cfg.device == "cpu" or str(cfg.device).startswith("cuda")):
         raise ConfigError(f"device={cfg.device!r}: expected auto, cpu, cuda or cuda:N")
+    from pipeline.precision import supported
     from pipeline.state import pick_device
 
     try:
-        pick_device(str(cfg.device))
+        device = pick_device(str(cfg.device))
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    for key in ("train.precision", "finetune.precision"):
+        value = str(OmegaConf.select(cfg, key))
+        if value == "fp16" and supported(value, device):
+            raise ConfigError(f"{key}=fp16: {supported(value, device)}")

@@ -281,11 +281,13 @@ def _load_1min() -> float | None:
 
 @torch.inference_mode()
 def machine_peak(device: torch.device, threads: int | None = None, matmul_size: int = 1024,
-                 conv_shape: tuple[int, int, int, int] = (1, 64, 128, 128), runs: int = 5) -> dict[str, float]:
-    """What this machine can do at `threads`: GFLOP/s of a large float32 matmul and of a large 3x3
-    convolution (64 -> 64 channels, channels_last, as the deployed networks run), best of `runs` after a
+                 conv_shape: tuple[int, int, int, int] = (1, 64, 128, 128), runs: int = 5,
+                 dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """What this machine can do at `threads`: GFLOP/s of a large matmul and of a large 3x3 convolution
+    (64 -> 64 channels, channels_last, as the deployed networks run) in `dtype`, best of `runs` after a
     warm-up. A network's achieved GFLOP/s over this peak says how much of the machine it uses: a pruned
-    network that is fast but far below the peak leaves the machine idle (small, thin convolutions)."""
+    network that is fast but far below the peak leaves the machine idle (small, thin convolutions).
+    Reduced-precision forms are compared with the peak in their own type (bf16: AMX / AVX512-BF16)."""
     def timed(fn) -> float:
         def call():
             fn()
@@ -294,14 +296,15 @@ def machine_peak(device: torch.device, threads: int | None = None, matmul_size: 
         with cpu_threads(threads):
             return min(time_calls(call, warmup=2, runs=runs)) / 1e3
 
-    a = torch.randn(matmul_size, matmul_size, device=device)
-    b = torch.randn(matmul_size, matmul_size, device=device)
+    a = torch.randn(matmul_size, matmul_size, device=device, dtype=dtype)
+    b = torch.randn(matmul_size, matmul_size, device=device, dtype=dtype)
     matmul = 2 * matmul_size**3 / timed(lambda: a @ b) / 1e9
     conv = nn.Conv2d(conv_shape[1], conv_shape[1], 3, padding=1, bias=False).to(device).eval()
-    x = torch.randn(conv_shape, device=device)
+    flops = count_flops(conv, conv_shape)
+    conv = conv.to(dtype)
+    x = torch.randn(conv_shape, device=device, dtype=dtype)
     if device.type == "cpu":
         conv, x = conv.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    flops = count_flops(conv, conv_shape)
     convolution = flops / timed(lambda: conv(x)) / 1e9
     return {"peak_matmul_gflops": matmul, "peak_conv_gflops": convolution, "peak_gflops": max(matmul, convolution)}
 

@@ -46,6 +46,16 @@ def results_table(results: dict[str, dict]) -> str:
     columns = list(COLUMNS)
     if any("dice_3d" in r for r in results.values()):
         columns.insert(1, ("Dice 3D", "dice_3d", "{:.4f}"))
+    # reduced precision (evaluate.precision) and the fastest deployed form per precision (evaluate.runtimes)
+    results = {row: {**r, **{f"fastest{s}": f"{r[f'fastest{s}_ms']:.2f} ({r[f'fastest{s}_form']})"
+                              for s in ("", "_bf16", "_fp16") if f"fastest{s}_form" in r}} for row, r in results.items()}
+    for low in ("bf16", "fp16"):
+        if any(f"dice_{low}" in r for r in results.values()):
+            columns.insert(columns.index(("IoU", "iou", "{:.4f}")), (f"Dice {low}", f"dice_{low}", "{:.4f}"))
+    for s, title in (("", "Fastest (ms, runtime)"), ("_bf16", "Fastest bf16"), ("_fp16", "Fastest fp16")):
+        if any(f"fastest{s}" in r for r in results.values()) and any(len(
+                [k for k in r if k.endswith(f"latency{s}_ms") and k != "latency_eager_ms"]) > 1 for r in results.values()):
+            columns.append((title, f"fastest{s}", "{}"))
     lines = ["| Network | " + " | ".join(c[0] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     marked, collapsed = False, []
     for key, label in LABELS.items():
@@ -56,9 +66,9 @@ def results_table(results: dict[str, dict]) -> str:
                 label += " ⚠"
             cells = []
             for _, name, fmt in columns:
-                unsettled = name == "latency_ms" and r.get("latency_settled") == 0
+                unsettled = r.get(f"{_timed_form(r, name)}_settled") == 0
                 marked |= unsettled
-                cells.append(fmt.format(r[name]) + (UNSETTLED_MARK if unsettled else ""))
+                cells.append((fmt.format(r[name]) if name in r else "-") + (UNSETTLED_MARK if unsettled else ""))
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if marked or collapsed:
         lines.append("")
@@ -67,6 +77,17 @@ def results_table(results: dict[str, dict]) -> str:
     if collapsed:
         lines.append(f"⚠ collapsed ({'; '.join(collapsed)}): its Dice is not a segmentation result")
     return "\n".join(lines)
+
+
+def _timed_form(r: dict, column: str) -> str:
+    """The timed form a table column shows (latency_ms: `latency`; a fastest column: its runtime's form)."""
+    if column == "latency_ms":
+        return "latency"
+    if column.startswith("fastest") and f"{column}_form" in r:
+        from pipeline.runtimes import RUNTIME_FORMS
+
+        return RUNTIME_FORMS[r[f"{column}_form"]] + column[len("fastest"):]
+    return ""
 
 
 # -- sweep reports -------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 The optimizer, the lr scheduler and the loss come from their config groups (`Recipe`); the learning
 rate, weight decay and length from the phase (`train` or `finetune`). The weights with the best
-validation Dice are kept. Mixed precision (`amp`) applies on CUDA only.
+validation Dice are kept. `precision` (fp32 | bf16 | fp16) is the autocast type of the forward and loss
+(pipeline/precision.py): bf16 on CUDA and on CPUs with native bf16, fp16 with a gradient scaler on CUDA.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from tqdm import tqdm
 from data.files import read_csv, write_csv
 from pipeline.checkpoint import Checkpoint, epoch_seed
 from pipeline.metrics import SegmentationMeter
+from pipeline.precision import autocast_dtype
 from pipeline.profiling import cpu_threads
 from pipeline.state import seed_everything
 
@@ -138,10 +140,10 @@ def _fit(model, train_set, val_set, settings, recipe, device, seed, log_metrics,
     epochs, max_steps = budget(settings, len(train_loader), desc)
     optimizer, scheduler = recipe.build(model, settings, epochs)
     loss_fn = recipe.loss.to(device)
-    use_amp = bool(settings.amp) and device.type == "cuda"
-    if settings.amp and not use_amp:
-        log.warning("%s.amp=true is ignored on %s (mixed precision is for CUDA)", desc, device.type)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    dtype = autocast_dtype(settings.precision, device, f"{desc}.precision")
+    if dtype is not None:
+        log.info("%s in %s autocast on %s", desc, settings.precision, device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)  # fp16 gradients underflow without it
     bn_layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
     saver = Checkpoint(checkpoint, settings.checkpoint_every) if checkpoint is not None else None
     resumed = saver.load() if saver is not None else None
@@ -174,7 +176,7 @@ def _fit(model, train_set, val_set, settings, recipe, device, seed, log_metrics,
                 break  # the step budget ends inside this (last) epoch
             images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+            with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None):
                 loss = loss_fn(model(images).float(), masks)
             if settings.bn_l1 > 0:  # network slimming: sparse BatchNorm scales make bn_scale scores decisive
                 loss = loss + settings.bn_l1 * sum(m.weight.abs().sum() for m in bn_layers)

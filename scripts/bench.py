@@ -9,18 +9,22 @@ does the pipeline waste time anywhere?
 Rows (see docs/PERFORMANCE.md for a measured table and what it means):
   speed     pruned-network speed: classic UNet and UNet++/resnet34 at ratios 0..0.6 (L1, uniform), channel
             rounding off/on; params, MACs, FLOPs, batch-1 latency (median, p90), batch-8 throughput,
-            speed-up and efficiency = speed-up / FLOPs reduction, for each inference form (variant):
-            eager, channels_last, BatchNorm folded, folded + channels_last, ONNX Runtime
+            speed-up and efficiency = speed-up / FLOPs reduction, achieved GFLOP/s and share of the machine's
+            peak, for each inference form (variant): eager, channels_last, BatchNorm folded, folded +
+            channels_last, ONNX Runtime, OpenVINO, torch.compile (inductor), and in bf16 (torch, compile,
+            OpenVINO) where the CPU has native bf16; every preset's model (UNet, UNet++, attention UNet,
+            the lung study's custom UNet, DeepLabV3+); a summary names the fastest form per network
   export    ONNX export of each pruned network (BatchNorm folded): export time, file size, ONNX Runtime
             latency and max |torch - ONNX Runtime| (must be < 1e-4)
   training  train-stage images/s (pipeline.training.fit) vs a bare PyTorch loop on the same model, data,
-            batch size and optimiser; data loader alone; decoding the full-size JPEGs per item instead
+            batch size and optimiser; the train step alone in fp32 and in bf16 autocast (train.precision);
+            data loader alone; decoding the full-size JPEGs per item instead
   pruning   seconds to score + prune the default classic UNet with L1, and with a data-driven criterion
             over 32 calibration images
   volumes   slice-cache build of a synthetic BraTS-like set of 10 cases, and the second run (cache hit)
   cuda      (CUDA only) training throughput fp32 vs bf16 / fp16 autocast vs channels_last
 
-Runs on CUDA when present (`--device auto`), else on CPU; ONNX Runtime always runs on CPU. Writes
+Runs on CUDA when present (`--device auto`), else on CPU; ONNX Runtime and OpenVINO always run on CPU. Writes
 outputs/bench/bench.md and bench.json (the machine, the settings, every number), plus a timestamped
 copy of each. Latency uses `pipeline.profiling` (the evaluate stage's own timing code) with the
 thread count fixed (`--threads`, default all cores).
@@ -51,13 +55,21 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from models import build_model  # noqa: E402  (models/__init__ runs the torchvision compatibility shim first)
-from pipeline import inference  # noqa: E402
+from pipeline import inference, precision, runtimes  # noqa: E402
 from pipeline.profiling import count_flops, count_params, latency_times, machine_info, machine_peak, summarize, time_calls  # noqa: E402
 
 log = logging.getLogger("bench")
 
 ROWS = ("speed", "export", "training", "pruning", "volumes", "cuda")
-VARIANTS = ("eager", "channels_last", "folded", "folded+cl", "onnxruntime")
+# Deployed forms from pipeline/runtimes.py (the evaluate stage's evaluate.runtimes / evaluate.precision):
+# variant -> (runtime, precision); each is built from the BatchNorm-folded network.
+RUNTIME_VARIANTS = {"openvino": ("openvino", "fp32"), "compile": ("compile", "fp32"),
+                    "folded+cl bf16": ("torch", "bf16"), "compile bf16": ("compile", "bf16"),
+                    "openvino bf16": ("openvino", "bf16")}
+VARIANTS = ("eager", "channels_last", "folded", "folded+cl", "onnxruntime", *RUNTIME_VARIANTS)
+DEPLOYED_VARIANTS = ("folded+cl", "onnxruntime", "openvino", "compile")  # fp32 forms a network is deployed in
+BF16_VARIANTS = tuple(v for v, (_, p) in RUNTIME_VARIANTS.items() if p == "bf16")
+DEFAULT_ROUND_TO = 8  # conf/shared/prune.yaml (checked by tests/test_bench.py)
 # The forms the evaluate stage reports (chosen from the measured table, see docs/PERFORMANCE.md):
 # latency_ms is DEPLOYED_TORCH (BatchNorm folded + channels_last), onnx_latency_ms is DEPLOYED (the
 # exported, BatchNorm-folded ONNX model under ONNX Runtime). Both are also timed at the batch size.
@@ -136,22 +148,29 @@ class Settings:
 
 
 def full_settings() -> Settings:
+    # the presets' other models: the default rounding only, and the forms that compete for deployment
+    others = ("eager", "folded+cl", "onnxruntime", "openvino", "folded+cl bf16", "openvino bf16")
     return Settings(nets=[
         NetSpec("unet", model_config("unet"), 256,
                 throughput=("eager", DEPLOYED_TORCH, DEPLOYED)),
         NetSpec("unetplusplus", model_config("smp_unetplusplus"), 256,
-                variants=("eager", "channels_last", "folded+cl", "onnxruntime"), throughput=("eager", DEPLOYED),
+                variants=("eager", "channels_last", "folded+cl", "onnxruntime", "openvino", "compile",
+                          "folded+cl bf16", "openvino bf16", "compile bf16"), throughput=("eager", DEPLOYED),
                 round_to=(None, 8)),
+        NetSpec("attention_unet", model_config("attention_unet"), 256, variants=others, throughput=(), round_to=(8,)),
+        NetSpec("custom_unet", model_config("custom_unet"), 256, variants=others, throughput=(), round_to=(8,)),
+        NetSpec("deeplabv3plus", model_config("deeplabv3plus"), 256, variants=others, throughput=(), round_to=(8,)),
     ])
 
 
 def quick_settings() -> Settings:
     return Settings(
         nets=[
-            NetSpec("unet", model_config("unet", width=8, depth=2), 32),
+            # torch.compile is left out: its first compile costs 10+ s (tests/test_runtimes.py covers it)
+            NetSpec("unet", model_config("unet", width=8, depth=2), 32, variants=tuple(v for v in VARIANTS if "compile" not in v)),
             NetSpec("unetplusplus", model_config("smp_unetplusplus", encoder_name="resnet18", encoder_depth=3,
                                                  decoder_channels=[32, 16, 8]), 32,
-                    variants=("eager", "folded+cl", "onnxruntime")),
+                    variants=("eager", "folded+cl", "onnxruntime", "openvino", "folded+cl bf16", "openvino bf16")),
         ],
         ratios=(0.0, 0.5), round_to=(None, 4), warmup=1, rounds=2, runs_per_round=2, batch=2, batch_rounds=1, prune_example=32,
         train_model=model_config("unet_tiny"), train_images=12, train_min_side=48,
@@ -202,11 +221,15 @@ class Runner:
     """One inference form (variant) of one network; returns per-run milliseconds for a batch size."""
 
     def __init__(self, variant: str, model: nn.Module, shape: tuple[int, ...], device: torch.device, threads: int,
-                 session=None):
+                 session=None, work: Optional[Path] = None):
         self.variant, self.shape, self.threads = variant, shape, threads
-        self.session, self.model, self.channels_last = None, None, False
+        self.session, self.model, self.channels_last, self.deployed = None, None, False, None
         if variant == "onnxruntime":
             self.session = session
+        elif variant in RUNTIME_VARIANTS:
+            runtime, dtype = RUNTIME_VARIANTS[variant]
+            folded = inference.prepare_for_inference(model, shape, fold_bn=True, channels_last=False).model.to(device)
+            self.deployed = runtimes.deploy(folded, shape, runtime, dtype, threads=threads, work_dir=work, reference=model)
         else:
             prepared = inference.prepare_for_inference(
                 model, shape, fold_bn=variant in ("folded", "folded+cl"), channels_last=variant in ("channels_last", "folded+cl"))
@@ -214,9 +237,27 @@ class Runner:
 
     def times(self, batch: int, warmup: int, runs: int) -> list[float]:
         shape = (batch, *self.shape[1:])
+        if self.deployed is not None:  # built for batch-1 latency only (throughput: `NetSpec.throughput` forms)
+            with torch.inference_mode():
+                return time_calls(self.deployed.call, warmup, runs)
         if self.session is not None:
             return inference.time_onnx(self.session, shape, warmup, runs)
         return latency_times(self.model, shape, warmup, runs, self.threads, channels_last=self.channels_last)
+
+
+def pool(variant: str) -> str:
+    """The thread pool a form runs on: forms of one pool are interleaved, pools timed one after another
+    (a runtime's idle threads spin for a while and would slow the next runtime's forms)."""
+    if variant == "onnxruntime":
+        return "onnxruntime"
+    return "openvino" if variant.startswith("openvino") else "torch"
+
+
+def bf16_available(device: torch.device) -> Optional[str]:
+    """None when the bf16 forms can be timed here, else why not."""
+    if device.type != "cpu":
+        return "the bf16 forms are CPU forms (OpenVINO, inductor on CPU); on CUDA see row 6"
+    return precision.supported("bf16", device)
 
 
 @dataclass
@@ -248,6 +289,10 @@ def bench_speed(s: Settings, device: torch.device, work: Path, rows: set[str], m
         shape = (1, spec.in_channels, spec.size, spec.size)
         example = torch.randn(1, spec.in_channels, s.prune_example, s.prune_example)
         variants = [v for v in spec.variants if "speed" in rows or v == "onnxruntime"]
+        no_bf16 = bf16_available(device)
+        if no_bf16 and any(v in BF16_VARIANTS for v in variants):
+            _progress(f"speed: {spec.label}: no bf16 forms: {no_bf16}")
+            variants = [v for v in variants if v not in BF16_VARIANTS]
         entries: list[Entry] = []
         order: list[tuple[Optional[int], float, int]] = []  # (round_to, ratio, index of the entry measured)
         for round_to in spec.round_to or s.round_to:
@@ -266,16 +311,25 @@ def bench_speed(s: Settings, device: torch.device, work: Path, rows: set[str], m
                 export_row = session = None
                 if "onnxruntime" in variants or "export" in rows:
                     export_row, session = _export(net, spec, round_to, ratio, shape, work, threads, s)
-                runners = {v: Runner(v, net, shape, torch.device("cpu") if v == "onnxruntime" else device, threads, session)
-                           for v in variants if v != "onnxruntime" or session is not None}
+                runners = {}
+                for v in variants:
+                    if v == "onnxruntime" and session is None:
+                        continue
+                    try:
+                        runners[v] = Runner(v, net, shape, torch.device("cpu") if pool(v) != "torch" else device, threads,
+                                            session, work / "deployed" / f"{spec.label}-r{ratio:g}-round{round_to or 0}-{v}")
+                    except Exception as err:  # noqa: BLE001  (a runtime that cannot take this network: say so, go on)
+                        _progress(f"  {spec.label} ratio={ratio:g} {v}: not built ({type(err).__name__}: {err})")
                 order.append((round_to, ratio, len(entries)))
                 entries.append(Entry(net_row, export_row, runners))
-        for round_index in range(s.rounds):
-            _progress(f"speed: {spec.label} latency round {round_index + 1}/{s.rounds}")
-            for entry in entries:
-                for variant, runner in entry.runners.items():
-                    entry.latency.setdefault(variant, []).extend(
-                        runner.times(1, s.warmup if round_index == 0 else 0, s.runs_per_round))
+        for pool_name in ("torch", "onnxruntime", "openvino"):  # one pass per thread pool, networks interleaved
+            for round_index in range(s.rounds):
+                _progress(f"speed: {spec.label} {pool_name} latency round {round_index + 1}/{s.rounds}")
+                for entry in entries:
+                    for variant, runner in entry.runners.items():
+                        if pool(variant) == pool_name:
+                            entry.latency.setdefault(variant, []).extend(
+                                runner.times(1, s.warmup if round_index == 0 else 0, s.runs_per_round))
         for round_index in range(s.batch_rounds):
             _progress(f"speed: {spec.label} batch-{s.batch} round {round_index + 1}/{s.batch_rounds}")
             for entry in entries:
@@ -290,8 +344,11 @@ def bench_speed(s: Settings, device: torch.device, work: Path, rows: set[str], m
             for variant, times in entry.latency.items():
                 stats = summarize(times)
                 row = {"model": spec.label, "round_to": round_to, "ratio": ratio, "variant": variant,
-                       "device": "cpu" if variant == "onnxruntime" else device.type,
+                       "device": "cpu" if pool(variant) != "torch" else device.type,
                        "median_ms": stats["median_ms"], "p90_ms": stats["p90_ms"], "min_ms": min(times), "runs": stats["runs"]}
+                deployed = entry.runners[variant].deployed
+                if deployed is not None:
+                    row["max_abs_diff"] = deployed.max_abs_diff
                 if entry.batch.get(variant):
                     row["throughput_ips"] = s.batch / (min(entry.batch[variant]) / 1e3)  # best of the rounds' batches
                 latency.append(row)
@@ -461,15 +518,28 @@ def bench_training(s: Settings, device: torch.device, work: Path, data_root: Pat
     step_model = copy.deepcopy(init).to(device).train()
     optimizer = torch.optim.Adam(step_model.parameters(), lr=settings.lr)
 
-    def steps():
+    def steps(dtype=None):
         for images, masks in batches:
             optimizer.zero_grad(set_to_none=True)
-            recipe.loss(step_model(images), masks).backward()
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):  # as fit does
+                loss = recipe.loss(step_model(images).float(), masks)
+            loss.backward()
             optimizer.step()
         _sync(device)
 
-    step_ms = summarize(time_calls(steps, 1, 3))["median_ms"]
-    step_ips = sum(b[0].shape[0] for b in batches) / (step_ms / 1e3)
+    # fp32 and bf16 autocast interleaved (train.precision=bf16 where the device has native bf16)
+    low = precision.autocast_dtype("bf16", device, "bench train step") if not precision.supported("bf16", device) else None
+    timings: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for label, dtype in (("fp32", None), ("bf16", low)):
+        if label == "fp32" or low is not None:
+            steps(dtype)  # warm-up
+    for _ in range(3):
+        for label, dtype in (("fp32", None), ("bf16", low)):
+            if label == "fp32" or low is not None:
+                timings[label].extend(time_calls(lambda: steps(dtype), 0, 1))
+    images_per_call = sum(b[0].shape[0] for b in batches)
+    step_ips = images_per_call / (statistics.median(timings["fp32"]) / 1e3)
+    step_bf16_ips = images_per_call / (statistics.median(timings["bf16"]) / 1e3) if timings["bf16"] else None
 
     fit_best, bare_best, fit_all, bare_all, info = 0.0, 0.0, [], [], {}
     for repeat_index in range(s.train_repeats):
@@ -490,7 +560,7 @@ def bench_training(s: Settings, device: torch.device, work: Path, data_root: Pat
         "repeat": repeat, "epochs": s.train_epochs, "workers": s.train_workers,
         "fit_ips": fit_best, "bare_ips": bare_best, "ratio": fit_best / bare_best,
         "fit_ips_per_epoch": fit_all, "bare_ips_per_epoch": bare_all, "fit_val_ms": info.get("val_ms"),
-        "step_ips": step_ips, "loader_ips": max(loader_speeds), "decode_per_item_ips": decode_ips,
+        "step_ips": step_ips, "step_bf16_ips": step_bf16_ips, "loader_ips": max(loader_speeds), "decode_per_item_ips": decode_ips,
         "setup_s": setup_s, "setup_images": len(data.split_ids()["train"]) + len(data.split_ids()["val"]) + len(data.split_ids()["test"]),
         "generate_s": generate_s, "generated": generated, "state_copy_ms": state_copy_ms,
         "jpeg_sides": [s.train_min_side, s.train_max_side],
@@ -643,20 +713,38 @@ def targets(results: dict) -> list[dict]:
     speed = results.get("speed")
     if speed:
         lat = speed["latency"]
-        for model in sorted({r["model"] for r in lat}):
-            if model != "unet":
-                continue
-            top = max(r["ratio"] for r in lat if r["model"] == model)
-            for round_to in sorted({r["round_to"] for r in lat if r["model"] == model}, key=lambda v: v or 0):
-                for variant in [v for v in VARIANTS if any(r["variant"] == v for r in lat)]:
-                    rows = [r for r in lat if r["model"] == model and r["round_to"] == round_to and r["variant"] == variant]
-                    if not rows:
-                        continue
-                    at_top = next(r for r in rows if r["ratio"] == top)
-                    eff = min(r["efficiency"] for r in rows if r["ratio"] > 0) if any(r["ratio"] > 0 for r in rows) else float("nan")
-                    out.append({"target": f"{model} round_to={round_to or '-'} {variant}: speed-up at {top:g} >= 5 and efficiency >= 0.8 at every ratio",
-                                "value": f"{at_top['speedup']:.2f}x, min efficiency {eff:.2f}",
-                                "met": bool(at_top["speedup"] >= 5 and eff >= 0.8)})
+        unet = [r for r in lat if r["model"] == "unet" and r["round_to"] == DEFAULT_ROUND_TO]
+        for variant in [v for v in DEPLOYED_VARIANTS if any(r["variant"] == v for r in unet)]:
+            rows = [r for r in unet if r["variant"] == variant]
+            top = max(r["ratio"] for r in rows)
+            at_top = next(r for r in rows if r["ratio"] == top)
+            eff = min((r["efficiency"] for r in rows if r["ratio"] > 0), default=float("nan"))
+            out.append({"target": f"unet, default rounding (round_to={DEFAULT_ROUND_TO}), {variant}: speed-up at {top:g} >= 5.5 "
+                                  "and efficiency >= 0.8 at every ratio",
+                        "value": f"{at_top['speedup']:.2f}x, min efficiency {eff:.2f}",
+                        "met": bool(at_top["speedup"] >= 5.5 and eff >= 0.8)})
+        fastest = fastest_forms(results)
+        for round_to in sorted({r["round_to"] for r in fastest if r["model"] == "unetplusplus"}, key=lambda v: v or 0):
+            effs = [r["fp32"]["efficiency"] for r in fastest if r["model"] == "unetplusplus" and r["round_to"] == round_to
+                    and r["ratio"] > 0 and r.get("fp32", {}).get("efficiency") is not None]
+            if effs:
+                out.append({"target": f"unetplusplus round_to={round_to or '-'}: fastest-form efficiency >= 0.75 at every ratio",
+                            "value": f"min {min(effs):.2f}", "met": min(effs) >= 0.75})
+        for model in sorted({r["model"] for r in fastest}):
+            rows = [r for r in fastest if r["model"] == model and r["ratio"] > 0 and r.get("fp32", {}).get("peak_share")]
+            rows = [r for r in rows if r["round_to"] == DEFAULT_ROUND_TO] or rows
+            if rows:
+                worst = min(rows, key=lambda r: r["fp32"]["peak_share"])
+                out.append({"target": f"{model}: the fastest fp32 form of every pruned network >= 50% of the fp32 peak",
+                            "value": f"min {100 * worst['fp32']['peak_share']:.0f}% ({worst['fp32']['variant']}, ratio {worst['ratio']:g})",
+                            "met": worst["fp32"]["peak_share"] >= 0.5})
+        bf16 = [r for r in fastest if r["model"] == "unet" and r["round_to"] == DEFAULT_ROUND_TO and r.get("bf16")]
+        if bf16:
+            top = max(bf16, key=lambda r: r["ratio"])
+            out.append({"target": f"unet {top['ratio']:g} (round_to={DEFAULT_ROUND_TO}), fastest bf16 form >= 20x the unpruned eager "
+                                  "fp32 network (Dice within 0.2 points: evaluate.precision=bf16 on real data)",
+                        "value": f"{top['bf16']['vs_eager_fp32']:.1f}x ({top['bf16']['variant']})",
+                        "met": top["bf16"]["vs_eager_fp32"] >= 20})
     exports = (results.get("speed") or {}).get("export") or []
     if exports:
         worst = max(e["max_abs_diff"] for e in exports)
@@ -674,6 +762,61 @@ def targets(results: dict) -> list[dict]:
     return out
 
 
+def _peak_for(results: dict, variant: str) -> Optional[float]:
+    """The yardstick of a form: the machine's peak in the form's precision."""
+    peak = results.get("peak_bf16" if variant in BF16_VARIANTS else "peak")
+    return peak["peak_gflops"] if peak else None
+
+
+def fastest_forms(results: dict) -> list[dict]:
+    """Per model, rounding and ratio: the fastest fp32 form and the fastest bf16 form, with their share of
+    the peak in their precision, and the speed-up of each over the unpruned eager fp32 network."""
+    speed = results.get("speed") or {}
+    flops = {(n["model"], n["round_to"], n["ratio"]): n["flops_g"] for n in speed.get("networks", [])}
+    groups: dict[tuple, list[dict]] = {}
+    for r in speed.get("latency", []):
+        groups.setdefault((r["model"], r["round_to"], r["ratio"]), []).append(r)
+    out = []
+    for key, rows in groups.items():
+        row = {"model": key[0], "round_to": key[1], "ratio": key[2]}
+        base = {(r["variant"]): r for r in groups.get((key[0], key[1], 0.0), [])}
+        for label, pick in (("fp32", lambda v: v not in BF16_VARIANTS and v in DEPLOYED_VARIANTS), ("bf16", lambda v: v in BF16_VARIANTS)):
+            candidates = [r for r in rows if pick(r["variant"])]
+            if not candidates:
+                continue
+            best = min(candidates, key=lambda r: r["median_ms"])
+            base_best = min((b for v, b in base.items() if pick(v)), key=lambda r: r["median_ms"], default=None)
+            achieved = flops[key] / (best["median_ms"] / 1e3)
+            yardstick = _peak_for(results, best["variant"])
+            row[label] = {"variant": best["variant"], "ms": best["median_ms"], "peak_share": achieved / yardstick if yardstick else None,
+                          "vs_eager_fp32": best.get("speedup_vs_eager"), "max_abs_diff": best.get("max_abs_diff"),
+                          # the fastest form pruned against the fastest form unpruned, over the FLOPs reduction
+                          "efficiency": (base_best["median_ms"] / best["median_ms"]) / best["flops_reduction"]
+                          if base_best and key[2] > 0 else None}
+        out.append(row)
+    return out
+
+
+def _fastest_section(results: dict) -> list[str]:
+    rows = fastest_forms(results)
+    if not rows:
+        return []
+    lines = ["### Fastest form per network", "",
+             "The fastest deployed fp32 form (folded+cl, ONNX Runtime, OpenVINO, compile) and the fastest bf16 form, their "
+             "share of the machine's peak in their precision, their speed-up over the unpruned eager fp32 network, and "
+             "the fastest-form efficiency (fastest unpruned / fastest pruned, over the FLOPs reduction). bf16 accuracy: "
+             "max |bf16 - fp32 eager| here; Dice in bf16 on real data comes from the evaluate stage (evaluate.precision=bf16).", "",
+             "| model | round_to | ratio | fastest fp32 | ms | % fp32 peak | efficiency | fastest bf16 | ms | % bf16 peak | vs eager fp32 | max abs diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        a, b = r.get("fp32") or {}, r.get("bf16") or {}
+        lines.append(f"| {r['model']} | {r['round_to'] or '-'} | {r['ratio']:g} | {a.get('variant', '-')} | {_f(a.get('ms'))} | "
+                     f"{_f(a.get('peak_share') and 100 * a['peak_share'], '{:.0f}')} | {_f(a.get('efficiency'))} | "
+                     f"{b.get('variant', '-')} | {_f(b.get('ms'))} | {_f(b.get('peak_share') and 100 * b['peak_share'], '{:.0f}')} | "
+                     f"{_f(b.get('vs_eager_fp32'), '{:.1f}x')} | {_f(b.get('max_abs_diff'), '{:.1e}')} |")
+    return lines + [""]
+
+
 def render(results: dict) -> str:
     m = results["machine"]
     lines = [
@@ -688,9 +831,13 @@ def render(results: dict) -> str:
     ]
     peak = results.get("peak")
     if peak:
+        low = results.get("peak_bf16")
         lines += [f"Machine peak at {results['threads']} threads: {peak['peak_matmul_gflops']:.0f} GFLOP/s (float32 matmul 1024³), "
                   f"{peak['peak_conv_gflops']:.0f} GFLOP/s (3x3 convolution 64→64 at 128², channels_last, FLOPs counted as "
-                  f"direct convolution). `% peak` below is a network's achieved GFLOP/s over the larger of the two.", ""]
+                  f"direct convolution)"
+                  + (f"; in bf16 {low['peak_matmul_gflops']:.0f} and {low['peak_conv_gflops']:.0f} GFLOP/s" if low else "")
+                  + ". `% peak` below is a network's achieved GFLOP/s over the larger of the two, in the form's own precision. "
+                  f"CPU: {m.get('cpu_flags') or '-'} (bf16 {m.get('cpu_bf16', '-')}); OpenVINO sees {m.get('openvino_capabilities') or '-'}.", ""]
     speed = results.get("speed")
     if speed and speed["networks"]:
         lines += ["## 1. Pruned-network speed", "",
@@ -710,11 +857,13 @@ def render(results: dict) -> str:
         for r in speed["latency"]:
             variant = r["variant"] + (f" ({r['device']})" if r["device"] != m["device_type"] else "")
             achieved = flops[(r["model"], r["round_to"], r["ratio"])] / (r["median_ms"] / 1e3)
-            share = f"{100 * achieved / peak['peak_gflops']:.0f}" if peak else "–"
+            yardstick = _peak_for(results, r["variant"])
+            share = f"{100 * achieved / yardstick:.0f}" if yardstick else "–"
             lines.append(f"| {r['model']} | {r['round_to'] or '-'} | {r['ratio']:g} | {variant} | {r['median_ms']:.2f} | "
                          f"{r['p90_ms']:.2f} | {r['min_ms']:.2f} | {_f(r.get('throughput_ips'), '{:.2f}')} | {_f(r['speedup'])}x | "
                          f"{_f(r['efficiency'])} | {_f(r['speedup_vs_eager'])}x | {achieved:.0f} | {share} |")
         lines.append("")
+        lines += _fastest_section(results)
     if speed and speed.get("export"):
         lines += ["## 2. ONNX export (BatchNorm folded)", "",
                   "max abs diff: ONNX Runtime output against the original (unfolded, eager) torch output on one random input; "
@@ -740,7 +889,9 @@ def render(results: dict) -> str:
                   f"| train stage (`pipeline.training.fit`, training part) | {tr['fit_ips']:.2f} |",
                   f"| bare PyTorch loop | {tr['bare_ips']:.2f} |",
                   f"| ratio fit / bare | {tr['ratio']:.3f} |",
-                  f"| train step alone (batches in memory) | {tr['step_ips']:.2f} |",
+                  f"| train step alone (batches in memory), fp32 | {tr['step_ips']:.2f} |",
+                  f"| train step alone, bf16 autocast (`train.precision=bf16`) | {_f(tr.get('step_bf16_ips'))}"
+                  + (f" ({tr['step_bf16_ips'] / tr['step_ips']:.2f}x fp32)" if tr.get("step_bf16_ips") else " (no native bf16 here)") + " |",
                   f"| data loader alone (cached arrays, augmentation, collation) | {tr['loader_ips']:.1f} |",
                   f"| decoding the full-size JPEG per item instead (1 thread) | {tr['decode_per_item_ips']:.1f} |",
                   f"| train epoch if every item were decoded (in series with the step, 0 workers) | "
@@ -818,7 +969,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds): a smoke test of the suite")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
-    parser.add_argument("--models", default=None, help="speed/export rows: comma-separated subset of unet, unetplusplus")
+    parser.add_argument("--models", default=None, help="speed/export rows: comma-separated subset of unet, unetplusplus, "
+                        "attention_unet, custom_unet, deeplabv3plus")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda[:N]")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime (default: all cores)")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench"), help="folder for bench.md / bench.json")
@@ -846,6 +998,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         "machine": machine_info(device), "threads": threads, "settings": _settings_dict(s),
         "peak": machine_peak(device, threads),  # the yardstick: a large matmul's and a large conv's GFLOP/s
     }
+    results["machine"].update({**precision.cpu_capabilities(), "openvino_capabilities": runtimes.openvino_capabilities()})
+    if bf16_available(device) is None:  # bf16 forms are compared with the bf16 peak
+        results["peak_bf16"] = machine_peak(device, threads, dtype=torch.bfloat16)
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="medprune-bench-"))
     try:

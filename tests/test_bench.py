@@ -47,8 +47,19 @@ def test_quick_bench_writes_every_row(tmp_path):
             assert r["flops_reduction"] > 1
     assert any("throughput_ips" in r for r in speed["latency"])
     assert speed["export"] and all(e["max_abs_diff"] < 1e-4 and e["folded_bn"] > 0 for e in speed["export"])
+    from pipeline.precision import cpu_bf16_native
+
+    assert ("unet", "openvino") in variants and (("unet", "openvino bf16") in variants) == cpu_bf16_native()
+    for r in speed["latency"]:  # every runtime form is checked against the eager output
+        if r["variant"] in bench.RUNTIME_VARIANTS:
+            assert r["max_abs_diff"] < (0.5 if "bf16" in r["variant"] else 1e-4), r  # outputs reach ~3.5 here
+    fastest = bench.fastest_forms(results)
+    assert {(r["model"], r["ratio"]) for r in fastest} == {(n["model"], n["ratio"]) for n in speed["networks"]}
+    assert all(r["fp32"]["variant"] in bench.DEPLOYED_VARIANTS and 0 < r["fp32"]["peak_share"] for r in fastest)
+    assert "### Fastest form per network" in table
 
     tr = results["training"]
+    assert (tr["step_bf16_ips"] is not None) == cpu_bf16_native()
     assert tr["fit_ips"] > 0 and tr["bare_ips"] > 0 and tr["loader_ips"] > 0 and tr["decode_per_item_ips"] > 0
     pr = results["pruning"]
     assert pr["l1_total_s"] > 0 and pr["criterion_available"] and pr["criterion_score_s"] > 0
@@ -72,3 +83,9 @@ def test_rows_can_be_chosen_and_unknown_rows_fail(tmp_path, capsys):
     except SystemExit as exit:
         assert exit.code == 2
     assert "unknown speedy" in capsys.readouterr().err
+
+
+def test_the_bench_checks_the_default_rounding():
+    from omegaconf import OmegaConf
+
+    assert load_bench().DEFAULT_ROUND_TO == OmegaConf.load(ROOT / "conf" / "shared" / "prune.yaml").round_to

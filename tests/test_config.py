@@ -65,6 +65,14 @@ def test_unknown_scope_is_rejected_with_the_choices():
     assert "scope" in text and "encoder" in text
 
 
+@pytest.mark.parametrize("preset", ["lwunet_table2", "lwunet_table3", "lwunet_table4", "channel_attention", "lung_custom_unet",
+                                    "real_isic_mini", "criteria_isic"])
+def test_channels_round_to_8_by_default_and_the_papers_presets_keep_exact_rates(preset):
+    assert load().prune.round_to == 8
+    assert load(f"experiment={preset}").prune.round_to is None
+    assert load("experiment=lung_custom_unet", "prune=custom003_deep").prune.round_to is None
+
+
 def test_experiment_preset_sets_the_papers_setting():
     cfg = load("experiment=lwunet_table2", "dataset.root=/data/isic")
     validate(cfg)
@@ -191,3 +199,11 @@ def test_the_sensitivity_stage_goes_with_prune_sensitivity():
     with pytest.raises(ConfigError, match="prune=sensitivity"):
         validate(load("prune=sensitivity"))
     validate(load("prune=sensitivity", "stages=[train,sensitivity,prune,finetune,evaluate]"))
+
+
+def test_fp16_training_on_a_cpu_job_is_refused_before_work_starts():
+    with pytest.raises(ConfigError, match=r"^train.precision=fp16: fp16 is for CUDA devices; this job runs on cpu"):
+        validate(load("train.precision=fp16", "device=cpu"))
+    with pytest.raises(ConfigError, match=r"^finetune.precision=fp16"):
+        validate(load("finetune.precision=fp16", "device=cpu"))
+    validate(load("train.precision=bf16", "device=cpu"))  # bf16 falls back at run time where it is not native

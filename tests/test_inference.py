@@ -185,9 +185,43 @@ def test_evaluate_reports_deployed_eager_and_onnx_latency_of_every_network_inter
     assert out["final"]["onnx_max_abs_diff"] < 1e-4
     assert (tmp_path / "final.onnx").is_file()
 
-    plain, _ = evaluate.cost(_ctx(fold_bn=False, channels_last=False, onnx=False), {"final": copy.deepcopy(model)}, {"final": None})
+    plain, _ = evaluate.cost(_ctx(fold_bn=False, channels_last=False, runtimes=[]), {"final": copy.deepcopy(model)}, {"final": None})
     assert "latency_eager_ms" not in plain["final"] and "onnx_latency_ms" not in plain["final"]  # eager is deployed here
     assert plain["final"]["latency_bn_folded"] == 0 and plain["final"]["latency_channels_last"] == 0
+
+
+def test_evaluate_times_openvino_and_bf16_forms_in_their_own_passes_and_names_the_fastest(monkeypatch):
+    from pipeline import precision
+    from pipeline.stages import evaluate
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512_bf16"}))  # bf16 native, as on this EPYC
+    passes = []
+    interleave = evaluate.time_interleaved
+    monkeypatch.setattr(evaluate, "time_interleaved", lambda fns, **kw: passes.append(sorted(fns)) or interleave(fns, **kw))
+    model = small_unet()
+    out, _ = evaluate.cost(_ctx(runtimes=["openvino"], precision="bf16", latency_eager=False), {"final": model}, {"final": None})
+    # torch's forms (fp32 and bf16) share a pass; OpenVINO's thread pool gets its own
+    assert passes == [["final/latency", "final/latency_bf16"], ["final/openvino_latency", "final/openvino_latency_bf16"]]
+    final = out["final"]
+    assert final["openvino_latency_max_abs_diff"] < 1e-4 < final["latency_bf16_max_abs_diff"] < 0.1
+    assert final["openvino_latency_bf16_max_abs_diff"] > 1e-4  # really bf16
+    final["flops_g"] = 1.0
+    best = evaluate.fastest(final, {"fp32": 100.0, "bf16": 200.0})
+    fp32 = {"torch": final["latency_ms"], "openvino": final["openvino_latency_ms"]}
+    assert best["fastest_form"] == min(fp32, key=fp32.get) and best["fastest_ms"] == min(fp32.values())
+    assert best["fastest_bf16_form"] in ("torch", "openvino")
+    assert best["fastest_bf16_peak_fraction"] == pytest.approx(1.0 / (best["fastest_bf16_ms"] / 1e3) / 200.0)
+
+
+def test_reduced_precision_forms_are_skipped_with_a_notice_where_the_cpu_would_emulate_them(monkeypatch, caplog):
+    from pipeline import precision
+    from pipeline.stages import evaluate
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2"}))
+    with caplog.at_level("WARNING"):
+        out, timed = evaluate.cost(_ctx(runtimes=[], precision="bf16"), {"final": small_unet()}, {"final": None})
+    assert not any("bf16" in name for name in timed.timings)
+    assert "evaluate.precision=bf16: no bf16 forms are measured: this CPU has no native bf16" in caplog.text
 
 
 def test_evaluate_keeps_its_numbers_when_the_export_fails(tmp_path, monkeypatch, caplog):

@@ -21,8 +21,8 @@ def client_of(outputs: Path) -> MlflowClient:
 
 def test_a_joblib_sweep_is_one_parent_run_and_its_report_ignores_other_runs(tmp_path):
     outputs = tmp_path / "out"
-    run_pipeline(outputs, *TINY, "prune.ratio=0.5", "evaluate.onnx=false")  # a job outside the sweep, before it
-    run_cli(outputs, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=3", *TINY, "evaluate.onnx=false",
+    run_pipeline(outputs, *TINY, "prune.ratio=0.5", "evaluate.runtimes=[]")  # a job outside the sweep, before it
+    run_cli(outputs, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=3", *TINY, "evaluate.runtimes=[]",
             "prune.ratio=0.25,0.5,0.75", timeout=900)
     runs = mlflow_runs(outputs)
     (parent,) = [r for r in runs if r.data.tags.get("medprune.kind") == "sweep"]
@@ -62,7 +62,7 @@ def test_a_report_refuses_rows_that_mix_settings(tmp_path):
     from pipeline.report import ReportError, report_sweep
 
     outputs = tmp_path / "out"
-    run_pipeline(outputs, "-m", *TINY, "evaluate.onnx=false", "prune.ratio=0.5", "train.lr=0.001,0.002")
+    run_pipeline(outputs, "-m", *TINY, "evaluate.runtimes=[]", "prune.ratio=0.5", "train.lr=0.001,0.002")
     client = client_of(outputs)
     (parent,) = [r for r in mlflow_runs(outputs) if r.data.tags.get("medprune.kind") == "sweep"]
     with pytest.raises(ReportError, match=r"differ in .*train\.lr"):
@@ -75,7 +75,7 @@ def test_a_job_logs_its_models_datasets_sources_and_only_measurements_as_metrics
     from pipeline.mlflow_model import predict_masks
 
     outputs = tmp_path / "out"
-    run_pipeline(outputs, *TINY, "evaluate.onnx=false")
+    run_pipeline(outputs, *TINY, "evaluate.runtimes=[]")
     (run,) = mlflow_runs(outputs)
     client = client_of(outputs)
     tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
@@ -111,7 +111,7 @@ def test_a_job_logs_its_models_datasets_sources_and_only_measurements_as_metrics
 
 def test_register_as_adds_a_model_version_with_the_runs_metrics(tmp_path):
     outputs = tmp_path / "out"
-    run_pipeline(outputs, *TINY, "evaluate.onnx=false", "tracking.register_as=tiny-unet")
+    run_pipeline(outputs, *TINY, "evaluate.runtimes=[]", "tracking.register_as=tiny-unet")
     (run,) = mlflow_runs(outputs)
     client = client_of(outputs)
     (version,) = client.search_model_versions("name='tiny-unet'")

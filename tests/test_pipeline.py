@@ -185,7 +185,7 @@ def test_an_evaluate_only_job_scores_a_finished_run_on_a_test_set_with_its_setti
     _, source = default_run
     holdout = tmp_path / "holdout"
     write_synthetic_isic(holdout, count=9, seed=11, min_side=40, max_side=64)
-    run_pipeline(outputs, f"run={source.info.run_id}", f"dataset.test_root={holdout}", "evaluate.onnx=false",
+    run_pipeline(outputs, f"run={source.info.run_id}", f"dataset.test_root={holdout}", "evaluate.runtimes=[]",
                  module="pipeline.evaluate")
     (run,) = mlflow_runs(outputs, **{"medprune.kind": "evaluation"})
     tags, params = run.data.tags, run.data.params
@@ -208,12 +208,12 @@ def test_an_evaluate_only_job_scores_a_finished_run_on_a_test_set_with_its_setti
 def test_an_evaluate_only_job_over_a_sweep_is_a_reportable_sweep_of_its_own(outputs, tmp_path):
     from data.synthetic import write_synthetic_isic
 
-    run_pipeline(outputs, "-m", *TINY, "seed=2", "evaluate.onnx=false", "prune.ratio=0.25,0.5")
+    run_pipeline(outputs, "-m", *TINY, "seed=2", "evaluate.runtimes=[]", "prune.ratio=0.25,0.5")
     (source,) = [r for r in mlflow_runs(outputs) if r.data.tags.get("medprune.kind") == "sweep"
                  and "seed=2" in r.data.params.get("sweep.overrides", "")]
     holdout = tmp_path / "holdout"
     write_synthetic_isic(holdout, count=6, seed=12, min_side=40, max_side=64)
-    out = run_pipeline(outputs, f"run={source.info.run_id}", f"dataset.test_root={holdout}", "evaluate.onnx=false",
+    out = run_pipeline(outputs, f"run={source.info.run_id}", f"dataset.test_root={holdout}", "evaluate.runtimes=[]",
                        module="pipeline.evaluate")
     (parent,) = mlflow_runs(outputs, **{"medprune.kind": "sweep", "medprune.source_run_id": source.info.run_id})
     assert parent.info.status == "FINISHED" and parent.info.run_id in out

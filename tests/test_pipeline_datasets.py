@@ -58,7 +58,7 @@ def test_synthetic_covid_ct_runs_and_the_second_run_hits_the_slice_cache(outputs
 
 def test_brats_regions_are_scored_each_per_case_in_millimetres(outputs):
     """Three regions, one output channel each: every per-case metric per region, per volume, in mm."""
-    run(outputs, "dataset=synthetic_brats", "dataset.synthetic.count=6", "evaluate.onnx=false",
+    run(outputs, "dataset=synthetic_brats", "dataset.synthetic.count=6", "evaluate.runtimes=[]",
         "dataset.region=[whole_tumor,tumor_core,enhancing_tumor]")
     client, r = latest_run(outputs)
     m, d = r.data.metrics, r.data.params

@@ -25,7 +25,7 @@ from models.io import ModelFileError, load_model, save_model
 from pipeline import tracking
 
 UNET = conf("model", "unet_tiny")
-TINY = [*HELPER_TINY, "evaluate.onnx=false", "evaluate.mask_examples=0"]
+TINY = [*HELPER_TINY, "evaluate.runtimes=[]", "evaluate.mask_examples=0"]
 
 
 def launch(outputs: Path, *overrides: str) -> subprocess.Popen:

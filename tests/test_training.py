@@ -128,3 +128,40 @@ def test_a_step_budget_is_fine_tuning_only_and_counted():
 def _counting(optimizer, calls):
     optimizer.register_step_post_hook(lambda *_: calls.append(1))
     return optimizer
+
+
+class _DtypeSpy(torch.nn.Module):
+    """Records the type of the convolution output the loop sees (bf16 under bf16 autocast)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.seen = model, set()
+
+    def forward(self, x):
+        out = self.model(x)
+        self.seen.add(out.dtype)
+        return out
+
+
+def test_bf16_training_runs_under_autocast_where_the_cpu_has_bf16(monkeypatch):
+    from pipeline import precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    torch.manual_seed(0)
+    spy = _DtypeSpy(UNet(3, 1, width=4, depth=2))
+    recipe, settings = recipe_and_settings("train.epochs=2", "train.precision=bf16")
+    history, _ = fit(spy, toy_data(), toy_data(seed=1), settings, recipe, torch.device("cpu"), seed=0)
+    assert torch.bfloat16 in {d for d in spy.seen} and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    assert all(p.dtype == torch.float32 for p in spy.parameters())  # autocast: the weights stay fp32
+
+
+def test_bf16_falls_back_to_fp32_with_a_notice_where_the_cpu_would_emulate_it(monkeypatch, caplog):
+    from pipeline import precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2"}))
+    spy = _DtypeSpy(UNet(3, 1, width=4, depth=2))
+    recipe, settings = recipe_and_settings("train.epochs=1", "train.precision=bf16")
+    with caplog.at_level("WARNING", logger="pipeline.precision"):
+        fit(spy, toy_data(), toy_data(seed=1), settings, recipe, torch.device("cpu"), seed=0)
+    assert spy.seen == {torch.float32}
+    assert "train.precision=bf16 falls back to fp32: this CPU has no native bf16" in caplog.text

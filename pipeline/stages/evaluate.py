@@ -6,9 +6,15 @@ network's metrics, and a flag for a network that collapsed to all foreground or 
 
 Latency is measured on the network as it is deployed (docs/PERFORMANCE.md): BatchNorm folded into
 the convolutions and, where `evaluate.channels_last`, NHWC memory layout (`latency_ms`); the network as
-trained (`latency_eager_ms`) when that differs; and the exported ONNX model (BatchNorm folded) under
-ONNX Runtime on CPU (`onnx_latency_ms`, with `onnx_max_abs_diff` against the torch output). The final
-network's ONNX file is kept in the evaluate folder (`final.onnx`) and logged; the others' are not.
+trained (`latency_eager_ms`) when that differs; and, for each of `evaluate.runtimes`, the folded network
+deployed in that runtime (pipeline/runtimes.py): the exported ONNX model under ONNX Runtime on CPU
+(`onnx_latency_ms`), OpenVINO on CPU (`openvino_latency_ms`), torch.compile / inductor
+(`compile_latency_ms`), each with its largest deviation from the eager output (`<form>_max_abs_diff`).
+The final network's ONNX file is kept in the evaluate folder (`final.onnx`) and logged; the others' are not.
+`evaluate.precision=bf16` (or fp16 on CUDA) adds each form in that type (`latency_bf16_ms`, ...) where the
+machine runs it natively, and the test-split Dice / IoU of the torch form in that type (`dice_bf16`), so
+the accuracy it costs is beside the time it saves. `fastest_form` / `fastest_ms` name the fastest form
+per precision and network, and `*_peak_fraction` its share of the machine's peak in that type.
 Quality comes first for every network; then every form of every network is timed in one interleaved
 pass until each is stable (`cost`); a form that did not settle is warned about, tagged
 (`medprune.latency_unsettled`) and starred in the results table.
@@ -26,7 +32,7 @@ import torch
 
 from models.io import load_model, model_size_mb
 from data.files import write_csv
-from pipeline import casewise, inference, mlflow_model, plots
+from pipeline import casewise, inference, mlflow_model, plots, precision, runtimes
 from pipeline.profiling import (InterleavedTimes, count_flops, count_params, cpu_name, cpu_threads, device_name,
                                 forward_call, machine_peak, thread_count, time_interleaved)
 from pipeline.metrics import CaseRules, binarize, dice_iou
@@ -45,21 +51,46 @@ DESCRIPTIVE = ("latency_threads", "latency_bn_folded", "latency_channels_last", 
                "test_cases", "cases_ignored_empty", "collapsed")
 FINAL_ONNX = "final.onnx"
 
-# The timed forms of a network, as the prefixes of their results: latency_ms (as deployed),
-# latency_eager_ms (as trained), onnx_latency_ms (ONNX Runtime); each with _p90_ms, _cv (metrics) and
-# _runs, _settled (how the timing went: params, `final.latency_settled`).
-FORMS = ("latency", "latency_eager", "onnx_latency")
+# The timed forms of a network, as the prefixes of their results: latency_ms (as deployed in torch),
+# latency_eager_ms (as trained), one per runtime of evaluate.runtimes (onnx_latency_ms, ...), and the same
+# with a _bf16 / _fp16 suffix for evaluate.precision; each with _p90_ms, _cv (metrics) and _runs, _settled
+# (how the timing went: params, `final.latency_settled`).
+RUNTIME_FORMS = runtimes.RUNTIME_FORMS
+REDUCED = ("bf16", "fp16")
+FORMS = ("latency_eager", *(f + s for f in RUNTIME_FORMS.values() for s in ("", *(f"_{p}" for p in REDUCED))))
 DESCRIPTIVE += tuple(f"{form}_{what}" for form in FORMS for what in ("runs", "settled"))
+DESCRIPTIVE += tuple(f"fastest{s}_form" for s in ("", *(f"_{p}" for p in REDUCED)))
+
+
+def reduced_precision(ctx: Context) -> Optional[str]:
+    """evaluate.precision when it is not fp32 and this device runs it natively; else None (with a notice)."""
+    wanted = str(ctx.cfg.evaluate.precision)
+    if wanted == "fp32":
+        return None
+    reason = precision.supported(wanted, ctx.device)
+    if reason:
+        log.warning("evaluate.precision=%s: no %s forms are measured: %s", wanted, wanted, reason)
+        return None
+    return wanted
 
 
 def cost(ctx: Context, models: dict[str, torch.nn.Module],
          onnx_paths: dict[str, Optional[Path]]) -> tuple[dict[str, dict], InterleavedTimes]:
-    """Latency of every network (by row) in every form, timed in ONE interleaved pass (profiling.
-    time_interleaved): the deployed form, the eager network (if different) and the ONNX export (where
-    `onnx_paths` names a file for the row). Timing the networks one after another let a busy spell of a
+    """Latency of every network (by row) in every form, timed in one interleaved pass per runtime (profiling.
+    time_interleaved): the deployed form, the eager network (if different), each runtime of
+    `evaluate.runtimes` (ONNX Runtime where `onnx_paths` names a file for the row), and each of those in
+    `evaluate.precision` when it is reduced. Timing the networks one after another let a busy spell of a
     shared machine land on one of them (two networks of one shape at 258 and 2559 ms)."""
+    with tempfile.TemporaryDirectory(prefix="medprune-runtimes-") as work:  # exported graphs OpenVINO reads
+        return _cost(ctx, models, onnx_paths, Path(work))
+
+
+def _cost(ctx: Context, models: dict[str, torch.nn.Module], onnx_paths: dict[str, Optional[Path]],
+          work: Path) -> tuple[dict[str, dict], InterleavedTimes]:
     e = ctx.cfg.evaluate
     shape = ctx.input_shape
+    reduced = reduced_precision(ctx)
+    extra = [str(r) for r in e.runtimes]
     fns, out = {}, {}
     for row, model in models.items():
         folded = inference.prepare_for_inference(model, shape, fold_bn=bool(e.fold_bn), channels_last=False)
@@ -85,21 +116,43 @@ def cost(ctx: Context, models: dict[str, torch.nn.Module],
                             row, type(err).__name__, err)
             finally:
                 model.to(ctx.device)
+        wanted = [(r, "fp32") for r in extra if r not in ("onnxruntime", "torch")]
+        if reduced:
+            wanted += [(r, reduced) for r in ("torch", *extra) if runtimes.supports(r, reduced, ctx.device)]
+        for runtime, dtype in wanted:
+            form = RUNTIME_FORMS[runtime] + ("" if dtype == "fp32" else f"_{dtype}")
+            try:
+                deployed = runtimes.deploy(folded.model, shape, runtime, dtype, threads=e.threads,
+                                           channels_last=bool(e.channels_last), reference=model,
+                                           work_dir=work / f"{row}-{runtime}-{dtype}")
+            except Exception as err:  # a runtime that cannot take this network costs only its own numbers
+                log.warning("%s (%s) of the %s network failed (%s: %s); no %s_* metrics", runtime, dtype, row,
+                            type(err).__name__, err, form)
+                continue
+            if deployed.note:
+                log.warning("%s (%s): %s", runtime, dtype, deployed.note)
+            out[row][f"{form}_max_abs_diff"] = deployed.max_abs_diff
+            fns[f"{row}/{form}"] = deployed.call
     # One pass per runtime: ONNX Runtime's worker threads spin for a while after each run, and torch's OpenMP
     # threads after each parallel region; interleaved with each other on a 2-core machine they slowed every
     # torch form 2-3x (the default job's 5.6 / 2.7 / 2.6 ms read 13.6 / 6.6 / 6.7 ms, CV up to 0.98). The
-    # networks are still interleaved within each runtime, which is what their comparison needs.
-    passes = {"torch": {k: f for k, f in fns.items() if not k.endswith("/onnx_latency")},
-              "onnxruntime": {k: f for k, f in fns.items() if k.endswith("/onnx_latency")}}
+    # networks are still interleaved within each runtime, which is what their comparison needs; torch.compile
+    # runs on torch's own threads, so it shares torch's pass.
+    def runtime_of(name: str) -> str:
+        form = name.split("/")[1]
+        return next((r for r, f in RUNTIME_FORMS.items() if r in ("onnxruntime", "openvino") and form.startswith(f)), "torch")
+
+    passes: dict[str, dict] = {}
+    for name, fn in fns.items():
+        passes.setdefault(runtime_of(name), {})[name] = fn
     log.info("Timing %d forms of %d networks, interleaved per runtime (evaluate.latency_*)", len(fns), len(models))
     results, names = [], []
     with cpu_threads(e.threads):
         for runtime, group in passes.items():
-            if group:
-                names.append(runtime)
-                results.append(time_interleaved(
-                    group, warmup=int(e.latency_warmup), runs=int(e.latency_runs), max_runs=int(e.latency_max_runs),
-                    target_cv=float(e.latency_target_cv), max_seconds=float(e.latency_max_seconds)))
+            names.append(runtime)
+            results.append(time_interleaved(
+                group, warmup=int(e.latency_warmup), runs=int(e.latency_runs), max_runs=int(e.latency_max_runs),
+                target_cv=float(e.latency_target_cv), max_seconds=float(e.latency_max_seconds)))
     timed = InterleavedTimes(
         timings={k: v for r in results for k, v in r.timings.items()}, rounds=sum(r.rounds for r in results),
         seconds=sum(r.seconds for r in results), stopped_by=", ".join(f"{n}: {r.stopped_by}" for n, r in zip(names, results)),
@@ -114,13 +167,30 @@ def cost(ctx: Context, models: dict[str, torch.nn.Module],
     return out, timed
 
 
+def fastest(result: dict, peaks: dict[str, float]) -> dict:
+    """Per precision, the fastest deployed form of one network: its runtime (`fastest_form`), latency and
+    share of the machine's peak in that precision (`fastest_peak_fraction`; bf16 against the bf16 peak)."""
+    out = {}
+    for dtype, peak in peaks.items():
+        suffix = "" if dtype == "fp32" else f"_{dtype}"
+        timed = {runtime: result[f"{form}{suffix}_ms"] for runtime, form in RUNTIME_FORMS.items()
+                 if f"{form}{suffix}_ms" in result}
+        if not timed:
+            continue
+        runtime = min(timed, key=timed.get)
+        out[f"fastest{suffix}_form"] = runtime
+        out[f"fastest{suffix}_ms"] = timed[runtime]
+        out[f"fastest{suffix}_peak_fraction"] = result["flops_g"] / (timed[runtime] / 1e3) / peak
+    return out
+
+
 def aligned_fraction(model: torch.nn.Module, multiple: int = 8) -> float:
     """Fraction of the prunable layers whose output channel count is a multiple of `multiple`."""
     counts = [m.out_channels for m in prunable_layers(model).values()]
     return sum(c % multiple == 0 for c in counts) / len(counts) if counts else 1.0
 
 
-def score_quality(ctx: Context, model: torch.nn.Module, row: str) -> dict:
+def score_quality(ctx: Context, model: torch.nn.Module, row: str, export: bool = True, warn: bool = True) -> dict:
     """Per-case metrics of `model` on the test split, written to evaluate/cases_<row>.csv (pipeline/casewise.py),
     and their means; a network that collapsed to all foreground / all background is flagged."""
     e = ctx.cfg.evaluate
@@ -130,14 +200,15 @@ def score_quality(ctx: Context, model: torch.nn.Module, row: str) -> dict:
                       jaccard_threshold=e.jaccard_threshold)
     results = casewise.score_cases(
         model, dataset, ctx.device, e.batch_size, e.threshold, rules, names=getattr(ctx.data, "regions", None),
-        spacing_of=getattr(ctx.data, "case_spacing", None), export=int(e.export_masks), export_dir=folder / "masks" / row,
+        spacing_of=getattr(ctx.data, "case_spacing", None), export=int(e.export_masks) if export else 0,
+        export_dir=folder / "masks" / row,
         originals=(lambda i: ctx.data.original_mask("test", i)) if e.original_resolution else None,
     )
     write_csv(results.rows, folder / f"cases_{row}.csv")
     out = casewise.headline(results, volumetric=getattr(dataset, "cases", None) is not None)
     collapsed = casewise.collapse(results, float(e.collapse_tolerance))
     out["collapsed"] = collapsed or "no"
-    if collapsed:
+    if collapsed and warn:
         log.warning("The %s network COLLAPSED: it predicts %s (%.1f%% of the test pixels foreground, truth %.1f%%); "
                     "its Dice is not a segmentation result", row, collapsed, 100 * results.pred_foreground_fraction,
                     100 * results.true_foreground_fraction)
@@ -153,6 +224,15 @@ def measure(ctx: Context, model_dir: str, row: str = "final") -> dict[str, float
         split_loader = make_loader(ctx.data.dataset(split), e.batch_size, False, 0, ctx.cfg.seed, ctx.device)
         m = test_metrics(model, split_loader, ctx.device, e.threshold)
         extra.update({f"{split}_dice": m["dice"], f"{split}_iou": m["iou"]})
+    reduced = reduced_precision(ctx)
+    if reduced:  # the torch deployed form in that type, on the same test split: what the precision costs
+        deployed = runtimes.deploy(inference.prepare_for_inference(model, ctx.input_shape, fold_bn=bool(e.fold_bn)).model,
+                                   ctx.input_shape, "torch", reduced, channels_last=bool(e.channels_last))
+        low = score_quality(ctx, runtimes.AsModule(deployed), f"{row}_{reduced}", export=False,
+                            warn=quality["collapsed"] == "no")  # the fp32 pass has warned already
+        extra.update({f"dice_{reduced}": low["dice"], f"iou_{reduced}": low["iou"]})
+        log.info("%s network in %s: Dice %.4f (fp32 %.4f, %+.2f points)", row, reduced, low["dice"], quality["dice"],
+                 100 * (low["dice"] - quality["dice"]))
     flops = count_flops(model, ctx.input_shape)
     aligned = aligned_fraction(model)
     if aligned < 1:
@@ -183,7 +263,7 @@ def _run(ctx: Context, state: RunState) -> RunState:
     results: dict[str, dict] = {}
     device_names = set()
     folder = ctx.stage_dir("evaluate")
-    onnx = bool(ctx.cfg.evaluate.onnx)
+    onnx = "onnxruntime" in [str(r) for r in ctx.cfg.evaluate.runtimes]
     scratch = tempfile.TemporaryDirectory(prefix="medprune-onnx-")
     models: dict[str, torch.nn.Module] = {}
     onnx_paths: dict[str, Optional[Path]] = {}
@@ -209,10 +289,17 @@ def _run(ctx: Context, state: RunState) -> RunState:
     for row, values in latency.items():
         results[row].update(values)
     peak = machine_peak(ctx.device, ctx.cfg.evaluate.threads)
+    peaks = {"fp32": peak["peak_gflops"]}
+    reduced = reduced_precision(ctx)
+    if reduced:
+        low = machine_peak(ctx.device, ctx.cfg.evaluate.threads, dtype=precision.DTYPES[reduced])
+        peak.update({k.replace("peak_", f"peak_{reduced}_"): v for k, v in low.items()})
+        peaks[reduced] = low["peak_gflops"]
     for row, r in results.items():  # how much of the machine each network uses, as deployed
         if r.get("latency_ms"):
             r["achieved_gflops"] = r["flops_g"] / (r["latency_ms"] / 1e3)
             r["peak_fraction"] = r["achieved_gflops"] / peak["peak_gflops"]
+        r.update(fastest(r, peaks))
     log.info("Machine peak at %s thread(s): %.1f GFLOP/s matmul, %.1f GFLOP/s convolution; the networks reach %s",
              ctx.cfg.evaluate.threads or "all", peak["peak_matmul_gflops"], peak["peak_conv_gflops"],
              ", ".join(f"{row} {100 * r['peak_fraction']:.0f}%" for row, r in results.items() if "peak_fraction" in r))
@@ -243,6 +330,8 @@ def _run(ctx: Context, state: RunState) -> RunState:
         tags["medprune.collapsed"] = ", ".join(f"{row}: {how}" for row, how in collapsed.items())
     if onnx:
         tags["medprune.onnx_latency_device"] = f"{cpu_name()} (ONNX Runtime CPU)"
+    if ctx.device.type == "cpu":  # what the CPU offers for fast inference (bf16, int8), beside the figures
+        tags.update({f"medprune.{k}": v for k, v in precision.cpu_capabilities().items()})
     if unsettled:
         tags["medprune.latency_unsettled"] = ",".join(unsettled)
     ctx.tracker.set_tags(tags)

@@ -1,0 +1,319 @@
+"""A (BatchNorm-folded) network in its deployed form: eager torch, torch.compile, ONNX Runtime or
+OpenVINO, in fp32 or bf16, and how far that form's output is from the eager fp32 network's.
+
+`deploy` is what the evaluate stage and scripts/bench.py time and check: each form comes back as a
+`Deployed` with a `call` to time (one batch on a fixed input), a `predict` giving float32 logits for
+any batch, and `max_abs_diff` against the eager fp32 reference on a seeded input. A form that cannot
+be had here raises: ValueError for a runtime/precision pair that does not exist on a CPU (fp16, bf16
+in ONNX Runtime), RuntimeError when torch.compile fails (the caller skips that form).
+
+bf16 halves the bytes moved and, on CPUs with bf16 instructions (AVX512_BF16, AMX), doubles or more
+the convolution throughput; without them it is emulated (converted to fp32 around every kernel) and
+is usually slower than fp32: `pipeline.precision.cpu_bf16_native` tells which, and the `note` of a bf16
+form says so.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+import time
+import warnings
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import inference
+from pipeline.precision import DTYPES, cpu_bf16_native
+from pipeline.profiling import cpu_threads, forward_call, thread_count
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("torch", "onnxruntime", "openvino", "compile")  # "torch" = eager folded (+channels_last) module
+# The evaluate stage's result prefix per runtime: <form>_ms, <form>_max_abs_diff, ... (a _bf16 / _fp16 suffix
+# for a reduced precision)
+RUNTIME_FORMS = {"torch": "latency", "onnxruntime": "onnx_latency", "openvino": "openvino_latency",
+                 "compile": "compile_latency"}
+PRECISIONS = ("fp32", "bf16", "fp16")
+ONNX_NAME = "model.onnx"  # the exported graph in `work_dir` (ONNX Runtime and OpenVINO both read it)
+
+
+@dataclass
+class Deployed:
+    """One network in one runtime and precision, ready to time and to run."""
+
+    runtime: str
+    precision: str
+    call: Callable[[], object]  # one batch run on a fixed seeded random input of input_shape, for timing
+    predict: Callable[[torch.Tensor], torch.Tensor]  # float32 CPU logits for a batch shaped like input_shape (any batch size)
+    max_abs_diff: float  # max |this form's output - eager fp32 torch output| on a seeded random input
+    note: str = ""  # e.g. "bf16 emulated: no native bf16 on this CPU", empty if nothing to say
+
+
+def deploy(
+    model: nn.Module, input_shape: tuple[int, ...], runtime: str, precision: str = "fp32",
+    threads: int | None = None, work_dir: Path | None = None, channels_last: bool = True,
+    reference: nn.Module | None = None,
+) -> Deployed:
+    """`model` (eval mode, BatchNorm already folded by inference.prepare_for_inference) in `runtime` at
+    `precision`, compared with `reference` (default `model`) run eagerly in fp32.
+
+    `threads`: ONNX Runtime and OpenVINO get it as their thread count (None: all cores); the torch forms
+    are timed by the caller inside profiling.cpu_threads(threads), and `deploy` runs its own torch work
+    (compilation, the comparison) at that count when it is given. `work_dir` (needed by onnxruntime
+    and openvino) receives the exported graph as model.onnx. `channels_last` applies to the torch forms
+    with 4-D inputs."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    model = model.eval()
+    reference = (reference if reference is not None else model).eval()
+    if precision == "fp16" and (runtime in ("onnxruntime", "openvino") or _device(model).type == "cpu"):
+        raise ValueError(f"fp16 is not supported by {runtime} on a CPU (fp16 is for CUDA): use fp32 or bf16")
+    if runtime == "onnxruntime" and precision == "bf16":
+        raise ValueError("onnxruntime has no bf16 CPU kernels: bf16 runs in torch, compile or openvino")
+    if runtime in ("onnxruntime", "openvino") and work_dir is None:
+        raise ValueError(f"{runtime} needs a work_dir for the exported ONNX graph")
+    with cpu_threads(threads) if threads else nullcontext():
+        if runtime in ("torch", "compile"):
+            call, predict, note = _torch_form(model, input_shape, precision, channels_last, runtime == "compile")
+        elif runtime == "onnxruntime":
+            call, predict, note = _onnxruntime_form(model, input_shape, threads, Path(work_dir))
+        else:
+            call, predict, note = _openvino_form(model, input_shape, precision, threads, Path(work_dir))
+        diff = output_diff(predict, reference, input_shape)
+    return Deployed(runtime, precision, call, predict, diff, note)
+
+
+@torch.no_grad()
+def output_diff(predict: Callable[[torch.Tensor], torch.Tensor], reference: nn.Module, input_shape: tuple[int, ...],
+                seed: int = 0) -> float:
+    """max |predict(x) - reference(x)| in float32 on one seeded random input (the same input
+    inference.onnx_max_abs_diff uses, so the numbers compare across runtimes)."""
+    x = torch.randn(input_shape, generator=torch.Generator().manual_seed(seed))
+    expected = reference(x.to(_device(reference))).float().cpu()
+    return float((predict(x).float() - expected).abs().max())
+
+
+# -- torch: eager and torch.compile ------------------------------------------------------------------
+
+
+class _Cast(nn.Module):
+    """`net` (weights in `dtype`) taking and returning float32: the input arrives and the logits leave as
+    float32 in deployment, so the casts are part of the deployed form (and of its timing), as they are
+    inside OpenVINO's bf16 graph."""
+
+    def __init__(self, net: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.net, self.dtype = net, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.to(self.dtype)).float()
+
+
+def _torch_form(model: nn.Module, input_shape: tuple[int, ...], precision: str, channels_last: bool, compile: bool):
+    """Eager (or inductor-compiled) module in channels_last, with weights in bf16/fp16 behind a `_Cast`.
+
+    Compiling happens at the first call, so it is done here (warm-up), under inference_mode as every
+    later call: a change of grad mode or input strides would recompile. With `dynamic=False` another
+    batch size in `predict` compiles once more for that size. On a 2-core AMD EPYC (Zen 5, torch 2.13,
+    cold cache) the first compile in a process takes 11-14 s (inductor's start-up included: a 4-wide
+    2-deep UNet at 32x32 14 s, the classic UNet at 256x256 11 s), later ones ~5 s; inductor's cache
+    (/tmp/torchinductor_<user>) makes a repeat of the same graph take under a second."""
+    prepared = inference.Prepared(model, 0, False)
+    if channels_last and len(input_shape) == 4:
+        prepared = inference.with_channels_last(prepared)  # a copy
+    net = prepared.model
+    if precision != "fp32":
+        net = _Cast(copy.deepcopy(net) if net is model else net, DTYPES[precision])
+        net.net.to(DTYPES[precision])
+    note = _bf16_note(precision) if _device(model).type == "cpu" else ""
+    if compile:
+        net = _compiled(net, input_shape, prepared.channels_last)
+    device = _device(model)
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return net(prepared.input(x.to(device))).float().cpu()
+
+    return forward_call(net, input_shape, prepared.channels_last), predict, note
+
+
+def _compiled(net: nn.Module, input_shape: tuple[int, ...], channels_last: bool) -> nn.Module:
+    """torch.compile(net, inductor, static shapes), compiled by one warm-up call; RuntimeError on failure."""
+    start = time.perf_counter()
+    try:
+        with _quiet_compile():
+            compiled = torch.compile(net, backend="inductor", dynamic=False)
+            forward_call(compiled, input_shape, channels_last)()
+    except Exception as err:  # noqa: BLE001  (dynamo/inductor raise many types; the caller skips the form)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise RuntimeError(f"compile failed: {type(err).__name__}: {first}"[:300]) from err
+    log.info("torch.compile (inductor) of %s for %s: %.1f s", type(net).__name__, tuple(input_shape), time.perf_counter() - start)
+    return compiled
+
+
+@contextmanager
+def _quiet_compile() -> Iterator[None]:
+    """Dynamo and inductor log warnings (and Python warnings) on a plain CPU compile; a log needs none."""
+    loggers = [logging.getLogger(name) for name in ("torch._dynamo", "torch._inductor", "torch.fx")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+# -- ONNX Runtime ------------------------------------------------------------------------------------
+
+
+def _onnxruntime_form(model: nn.Module, input_shape: tuple[int, ...], threads: int | None, work_dir: Path):
+    """The exported graph (dynamic batch) in an ONNX Runtime CPU session whose idle threads sleep
+    (spinning ones would slow whatever is timed next)."""
+    path = inference.export_onnx(model, work_dir / ONNX_NAME, input_shape)
+    session = inference.onnx_session(path, threads, spinning=False)
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(inference.onnx_run(session, x)).float()
+
+    return inference.onnx_call(session, input_shape), predict, ""
+
+
+# -- OpenVINO ----------------------------------------------------------------------------------------
+
+
+def _openvino():
+    """The openvino module, imported with its telemetry off.
+
+    `import openvino` imports openvino.tools.ovc, which sends a usage event to Google Analytics from a
+    forked process and writes ~/intel/ (unless the user opted out with `opt_in_out --opt_out`); there
+    is no environment switch. With `openvino_telemetry` unimportable, ovc falls back to its own no-op
+    stub, so nothing leaves the machine and nothing is written. (Too late if openvino was imported
+    before this module.)"""
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)  # None: `import openvino_telemetry` raises ImportError
+    import openvino
+
+    return openvino
+
+
+def _off_thread(fn, *args):
+    """`fn(*args)` in a short-lived thread of its own.
+
+    OpenVINO's CPU plugin (2026.4.1) installs an alternate signal stack on the thread that compiles a model
+    and, when the model is released, puts back the one it found. Models released in another order than the
+    reverse of their creation (baseline, pruned, final of one job) leave the thread's alternate stack
+    pointing into freed memory, and the next signal Python handles there (SIGCHLD from a DataLoader
+    worker) kills the process with SIGSEGV. Compiling elsewhere keeps the main thread's signal stack
+    untouched (tests/test_runtimes.py reproduces the crash in a subprocess)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="openvino-compile") as pool:
+        return pool.submit(fn, *args).result()
+
+
+def _openvino_form(model: nn.Module, input_shape: tuple[int, ...], precision: str, threads: int | None, work_dir: Path):
+    """The exported ONNX graph read by OpenVINO's ONNX frontend and compiled for the CPU.
+
+    ONNX rather than openvino.convert_model(torch module): the exporter is the one ONNX Runtime uses
+    (already checked on every network here, including the classic UNet's shape-dependent padding, which
+    convert_model's TorchScript trace only warns about and freezes), both runtimes then run the very
+    same graph, and reading a file uses no Python conversion code (convert_model also reports telemetry).
+    The graph's batch is dynamic; each batch size gets its own static-shape compiled model (static
+    shapes give the CPU plugin its fastest kernels), made when first needed and kept.
+    The CPU plugin's default inference precision is bf16 on a bf16 CPU, so fp32 asks for f32 outright."""
+    ov = _openvino()
+    import openvino.properties as props
+    import openvino.properties.hint as hints
+
+    path = inference.export_onnx(model, work_dir / ONNX_NAME, input_shape)
+    core = ov.Core()
+    source = core.read_model(str(path))
+    config = dict([
+        props.inference_num_threads(thread_count(threads)),
+        hints.performance_mode(hints.PerformanceMode.LATENCY),
+        hints.inference_precision(ov.Type.bf16 if precision == "bf16" else ov.Type.f32),
+    ])
+    compiled: dict[int, object] = {}
+
+    def compiled_for(batch: int):
+        if batch not in compiled:
+            static = source.clone()
+            static.reshape([batch, *input_shape[1:]])
+            compiled[batch] = _off_thread(core.compile_model, static, "CPU", config)
+        return compiled[batch]
+
+    first = compiled_for(input_shape[0])
+    note = _bf16_note(precision)
+    if precision == "bf16":
+        ran = first.get_property(hints.inference_precision())
+        if ran != ov.Type.bf16:
+            note = f"bf16 not run: openvino ran {ran.to_string()} (its CPU plugin has no bf16 on this CPU)"
+    request = first.create_infer_request()
+    x = np.random.default_rng(0).standard_normal(input_shape, dtype=np.float32)
+    request.set_input_tensor(ov.Tensor(x))
+
+    def call():
+        return request.infer()
+
+    def predict(batch: torch.Tensor) -> torch.Tensor:
+        data = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(np.array(compiled_for(data.shape[0])(data)[0], dtype=np.float32))
+
+    return call, predict, note
+
+
+# -- the CPU ----------------------------------------------------------------------------------------
+
+
+def openvino_capabilities() -> list[str] | None:
+    """OpenVINO's view of the CPU device (e.g. FP32, BF16, INT8); None when openvino does not import."""
+    try:
+        return list(_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    except Exception as err:  # noqa: BLE001  (not installed, or no CPU plugin: nothing to report)
+        log.debug("openvino capabilities unavailable: %s", err)
+        return None
+
+
+def supports(runtime: str, precision: str, device: torch.device) -> bool:
+    """Whether `runtime` has `precision` kernels for networks on `device` (ONNX Runtime: fp32 only; OpenVINO
+    and torch.compile on CPU: fp32 and bf16; fp16 only in torch on CUDA). Whether the hardware runs it
+    natively is pipeline.precision.supported."""
+    if precision == "fp32":
+        return True
+    if device.type == "cuda":
+        return runtime == "torch"
+    return precision == "bf16" and runtime in ("torch", "compile", "openvino")
+
+
+class AsModule(nn.Module):
+    """A deployed form as a module (float32 logits on the input's device), for code that scores modules."""
+
+    def __init__(self, deployed: Deployed):
+        super().__init__()
+        self.deployed = deployed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.deployed.predict(x).to(x.device)
+
+
+def _bf16_note(precision: str) -> str:
+    if precision == "bf16" and not cpu_bf16_native():
+        return "bf16 emulated: no native bf16 on this CPU (no avx512_bf16/amx_bf16), likely slower than fp32"
+    return ""
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
