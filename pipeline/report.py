@@ -473,9 +473,10 @@ _METRIC_NAME = re.compile(r"^[\w\-. /]+$")
 
 
 def report(target: str | None = None, uri: str | None = None, out: Path | None = None, log: bool = True,
-           experiment: str | None = None, columns: list[str] | None = None) -> str:
+           experiment: str | None = None, columns: list[str] | None = None, network: str | None = None) -> str:
     """`columns`: the metrics to tabulate instead of the preset's (`final/<metric>` of every run: dice_orig,
-    hd95, nsd, thresholded_jaccard...); the paper's numbers then show only for the metrics it has."""
+    hd95, nsd, thresholded_jaccard...); the paper's numbers then show only for the metrics it has.
+    `network`: baseline | pruned | final, the network whose metrics are tabulated (default: the preset's)."""
     from pipeline.tracking import client_for, resolve_uri
 
     if target and Path(target).is_dir() and uri is None:
@@ -485,6 +486,8 @@ def report(target: str | None = None, uri: str | None = None, out: Path | None =
     uri = resolve_uri(uri)
     client = client_for(uri)
     parent, runs, paper = find_sweep(client, target, experiment)
+    if network:
+        paper = {**(paper or {}), "metric_prefix": network}
     if columns:
         paper = dict(paper or {})
         known = paper.get("columns") or {}
@@ -514,10 +517,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-log", action="store_true", help="do not log the report onto the sweep's parent run")
     parser.add_argument("--columns", help="comma-separated metrics to tabulate instead of the preset's, e.g. "
                                           "dice,dice_orig,hd95,thresholded_jaccard_orig,latency_ms")
+    parser.add_argument("--network", choices=("baseline", "pruned", "final"),
+                        help="tabulate this network's metrics (default: the preset's, usually final)")
     args = parser.parse_args(argv)
     columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
     try:
-        report(args.sweep, args.uri, args.out, log=not args.no_log, experiment=args.experiment, columns=columns)
+        report(args.sweep, args.uri, args.out, log=not args.no_log, experiment=args.experiment, columns=columns,
+               network=args.network)
     except ReportError as err:
         print(f"medprune report: {err}", file=sys.stderr)
         return 2

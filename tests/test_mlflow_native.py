@@ -56,6 +56,10 @@ def test_a_joblib_sweep_is_one_parent_run_and_its_report_ignores_other_runs(tmp_
     assert table_rows(run_pipeline(outputs, parent.info.run_id, "--no-log", module="pipeline.report")) == table
     sweep_dir = parent.data.tags["medprune.sweep_dir"]
     assert table_rows(run_pipeline(outputs, sweep_dir, "--no-log", module="pipeline.report")) == table
+    # another network's metrics: the jobs share one baseline, so every row shows its Dice
+    baseline = run_pipeline(outputs, parent.info.run_id, "--no-log", "--network", "baseline", module="pipeline.report")
+    assert "Ours: baseline/<metric>" in baseline
+    assert {line.split("|")[3].strip() for line in table_rows(baseline)} == {f"{children[0].data.metrics['baseline/dice']:.4f}"}
 
 
 def test_a_report_refuses_rows_that_mix_settings(tmp_path):

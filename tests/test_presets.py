@@ -34,8 +34,9 @@ PRESETS = {
     "real_isic_mini": ["dataset.limit=16"] + TINY_UNET,
     "real_isic_small": ["dataset.limit=16"] + TINY_UNET,
     "criteria_isic": ["dataset.limit=16", "criterion=taylor"] + TINY_UNET,
+    "precision_isic": ["dataset.limit=16", "train.precision=bf16"] + TINY_UNET,
 }
-READS_REAL_ISIC = ("real_isic_mini", "real_isic_small", "criteria_isic")
+READS_REAL_ISIC = ("real_isic_mini", "real_isic_small", "criteria_isic", "precision_isic")
 
 
 def test_every_preset_is_covered():
@@ -66,7 +67,7 @@ def test_preset_runs_end_to_end_and_reports(preset, tmp_path):
     assert [r.info.status for r in runs] == ["FINISHED"]
     (run,) = runs
     text = medprune(tmp_path, run.info.run_id, "--no-log", module="pipeline.report")  # a single job's report
-    if preset not in ("lwunet_isic", "real_isic_small", "criteria_isic"):  # shared settings; a table of criteria rows
+    if preset not in ("lwunet_isic", "real_isic_small", "criteria_isic", "precision_isic"):  # no published numbers
         assert "(paper)" in text or preset == "channel_attention"
     # our run is the row of its setting, with its own Dice (in the paper's unit)
     from dataclasses import asdict
