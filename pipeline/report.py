@@ -170,7 +170,7 @@ def table_rows(rows: list[Row], paper: dict) -> tuple[list[str], list[list[str]]
         for m in paper["columns"]:
             ours = r.ours.get(m, [])
             scale = paper.get("scale", {}).get(m, 1.0)
-            line.append(_fmt(ours, max(DIGITS.get(m, 3) - (2 if scale >= 100 else 0), 0))
+            line.append(_fmt(ours, max(digits(m) - (2 if scale >= 100 else 0), 0))
                         + (UNSETTLED_MARK if m == "latency_ms" and r.unsettled else ""))
             if m in published:
                 theirs = r.paper.get(m)
@@ -325,7 +325,17 @@ RESULT_PARAMS = ("baseline.", "pruned.", "final.")
 # Decimals per metric in the table, in the unit shown (a metric scaled x100 to % loses two).
 # Metrics that are fractions (0-1): a report's --columns shows them in the preset's Dice unit.
 FRACTIONS = ("dice", "iou", "nsd", "thresholded_jaccard")
-DIGITS = {**{f"{m}{v}": 4 for m in FRACTIONS for v in ("", "_orig", "_3d")}, "hd95": 2, "hd95_orig": 2, "dice": 4, "iou": 4, "dice_3d": 4, "params_m": 3, "flops_g": 3, "macs_g": 3, "size_mb": 2, "latency_ms": 2}
+DIGITS = {**{m: 4 for m in FRACTIONS}, "hd95": 2, "params_m": 3, "flops_g": 3, "macs_g": 3, "size_mb": 2}
+VARIANT_SUFFIX = r"_(orig|3d|bf16|fp16)$"  # dice_orig, dice_3d, dice_bf16 ... are dice, scored another way
+
+
+def base_metric(metric: str) -> str:
+    return re.sub(VARIANT_SUFFIX, "", metric)
+
+
+def digits(metric: str) -> int:
+    """Decimals of a metric in its own unit: as its base metric; every latency (..._ms) 2; else 3."""
+    return 2 if metric.endswith("_ms") else DIGITS.get(base_metric(metric), 3)
 
 
 def check_rows(rows: list[Row], runs_by_id: dict) -> None:
@@ -494,7 +504,7 @@ def report(target: str | None = None, uri: str | None = None, out: Path | None =
         percent = (paper.get("scale") or {}).get("dice", 1.0)  # fractions in the unit the preset shows Dice in
         scale = dict(paper.get("scale") or {})
         for m in columns:
-            if m not in scale and re.sub(r"_(orig|3d)$", "", m) in FRACTIONS:
+            if m not in scale and base_metric(m) in FRACTIONS:
                 scale[m] = percent
         paper["scale"] = scale
         paper["columns"] = {m: known.get(m, m + (" (%)" if scale.get(m, 1.0) == 100 else "")) for m in columns}
