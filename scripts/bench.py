@@ -971,6 +971,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
     parser.add_argument("--models", default=None, help="speed/export rows: comma-separated subset of unet, unetplusplus, "
                         "attention_unet, custom_unet, deeplabv3plus")
+    parser.add_argument("--round-to", default=None, help="speed row: comma-separated channel roundings for every model "
+                        "(`none` for exact rates), e.g. 8,16; default: each model's own list")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda[:N]")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime (default: all cores)")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench"), help="folder for bench.md / bench.json")
@@ -984,6 +986,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"--rows: unknown {', '.join(sorted(unknown))}; expected some of {', '.join(ROWS)}")
     s = quick_settings() if args.quick else full_settings()
     s = replace(s, threads=args.threads, onnx_dynamo=args.onnx_dynamo)
+    if args.round_to:
+        rounding = tuple(None if v.strip().lower() == "none" else int(v) for v in args.round_to.split(","))
+        s = replace(s, round_to=rounding, nets=[replace(n, round_to=None) for n in s.nets])
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
