@@ -89,3 +89,11 @@ def test_the_bench_checks_the_default_rounding():
     from omegaconf import OmegaConf
 
     assert load_bench().DEFAULT_ROUND_TO == OmegaConf.load(ROOT / "conf" / "shared" / "prune.yaml").round_to
+
+
+def test_round_to_chooses_the_roundings_of_every_model(tmp_path):
+    bench = load_bench()
+    assert bench.main(["--quick", "--rows", "speed", "--models", "unet", "--round-to", "none,4", "--out", str(tmp_path),
+                       "--threads", "1"]) == 0
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert {n["round_to"] for n in results["speed"]["networks"]} == {None, 4}
