@@ -50,6 +50,7 @@ def test_default_pipeline_end_to_end(outputs, default_run):
     assert r.data.tags["medprune.baseline_reused"] == "false"
     assert r.data.tags["medprune.baseline_run_id"] == r.info.run_id
     assert r.data.tags["medprune.rates_source"] == "config"
+    assert r.data.tags["medprune.cpu_bf16"] in ("native", "emulated") and r.data.tags["medprune.cpu_capability"]
     client = MlflowClient(f"sqlite:///{outputs / 'mlflow.db'}")
     artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
     assert {"config.yaml", "pruning", "pruned_model", "final_model", "scores", "evaluate", "baseline"} <= artifacts

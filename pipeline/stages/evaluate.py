@@ -331,7 +331,10 @@ def _run(ctx: Context, state: RunState) -> RunState:
     if onnx:
         tags["medprune.onnx_latency_device"] = f"{cpu_name()} (ONNX Runtime CPU)"
     if ctx.device.type == "cpu":  # what the CPU offers for fast inference (bf16, int8), beside the figures
-        tags.update({f"medprune.{k}": v for k, v in precision.cpu_capabilities().items()})
+        capabilities = precision.cpu_capabilities()
+        log.info("CPU: %s, kernels %s, flags %s, bf16 %s", cpu_name(), capabilities["cpu_capability"],
+                 capabilities["cpu_flags"], capabilities["cpu_bf16"])
+        tags.update({f"medprune.{k}": v for k, v in capabilities.items()})
     if unsettled:
         tags["medprune.latency_unsettled"] = ",".join(unsettled)
     ctx.tracker.set_tags(tags)
