@@ -35,8 +35,10 @@ PRESETS = {
     "real_isic_small": ["dataset.limit=16"] + TINY_UNET,
     "criteria_isic": ["dataset.limit=16", "criterion=taylor"] + TINY_UNET,
     "precision_isic": ["dataset.limit=16", "train.precision=bf16"] + TINY_UNET,
+    "rounding_unetpp_isic": ["dataset.limit=16", "model.encoder_name=resnet18", "model.encoder_depth=3",
+                             "model.decoder_channels=[16,8,4]"],
 }
-READS_REAL_ISIC = ("real_isic_mini", "real_isic_small", "criteria_isic", "precision_isic")
+READS_REAL_ISIC = ("real_isic_mini", "real_isic_small", "criteria_isic", "precision_isic", "rounding_unetpp_isic")
 
 
 def test_every_preset_is_covered():
@@ -67,7 +69,7 @@ def test_preset_runs_end_to_end_and_reports(preset, tmp_path):
     assert [r.info.status for r in runs] == ["FINISHED"]
     (run,) = runs
     text = medprune(tmp_path, run.info.run_id, "--no-log", module="pipeline.report")  # a single job's report
-    if preset not in ("lwunet_isic", "real_isic_small", "criteria_isic", "precision_isic"):  # no published numbers
+    if preset not in ("lwunet_isic", "real_isic_small", "criteria_isic", "precision_isic", "rounding_unetpp_isic"):  # no published numbers
         assert "(paper)" in text or preset == "channel_attention"
     # our run is the row of its setting, with its own Dice (in the paper's unit)
     from dataclasses import asdict
