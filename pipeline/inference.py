@@ -207,17 +207,20 @@ INPUT_NAME, OUTPUT_NAME = "image", "logits"
 
 
 @contextmanager
-def _quiet_export() -> Iterator[None]:
-    """The exporters warn and print progress lines on every call; a pipeline log needs none of that."""
-    torch_onnx_log = logging.getLogger("torch.onnx")
-    level = torch_onnx_log.level
-    torch_onnx_log.setLevel(logging.ERROR)
+def quiet(*loggers: str) -> Iterator[None]:
+    """The named loggers at ERROR and Python warnings off for a block: exporters and compilers warn and
+    print progress on every call (torch.onnx; torch._dynamo, torch._inductor), a pipeline log needs none."""
+    handles = [logging.getLogger(name) for name in loggers]
+    levels = [handle.level for handle in handles]
+    for handle in handles:
+        handle.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        torch_onnx_log.setLevel(level)
+        for handle, level in zip(handles, levels):
+            handle.setLevel(level)
 
 
 def export_onnx(
@@ -243,7 +246,7 @@ def export_onnx(
         kwargs["dynamic_axes"] = {INPUT_NAME: {0: "batch"}, output_name: {0: "batch"}}
     if dynamo:
         kwargs.update(verbose=False, report=False, optimize=True)
-    with _quiet_export(), torch.no_grad():
+    with quiet("torch.onnx"), torch.no_grad():
         torch.onnx.export(model, (x,), str(path), **kwargs)
     return path
 

@@ -18,18 +18,17 @@ import copy
 import logging
 import sys
 import time
-import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from pipeline import inference
-from pipeline.precision import DTYPES, cpu_bf16_native
+from pipeline.precision import DTYPES, supported
 from pipeline.profiling import cpu_threads, forward_call, thread_count
 
 log = logging.getLogger(__name__)
@@ -149,7 +148,7 @@ def _compiled(net: nn.Module, input_shape: tuple[int, ...], channels_last: bool)
     """torch.compile(net, inductor, static shapes), compiled by one warm-up call; RuntimeError on failure."""
     start = time.perf_counter()
     try:
-        with _quiet_compile():
+        with inference.quiet("torch._dynamo", "torch._inductor", "torch.fx"):
             compiled = torch.compile(net, backend="inductor", dynamic=False)
             forward_call(compiled, input_shape, channels_last)()
     except Exception as err:  # noqa: BLE001  (dynamo/inductor raise many types; the caller skips the form)
@@ -157,22 +156,6 @@ def _compiled(net: nn.Module, input_shape: tuple[int, ...], channels_last: bool)
         raise RuntimeError(f"compile failed: {type(err).__name__}: {first}"[:300]) from err
     log.info("torch.compile (inductor) of %s for %s: %.1f s", type(net).__name__, tuple(input_shape), time.perf_counter() - start)
     return compiled
-
-
-@contextmanager
-def _quiet_compile() -> Iterator[None]:
-    """Dynamo and inductor log warnings (and Python warnings) on a plain CPU compile; a log needs none."""
-    loggers = [logging.getLogger(name) for name in ("torch._dynamo", "torch._inductor", "torch.fx")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
 
 
 # -- ONNX Runtime ------------------------------------------------------------------------------------
@@ -309,9 +292,9 @@ class AsModule(nn.Module):
 
 
 def _bf16_note(precision: str) -> str:
-    if precision == "bf16" and not cpu_bf16_native():
-        return "bf16 emulated: no native bf16 on this CPU (no avx512_bf16/amx_bf16), likely slower than fp32"
-    return ""
+    """A bf16 CPU form's note where the CPU has no native bf16 (pipeline.precision.supported says why)."""
+    reason = supported(precision, torch.device("cpu")) if precision == "bf16" else None
+    return f"bf16 emulated: {reason}" if reason else ""
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -199,7 +199,8 @@ def test_evaluate_times_openvino_and_bf16_forms_in_their_own_passes_and_names_th
     interleave = evaluate.time_interleaved
     monkeypatch.setattr(evaluate, "time_interleaved", lambda fns, **kw: passes.append(sorted(fns)) or interleave(fns, **kw))
     model = small_unet()
-    out, _ = evaluate.cost(_ctx(runtimes=["openvino"], precision="bf16", latency_eager=False), {"final": model}, {"final": None})
+    ctx = _ctx(runtimes=["openvino"], precision="bf16", latency_eager=False)
+    out, _ = evaluate.cost(ctx, {"final": model}, {"final": None}, evaluate.reduced_precision(ctx))
     # torch's forms (fp32 and bf16) share a pass; OpenVINO's thread pool gets its own
     assert passes == [["final/latency", "final/latency_bf16"], ["final/openvino_latency", "final/openvino_latency_bf16"]]
     final = out["final"]
@@ -219,7 +220,8 @@ def test_reduced_precision_forms_are_skipped_with_a_notice_where_the_cpu_would_e
 
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2"}))
     with caplog.at_level("WARNING"):
-        out, timed = evaluate.cost(_ctx(runtimes=[], precision="bf16"), {"final": small_unet()}, {"final": None})
+        ctx = _ctx(runtimes=[], precision="bf16")
+        out, timed = evaluate.cost(ctx, {"final": small_unet()}, {"final": None}, evaluate.reduced_precision(ctx))
     assert not any("bf16" in name for name in timed.timings)
     assert "evaluate.precision=bf16: no bf16 forms are measured: this CPU has no native bf16" in caplog.text
 

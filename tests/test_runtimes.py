@@ -11,7 +11,7 @@ from torch import nn
 
 import models  # noqa: F401  (torchvision compatibility)
 from helpers import model_from_conf
-from pipeline import inference, runtimes
+from pipeline import inference, precision, runtimes
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.unit
@@ -64,15 +64,13 @@ def test_bf16_forms_stay_close_to_fp32_but_are_not_fp32(runtime, networks, tmp_p
     bound = 0.1 * float(expected.abs().max())
     fp32_noise = 1e-4 * scale(expected)  # what the fp32 forms stay within
     assert fp32_noise < err < bound and fp32_noise < deployed.max_abs_diff < bound  # really bf16, still the network
-    assert (deployed.note == "") == runtimes.cpu_bf16_native()
+    assert (deployed.note == "") == precision.cpu_bf16_native()
 
 
 def test_bf16_on_a_cpu_without_bf16_runs_emulated_and_says_so(networks, monkeypatch):
     _, folded, _ = networks
-    from pipeline import precision
-
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
-    assert not runtimes.cpu_bf16_native()
+    assert not precision.cpu_bf16_native()
     deployed = runtimes.deploy(folded, SHAPE, "torch", "bf16", threads=1)
     assert "emulated" in deployed.note and "\n" not in deployed.note
 
@@ -101,8 +99,6 @@ def test_a_failed_compile_is_a_runtime_error_naming_the_runtime_and_cause(networ
 
 
 def test_cpu_capabilities_name_the_simd_level_the_flags_and_openvinos_view():
-    from pipeline import precision
-
     caps = precision.cpu_capabilities()
     assert set(caps) == {"cpu_capability", "cpu_flags", "cpu_bf16"}
     assert caps["cpu_capability"] and caps["cpu_bf16"] == ("native" if precision.cpu_bf16_native() else "emulated")

@@ -74,22 +74,22 @@ def reduced_precision(ctx: Context) -> Optional[str]:
     return wanted
 
 
-def cost(ctx: Context, models: dict[str, torch.nn.Module],
-         onnx_paths: dict[str, Optional[Path]]) -> tuple[dict[str, dict], InterleavedTimes]:
+def cost(ctx: Context, models: dict[str, torch.nn.Module], onnx_paths: dict[str, Optional[Path]],
+         reduced: Optional[str] = None) -> tuple[dict[str, dict], InterleavedTimes]:
     """Latency of every network (by row) in every form, timed in one interleaved pass per runtime (profiling.
     time_interleaved): the deployed form, the eager network (if different), each runtime of
     `evaluate.runtimes` (ONNX Runtime where `onnx_paths` names a file for the row), and each of those in
-    `evaluate.precision` when it is reduced. Timing the networks one after another let a busy spell of a
-    shared machine land on one of them (two networks of one shape at 258 and 2559 ms)."""
+    `reduced` (`reduced_precision`: evaluate.precision where the device runs it natively). Timing the
+    networks one after another let a busy spell of a shared machine land on one of them (two networks of
+    one shape at 258 and 2559 ms)."""
     with tempfile.TemporaryDirectory(prefix="medprune-runtimes-") as work:  # exported graphs OpenVINO reads
-        return _cost(ctx, models, onnx_paths, Path(work))
+        return _cost(ctx, models, onnx_paths, reduced, Path(work))
 
 
 def _cost(ctx: Context, models: dict[str, torch.nn.Module], onnx_paths: dict[str, Optional[Path]],
-          work: Path) -> tuple[dict[str, dict], InterleavedTimes]:
+          reduced: Optional[str], work: Path) -> tuple[dict[str, dict], InterleavedTimes]:
     e = ctx.cfg.evaluate
     shape = ctx.input_shape
-    reduced = reduced_precision(ctx)
     extra = [str(r) for r in e.runtimes]
     fns, out = {}, {}
     for row, model in models.items():
@@ -116,7 +116,7 @@ def _cost(ctx: Context, models: dict[str, torch.nn.Module], onnx_paths: dict[str
                             row, type(err).__name__, err)
             finally:
                 model.to(ctx.device)
-        wanted = [(r, "fp32") for r in extra if r not in ("onnxruntime", "torch")]
+        wanted = [(r, "fp32") for r in extra if r != "onnxruntime"]  # ONNX Runtime: above, its file kept
         if reduced:
             wanted += [(r, reduced) for r in ("torch", *extra) if runtimes.supports(r, reduced, ctx.device)]
         for runtime, dtype in wanted:
@@ -215,7 +215,8 @@ def score_quality(ctx: Context, model: torch.nn.Module, row: str, export: bool =
     return out
 
 
-def measure(ctx: Context, model_dir: str, row: str = "final") -> dict[str, float]:
+def measure(ctx: Context, model_dir: str, row: str = "final", reduced: Optional[str] = None) -> dict[str, float]:
+    """Quality (also in the `reduced` precision, when given) and size of one network."""
     e = ctx.cfg.evaluate
     model = load_model(model_dir).to(ctx.device).eval()
     quality = score_quality(ctx, model, row)
@@ -224,7 +225,6 @@ def measure(ctx: Context, model_dir: str, row: str = "final") -> dict[str, float
         split_loader = make_loader(ctx.data.dataset(split), e.batch_size, False, 0, ctx.cfg.seed, ctx.device)
         m = test_metrics(model, split_loader, ctx.device, e.threshold)
         extra.update({f"{split}_dice": m["dice"], f"{split}_iou": m["iou"]})
-    reduced = reduced_precision(ctx)
     if reduced:  # the torch deployed form in that type, on the same test split: what the precision costs
         deployed = runtimes.deploy(inference.prepare_for_inference(model, ctx.input_shape, fold_bn=bool(e.fold_bn)).model,
                                    ctx.input_shape, "torch", reduced, channels_last=bool(e.channels_last))
@@ -264,6 +264,7 @@ def _run(ctx: Context, state: RunState) -> RunState:
     device_names = set()
     folder = ctx.stage_dir("evaluate")
     onnx = "onnxruntime" in [str(r) for r in ctx.cfg.evaluate.runtimes]
+    reduced = reduced_precision(ctx)  # decided (and any notice given) once for the stage
     scratch = tempfile.TemporaryDirectory(prefix="medprune-onnx-")
     models: dict[str, torch.nn.Module] = {}
     onnx_paths: dict[str, Optional[Path]] = {}
@@ -279,18 +280,17 @@ def _run(ctx: Context, state: RunState) -> RunState:
             if onnx:
                 onnx_paths[row] = folder / FINAL_ONNX if path == sources["final"] else Path(scratch.name) / f"{row}.onnx"
             log.info("Evaluating the %s network on the test split", row)
-            results[row], device_name = measure(ctx, path, row)
+            results[row], device_name = measure(ctx, path, row, reduced)
             device_names.add(device_name)
             models[row] = load_model(path).to(ctx.device).eval()
         # then one timing pass over every form of every network, after all the quality passes
-        latency, timed = cost(ctx, models, onnx_paths)
+        latency, timed = cost(ctx, models, onnx_paths, reduced)
     finally:
         scratch.cleanup()
     for row, values in latency.items():
         results[row].update(values)
     peak = machine_peak(ctx.device, ctx.cfg.evaluate.threads)
     peaks = {"fp32": peak["peak_gflops"]}
-    reduced = reduced_precision(ctx)
     if reduced:
         low = machine_peak(ctx.device, ctx.cfg.evaluate.threads, dtype=precision.DTYPES[reduced])
         peak.update({k.replace("peak_", f"peak_{reduced}_"): v for k, v in low.items()})
