@@ -275,6 +275,11 @@ def validate_prune(p: DictConfig, stages: list[str]) -> None:
         _check_range(p.ratio, "prune.ratio", 0.0, 1.0)
     if p.round_to is not None:
         _check_range(p.round_to, "prune.round_to", 1, None)
+    if p.round_to_high_res is not None:
+        _check_range(p.round_to_high_res, "prune.round_to_high_res", 1, None)
+        if p.round_to is not None and p.round_to_high_res % p.round_to:
+            raise ConfigError(f"prune.round_to_high_res={p.round_to_high_res}: expected a multiple of "
+                              f"prune.round_to={p.round_to} (or null)")
     if "max_layer_ratio" in p:
         _check_range(p.max_layer_ratio, "prune.max_layer_ratio", 0.0, 1.0)
     if "target_flops" in p:

@@ -88,19 +88,24 @@ class ScoreTableImportance(tp.importance.GroupMagnitudeImportance):
 
 
 class RoundingPruner(tp.pruner.BasePruner):
-    """torch-pruning's pruner whose channel rounding never empties a layer.
+    """torch-pruning's pruner whose channel rounding never empties a layer, with a wider quantum for the
+    layers that carry most of the time.
 
     torch-pruning rounds the kept count down to a multiple of `round_to`; a layer that would keep fewer
     than `round_to` channels rounds to 0, which it then silently skips (the layer stays whole: a
     16-channel layer at ratio 0.6 and round_to=8 kept 16, not 8). Here such a layer keeps `round_to`
     channels, or all of them when it has no more than that (a tiny layer), and each case is recorded in
     `guarded` (layer module, channels before, kept by the ratio, kept) for the log and channels.csv.
+    `quanta` {module: multiple} gives some layers a wider multiple (prune's `round_to_high_res`); where
+    that multiple would empty the layer, `round_to` applies. Layers it changed are recorded in `widened`.
     The module being rounded is the last one whose channel count the pruner asked the graph for, just
     before it calls `_round_to` (torch-pruning 1.6, pinned; tests/test_pruning.py checks the records)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, quanta: Optional[Mapping[nn.Module, int]] = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.quanta = dict(quanta or {})
         self.guarded: list[tuple[nn.Module, int, int, int]] = []
+        self.widened: list[tuple[nn.Module, int, int, int]] = []
         self._asked: Optional[nn.Module] = None
         graph = self.DG
         for fn_name in ("get_out_channels", "get_in_channels"):
@@ -114,11 +119,33 @@ class RoundingPruner(tp.pruner.BasePruner):
 
     def _round_to(self, n_pruned, current_channels, round_to):
         keep = current_channels - n_pruned
+        wide = self.quanta.get(self._asked, round_to)
+        if wide != round_to and keep - keep % wide > 0:
+            rounded = keep - keep % wide
+            if rounded != keep - keep % round_to:
+                self.widened.append((self._asked, current_channels, keep, rounded))
+            return current_channels - rounded
         rounded = keep - keep % round_to
         if rounded == 0:
             rounded = min(round_to, current_channels)
             self.guarded.append((self._asked, current_channels, keep, rounded))
         return current_channels - rounded
+
+
+def high_resolution_layers(model: nn.Module, example_inputs: torch.Tensor) -> set[nn.Module]:
+    """The prunable layers whose output is at full or half the input's resolution (output stride <= 2):
+    in an encoder-decoder they carry most of the FLOPs, so their channel counts decide the speed."""
+    size = example_inputs.shape[-1]
+    found: set[nn.Module] = set()
+    hooks = [m.register_forward_hook(lambda m, _i, out: found.add(m) if 2 * out.shape[-1] >= size else None)
+             for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]
+    try:
+        with torch.no_grad():
+            model(example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
 
 
 @dataclass
@@ -158,6 +185,7 @@ def prune(
     scope: str = "all",
     round_to: int | None = None,
     *,
+    round_to_high_res: int | None = None,
     layer_ratios: Optional[Mapping[str, float]] = None,
     global_ranking: bool = False,
     max_layer_ratio: float = 1.0,
@@ -168,6 +196,9 @@ def prune(
     """Removes output channels from a copy of `model` (the original is kept).
 
     ratio: fraction removed from every in-scope layer group (uniform), or overall (global ranking).
+    round_to: keep every pruned layer's count a multiple of this (None: exact rates, no rounding at all);
+    round_to_high_res: ... and a multiple of this for layers at output stride <= 2 (`high_resolution_layers`),
+        where that keeps at least one multiple.
     layer_ratios: {glob pattern: ratio}; matched layers use their ratio, the others `ratio`.
     global_ranking: rank all groups together (scores normalised by their group mean) and remove the
         lowest `ratio` of all channels, at most `max_layer_ratio` of any layer (see `global_layer_ratios`).
@@ -192,6 +223,9 @@ def prune(
         per_layer = global_layer_ratios(model, scores, names, example_inputs, ratio, max_layer_ratio, ignored)
         ratio = 0.0
     importance = ScoreTableImportance(scores, names)
+    quanta = {}
+    if round_to and round_to_high_res and round_to_high_res != round_to:
+        quanta = {m: round_to_high_res for m in high_resolution_layers(model, example_inputs)}
     pruner = RoundingPruner(
         model,
         example_inputs,
@@ -201,6 +235,7 @@ def prune(
         iterative_steps=steps,
         ignored_layers=ignored,
         round_to=round_to,
+        quanta=quanta,
     )
     for step in range(1, steps + 1):
         if step > 1:
@@ -210,7 +245,7 @@ def prune(
                 importance.scores = rescore(model)
         pruner.step()  # at ratio 0 this removes nothing (tested), so one path serves every ratio
     after = out_channels(model)
-    rounding = _rounding_notes(pruner, names, round_to)
+    rounding = _rounding_notes(pruner, names, round_to, round_to_high_res)
     rows = [
         {"layer": n, "scope": "encoder" if n.startswith("encoder.") else "decoder" if n.startswith("decoder.") else "other",
          "before": before[n], "after": after[n], "removed": 1 - after[n] / before[n], "rounding": rounding.get(n, "")}
@@ -219,10 +254,16 @@ def prune(
     return PruneResult(model=model, channels=rows)
 
 
-def _rounding_notes(pruner: RoundingPruner, names: dict[nn.Module, str], round_to: Optional[int]) -> dict[str, str]:
-    """{layer: what the rounding guard did}, logged once: layers raised to `round_to` channels instead of
-    emptied, and tiny layers (no more than `round_to` channels) left whole."""
-    notes, raised, whole = {}, [], []
+def _rounding_notes(pruner: RoundingPruner, names: dict[nn.Module, str], round_to: Optional[int],
+                    round_to_high_res: Optional[int]) -> dict[str, str]:
+    """{layer: what the rounding did beyond rounding down to `round_to`}, logged once: high-resolution
+    layers rounded to `round_to_high_res`, layers raised to `round_to` channels instead of emptied, and
+    tiny layers (no more than `round_to` channels) left whole."""
+    notes, widened, raised, whole = {}, {}, [], []
+    for module, current, keep, kept in pruner.widened:  # the last step's rounding (iterative schedules)
+        name = names.get(module, "?")
+        notes[name] = f"rounded to {kept}: a multiple of round_to_high_res={round_to_high_res} (output stride <= 2)"
+        widened[name] = f"{name} ({keep} -> {kept})"
     for module, current, keep, kept in pruner.guarded:
         name = names.get(module, "?")
         if kept == current:
@@ -231,6 +272,9 @@ def _rounding_notes(pruner: RoundingPruner, names: dict[nn.Module, str], round_t
         else:
             notes[name] = f"raised to {kept}: the ratio keeps {keep}, which rounds to 0"
             raised.append(f"{name} ({keep} -> {kept})")
+    if widened:
+        log.info("prune.round_to_high_res=%s: %d layer(s) at output stride <= 2 keep a multiple of %s channels: %s",
+                 round_to_high_res, len(widened), round_to_high_res, ", ".join(widened.values()))
     if raised:
         log.info("prune.round_to=%s: %d layer(s) keep %s channels where the ratio's count rounds down to 0: %s",
                  round_to, len(raised), round_to, ", ".join(raised))

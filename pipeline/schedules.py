@@ -39,7 +39,8 @@ class Scope(ConfigEnum):
 class PruneBase:
     schedule: str = MISSING  # the schedule's name (a key of SCHEDULES); its option file sets it
     scope: Scope = MISSING  # encoder | decoder | all: the layers that may lose channels
-    round_to: Optional[int] = MISSING  # keep channel counts a multiple of this (null: exact rates)
+    round_to: Optional[int] = MISSING  # keep channel counts a multiple of this (null: exact rates, no rounding)
+    round_to_high_res: Optional[int] = MISSING  # ... and of this at output stride <= 2 (null: round_to)
 
 
 @dataclass
@@ -103,7 +104,7 @@ Outcome = tuple[PruneResult, dict[str, Any], dict[str, float]]  # network, what 
 
 
 def _plan(p) -> dict:
-    return dict(scope=str(p.scope), round_to=p.round_to)
+    return dict(scope=str(p.scope), round_to=p.round_to, round_to_high_res=p.round_to_high_res)
 
 
 def uniform(p, x: Inputs) -> Outcome:

@@ -8,7 +8,7 @@ does the pipeline waste time anywhere?
 
 Rows (see docs/PERFORMANCE.md for a measured table and what it means):
   speed     pruned-network speed: classic UNet and UNet++/resnet34 at ratios 0..0.6 (L1, uniform), channel
-            rounding off/on; params, MACs, FLOPs, batch-1 latency (median, p90), batch-8 throughput,
+            roundings (none, round_to=8 and 16, and the default 8/16: round_to=8 with round_to_high_res=16); params, MACs, FLOPs, batch-1 latency (median, p90), batch-8 throughput,
             speed-up and efficiency = speed-up / FLOPs reduction, achieved GFLOP/s and share of the machine's
             peak, for each inference form (variant): eager, channels_last, BatchNorm folded, folded +
             channels_last, ONNX Runtime, OpenVINO, torch.compile (inductor), and in bf16 (torch, compile,
@@ -69,7 +69,32 @@ RUNTIME_VARIANTS = {"openvino": ("openvino", "fp32"), "compile": ("compile", "fp
 VARIANTS = ("eager", "channels_last", "folded", "folded+cl", "onnxruntime", *RUNTIME_VARIANTS)
 DEPLOYED_VARIANTS = ("folded+cl", "onnxruntime", "openvino", "compile")  # fp32 forms a network is deployed in
 BF16_VARIANTS = tuple(v for v, (_, p) in RUNTIME_VARIANTS.items() if p == "bf16")
-DEFAULT_ROUND_TO = 8  # conf/shared/prune.yaml (checked by tests/test_bench.py)
+# A rounding is None (exact rates), an int (prune.round_to) or "R/H" (prune.round_to=R, round_to_high_res=H).
+DEFAULT_ROUND_TO = "8/16"  # conf/shared/prune.yaml (checked by tests/test_bench.py)
+
+
+def rounding_plan(rounding) -> dict:
+    """A bench rounding as prune()'s keywords."""
+    if rounding is None:
+        return {"round_to": None}
+    if isinstance(rounding, str):
+        round_to, high_res = (int(v) for v in rounding.split("/"))
+        return {"round_to": round_to, "round_to_high_res": high_res}
+    return {"round_to": int(rounding)}
+
+
+def parse_rounding(text: str):
+    text = text.strip().lower()
+    if text == "none":
+        return None
+    if "/" in text:
+        rounding_plan(text)  # checks it
+        return text
+    return int(text)
+
+
+def _rounding_key(rounding) -> tuple:
+    return (rounding is not None, str(rounding))
 # The forms the evaluate stage reports (chosen from the measured table, see docs/PERFORMANCE.md):
 # latency_ms is DEPLOYED_TORCH (BatchNorm folded + channels_last), onnx_latency_ms is DEPLOYED (the
 # exported, BatchNorm-folded ONNX model under ONNX Runtime). Both are also timed at the batch size.
@@ -102,14 +127,14 @@ class NetSpec:
     in_channels: int = 3
     variants: tuple[str, ...] = VARIANTS
     throughput: tuple[str, ...] = ("eager", DEPLOYED)  # variants also timed at the batch size
-    round_to: Optional[tuple[Optional[int], ...]] = None  # None: Settings.round_to
+    round_to: Optional[tuple] = None  # roundings (see DEFAULT_ROUND_TO); None: Settings.round_to
 
 
 @dataclass
 class Settings:
     nets: list[NetSpec]
     ratios: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6)
-    round_to: tuple[Optional[int], ...] = (None, 8, 16)
+    round_to: tuple = (None, 8, 16, DEFAULT_ROUND_TO)
     threads: Optional[int] = None  # None: all cores
     warmup: int = 1  # untimed runs of each network and form before its first timed round
     rounds: int = 3  # latency: every network and form is timed once per round, rounds interleaved
@@ -156,10 +181,10 @@ def full_settings() -> Settings:
         NetSpec("unetplusplus", model_config("smp_unetplusplus"), 256,
                 variants=("eager", "channels_last", "folded+cl", "onnxruntime", "openvino", "compile",
                           "folded+cl bf16", "openvino bf16", "compile bf16"), throughput=("eager", DEPLOYED),
-                round_to=(None, 8)),
-        NetSpec("attention_unet", model_config("attention_unet"), 256, variants=others, throughput=(), round_to=(8,)),
-        NetSpec("custom_unet", model_config("custom_unet"), 256, variants=others, throughput=(), round_to=(8,)),
-        NetSpec("deeplabv3plus", model_config("deeplabv3plus"), 256, variants=others, throughput=(), round_to=(8,)),
+                round_to=(None, 8, DEFAULT_ROUND_TO)),
+        NetSpec("attention_unet", model_config("attention_unet"), 256, variants=others, throughput=(), round_to=(DEFAULT_ROUND_TO,)),
+        NetSpec("custom_unet", model_config("custom_unet"), 256, variants=others, throughput=(), round_to=(DEFAULT_ROUND_TO,)),
+        NetSpec("deeplabv3plus", model_config("deeplabv3plus"), 256, variants=others, throughput=(), round_to=(DEFAULT_ROUND_TO,)),
     ])
 
 
@@ -172,7 +197,7 @@ def quick_settings() -> Settings:
                                                  decoder_channels=[32, 16, 8]), 32,
                     variants=("eager", "folded+cl", "onnxruntime", "openvino", "folded+cl bf16", "openvino bf16")),
         ],
-        ratios=(0.0, 0.5), round_to=(None, 4), warmup=1, rounds=2, runs_per_round=2, batch=2, batch_rounds=1, prune_example=32,
+        ratios=(0.0, 0.5), round_to=(None, 4, "4/8"), warmup=1, rounds=2, runs_per_round=2, batch=2, batch_rounds=1, prune_example=32,
         train_model=model_config("unet_tiny"), train_images=12, train_min_side=48,
         train_max_side=64, train_size=32, train_batch=4, train_steps=2, train_epochs=2, train_repeats=1,
         prune_model=model_config("unet", width=8, depth=2), prune_size=32, calibration_images=4,
@@ -294,7 +319,7 @@ def bench_speed(s: Settings, device: torch.device, work: Path, rows: set[str], m
             _progress(f"speed: {spec.label}: no bf16 forms: {no_bf16}")
             variants = [v for v in variants if v not in BF16_VARIANTS]
         entries: list[Entry] = []
-        order: list[tuple[Optional[int], float, int]] = []  # (round_to, ratio, index of the entry measured)
+        order: list[tuple[Any, float, int]] = []  # (rounding, ratio, index of the entry measured)
         for round_to in spec.round_to or s.round_to:
             for ratio in s.ratios:
                 if ratio == 0 and entries and any(e.net["ratio"] == 0 for e in entries):
@@ -302,7 +327,7 @@ def bench_speed(s: Settings, device: torch.device, work: Path, rows: set[str], m
                     continue  # the unpruned network does not depend on rounding: measured once
                 _progress(f"speed: preparing {spec.label} round_to={round_to} ratio={ratio}")
                 start = time.perf_counter()
-                net = base if ratio == 0 else prune(base, scores, example, ratio, round_to=round_to).model.eval()
+                net = base if ratio == 0 else prune(base, scores, example, ratio, **rounding_plan(round_to)).model.eval()
                 prune_s = time.perf_counter() - start
                 flops = count_flops(net, shape)
                 net_row = {"model": spec.label, "round_to": round_to, "ratio": ratio, "size": spec.size,
@@ -317,7 +342,7 @@ def bench_speed(s: Settings, device: torch.device, work: Path, rows: set[str], m
                         continue
                     try:
                         runners[v] = Runner(v, net, shape, torch.device("cpu") if pool(v) != "torch" else device, threads,
-                                            session, work / "deployed" / f"{spec.label}-r{ratio:g}-round{round_to or 0}-{v}")
+                                            session, work / "deployed" / f"{spec.label}-r{ratio:g}-round{str(round_to or 0).replace('/', '-')}-{v}")
                     except Exception as err:  # noqa: BLE001  (a runtime that cannot take this network: say so, go on)
                         _progress(f"  {spec.label} ratio={ratio:g} {v}: not built ({type(err).__name__}: {err})")
                 order.append((round_to, ratio, len(entries)))
@@ -370,7 +395,7 @@ def _channel_summary(net: nn.Module) -> str:
 
 def _export(net, spec: NetSpec, round_to, ratio, shape, work: Path, threads: int, s: Settings) -> tuple[dict, Any]:
     """Folds, exports, opens an ONNX Runtime session and compares its output with the torch network's."""
-    path = work / "onnx" / f"{spec.label}-r{ratio:g}-round{round_to or 0}.onnx"
+    path = work / "onnx" / f"{spec.label}-r{ratio:g}-round{str(round_to or 0).replace('/', '-')}.onnx"
     start = time.perf_counter()
     prepared = inference.prepare_for_inference(net, shape, fold_bn=True, channels_last=False)
     fold_s = time.perf_counter() - start
@@ -724,7 +749,7 @@ def targets(results: dict) -> list[dict]:
                         "value": f"{at_top['speedup']:.2f}x, min efficiency {eff:.2f}",
                         "met": bool(at_top["speedup"] >= 5.5 and eff >= 0.8)})
         fastest = fastest_forms(results)
-        for round_to in sorted({r["round_to"] for r in fastest if r["model"] == "unetplusplus"}, key=lambda v: v or 0):
+        for round_to in sorted({r["round_to"] for r in fastest if r["model"] == "unetplusplus"}, key=_rounding_key):
             effs = [r["fp32"]["efficiency"] for r in fastest if r["model"] == "unetplusplus" and r["round_to"] == round_to
                     and r["ratio"] > 0 and r.get("fp32", {}).get("efficiency") is not None]
             if effs:
@@ -972,7 +997,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--models", default=None, help="speed/export rows: comma-separated subset of unet, unetplusplus, "
                         "attention_unet, custom_unet, deeplabv3plus")
     parser.add_argument("--round-to", default=None, help="speed row: comma-separated channel roundings for every model "
-                        "(`none` for exact rates), e.g. 8,16; default: each model's own list")
+                        "(`none` for exact rates, R for round_to=R, R/H adds round_to_high_res=H), e.g. 8,16,8/16; default: each "
+                        "model's own list")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda[:N]")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime (default: all cores)")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench"), help="folder for bench.md / bench.json")
@@ -987,7 +1013,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     s = quick_settings() if args.quick else full_settings()
     s = replace(s, threads=args.threads, onnx_dynamo=args.onnx_dynamo)
     if args.round_to:
-        rounding = tuple(None if v.strip().lower() == "none" else int(v) for v in args.round_to.split(","))
+        try:
+            rounding = tuple(parse_rounding(v) for v in args.round_to.split(","))
+        except ValueError:
+            parser.error(f"--round-to {args.round_to}: expected comma-separated none, R (round_to) or R/H (round_to/round_to_high_res)")
         s = replace(s, round_to=rounding, nets=[replace(n, round_to=None) for n in s.nets])
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

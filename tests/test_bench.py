@@ -88,12 +88,22 @@ def test_rows_can_be_chosen_and_unknown_rows_fail(tmp_path, capsys):
 def test_the_bench_checks_the_default_rounding():
     from omegaconf import OmegaConf
 
-    assert load_bench().DEFAULT_ROUND_TO == OmegaConf.load(ROOT / "conf" / "shared" / "prune.yaml").round_to
+    shared = OmegaConf.load(ROOT / "conf" / "shared" / "prune.yaml")
+    bench = load_bench()
+    assert bench.DEFAULT_ROUND_TO == f"{shared.round_to}/{shared.round_to_high_res}"
+    assert bench.rounding_plan(bench.DEFAULT_ROUND_TO) == {"round_to": 8, "round_to_high_res": 16}
 
 
 def test_round_to_chooses_the_roundings_of_every_model(tmp_path):
     bench = load_bench()
-    assert bench.main(["--quick", "--rows", "speed", "--models", "unet", "--round-to", "none,4", "--out", str(tmp_path),
+    assert bench.main(["--quick", "--rows", "speed", "--models", "unet", "--round-to", "none,4,4/8", "--out", str(tmp_path),
                        "--threads", "1"]) == 0
     results = json.loads((tmp_path / "bench.json").read_text())
-    assert {n["round_to"] for n in results["speed"]["networks"]} == {None, 4}
+    assert {n["round_to"] for n in results["speed"]["networks"]} == {None, 4, "4/8"}
+    assert "| unet | 4/8 | 0.5 |" in (tmp_path / "bench.md").read_text()
+
+
+def test_a_malformed_rounding_is_refused_naming_the_option(capsys):
+    with pytest.raises(SystemExit):
+        load_bench().main(["--quick", "--round-to", "8/x"])
+    assert "--round-to 8/x: expected" in capsys.readouterr().err

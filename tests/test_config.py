@@ -68,9 +68,16 @@ def test_unknown_scope_is_rejected_with_the_choices():
 @pytest.mark.parametrize("preset", ["lwunet_table2", "lwunet_table3", "lwunet_table4", "channel_attention", "lung_custom_unet",
                                     "real_isic_mini", "criteria_isic"])
 def test_channels_round_to_8_by_default_and_the_papers_presets_keep_exact_rates(preset):
-    assert load().prune.round_to == 8
+    assert load().prune.round_to == 8 and load().prune.round_to_high_res == 16
     assert load(f"experiment={preset}").prune.round_to is None
     assert load("experiment=lung_custom_unet", "prune=custom003_deep").prune.round_to is None
+
+
+def test_round_to_high_res_must_be_a_multiple_of_round_to():
+    with pytest.raises(ConfigError, match=r"prune\.round_to_high_res=12: expected a multiple of prune\.round_to=8"):
+        validate(load("prune.round_to_high_res=12"))
+    validate(load("prune.round_to_high_res=null"))
+    validate(load("prune.round_to=null", "prune.round_to_high_res=12"))  # no rounding at all
 
 
 def test_experiment_preset_sets_the_papers_setting():

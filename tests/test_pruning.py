@@ -110,6 +110,32 @@ def test_rounding_never_empties_a_layer_and_says_which_it_guarded(caplog):
     assert result.model(X).shape == (1, 1, 64, 64)
 
 
+def test_high_resolution_layers_round_to_the_wider_multiple_and_say_so(caplog):
+    # width 12, depth 2 at 64 px: 12- and 24-channel layers at output stride 1 and 2, 48 at stride 4.
+    # At 0.5 the 24-channel layers keep 12: a multiple of 4, but rounded to 8 at high resolution.
+    model = small_unet(width=12, depth=2)
+    with caplog.at_level("INFO", logger="pipeline.pruning"):
+        result = prune(model, l1_scores(model), X, ratio=0.5, round_to=4, round_to_high_res=8)
+    rows = {r["layer"]: r for r in result.channels}
+    assert rows["encoder.1.conv.0"]["after"] == 8 and rows["decoder.0.conv.3"]["after"] == 8
+    assert rows["encoder.1.conv.0"]["rounding"] == "rounded to 8: a multiple of round_to_high_res=8 (output stride <= 2)"
+    assert rows["encoder.2.conv.0"]["after"] == 24 and rows["encoder.2.conv.0"]["rounding"] == ""  # stride 4: round_to
+    assert "prune.round_to_high_res=8: " in caplog.text and "encoder.1.conv.0 (12 -> 8)" in caplog.text
+    assert result.model(X).shape == (1, 1, 64, 64)
+
+
+def test_the_wider_multiple_never_empties_a_layer_and_low_resolution_keeps_round_to():
+    # width 8: the 16-channel layers at stride 2 keep 7 at 0.6, which 8 would round to 0: round_to=4 applies
+    model = small_unet(width=8, depth=2)
+    rows = {r["layer"]: r for r in prune(model, l1_scores(model), X, ratio=0.6, round_to=4, round_to_high_res=8).channels}
+    assert rows["encoder.1.conv.0"]["after"] == 4 and rows["encoder.1.conv.0"]["rounding"] == ""
+    assert rows["encoder.2.conv.0"]["before"] == 32 and rows["encoder.2.conv.0"]["after"] == 12  # stride 4: a multiple of 4
+    same = prune(model, l1_scores(model), X, ratio=0.6, round_to=4, round_to_high_res=4).channels
+    assert [r["after"] for r in same] == [r["after"] for r in prune(model, l1_scores(model), X, ratio=0.6, round_to=4).channels]
+    exact = prune(model, l1_scores(model), X, ratio=0.6, round_to=None, round_to_high_res=8).channels
+    assert [r["after"] for r in exact] == [r["after"] for r in prune(model, l1_scores(model), X, ratio=0.6).channels]
+
+
 def test_exact_rates_have_no_rounding_notes():
     model = small_unet(width=8, depth=2)
     result = prune(model, l1_scores(model), X, ratio=0.6, round_to=None)

@@ -56,7 +56,8 @@ def run(ctx: Context, state: RunState) -> RunState:
         derived_rates=derived,
     )
     result, applied, metrics = SCHEDULES[schedule].apply(p, inputs)
-    applied = {"schedule": schedule, "scope": scope, "round_to": p.round_to, **applied,
+    applied = {"schedule": schedule, "scope": scope, "round_to": p.round_to,
+               "round_to_high_res": p.round_to_high_res, **applied,
                "removed_per_layer": {r["layer"]: round(r["removed"], 4) for r in result.channels}}
 
     folder = ctx.stage_dir("pruned")

@@ -93,7 +93,7 @@ def run(ctx: Context, state: RunState) -> RunState:
     for layer in layers:
         table[layer] = {}
         for ratio in ratios:
-            pruned = prune(model, scores, x, 0.0, scope, p.round_to, layer_ratios={layer: ratio}).model
+            pruned = prune(model, scores, x, 0.0, scope, p.round_to, round_to_high_res=p.round_to_high_res, layer_ratios={layer: ratio}).model
             dice, kept = _dice(pruned, batches, ctx.device), flops(pruned) / base_flops
             table[layer][ratio] = (base_dice - dice, 1 - kept)
             rows.append({"layer": layer, "ratio": ratio, "dice": dice, "dice_drop": base_dice - dice, "flops_kept": kept})
@@ -103,7 +103,7 @@ def run(ctx: Context, state: RunState) -> RunState:
     while 1 - greedy.predicted()[1] > s.target_flops and greedy.step():
         pass
     while True:  # savings of neighbouring layers overlap: check the real network, go on if needed
-        result = prune(model, scores, x, 0.0, scope, p.round_to, layer_ratios=greedy.rates()) if greedy.rates() else None
+        result = prune(model, scores, x, 0.0, scope, p.round_to, round_to_high_res=p.round_to_high_res, layer_ratios=greedy.rates()) if greedy.rates() else None
         kept = flops(result.model) / base_flops if result else 1.0
         if kept <= s.target_flops:
             break
@@ -118,7 +118,8 @@ def run(ctx: Context, state: RunState) -> RunState:
     folder = ctx.stage_dir("sensitivity")
     write_csv(rows, folder / "sensitivity.csv")
     plots.sensitivity_heatmap(rows, layers, ratios, folder / "sensitivity.png")
-    config = {"schedule": "per_layer", "ratio": 0.0, "scope": scope, "round_to": p.round_to, "layer_ratios": rates}
+    config = {"schedule": "per_layer", "ratio": 0.0, "scope": scope, "round_to": p.round_to,
+              "round_to_high_res": p.round_to_high_res, "layer_ratios": rates}
     rates_file = folder / "prune_rates.yaml"
     rates_file.write_text(
         f"# Derived by the sensitivity stage: keeps {kept:.3f} of the FLOPs (target {s.target_flops}),\n"
