@@ -96,8 +96,11 @@ class RoundingPruner(tp.pruner.BasePruner):
     16-channel layer at ratio 0.6 and round_to=8 kept 16, not 8). Here such a layer keeps `round_to`
     channels, or all of them when it has no more than that (a tiny layer), and each case is recorded in
     `guarded` (layer module, channels before, kept by the ratio, kept) for the log and channels.csv.
-    `quanta` {module: multiple} gives some layers a wider multiple (prune's `round_to_high_res`); where
-    that multiple would empty the layer, `round_to` applies. Layers it changed are recorded in `widened`.
+    `quanta` {module: multiple} gives some layers a wider multiple (prune's `round_to_high_res`): such a
+    layer keeps at least one multiple (a 32-channel layer keeping 12 keeps 16: an 8-channel convolution at
+    high resolution runs at half the rate of a 16-channel one, so the 8 more channels cost little time);
+    a layer with no more channels than that multiple is rounded to `round_to` as above. Layers whose count
+    differs from plain `round_to` rounding are recorded in `widened`.
     The module being rounded is the last one whose channel count the pruner asked the graph for, just
     before it calls `_round_to` (torch-pruning 1.6, pinned; tests/test_pruning.py checks the records)."""
 
@@ -120,8 +123,8 @@ class RoundingPruner(tp.pruner.BasePruner):
     def _round_to(self, n_pruned, current_channels, round_to):
         keep = current_channels - n_pruned
         wide = self.quanta.get(self._asked, round_to)
-        if wide != round_to and keep - keep % wide > 0:
-            rounded = keep - keep % wide
+        if wide != round_to and current_channels > wide:
+            rounded = max(keep - keep % wide, wide)
             if rounded != keep - keep % round_to:
                 self.widened.append((self._asked, current_channels, keep, rounded))
             return current_channels - rounded
@@ -197,8 +200,8 @@ def prune(
 
     ratio: fraction removed from every in-scope layer group (uniform), or overall (global ranking).
     round_to: keep every pruned layer's count a multiple of this (None: exact rates, no rounding at all);
-    round_to_high_res: ... and a multiple of this for layers at output stride <= 2 (`high_resolution_layers`),
-        where that keeps at least one multiple.
+    round_to_high_res: ... and a multiple of this, at least one, for layers at output stride <= 2
+        (`high_resolution_layers`) that have more channels than this.
     layer_ratios: {glob pattern: ratio}; matched layers use their ratio, the others `ratio`.
     global_ranking: rank all groups together (scores normalised by their group mean) and remove the
         lowest `ratio` of all channels, at most `max_layer_ratio` of any layer (see `global_layer_ratios`).
@@ -262,7 +265,7 @@ def _rounding_notes(pruner: RoundingPruner, names: dict[nn.Module, str], round_t
     notes, widened, raised, whole = {}, {}, [], []
     for module, current, keep, kept in pruner.widened:  # the last step's rounding (iterative schedules)
         name = names.get(module, "?")
-        notes[name] = f"rounded to {kept}: a multiple of round_to_high_res={round_to_high_res} (output stride <= 2)"
+        notes[name] = f"kept {kept} (the ratio keeps {keep}): round_to_high_res={round_to_high_res} at output stride <= 2"
         widened[name] = f"{name} ({keep} -> {kept})"
     for module, current, keep, kept in pruner.guarded:
         name = names.get(module, "?")

@@ -57,7 +57,8 @@ def module_of(node: str, shapes: dict) -> str | None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smp_unetplusplus", help="a conf/model option")
-    parser.add_argument("--round-to", default="8", help="channel rounding (none: exact rates)")
+    parser.add_argument("--round-to", default="8/16", help="channel rounding: none (exact rates), R (round_to=R) or R/H "
+                        "(round_to=R, round_to_high_res=H; the default 8/16)")
     parser.add_argument("--ratios", default="0.4,0.6")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
@@ -68,7 +69,7 @@ def main() -> int:
     import bench  # the bench's model builder, BatchNorm calibration and L1 scores
 
     ov = _openvino()
-    round_to = None if args.round_to.lower() == "none" else int(args.round_to)
+    round_to = bench.parse_rounding(args.round_to)
     shape = (1, 3, args.size, args.size)
     torch.manual_seed(0)
     base = build_model(bench.model_config(args.model), 3, 1).eval()
@@ -76,7 +77,7 @@ def main() -> int:
     scores = bench.l1_scores(base)
     print(f"{args.model}, {args.size}x{args.size}, batch 1, OpenVINO fp32, {args.threads} threads, {cpu_name()}")
     for ratio in (float(r) for r in args.ratios.split(",")):
-        net = base if ratio == 0 else prune(base, scores, torch.randn(1, 3, 64, 64), ratio, round_to=round_to).model.eval()
+        net = base if ratio == 0 else prune(base, scores, torch.randn(1, 3, 64, 64), ratio, **bench.rounding_plan(round_to)).model.eval()
         folded = inference.prepare_for_inference(net, shape, fold_bn=True).model
         path = inference.export_onnx(folded, Path(tempfile.mkdtemp()) / "model.onnx", shape)
         core = ov.Core()
