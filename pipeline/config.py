@@ -32,6 +32,7 @@ class Stage(ConfigEnum):
     score = "score"
     prune = "prune"
     finetune = "finetune"
+    quantize = "quantize"
     evaluate = "evaluate"
 
 
@@ -74,6 +75,13 @@ class SensitivityConfig:
     ratios: List[float] = MISSING  # each layer is pruned alone at each of these ratios
     target_flops: float = MISSING  # the derived per-layer rates keep at most this fraction of FLOPs
     max_batches: Optional[int] = MISSING  # validation batches per measurement (null: all)
+
+
+@dataclass
+class QuantizeConfig:
+    calibration_images: int = MISSING  # training-split images (no augmentation) that calibrate the activation ranges
+    calibration: str = MISSING  # minmax | entropy | percentile: how ONNX Runtime turns them into ranges
+    dynamic: bool = MISSING  # also a dynamically quantized copy (the quantized_dynamic row), for comparison
 
 
 @dataclass
@@ -155,6 +163,7 @@ class MedpruneConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     prune: Any = MISSING  # typed per schedule: PRUNE_SCHEMAS (each conf/prune option extends its schema)
     sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -220,6 +229,7 @@ COUNT_RULES: tuple[tuple[re.Pattern, int], ...] = (
     (re.compile(r"(^|_)(warmup|examples|every)$"), 0),
     (re.compile(r"(^|_)size$"), 1),
     (re.compile(r"^limit$"), 1),
+    (re.compile(r"(^|_)images$"), 1),
 )
 
 
@@ -365,6 +375,10 @@ def validate(cfg: DictConfig) -> None:
     if e.jaccard_threshold is not None:
         _check_range(e.jaccard_threshold, "evaluate.jaccard_threshold", 0.0, 1.0, high_open=False)
     _check_range(e.collapse_tolerance, "evaluate.collapse_tolerance", 0.0, 0.5)
+    from pipeline.quantization import CALIBRATION_METHODS
+
+    if cfg.quantize.calibration not in CALIBRATION_METHODS:
+        raise ConfigError(f"quantize.calibration={cfg.quantize.calibration!r}: expected one of {', '.join(CALIBRATION_METHODS)}")
 
     if not stages:
         raise ConfigError("stages is empty: expected a list such as [train, score, prune, finetune, evaluate]")

@@ -271,6 +271,18 @@ def onnx_session(path: str | Path, threads: Optional[int] = None, spinning: bool
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
+class OnnxModule(nn.Module):
+    """An ONNX Runtime session as a module (float32 logits on the input's device), for code that scores
+    modules (the evaluate stage's int8 rows)."""
+
+    def __init__(self, session):
+        super().__init__()
+        self.session = session
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(onnx_run(self.session, x)).float().to(x.device)
+
+
 def onnx_run(session, x: np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().contiguous().numpy()

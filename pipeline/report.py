@@ -26,7 +26,8 @@ from typing import Any
 
 from data.files import write_csv
 
-LABELS = {"baseline": "baseline", "pruned": "pruned", "final": "fine-tuned"}
+LABELS = {"baseline": "baseline", "pruned": "pruned", "final": "fine-tuned", "quantized": "int8 (ONNX Runtime)",
+          "quantized_dynamic": "int8 dynamic (ONNX Runtime)"}
 COLUMNS = [
     ("Dice", "dice", "{:.4f}"),
     ("IoU", "iou", "{:.4f}"),
@@ -54,6 +55,8 @@ def results_table(results: dict[str, dict]) -> str:
             columns.insert(columns.index(("IoU", "iou", "{:.4f}")), (f"Dice {low}", f"dice_{low}", "{:.4f}"))
     from pipeline.runtimes import RUNTIME_FORMS
 
+    if any(row.startswith("quantized") for row in results):  # the int8 rows run only in ONNX Runtime: compare there
+        columns.append(("ONNX Runtime (ms)", "onnx_latency_ms", "{:.2f}"))
     for s, title in (("", "Fastest (ms, runtime)"), ("_bf16", "Fastest bf16"), ("_fp16", "Fastest fp16")):
         # only where a network was timed in more than one deployed form: else "fastest" names the only one
         if any(f"fastest{s}" in r for r in results.values()) and any(

@@ -29,6 +29,7 @@ class RunState:
     scores: Optional[str] = None  # scores folder (scores.safetensors + scores.json)
     pruned: Optional[str] = None  # model folder right after pruning
     final: Optional[str] = None  # model folder after fine-tuning (== pruned when finetune.epochs=0)
+    quantized: Optional[str] = None  # quantize folder: int8 ONNX files of the final network + quantize.json
     metrics: dict = field(default_factory=dict)
     done: list = field(default_factory=list)  # stages finished, in order (a resumed job skips them)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from pipeline.stages import evaluate, finetune, prune, score, sensitivity, train
+from pipeline.stages import evaluate, finetune, prune, quantize, score, sensitivity, train
 from pipeline.state import Context, RunState
 
 StageFn = Callable[[Context, RunState], RunState]
@@ -14,5 +14,6 @@ STAGES: dict[str, StageFn] = {
     "score": score.run,
     "prune": prune.run,
     "finetune": finetune.run,
+    "quantize": quantize.run,
     "evaluate": evaluate.run,
 }

@@ -11,6 +11,10 @@ deployed in that runtime (pipeline/runtimes.py): the exported ONNX model under O
 (`onnx_latency_ms`), OpenVINO on CPU (`openvino_latency_ms`), torch.compile / inductor
 (`compile_latency_ms`), each with its largest deviation from the eager output (`<form>_max_abs_diff`).
 The final network's ONNX file is kept in the evaluate folder (`final.onnx`) and logged; the others' are not.
+After the quantize stage, the int8 network (`quantized`, and `quantized_dynamic`) is a row of its own, run
+by ONNX Runtime: its Dice / IoU on the test split, the size of its file, its ONNX Runtime latency timed in
+the same pass as the float networks', and how far its probabilities stray from the final float network's
+(`prob_max_abs_diff`, `prob_mean_abs_diff`, and `label_flip_fraction`: the test pixels whose label changes).
 `evaluate.precision=bf16` (or fp16 on CUDA) adds each form in that type (`latency_bf16_ms`, ...) where the
 machine runs it natively, and the test-split Dice / IoU of the torch form in that type (`dice_bf16`), so
 the accuracy it costs is beside the time it saves. `fastest_form` / `fastest_ms` name the fastest form
@@ -33,6 +37,7 @@ import torch
 from models.io import load_model, model_size_mb
 from data.files import write_csv
 from pipeline import casewise, inference, mlflow_model, plots, precision, runtimes
+from pipeline.stages.quantize import quantized_files
 from pipeline.profiling import (InterleavedTimes, count_flops, count_params, cpu_name, cpu_threads, device_name,
                                 forward_call, machine_peak, thread_count, time_interleaved)
 from pipeline.metrics import CaseRules, binarize, dice_iou
@@ -45,6 +50,7 @@ from pipeline.training import make_loader, read_history
 log = logging.getLogger(__name__)
 
 ROWS = ("baseline", "pruned", "final")
+QUANTIZED_ROWS = ("quantized", "quantized_dynamic")  # int8 ONNX files of the quantize stage (ONNX Runtime only)
 # Results that describe how a measurement was taken (counts, flags, thread counts): MLflow params
 # (`final.latency_threads`), not metrics, so the compare view shows the measurements themselves.
 DESCRIPTIVE = ("latency_threads", "latency_bn_folded", "latency_channels_last", "channels_aligned8", "test_images",
@@ -75,23 +81,27 @@ def reduced_precision(ctx: Context) -> Optional[str]:
 
 
 def cost(ctx: Context, models: dict[str, torch.nn.Module], onnx_paths: dict[str, Optional[Path]],
-         reduced: Optional[str] = None) -> tuple[dict[str, dict], InterleavedTimes]:
+         reduced: Optional[str] = None, onnx_only: Optional[dict[str, Path]] = None) -> tuple[dict[str, dict], InterleavedTimes]:
     """Latency of every network (by row) in every form, timed in one interleaved pass per runtime (profiling.
     time_interleaved): the deployed form, the eager network (if different), each runtime of
     `evaluate.runtimes` (ONNX Runtime where `onnx_paths` names a file for the row), and each of those in
-    `reduced` (`reduced_precision`: evaluate.precision where the device runs it natively). Timing the
+    `reduced` (`reduced_precision`: evaluate.precision where the device runs it natively); `onnx_only`
+    {row: ONNX file} adds networks that exist only as ONNX (the int8 rows) to ONNX Runtime's pass. Timing the
     networks one after another let a busy spell of a shared machine land on one of them (two networks of
     one shape at 258 and 2559 ms)."""
     with tempfile.TemporaryDirectory(prefix="medprune-runtimes-") as work:  # exported graphs OpenVINO reads
-        return _cost(ctx, models, onnx_paths, reduced, Path(work))
+        return _cost(ctx, models, onnx_paths, reduced, Path(work), onnx_only or {})
 
 
 def _cost(ctx: Context, models: dict[str, torch.nn.Module], onnx_paths: dict[str, Optional[Path]],
-          reduced: Optional[str], work: Path) -> tuple[dict[str, dict], InterleavedTimes]:
+          reduced: Optional[str], work: Path, onnx_only: dict[str, Path]) -> tuple[dict[str, dict], InterleavedTimes]:
     e = ctx.cfg.evaluate
     shape = ctx.input_shape
     extra = [str(r) for r in e.runtimes]
     fns, out = {}, {}
+    for row, path in onnx_only.items():
+        out[row] = {"latency_threads": thread_count(e.threads)}
+        fns[f"{row}/onnx_latency"] = inference.onnx_call(inference.onnx_session(path, e.threads, spinning=False), shape)
     for row, model in models.items():
         folded = inference.prepare_for_inference(model, shape, fold_bn=bool(e.fold_bn), channels_last=False)
         prepared = inference.with_channels_last(folded) if e.channels_last else folded
@@ -250,6 +260,43 @@ def measure(ctx: Context, model_dir: str, row: str = "final", reduced: Optional[
     }, device_name(ctx.device)
 
 
+@torch.no_grad()
+def probability_deviation(ctx: Context, quantized: torch.nn.Module, reference: torch.nn.Module) -> dict[str, float]:
+    """How far `quantized`'s probabilities stray from `reference`'s on the test split: the largest and the mean
+    absolute difference, and the fraction of pixels whose thresholded label differs."""
+    e = ctx.cfg.evaluate
+    loader = make_loader(ctx.data.dataset("test"), e.batch_size, False, 0, ctx.cfg.seed, ctx.device)
+    largest, total, flips, count = 0.0, 0.0, 0, 0
+    reference = reference.eval()
+    for images, _ in loader:
+        images = images.to(ctx.device)
+        p = torch.sigmoid(quantized(images).float())
+        q = torch.sigmoid(reference(images).float())
+        diff = (p - q).abs()
+        largest = max(largest, float(diff.max()))
+        total += float(diff.sum())
+        flips += int(((p > e.threshold) != (q > e.threshold)).sum())
+        count += diff.numel()
+    return {"prob_max_abs_diff": largest, "prob_mean_abs_diff": total / max(count, 1),
+            "label_flip_fraction": flips / max(count, 1)}
+
+
+def measure_quantized(ctx: Context, path: Path, row: str, reference: torch.nn.Module, reference_row: str,
+                      reference_results: dict) -> dict[str, float]:
+    """Quality of an int8 ONNX network under ONNX Runtime, its file's size and its deviation from the float
+    network it was made from (parameters and FLOPs are that network's: the same operations, in int8)."""
+    session = inference.onnx_session(path, ctx.cfg.evaluate.threads)
+    module = inference.OnnxModule(session)
+    quality = score_quality(ctx, module, row)
+    deviation = probability_deviation(ctx, module, reference)
+    log.info("%s network (int8): Dice %.4f (%s %.4f, %+.2f points); probabilities within %.4f of the float network "
+             "(mean %.5f), %.3f%% of the test pixels change label", row, quality["dice"], reference_row,
+             reference_results["dice"], 100 * (quality["dice"] - reference_results["dice"]), deviation["prob_max_abs_diff"],
+             deviation["prob_mean_abs_diff"], 100 * deviation["label_flip_fraction"])
+    return {**quality, **deviation, "size_mb": path.stat().st_size / 1e6,
+            **{k: reference_results[k] for k in ("params_m", "flops_g", "macs_g")}}
+
+
 def run(ctx: Context, state: RunState) -> RunState:
     """The whole stage (quality passes and timing) with `evaluate.threads` CPU threads."""
     with cpu_threads(ctx.cfg.evaluate.threads):
@@ -283,8 +330,14 @@ def _run(ctx: Context, state: RunState) -> RunState:
             results[row], device_name = measure(ctx, path, row, reduced)
             device_names.add(device_name)
             models[row] = load_model(path).to(ctx.device).eval()
+        quantized = quantized_files(state.quantized) if state.quantized else {}
+        if quantized:  # made from the last network of the chain (quantize stage), compared with it
+            reference_row = next(r for r in ("final", "pruned", "baseline") if r in models)
+            for row, path in quantized.items():
+                log.info("Evaluating the %s network (int8, ONNX Runtime) on the test split", row)
+                results[row] = measure_quantized(ctx, path, row, models[reference_row], reference_row, results[reference_row])
         # then one timing pass over every form of every network, after all the quality passes
-        latency, timed = cost(ctx, models, onnx_paths, reduced)
+        latency, timed = cost(ctx, models, onnx_paths, reduced, quantized)
     finally:
         scratch.cleanup()
     for row, values in latency.items():
@@ -296,6 +349,8 @@ def _run(ctx: Context, state: RunState) -> RunState:
         peak.update({k.replace("peak_", f"peak_{reduced}_"): v for k, v in low.items()})
         peaks[reduced] = low["peak_gflops"]
     for row, r in results.items():  # how much of the machine each network uses, as deployed
+        if row in QUANTIZED_ROWS:
+            continue  # int8: the float peaks are no yardstick for it
         if r.get("latency_ms"):
             r["achieved_gflops"] = r["flops_g"] / (r["latency_ms"] / 1e3)
             r["peak_fraction"] = r["achieved_gflops"] / peak["peak_gflops"]
