@@ -22,6 +22,10 @@ from pipeline.inference import quiet
 log = logging.getLogger(__name__)
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+# The quantize stage's folder: the files and quantize.json, which records each file's sha256
+MANIFEST = "quantize.json"
+FILES = {"static": "model_int8.onnx", "dynamic": "model_int8_dynamic.onnx"}
+FLOAT_FILE = "model_fp32.onnx"
 
 
 class _Images:
@@ -91,3 +95,19 @@ def quantize_dynamic(float_path: Path, out_path: Path) -> dict:
         ort_quantize_dynamic(str(prepared), str(out_path), per_channel=True, weight_type=QuantType.QInt8)
     prepared.unlink(missing_ok=True)
     return {"method": "dynamic", "seconds": time.perf_counter() - start}
+
+
+def quantized_files(folder: str | Path) -> dict[str, Path]:
+    """{row: verified int8 ONNX file} of a quantize folder: `quantized` (static) and `quantized_dynamic`."""
+    from models.io import read_json, verify_file
+
+    folder = Path(folder)
+    manifest = read_json(folder / MANIFEST, "quantize manifest")
+    out = {}
+    for method, row in (("static", "quantized"), ("dynamic", "quantized_dynamic")):
+        entry = manifest.get(method)
+        if entry:
+            path = folder / Path(entry["file"]).name  # a name, never a path out of the folder
+            verify_file(path, entry.get("sha256"), "quantized network")
+            out[row] = path
+    return out

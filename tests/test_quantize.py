@@ -106,7 +106,7 @@ def test_a_damaged_int8_file_is_refused_naming_it(tmp_path):
     int8 = run_dir / "quantize" / "model_int8.onnx"
     int8.write_bytes(int8.read_bytes()[:-16] + bytes(16))
     from pipeline.state import RunState
-    from pipeline.stages.quantize import quantized_files
+    from pipeline.quantization import quantized_files
     from models.io import ModelFileError
 
     with pytest.raises(ModelFileError, match="model_int8.onnx is damaged"):

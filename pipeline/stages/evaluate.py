@@ -37,7 +37,7 @@ import torch
 from models.io import load_model, model_size_mb
 from data.files import write_csv
 from pipeline import casewise, inference, mlflow_model, plots, precision, runtimes
-from pipeline.stages.quantize import quantized_files
+from pipeline.quantization import quantized_files
 from pipeline.profiling import (InterleavedTimes, count_flops, count_params, cpu_name, cpu_threads, device_name,
                                 forward_call, machine_peak, thread_count, time_interleaved)
 from pipeline.metrics import CaseRules, binarize, dice_iou

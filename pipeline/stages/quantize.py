@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import replace
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -21,13 +20,11 @@ import torch
 from data.files import atomic_write, sha256_file
 from models.io import load_model
 from pipeline import inference, quantization
+from pipeline.quantization import FILES, FLOAT_FILE, MANIFEST
 from pipeline.state import Context, RunState
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "quantize.json"
-FILES = {"static": "model_int8.onnx", "dynamic": "model_int8_dynamic.onnx"}
-FLOAT_FILE = "model_fp32.onnx"
 
 
 def calibration_batches(ctx: Context, count: int, batch_size: int) -> Iterator[np.ndarray]:
@@ -72,18 +69,3 @@ def run(ctx: Context, state: RunState) -> RunState:
     ctx.tracker.log_artifact(folder, "quantize")
     return replace(state, quantized=str(folder))
 
-
-def quantized_files(folder: str | Path) -> dict[str, Path]:
-    """{row: verified int8 ONNX file} of a quantize folder: `quantized` (static) and `quantized_dynamic`."""
-    from models.io import read_json, verify_file
-
-    folder = Path(folder)
-    manifest = read_json(folder / MANIFEST, "quantize manifest")
-    out = {}
-    for method, row in (("static", "quantized"), ("dynamic", "quantized_dynamic")):
-        entry = manifest.get(method)
-        if entry:
-            path = folder / Path(entry["file"]).name  # a name, never a path out of the folder
-            verify_file(path, entry.get("sha256"), "quantized network")
-            out[row] = path
-    return out
