@@ -63,8 +63,18 @@ class TrainConfig:
 
 
 @dataclass
+class DistillConfig:
+    enabled: bool = MISSING  # the unpruned baseline teaches the pruned network while it is fine-tuned
+    alpha: float = MISSING  # loss = task loss + alpha x distillation loss on the logits
+    temperature: float = MISSING  # T of the softened sigmoid probabilities (kl)
+    loss: str = MISSING  # kl (pixel-wise sigmoid KL x T^2) | mse (on the logits)
+    feature_weight: float = MISSING  # > 0: + this x MSE between the decoder outputs (through a 1x1 adapter)
+
+
+@dataclass
 class FinetuneConfig(TrainConfig):
     steps: Optional[int] = MISSING  # the budget in optimiser steps instead of epochs (null: finetune.epochs)
+    distill: DistillConfig = MISSING  # knowledge distillation from the baseline (conf/finetune: distill.*)
 
 
 PRUNE_SCHEMAS: dict[str, type] = {name: schedule.schema for name, schedule in SCHEDULES.items()}
@@ -375,7 +385,16 @@ def validate(cfg: DictConfig) -> None:
     if e.jaccard_threshold is not None:
         _check_range(e.jaccard_threshold, "evaluate.jaccard_threshold", 0.0, 1.0, high_open=False)
     _check_range(e.collapse_tolerance, "evaluate.collapse_tolerance", 0.0, 0.5)
+    from pipeline.distillation import LOSSES
     from pipeline.quantization import CALIBRATION_METHODS
+
+    d = cfg.finetune.distill
+    if d.loss not in LOSSES:
+        raise ConfigError(f"finetune.distill.loss={d.loss!r}: expected one of {', '.join(LOSSES)}")
+    _check_range(d.alpha, "finetune.distill.alpha", 0.0, None)
+    _check_range(d.feature_weight, "finetune.distill.feature_weight", 0.0, None)
+    if not d.temperature > 0:
+        raise ConfigError(f"finetune.distill.temperature={d.temperature} is out of range: expected > 0")
 
     if cfg.quantize.calibration not in CALIBRATION_METHODS:
         raise ConfigError(f"quantize.calibration={cfg.quantize.calibration!r}: expected one of {', '.join(CALIBRATION_METHODS)}")

@@ -533,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-log", action="store_true", help="do not log the report onto the sweep's parent run")
     parser.add_argument("--columns", help="comma-separated metrics to tabulate instead of the preset's, e.g. "
                                           "dice,dice_orig,hd95,thresholded_jaccard_orig,latency_ms")
-    parser.add_argument("--network", choices=("baseline", "pruned", "final"),
+    parser.add_argument("--network", choices=("baseline", "pruned", "final", "quantized", "quantized_dynamic"),
                         help="tabulate this network's metrics (default: the preset's, usually final)")
     args = parser.parse_args(argv)
     columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None

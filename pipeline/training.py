@@ -12,6 +12,7 @@ import math
 import inspect
 import logging
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -99,6 +100,7 @@ def fit(
     log_metrics: Optional[Callable[[dict[str, float], int], None]] = None,
     desc: str = "train",
     checkpoint: Optional[Path] = None,
+    distiller=None,
 ) -> tuple[list[dict[str, float]], float]:
     """Trains in place and leaves the best-validation-Dice weights (epoch 0 included) in `model`.
 
@@ -110,12 +112,15 @@ def fit(
     On CPU, torch runs `settings.threads` threads meanwhile (null: all cores): on a shared machine fewer
     threads can be much faster (a step took 6.3 s with two contended threads, 1.3 s with one).
 
+    `distiller` (pipeline/distillation.py): adds its distillation terms to the loss; its adapter, if any,
+    trains with the model. The history gains `distill_loss` and `teacher_s` (the teacher's time).
+
     Returns the per-epoch history (epochs 1..N) and the best validation Dice."""
     if device.type != "cpu":
-        return _fit(model, train_set, val_set, settings, recipe, device, seed, log_metrics, desc, checkpoint)
+        return _fit(model, train_set, val_set, settings, recipe, device, seed, log_metrics, desc, checkpoint, distiller)
     with cpu_threads(settings.threads) as threads:
         log.info("%s on %d CPU thread%s", desc, threads, "" if threads == 1 else "s")
-        return _fit(model, train_set, val_set, settings, recipe, device, seed, log_metrics, desc, checkpoint)
+        return _fit(model, train_set, val_set, settings, recipe, device, seed, log_metrics, desc, checkpoint, distiller)
 
 
 def budget(settings, batches_per_epoch: int, desc: str = "finetune") -> tuple[int, Optional[int]]:
@@ -130,7 +135,7 @@ def budget(settings, batches_per_epoch: int, desc: str = "finetune") -> tuple[in
     return epochs, int(steps)
 
 
-def _fit(model, train_set, val_set, settings, recipe, device, seed, log_metrics, desc, checkpoint):
+def _fit(model, train_set, val_set, settings, recipe, device, seed, log_metrics, desc, checkpoint, distiller=None):
     model.to(device)
     history: list[dict[str, float]] = []
     if settings.epochs == 0 and getattr(settings, "steps", None) is None:
@@ -138,7 +143,8 @@ def _fit(model, train_set, val_set, settings, recipe, device, seed, log_metrics,
     train_loader = make_loader(train_set, settings.batch_size, True, settings.num_workers, seed, device)
     val_loader = make_loader(val_set, settings.batch_size, False, settings.num_workers, seed, device)
     epochs, max_steps = budget(settings, len(train_loader), desc)
-    optimizer, scheduler = recipe.build(model, settings, epochs)
+    adapter = distiller.adapter if distiller is not None and distiller.adapter is not None else nn.Identity()
+    optimizer, scheduler = recipe.build(nn.ModuleList([model, adapter]), settings, epochs)  # adapter: no params if none
     loss_fn = recipe.loss.to(device)
     dtype = autocast_dtype(settings.precision, device, f"{desc}.precision")
     if dtype is not None:
@@ -150,6 +156,8 @@ def _fit(model, train_set, val_set, settings, recipe, device, seed, log_metrics,
     if resumed is not None:
         done, parts = resumed
         model.load_state_dict(parts["model"])
+        if "adapter" in parts:
+            adapter.load_state_dict(parts["adapter"])
         optimizer.load_state_dict(parts["optimizer"])
         scheduler.load_state_dict(parts["scheduler"])
         scaler.load_state_dict(parts["scaler"])
@@ -167,7 +175,8 @@ def _fit(model, train_set, val_set, settings, recipe, device, seed, log_metrics,
         train_loader.generator.manual_seed(epoch_seed(seed, epoch))  # shuffling, and the workers' seeds
         getattr(train_set, "reseed", lambda s: None)(epoch_seed(seed, epoch))  # augmentation in this process
         model.train()
-        total, seen = 0.0, 0
+        total, seen, distilled = 0.0, 0, 0.0
+        teacher_before, epoch_start = (distiller.teacher_seconds if distiller else 0.0), time.perf_counter()
         # A bar on a terminal only; in a log file (SLURM, `make run > log`) the per-epoch log line is the record.
         bar = tqdm(train_loader, desc=f"{desc} {epoch}/{epochs}", leave=False, file=sys.stderr, dynamic_ncols=True,
                    disable=None)
@@ -177,7 +186,12 @@ def _fit(model, train_set, val_set, settings, recipe, device, seed, log_metrics,
             images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None):
-                loss = loss_fn(model(images).float(), masks)
+                logits = model(images).float()
+                loss = loss_fn(logits, masks)
+                if distiller is not None:
+                    term = distiller.loss(images, logits)
+                    loss = loss + term
+                    distilled += float(term.detach()) * images.shape[0]
             if settings.bn_l1 > 0:  # network slimming: sparse BatchNorm scales make bn_scale scores decisive
                 loss = loss + settings.bn_l1 * sum(m.weight.abs().sum() for m in bn_layers)
             scaler.scale(loss).backward()
@@ -190,6 +204,10 @@ def _fit(model, train_set, val_set, settings, recipe, device, seed, log_metrics,
         scheduler.step()
         val = evaluate(model, val_loader, device)
         row = {"loss": total / max(seen, 1), "val_dice": val["dice"], "val_iou": val["iou"], "lr": lr}
+        if distiller is not None:  # the distillation term (part of loss) and the teacher's share of the epoch
+            teacher_s = distiller.teacher_seconds - teacher_before
+            row.update(distill_loss=distilled / max(seen, 1), teacher_s=teacher_s,
+                       teacher_fraction=teacher_s / max(time.perf_counter() - epoch_start, 1e-9))
         history.append(row)
         log.info("%s epoch %d/%d: loss %.4f, val Dice %.4f", desc, epoch, epochs, row["loss"], row["val_dice"])
         if log_metrics:
@@ -198,7 +216,8 @@ def _fit(model, train_set, val_set, settings, recipe, device, seed, log_metrics,
             best_dice, best_state = val["dice"], copy.deepcopy(model.state_dict())
         if saver is not None and saver.due(epoch, epochs):
             saver.save(epoch, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "model": model.state_dict(), "adapter": adapter.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "history": history, "best_dice": best_dice, "best_state": best_state,
             })
     model.load_state_dict(best_state)
