@@ -11,7 +11,25 @@ from __future__ import annotations
 
 from data.base import DatasetError, SegmentationData
 
-__all__ = ["DatasetError", "SegmentationData", "build_data"]
+__all__ = ["DatasetError", "SegmentationData", "build_data", "build_reader"]
+
+
+def build_reader(cfg) -> SegmentationData:
+    """The reader a dataset config names (`_target_` plus keys), its keys checked, nothing read yet: what
+    `pipeline.predict` preprocesses new images with. A `synthetic:` block is ignored."""
+    from hydra.utils import instantiate
+    from omegaconf import DictConfig, OmegaConf
+
+    from data.synthetic import split_synthetic
+
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    cfg, _ = split_synthetic(cfg)
+    data = instantiate(cfg, _convert_="all")
+    if not isinstance(data, SegmentationData):
+        target = cfg.get("_target_") if hasattr(cfg, "get") else None
+        raise TypeError(f"dataset._target_={target!r} built a {type(data).__name__}, not a data.SegmentationData")
+    return data
 
 
 def build_data(cfg, seed: int, test_only: bool = False) -> SegmentationData:
@@ -19,7 +37,6 @@ def build_data(cfg, seed: int, test_only: bool = False) -> SegmentationData:
 
     A `synthetic:` block first generates the data in the reader's layout under `root` (data/synthetic.py).
     `test_only` (an evaluate-only job) reads `dataset.test_root` alone: `root` is neither generated nor read."""
-    from hydra.utils import instantiate
     from omegaconf import DictConfig, OmegaConf
 
     from data.synthetic import ensure_generated, split_synthetic
@@ -28,10 +45,7 @@ def build_data(cfg, seed: int, test_only: bool = False) -> SegmentationData:
         cfg = OmegaConf.to_container(cfg, resolve=True)
     cfg, synthetic = split_synthetic(cfg)
     generated = ensure_generated(cfg["root"], synthetic) if synthetic and not test_only else None
-    data = instantiate(cfg, _convert_="all")
-    if not isinstance(data, SegmentationData):
-        target = cfg.get("_target_") if hasattr(cfg, "get") else None
-        raise TypeError(f"dataset._target_={target!r} built a {type(data).__name__}, not a data.SegmentationData")
+    data = build_reader(cfg)
     try:
         data.setup(seed, test_only=test_only)
     except OSError as err:  # a symlink loop, a permission, a vanished file: name the path, not a traceback

@@ -279,6 +279,15 @@ class SegmentationData(abc.ABC):
     def dataset(self, split: str, augment: bool = False) -> Dataset:
         """Items are (image [C,H,W] float32, mask [num_classes,H,W] float32 in {0,1}); ids in `.ids`."""
 
+    def transform(self, augment: bool = False) -> PairTransform:
+        """The per-item transform `dataset(split, augment)` applies: normalisation, augmentation when `augment`."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its item transform")
+
+    def network_input(self, image: np.ndarray) -> torch.Tensor:
+        """One image as the reader stores its items (H x W x C, at image_size) -> the network's input [C, H, W],
+        exactly as `dataset(split)` serves a test item: how `pipeline.predict` prepares new data."""
+        return self.transform(augment=False)(image, np.zeros(np.shape(image)[:2], np.uint8))[0]
+
     def original_mask(self, split: str, index: int) -> Optional[np.ndarray]:
         """The `index`-th item's true mask at the image's original resolution (bool [K, H, W]), for scoring as
         the challenges do (predictions resized back); None where the reader serves no such thing (volumes,

@@ -27,7 +27,8 @@ import numpy as np
 
 from data.base import DatasetError
 from data.nifti import (
-    VolumeProblem, axial, canonical_affine, find_nifti, load_canonical, read_headers, same_grid, shape_str, strip_nifti,
+    VolumeProblem, axial, canonical_affine, find_nifti, load_canonical, read_header, read_headers, same_grid, shape_str,
+    squeeze_shape, strip_nifti,
 )
 from data.volumes import Case, Processed, VolumeSliceData, resize_image, resize_labels
 
@@ -131,6 +132,19 @@ def background_value(volume: np.ndarray) -> float:
     return float(values[np.argmax(counts)])
 
 
+def load_modality(path: Path) -> np.ndarray:
+    """One modality volume (3D; or 4D, modalities stacked last), decompressed and RAS+; checked finite."""
+    volume = load_canonical(nib.load(str(path), mmap=False), path)
+    if not np.isfinite(volume).all():
+        raise VolumeProblem(f"{path} contains NaN or infinite values: expected finite intensities")
+    return volume
+
+
+def load_brainmask(path: Path) -> np.ndarray:
+    """A brain mask volume, RAS+, as booleans (stored as 0 / 0.99999997)."""
+    return load_canonical(nib.load(str(path), mmap=False), path) >= 0.5
+
+
 def check_labels(seg: np.ndarray, path: Path, scheme: str) -> np.ndarray:
     """Float or integer label volume -> uint8 labels, checked against the scheme."""
     if not np.isfinite(seg).all():
@@ -210,38 +224,14 @@ class BraTS(VolumeSliceData):
                 ignored += 1  # name_mapping.csv, survival_info.csv, licences...
                 continue
             folder, case_id = Path(entry.path), entry.name
-            names = set(os.listdir(folder))
-            stems = {strip_nifti(n): n for n in names if strip_nifti(n)}
-            if not stems:
+            naming, files, missing = self.case_files(folder)
+            if naming is None and not missing:
                 ignored += 1  # __MACOSX and other folders without volumes
                 log.info("ignoring %s: no NIfTI file in it", folder)
                 continue
-            if any(s.startswith(case_id + "-") for s in stems):
-                naming = "2023"
-            elif any(s.startswith(case_id + "_") for s in stems):
-                naming = "2018"
-            else:
-                shown = ", ".join(sorted(stems.values())[:4])
-                problems.append((case_id, f"case folder {folder} holds NIfTI files not named after it ({shown}): expected {self._expected(case_id)}"))
-                continue
-            sep = SEPARATOR[naming]
-            files: dict[str, Path] = {}
-            missing = []
-            for modality in self.modalities:
-                stem = f"{case_id}{sep}{FILE_TOKENS[naming][modality]}"
-                path = find_nifti(folder, stem, names)
-                if path is None:
-                    missing.append(f"case {case_id}: modality {modality} is missing: expected {folder / stem}.nii.gz (or .nii); found {', '.join(sorted(stems.values()))}")
-                else:
-                    files[modality] = path
-            seg = find_nifti(folder, f"{case_id}{sep}seg", names)
-            if seg is None:
+            if naming is not None and "seg" not in files:
+                sep = SEPARATOR[naming]
                 missing.append(f"case {case_id} has no segmentation (mask): expected {folder / f'{case_id}{sep}seg'}.nii.gz (or .nii)")
-            else:
-                files["seg"] = seg
-            mask = find_nifti(folder, f"{case_id}{sep}brainmask", names)
-            if mask is not None:
-                files["brainmask"] = mask
             if missing:
                 problems += [(case_id, m) for m in missing]
                 continue
@@ -250,7 +240,7 @@ class BraTS(VolumeSliceData):
                 problems += [(case_id, m) for m in found]
                 continue
             naming_2023 += naming == "2023"
-            brainmasks += mask is not None
+            brainmasks += "brainmask" in files
             cases.append(Case(case_id, files, {"naming": naming}))
         if not cases and not problems:
             present = sorted(os.listdir(root))[:10]
@@ -259,6 +249,38 @@ class BraTS(VolumeSliceData):
                 f"per case, e.g. {self._expected()}"
             )
         return cases, problems, {"entries_ignored": ignored, "cases_naming_2023": naming_2023, "cases_with_brainmask": brainmasks}
+
+    def case_files(self, folder: Path) -> tuple[Optional[str], dict[str, Path], list[str]]:
+        """A case folder's volumes by role (each modality; `seg` and `brainmask` where present), the naming they
+        follow ('2018' or '2023'; None for a folder without NIfTI files, or with none named after it) and the
+        problems found (a modality missing, files not named after the folder), each naming the file expected."""
+        case_id = folder.name
+        names = set(os.listdir(folder))
+        stems = {strip_nifti(n): n for n in names if strip_nifti(n)}
+        if not stems:
+            return None, {}, []
+        if any(s.startswith(case_id + "-") for s in stems):
+            naming = "2023"
+        elif any(s.startswith(case_id + "_") for s in stems):
+            naming = "2018"
+        else:
+            shown = ", ".join(sorted(stems.values())[:4])
+            return None, {}, [f"case folder {folder} holds NIfTI files not named after it ({shown}): expected {self._expected(case_id)}"]
+        sep = SEPARATOR[naming]
+        files: dict[str, Path] = {}
+        missing = []
+        for modality in self.modalities:
+            stem = f"{case_id}{sep}{FILE_TOKENS[naming][modality]}"
+            path = find_nifti(folder, stem, names)
+            if path is None:
+                missing.append(f"case {case_id}: modality {modality} is missing: expected {folder / stem}.nii.gz (or .nii); found {', '.join(sorted(stems.values()))}")
+            else:
+                files[modality] = path
+        for role in ("seg", "brainmask"):
+            path = find_nifti(folder, f"{case_id}{sep}{role}", names)
+            if path is not None:
+                files[role] = path
+        return naming, files, missing
 
     def _check_headers(self, case_id: str, files: dict[str, Path]) -> list[str]:
         headers, problems = read_headers(files)
@@ -294,21 +316,28 @@ class BraTS(VolumeSliceData):
         return [LABEL_SCHEMES[self.label_scheme]["regions"][r] for r in self.regions]
 
     def _process(self, case: Case) -> Processed:
-        volumes = []
-        for modality in self.modalities:
-            path = case.files[modality]
-            volume = load_canonical(nib.load(str(path), mmap=False), path)
-            if not np.isfinite(volume).all():
-                raise VolumeProblem(f"{path} contains NaN or infinite values: expected finite intensities")
-            volumes.append(volume)
+        volumes = [load_modality(case.files[modality]) for modality in self.modalities]
         seg_path = case.files["seg"]
         seg_image = nib.load(str(seg_path), mmap=False)
         labels = check_labels(load_canonical(seg_image, seg_path), seg_path, self.label_scheme)
         sx, sy, sz = (float(v) for v in nib.affines.voxel_sizes(canonical_affine(seg_image))[:3])
-        if "brainmask" in case.files:
-            mask_path = case.files["brainmask"]
-            brain = load_canonical(nib.load(str(mask_path), mmap=False), mask_path) >= 0.5  # stored as 0 / 0.99999997
-        else:
+        brain = load_brainmask(case.files["brainmask"]) if "brainmask" in case.files else None
+        images, keep, out_labels = self.preprocess(volumes, brain, labels)
+        depth, rows, cols = axial(labels).shape
+        size = self.image_size
+        # mm per voxel of the served grid (slices [z, rows, cols] resized to size x size): per-case HD95 in mm
+        spacing = [sz, sy * rows / size, sx * cols / size]
+        info = {"naming": case.info.get("naming", "2018"), "brainmask": "brainmask" in case.files, "spacing": spacing}
+        return Processed(images, out_labels, keep, {"no_brain": depth - len(keep)}, depth, info)
+
+    def preprocess(self, volumes: list[np.ndarray], brain: Optional[np.ndarray] = None, labels: Optional[np.ndarray] = None,
+                   ) -> tuple[np.ndarray, list[int], Optional[np.ndarray]]:
+        """RAS+ modality volumes (in `modalities` order; normalised in place) -> the kept axial slices resized to
+        image_size [n, S, S, C], their z indices, and (given `labels`, RAS+ uint8) their labels resized by majority
+        vote. The brain is `brain` (a brain mask) or every voxel where some modality differs from its background
+        value; each modality is z-scored over it (unless already_normalized) and zeroed outside it; a slice with
+        neither brain nor tumour is dropped."""
+        if brain is None:
             brain = np.zeros(volumes[0].shape, dtype=bool)
             for volume in volumes:
                 brain |= volume != background_value(volume)
@@ -321,21 +350,53 @@ class BraTS(VolumeSliceData):
             volume[~brain] = 0.0
 
         slices_axial = [axial(v) for v in volumes]
-        labels_axial, brain_axial = axial(labels), axial(brain)
-        depth = labels_axial.shape[0]
-        keep = [z for z in range(depth) if brain_axial[z].any() or labels_axial[z].any()]
+        brain_axial = axial(brain)
+        labels_axial = None if labels is None else axial(labels)
+        depth = brain_axial.shape[0]
+        keep = [z for z in range(depth) if brain_axial[z].any() or (labels_axial is not None and labels_axial[z].any())]
         size = self.image_size
         images = np.empty((len(keep), size, size, len(volumes)), dtype=self.image_dtype)
-        out_labels = np.empty((len(keep), size, size), dtype=np.uint8)
+        out_labels = None if labels is None else np.empty((len(keep), size, size), dtype=np.uint8)
         for i, z in enumerate(keep):
             stacked = np.stack([s[z] for s in slices_axial], axis=-1)
             images[i] = resize_image(stacked, size)
-            out_labels[i] = resize_labels(labels_axial[z], size)
-        rows, cols = labels_axial.shape[1:]
-        # mm per voxel of the served grid (slices [z, rows, cols] resized to size x size): per-case HD95 in mm
-        spacing = [sz, sy * rows / size, sx * cols / size]
-        info = {"naming": case.info.get("naming", "2018"), "brainmask": "brainmask" in case.files, "spacing": spacing}
-        return Processed(images, out_labels, keep, {"no_brain": depth - len(keep)}, depth, info)
+            if out_labels is not None:
+                out_labels[i] = resize_labels(labels_axial[z], size)
+        return images, keep, out_labels
+
+    # -- new data (pipeline.predict) ----------------------------------------------------------------
+
+    def read_case(self, folder: Path) -> tuple[list[np.ndarray], Optional[np.ndarray], nib.Nifti1Image]:
+        """A case folder of new data (a segmentation there is not read): its modality volumes in `modalities` order
+        and its brain mask (None without one), RAS+, and its first modality's image (the grid they share). A
+        missing, unreadable or off-grid file is a VolumeProblem naming it."""
+        naming, files, problems = self.case_files(folder)
+        if naming is None and not problems:
+            raise VolumeProblem(f"{folder} holds no NIfTI file: expected {self._expected(folder.name)}")
+        files.pop("seg", None)
+        problems = problems or self._check_headers(folder.name, files)
+        if problems:
+            more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+            raise VolumeProblem(problems[0] + more)
+        volumes = [load_modality(files[modality]) for modality in self.modalities]
+        brain = load_brainmask(files["brainmask"]) if "brainmask" in files else None
+        return volumes, brain, nib.load(str(files[self.modalities[0]]))
+
+    def read_stacked(self, path: Path) -> tuple[list[np.ndarray], nib.Nifti1Image]:
+        """One NIfTI file of new data holding every modality (3D for one modality; else 4D, the modalities along
+        the last axis in `modalities` order): the volumes, RAS+, and the file's image. A file of another
+        modality count, or one that cannot be read, is a VolumeProblem naming it."""
+        img = read_header(path, dims=(3, 4))
+        shape = squeeze_shape(img.shape)
+        count = shape[3] if len(shape) == 4 else 1
+        if count != len(self.modalities):
+            raise VolumeProblem(
+                f"{path} holds {count} modalit{'y' if count == 1 else 'ies'} (shape {shape_str(shape)}): expected "
+                f"{len(self.modalities)} ({', '.join(self.modalities)}), a 3D volume for one modality, else 4D with the "
+                f"modalities along the last axis in that order"
+            )
+        stacked = load_modality(path)
+        return [np.ascontiguousarray(stacked[..., c]) for c in range(count)] if stacked.ndim == 4 else [stacked], img
 
     def _extra_stats(self, meta: dict, used) -> dict[str, float]:
         return {"in_channels": self.in_channels, "num_classes": self.num_classes}

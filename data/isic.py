@@ -77,17 +77,24 @@ def scan_folder(input_dir: Path, mask_dir: Path) -> tuple[list[Pair], int, list[
     return pairs, ignored, problems
 
 
+def load_image(path: Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decodes one image and resizes it: (uint8 [size,size,3], its original (width, height)); raises _Problem.
+    The one way an image becomes a network input's pixels, for the splits and for `pipeline.predict`."""
+    try:
+        with Image.open(path) as im:
+            original = im.size
+            im.draft("RGB", (size, size))  # JPEG decodes at 1/2..1/8 scale, still >= size: far faster
+            rgb = im.convert("RGB").resize((size, size), Image.BILINEAR)
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        raise _Problem(f"image {path} cannot be read ({type(err).__name__}: {err}); expected a complete RGB JPEG")
+    return np.asarray(rgb, dtype=np.uint8), original
+
+
 def load_pair(pair: Pair, size: int, mask_threshold: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
     """Decodes and resizes one pair: (uint8 [size,size,3], uint8 [size,size] in {0,1}); raises _Problem.
 
     Masks must be 0/255 or 0/1 unless `mask_threshold` is given (data.base.binary_mask)."""
-    try:
-        with Image.open(pair.image) as im:
-            image_size = im.size
-            im.draft("RGB", (size, size))  # JPEG decodes at 1/2..1/8 scale, still >= size: far faster
-            rgb = im.convert("RGB").resize((size, size), Image.BILINEAR)
-    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        raise _Problem(f"image {pair.image} cannot be read ({type(err).__name__}: {err}); expected a complete RGB JPEG")
+    rgb, image_size = load_image(pair.image, size)
     try:
         with Image.open(pair.mask) as m:
             if m.size != image_size:
@@ -118,7 +125,7 @@ def load_pair(pair: Pair, size: int, mask_threshold: Optional[int] = None) -> tu
     # keeps the lesion outline better than picking one full-resolution pixel in 40 (nearest).
     binary = Image.fromarray(foreground.astype(np.uint8) * 255, "L").resize((size, size), Image.BOX)
     mask = (np.asarray(binary) > 127).astype(np.uint8)
-    return np.asarray(rgb, dtype=np.uint8), mask
+    return rgb, mask
 
 
 class ISIC2018(MaskFiles, SegmentationData):
@@ -325,12 +332,24 @@ class ISIC2018(MaskFiles, SegmentationData):
 
     # -- serving -----------------------------------------------------------------------------------
 
-    def dataset(self, split: str, augment: bool = False) -> ArrayDataset:
-        self._check_read(split)
+    def read_image(self, path: Path) -> tuple[np.ndarray, tuple[int, int]]:
+        """A new image (no mask) as the splits hold theirs: (uint8 [S, S, 3], its original (height, width)); a file
+        that cannot be read is a DatasetError naming it."""
+        try:
+            rgb, (width, height) = load_image(Path(path), self.image_size)
+        except _Problem as problem:
+            raise DatasetError(str(problem)) from None
+        return rgb, (height, width)
+
+    def transform(self, augment: bool = False):
         augment = bool(augment)
         if augment not in self._transforms:
             self._transforms[augment] = build_transform(
                 augment, self.mean, self.std, self.rotate_limit, self.hflip_p
             )
+        return self._transforms[augment]
+
+    def dataset(self, split: str, augment: bool = False) -> ArrayDataset:
+        self._check_read(split)
         images, masks = self._arrays[split]
-        return ArrayDataset(images, masks, self._split_ids[split], self._transforms[augment])
+        return ArrayDataset(images, masks, self._split_ids[split], self.transform(augment))

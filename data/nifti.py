@@ -43,15 +43,16 @@ def find_nifti(folder: Path, stem: str, names: Optional[set[str]] = None) -> Opt
     return None
 
 
-def read_header(path: Path) -> nib.Nifti1Image:
-    """Opens a NIfTI lazily (header only) and checks what can be checked without decompressing."""
+def read_header(path: Path, dims: tuple[int, ...] = (3,)) -> nib.Nifti1Image:
+    """Opens a NIfTI lazily (header only) and checks what can be checked without decompressing; `dims`: the
+    dimensions allowed (4: modalities stacked along a last axis)."""
     try:
         img = nib.load(str(path))
     except Exception as err:  # ImageFileError, OSError, EOFError, zlib.error, ValueError...
         raise VolumeProblem(f"{path} cannot be read as NIfTI ({type(err).__name__}: {err}); expected a .nii or .nii.gz volume")
     shape = squeeze_shape(img.shape)
-    if len(shape) != 3:
-        raise VolumeProblem(f"{path} has shape {tuple(img.shape)}: expected a 3D volume")
+    if len(shape) not in dims:
+        raise VolumeProblem(f"{path} has shape {tuple(img.shape)}: expected a {' or '.join(f'{d}D' for d in dims)} volume")
     if not np.all(np.isfinite(img.affine)) or abs(np.linalg.det(img.affine[:3, :3])) < 1e-12:
         raise VolumeProblem(f"{path} has a degenerate affine {img.affine.tolist()}: expected an invertible voxel-to-world matrix")
     if str(path).endswith(".nii") and not str(path).endswith(".nii.gz"):
@@ -107,6 +108,13 @@ def load_canonical(img: nib.Nifti1Image, path: Path, dtype=np.float32) -> np.nda
     return np.ascontiguousarray(orientations.apply_orientation(data, canonical_ornt(img.affine)))
 
 
+def from_canonical(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """The inverse of `load_canonical`'s reorientation: a RAS+ array ([x, y, z]) back in the axis order and
+    directions of the file whose affine is `affine`, so that it is saved with that affine."""
+    ras = orientations.axcodes2ornt("RAS")
+    return np.ascontiguousarray(orientations.apply_orientation(volume, orientations.ornt_transform(ras, canonical_ornt(affine))))
+
+
 def canonical_affine(img: nib.Nifti1Image) -> np.ndarray:
     """The affine of the reoriented array (as `as_closest_canonical` would give)."""
     shape = squeeze_shape(img.shape)
@@ -118,3 +126,8 @@ def axial(volume: np.ndarray) -> np.ndarray:
     """RAS+ volume [x, y, z] -> axial slices [z, rows, cols]: z inferior->superior, anterior at the top,
     the patient's right on the left (radiological convention). A view, not a copy."""
     return volume.transpose(2, 1, 0)[:, ::-1, ::-1]
+
+
+def from_axial(slices: np.ndarray) -> np.ndarray:
+    """The inverse of `axial`: axial slices [z, rows, cols] -> the RAS+ volume [x, y, z]."""
+    return slices[:, ::-1, ::-1].transpose(2, 1, 0)

@@ -136,15 +136,30 @@ class SliceFolders(MaskFiles, SegmentationData):
             )
         return pairs, ignored, problems
 
-    def _load(self, pair: SlicePair) -> tuple[np.ndarray, np.ndarray]:
+    def _load_image(self, path: Path) -> tuple[np.ndarray, tuple[int, int]]:
+        """(uint8 [size, size, channels], original (width, height)); raises _Problem."""
         size, mode = self.image_size, "L" if self.in_channels == 1 else "RGB"
         try:
-            with Image.open(pair.image) as im:
-                image_size = im.size
+            with Image.open(path) as im:
+                original = im.size
                 im.draft(mode, (size, size))
-                pixels = im.convert(mode).resize((size, size), Image.BILINEAR)
+                pixels = np.asarray(im.convert(mode).resize((size, size), Image.BILINEAR), dtype=np.uint8)
         except Exception as err:
-            raise _Problem(f"image {pair.image} cannot be read ({type(err).__name__}: {err}); expected a complete image file")
+            raise _Problem(f"image {path} cannot be read ({type(err).__name__}: {err}); expected a complete image file")
+        return (pixels[..., None] if pixels.ndim == 2 else pixels), original
+
+    def read_image(self, path: Path) -> tuple[np.ndarray, tuple[int, int]]:
+        """A new image (no mask) as the splits hold theirs: (uint8 [S, S, channels], its original (height, width));
+        a file that cannot be read is a DatasetError naming it."""
+        try:
+            pixels, (width, height) = self._load_image(Path(path))
+        except _Problem as problem:
+            raise DatasetError(str(problem)) from None
+        return pixels, (height, width)
+
+    def _load(self, pair: SlicePair) -> tuple[np.ndarray, np.ndarray]:
+        size = self.image_size
+        image, image_size = self._load_image(pair.image)
         try:
             with Image.open(pair.mask) as m:
                 m.load()
@@ -168,8 +183,7 @@ class SliceFolders(MaskFiles, SegmentationData):
             raise _Problem(str(err))
         binary = Image.fromarray(foreground.astype(np.uint8) * 255, "L")
         mask = (np.asarray(binary.resize((size, size), Image.BOX)) > 127).astype(np.uint8)
-        image = np.asarray(pixels, dtype=np.uint8)
-        return (image[..., None] if image.ndim == 2 else image), mask
+        return image, mask
 
     def _group(self, case_id: str) -> str:
         return group_of(case_id, self.group_regex)
@@ -266,10 +280,13 @@ class SliceFolders(MaskFiles, SegmentationData):
             self._describe(), self._stats["n_train"], self._stats["n_val"], self._stats["n_test"], self.image_size, ignored, empty,
         )
 
-    def dataset(self, split: str, augment: bool = False) -> ArrayDataset:
-        self._check_read(split)
+    def transform(self, augment: bool = False):
         augment = bool(augment)
         if augment not in self._transforms:
             self._transforms[augment] = build_transform(augment, self.mean, self.std, self.rotate_limit, self.hflip_p)
+        return self._transforms[augment]
+
+    def dataset(self, split: str, augment: bool = False) -> ArrayDataset:
+        self._check_read(split)
         images, masks = self._arrays[split]
-        return ArrayDataset(images, masks, self._split_ids[split], self._transforms[augment])
+        return ArrayDataset(images, masks, self._split_ids[split], self.transform(augment))

@@ -520,8 +520,7 @@ class VolumeSliceData(SegmentationData):
                     return tuple(float(s) for s in case["spacing"])
         return None
 
-    def dataset(self, split: str, augment: bool = False) -> SliceDataset:
-        self._check_read(split)
+    def transform(self, augment: bool = False):
         augment = bool(augment)
         if augment not in self._transforms:
             mean, std = self._normalisation()
@@ -529,6 +528,10 @@ class VolumeSliceData(SegmentationData):
                 augment, mean, std, self.rotate_limit, self.hflip_p,
                 vflip_p=self.vflip_p, target=LabelTarget(self._target_values()),
             )
+        return self._transforms[augment]
+
+    def dataset(self, split: str, augment: bool = False) -> SliceDataset:
+        self._check_read(split)
         rows, ids, cases, flips = self._served[split]
         cached = self._source[split]
-        return SliceDataset(cached.images, cached.labels, ids, self._transforms[augment], cases, rows, flips)
+        return SliceDataset(cached.images, cached.labels, ids, self.transform(augment), cases, rows, flips)
