@@ -37,8 +37,11 @@ PRESETS = {
     "precision_isic": ["dataset.limit=16", "train.precision=bf16"] + TINY_UNET,
     "rounding_unetpp_isic": ["dataset.limit=16", "model.encoder_name=resnet18", "model.encoder_depth=3",
                              "model.decoder_channels=[16,8,4]"],
+    "quantize_isic": ["dataset.limit=16", "quantize.calibration_images=4"] + TINY_UNET,
+    "distill_ablation": ["dataset.limit=16", "finetune.distill.enabled=true"] + TINY_UNET,
 }
-READS_REAL_ISIC = ("real_isic_mini", "real_isic_small", "criteria_isic", "precision_isic", "rounding_unetpp_isic")
+READS_REAL_ISIC = ("real_isic_mini", "real_isic_small", "criteria_isic", "precision_isic", "rounding_unetpp_isic",
+                   "quantize_isic", "distill_ablation")
 
 
 def test_every_preset_is_covered():
@@ -69,7 +72,8 @@ def test_preset_runs_end_to_end_and_reports(preset, tmp_path):
     assert [r.info.status for r in runs] == ["FINISHED"]
     (run,) = runs
     text = medprune(tmp_path, run.info.run_id, "--no-log", module="pipeline.report")  # a single job's report
-    if preset not in ("lwunet_isic", "real_isic_small", "criteria_isic", "precision_isic", "rounding_unetpp_isic"):  # no published numbers
+    if preset not in ("lwunet_isic", "real_isic_small", "criteria_isic", "precision_isic", "rounding_unetpp_isic",
+                      "quantize_isic", "distill_ablation"):  # no published numbers
         assert "(paper)" in text or preset == "channel_attention"
     # our run is the row of its setting, with its own Dice (in the paper's unit)
     from dataclasses import asdict
