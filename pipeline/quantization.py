@@ -68,7 +68,9 @@ def quantize_static(float_path: Path, out_path: Path, batches: Iterable[np.ndarr
     prepared = out_path.with_name(out_path.stem + ".pre.onnx")
     start = time.perf_counter()
     with quiet(""):  # ONNX Runtime's quantizer logs a line per tensor to the root logger
-        quant_pre_process(str(float_path), str(prepared))  # shape inference + graph optimisation, as ORT recommends
+        # graph optimisation + ONNX shape inference, as ORT recommends (its symbolic shape inference, meant for
+        # dynamic transformer shapes, gives up on smp's UNet++)
+        quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
         reader = _Images(input_name(prepared), itertools.chain([first], batches))
         ort_quantize_static(
             str(prepared), str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
@@ -91,7 +93,7 @@ def quantize_dynamic(float_path: Path, out_path: Path) -> dict:
     prepared = out_path.with_name(out_path.stem + ".pre.onnx")
     start = time.perf_counter()
     with quiet(""):
-        quant_pre_process(str(float_path), str(prepared))
+        quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
         ort_quantize_dynamic(str(prepared), str(out_path), per_channel=True, weight_type=QuantType.QInt8)
     prepared.unlink(missing_ok=True)
     return {"method": "dynamic", "seconds": time.perf_counter() - start}

@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -66,7 +67,8 @@ ROWS = ("speed", "export", "training", "pruning", "volumes", "cuda")
 RUNTIME_VARIANTS = {"openvino": ("openvino", "fp32"), "compile": ("compile", "fp32"),
                     "folded+cl bf16": ("torch", "bf16"), "compile bf16": ("compile", "bf16"),
                     "openvino bf16": ("openvino", "bf16")}
-VARIANTS = ("eager", "channels_last", "folded", "folded+cl", "onnxruntime", *RUNTIME_VARIANTS)
+INT8 = "onnxruntime int8"  # the quantize stage's form: ONNX Runtime static int8 (pipeline/quantization.py)
+VARIANTS = ("eager", "channels_last", "folded", "folded+cl", "onnxruntime", INT8, *RUNTIME_VARIANTS)
 DEPLOYED_VARIANTS = ("folded+cl", "onnxruntime", "openvino", "compile")  # fp32 forms a network is deployed in
 BF16_VARIANTS = tuple(v for v, (_, p) in RUNTIME_VARIANTS.items() if p == "bf16")
 # A rounding is None (exact rates), an int (prune.round_to) or "R/H" (prune.round_to=R, round_to_high_res=H).
@@ -179,7 +181,7 @@ def full_settings() -> Settings:
         NetSpec("unet", model_config("unet"), 256,
                 throughput=("eager", DEPLOYED_TORCH, DEPLOYED)),
         NetSpec("unetplusplus", model_config("smp_unetplusplus"), 256,
-                variants=("eager", "channels_last", "folded+cl", "onnxruntime", "openvino", "compile",
+                variants=("eager", "channels_last", "folded+cl", "onnxruntime", INT8, "openvino", "compile",
                           "folded+cl bf16", "openvino bf16", "compile bf16"), throughput=("eager", DEPLOYED),
                 round_to=(None, 8, DEFAULT_ROUND_TO)),
         NetSpec("attention_unet", model_config("attention_unet"), 256, variants=others, throughput=(), round_to=(DEFAULT_ROUND_TO,)),
@@ -249,7 +251,7 @@ class Runner:
                  session=None, work: Optional[Path] = None):
         self.variant, self.shape, self.threads = variant, shape, threads
         self.session, self.model, self.channels_last, self.deployed = None, None, False, None
-        if variant == "onnxruntime":
+        if variant in ("onnxruntime", INT8):
             self.session = session
         elif variant in RUNTIME_VARIANTS:
             runtime, dtype = RUNTIME_VARIANTS[variant]
@@ -273,7 +275,7 @@ class Runner:
 def pool(variant: str) -> str:
     """The thread pool a form runs on: forms of one pool are interleaved, pools timed one after another
     (a runtime's idle threads spin for a while and would slow the next runtime's forms)."""
-    if variant == "onnxruntime":
+    if variant.startswith("onnxruntime"):
         return "onnxruntime"
     return "openvino" if variant.startswith("openvino") else "torch"
 
@@ -334,15 +336,15 @@ def bench_speed(s: Settings, device: torch.device, work: Path, rows: set[str], m
                            "params_m": count_params(net) / 1e6, "macs_g": flops / 2e9, "flops_g": flops / 1e9,
                            "prune_s": prune_s, "channels": _channel_summary(net)}
                 export_row = session = None
-                if "onnxruntime" in variants or "export" in rows:
+                if "onnxruntime" in variants or INT8 in variants or "export" in rows:
                     export_row, session = _export(net, spec, round_to, ratio, shape, work, threads, s)
                 runners = {}
                 for v in variants:
-                    if v == "onnxruntime" and session is None:
+                    if v.startswith("onnxruntime") and session is None:
                         continue
                     try:
                         runners[v] = Runner(v, net, shape, torch.device("cpu") if pool(v) != "torch" else device, threads,
-                                            session, work / "deployed" / f"{spec.label}-r{ratio:g}-round{str(round_to or 0).replace('/', '-')}-{v}")
+                                            _int8_session(spec, round_to, ratio, shape, work, threads) if v == INT8 else session, work / "deployed" / f"{spec.label}-r{ratio:g}-round{str(round_to or 0).replace('/', '-')}-{v}")
                     except Exception as err:  # noqa: BLE001  (a runtime that cannot take this network: say so, go on)
                         _progress(f"  {spec.label} ratio={ratio:g} {v}: not built ({type(err).__name__}: {err})")
                 order.append((round_to, ratio, len(entries)))
@@ -419,6 +421,19 @@ def _export(net, spec: NetSpec, round_to, ratio, shape, work: Path, threads: int
            "onnx_mb": path.stat().st_size / 1e6, "max_abs_diff": diff, "fold_max_abs_diff": fold_diff,
            "output_abs_max": out_max, "float32_noise": noise, "ok": diff < 1e-4}
     return row, session
+
+
+def _int8_session(spec: NetSpec, round_to, ratio, shape, work: Path, threads: int):
+    """The exported network (`_export`'s file) quantized to int8 as the quantize stage does, calibrated on 8
+    random images (the networks have random weights: this measures speed, not accuracy)."""
+    from pipeline import quantization
+
+    path = work / "onnx" / f"{spec.label}-r{ratio:g}-round{str(round_to or 0).replace('/', '-')}.onnx"
+    generator = np.random.default_rng(0)
+    batches = (generator.standard_normal((2, *shape[1:]), dtype=np.float32) for _ in range(4))
+    int8 = quantization.quantize_static(path, path.with_name(path.stem + "-int8.onnx"), batches)
+    _progress(f"  {spec.label} ratio={ratio:g}: int8 in {int8['seconds']:.1f} s")
+    return inference.onnx_session(path.with_name(path.stem + "-int8.onnx"), threads)
 
 
 def _add_speedups(networks: list[dict], latency: list[dict]) -> None:
@@ -789,6 +804,8 @@ def targets(results: dict) -> list[dict]:
 
 def _peak_for(results: dict, variant: str) -> Optional[float]:
     """The yardstick of a form: the machine's peak in the form's precision."""
+    if variant == INT8:
+        return None  # no int8 yardstick is measured
     peak = results.get("peak_bf16" if variant in BF16_VARIANTS else "peak")
     return peak["peak_gflops"] if peak else None
 
