@@ -129,6 +129,6 @@ def test_the_installed_medprune_command_works_from_any_folder_and_has_its_own_he
         pytest.skip(f"no installed script at {script} (make setup installs it)")
     proc = subprocess.run([str(script), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for text in ("train -> [sensitivity] -> score -> prune -> finetune -> evaluate", "prune: budget", "experiment:",
+    for text in ("train -> [sensitivity] -> score -> prune -> finetune -> [quantize] -> evaluate", "prune: budget", "experiment:",
                  "python -m pipeline.report"):
         assert text in proc.stdout, text
