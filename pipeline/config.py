@@ -306,6 +306,20 @@ def validate_prune(p: DictConfig, stages: list[str]) -> None:
         _check_range(p.target_flops, "prune.target_flops", 0.0, 1.0)
         if p.target_flops == 0:
             raise ConfigError("prune.target_flops=0 keeps nothing: expected a fraction in (0, 1)")
+    if schedule == "latency_budget":
+        if not p.target_ms > 0:
+            raise ConfigError(f"prune.target_ms={p.target_ms}: expected a latency in milliseconds > 0")
+        if not p.max_layer_ratio > 0:
+            raise ConfigError("prune.max_layer_ratio=0 lets no layer lose a channel: expected a fraction in (0, 1)")
+        if str(p.device) == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("prune.device=cuda: this machine has no CUDA device to time on (prune.device=cpu)")
+        # prune.threads and timing_warmup: COUNT_RULES (check_counts); a median needs more than one run
+        _check_range(p.timing_runs, "prune.timing_runs", 2, None)
+        if not p.timing_max_seconds > 0:
+            raise ConfigError(f"prune.timing_max_seconds={p.timing_max_seconds}: expected seconds > 0")
     if schedule == "per_layer":
         if not p.layer_ratios:
             raise ConfigError("prune.schedule=per_layer needs prune.layer_ratios ({glob pattern: ratio})")

@@ -30,6 +30,7 @@ from pipeline import baseline as baselines  # noqa: E402
 from pipeline import paths  # noqa: E402,F401  (config resolvers)
 from pipeline.config import ConfigError, register_schema, validate  # noqa: E402
 from pipeline.journal import Journal, job_key  # noqa: E402
+from pipeline.latency_budget import LatencyBudgetError  # noqa: E402
 from pipeline.report import results_table  # noqa: E402
 from pipeline.state import Context, RunState, pick_device, seed_everything  # noqa: E402
 from pipeline.tracking import (  # noqa: E402
@@ -212,6 +213,7 @@ USER_ERRORS = {
     DatasetError: "data error",
     baselines.BaselineError: "baseline error",
     ModelFileError: "model file error",
+    LatencyBudgetError: "configuration error",
 }
 
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 import torch
 from omegaconf import MISSING
 from torch import nn
 
+from pipeline.latency_budget import LatencyBudget, interleaved_timer
+from pipeline.profiling import thread_count
 from pipeline.pruning import PruneResult, prune, ratio_for_flops
 
 
@@ -30,6 +33,11 @@ class Scope(ConfigEnum):
     encoder = "encoder"
     decoder = "decoder"
     all = "all"
+
+
+class LatencyDevice(ConfigEnum):
+    cpu = "cpu"
+    cuda = "cuda"
 
 
 # -- the typed configs (values: conf/prune/<option>.yaml) -------------------------------------------
@@ -79,6 +87,19 @@ class BudgetGlobalPrune(PruneBase):
 
 
 @dataclass
+class LatencyBudgetPrune(PruneBase):
+    """Per-layer rates searched so that the deployed network meets a measured latency (pipeline/latency_budget.py)."""
+
+    target_ms: float = MISSING  # latency to reach, ms: the deployed network (BatchNorm folded, channels_last), batch 1
+    device: LatencyDevice = MISSING  # cpu | cuda: where it is timed
+    threads: Optional[int] = MISSING  # CPU threads while timing (null: all cores)
+    max_layer_ratio: float = MISSING  # never more than this fraction of one layer's channels
+    timing_warmup: int = MISSING  # untimed rounds before each timing pass
+    timing_runs: int = MISSING  # timed rounds of a pass; a latency is the median of its runs
+    timing_max_seconds: float = MISSING  # ... but a pass stops after this long (each probe timed >= 3 times)
+
+
+@dataclass
 class SensitivityPrune(PruneBase):
     """The per-layer rates the sensitivity stage derives (its settings: the `sensitivity` group)."""
 
@@ -98,6 +119,7 @@ class Inputs:
     rescore: Callable[[nn.Module], dict[str, torch.Tensor]]
     between_steps: Callable[[nn.Module, int], None]
     derived_rates: Optional[tuple[str, dict[str, float]]] = None  # (source, rates) of the sensitivity stage
+    folder: Optional[Path] = None  # where a schedule writes files of its own (the prune stage logs them)
 
 
 Outcome = tuple[PruneResult, dict[str, Any], dict[str, float]]  # network, what was applied, metrics
@@ -142,6 +164,21 @@ def sensitivity(p, x: Inputs) -> Outcome:
     return result, {"source": f"sensitivity stage ({source})", "layer_ratios": rates}, {}
 
 
+def latency_budget(p, x: Inputs) -> Outcome:
+    device = torch.device(str(p.device))
+    n = thread_count(p.threads)
+    threads = (f"{n} thread" + "s" * (n != 1)) if device.type == "cpu" else "CUDA"
+    budget = LatencyBudget(x.model, x.scores, x.example, **_plan(p), max_layer_ratio=p.max_layer_ratio, device=device)
+    found = budget.search(p.target_ms, interleaved_timer(device, p.threads, p.timing_warmup, p.timing_runs, p.timing_max_seconds))
+    files = budget.write(found, x.folder, threads) if x.folder is not None else []
+    applied = {"source": f"latency search for prune.target_ms={p.target_ms:g} on {budget.where} ({threads})",
+               "target_ms": p.target_ms, "measured_ms": found.measured_ms, "unpruned_ms": found.unpruned_ms,
+               "max_layer_ratio": p.max_layer_ratio, "layer_ratios": found.rates, "files": [f.name for f in files]}
+    metrics = {"prune/target_ms": p.target_ms, "prune/predicted_ms": found.predicted_ms, "prune/measured_ms": found.measured_ms,
+               "prune/unpruned_ms": found.unpruned_ms}
+    return found.result, applied, metrics
+
+
 @dataclass(frozen=True)
 class Schedule:
     schema: type
@@ -156,4 +193,5 @@ SCHEDULES: dict[str, Schedule] = {
     "budget": Schedule(BudgetPrune, budget),
     "budget_global": Schedule(BudgetGlobalPrune, budget),
     "sensitivity": Schedule(SensitivityPrune, sensitivity),
+    "latency_budget": Schedule(LatencyBudgetPrune, latency_budget),
 }

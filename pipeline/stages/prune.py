@@ -50,17 +50,17 @@ def run(ctx: Context, state: RunState) -> RunState:
     derived = None
     if state.layer_ratios:
         derived = (state.layer_ratios, yaml.safe_load(Path(state.layer_ratios).read_text())["layer_ratios"])
+    folder = ctx.stage_dir("pruned")
     inputs = Inputs(
         model=model, scores=scores, example=ctx.example_input(), flops=lambda m: count_flops(m, ctx.input_shape),
         rescore=lambda m: scoring.compute(ctx, m)[0], between_steps=lambda m, step: _finetune_between(ctx, m, step),
-        derived_rates=derived,
+        derived_rates=derived, folder=folder,
     )
     result, applied, metrics = SCHEDULES[schedule].apply(p, inputs)
     applied = {"schedule": schedule, "scope": scope, "round_to": p.round_to,
                "round_to_high_res": p.round_to_high_res, **applied,
                "removed_per_layer": {r["layer"]: round(r["removed"], 4) for r in result.channels}}
 
-    folder = ctx.stage_dir("pruned")
     save_model(result.model, cfg.model, data.in_channels, data.num_classes, folder / "model")
     table = write_csv(result.channels, folder / "channels.csv")
     rates_file = atomic_write(folder / "rates.json", json.dumps(applied, indent=2) + "\n")
@@ -79,7 +79,7 @@ def run(ctx: Context, state: RunState) -> RunState:
     metrics["prune/params_kept"] = after / before
     metrics["prune/channels_kept"] = sum(r["after"] for r in result.channels) / sum(r["before"] for r in result.channels)
     ctx.tracker.log_metrics(metrics)
-    for path in (table, plot, norms, rates_file):
+    for path in (table, plot, norms, rates_file, *(folder / name for name in applied.get("files", []))):
         ctx.tracker.log_artifact(path, "pruning")
     ctx.tracker.log_artifact(folder / "model", "pruned_model")
     log.info("Pruned %s -> %s parameters (%.1f%% kept)", f"{before:,}", f"{after:,}", 100 * after / before)
