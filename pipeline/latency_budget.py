@@ -43,8 +43,8 @@ from torch import nn
 from data.files import atomic_write, write_csv
 from pipeline.inference import prepare_for_inference
 from pipeline.profiling import cpu_threads, device_name, time_interleaved
-from pipeline.pruning import (HEAD, PRUNABLE_TYPES, PruneResult, ScoreTableImportance, high_resolution_layers, in_scope,
-                              prune, unprunable)
+from pipeline.pruning import (PRUNABLE_TYPES, PruneResult, ScoreTableImportance, high_resolution_layers, ignored_layers,
+                              prune)
 
 log = logging.getLogger(__name__)
 
@@ -321,9 +321,7 @@ class LatencyBudget:
         model = copy.deepcopy(self.model)
         names = {m: n for n, m in model.named_modules()}
         scope, round_to, wide = self.plan["scope"], self.plan["round_to"], self.plan["round_to_high_res"]
-        fixed = unprunable(model)  # the ignored layers as prune() makes them
-        ignored = [m for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES) and (m in fixed or not in_scope(n, scope))]
-        ignored += [getattr(model, HEAD)] if hasattr(model, HEAD) else []
+        ignored = ignored_layers(model, scope)  # the ignored layers prune() uses
         high_res = high_resolution_layers(model, self.example) if round_to and wide and wide != round_to else set()
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=self.example)
         importance = ScoreTableImportance(self.scores, names)

@@ -45,6 +45,13 @@ def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES) and m not in fixed}
 
 
+def ignored_layers(model: nn.Module, scope: str) -> list[nn.Module]:
+    """torch-pruning's ignored layers for `scope`: the unprunable ones, those outside the scope, and the head."""
+    fixed = unprunable(model)
+    ignored = [m for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES) and (m in fixed or not in_scope(n, scope))]
+    return ignored + ([getattr(model, HEAD)] if hasattr(model, HEAD) else [])
+
+
 def in_scope(name: str, scope: str) -> bool:
     """Models follow smp's naming (encoder / decoder / segmentation_head); `all` is both halves."""
     if scope == "all":
@@ -218,9 +225,7 @@ def prune(
         raise ValueError(f"no scores for layers {missing[:5]}{'...' if len(missing) > 5 else ''}: the scores do not match this model")
     names = {m: n for n, m in model.named_modules()}
     in_scope_names = [n for n in layers if in_scope(n, scope)]
-    fixed = unprunable(model)
-    ignored = [m for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES) and (m in fixed or not in_scope(n, scope))]
-    ignored += [getattr(model, HEAD)] if hasattr(model, HEAD) else []
+    ignored = ignored_layers(model, scope)
     per_layer = match_layer_ratios(in_scope_names, layer_ratios) if layer_ratios else {}
     if global_ranking:
         per_layer = global_layer_ratios(model, scores, names, example_inputs, ratio, max_layer_ratio, ignored)
