@@ -271,27 +271,13 @@ def evaluate(ref: str, overrides: dict[str, Any]) -> list[dict[str, float]]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from pipeline.run import USER_ERRORS, one_line
-    from pipeline.tracking import Terminated, terminate_on_sigterm
+    from pipeline.run import command
 
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv else 2
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    errors = {**USER_ERRORS, SourceError: "source run error"}
-    try:
-        with terminate_on_sigterm():
-            ref, overrides = parse_args(argv)
-            evaluate(ref, overrides)
-    except tuple(errors) as err:
-        kind = next(label for cls, label in errors.items() if isinstance(err, cls))
-        print(f"medprune evaluate: {kind}: {one_line(err)}", file=sys.stderr)
-        return 2
-    except Terminated as stop:
-        print(f"medprune evaluate: terminated by signal {stop.signum}", file=sys.stderr)
-        return stop.code
-    return 0
+    def body(args: list[str]) -> int:
+        evaluate(*parse_args(args))
+        return 0
+
+    return command("evaluate", __doc__, argv, body, {SourceError: "source run error"})
 
 
 if __name__ == "__main__":

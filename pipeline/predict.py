@@ -525,28 +525,12 @@ def predict(settings: dict[str, Any], given: set[str]) -> Tally:
 
 def main(argv: Optional[list[str]] = None) -> int:
     from pipeline.evaluate import SourceError
-    from pipeline.run import USER_ERRORS, one_line
-    from pipeline.tracking import Terminated, terminate_on_sigterm
+    from pipeline.run import command
 
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv else 2
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    errors = {**USER_ERRORS, SourceError: "model error"}
-    try:
-        with terminate_on_sigterm():
-            settings, given = parse_args(argv)
-            tally = predict(settings, given)
-    except tuple(errors) as err:
-        kind = next(label for cls, label in errors.items() if isinstance(err, cls))
-        print(f"medprune predict: {kind}: {one_line(err)}", file=sys.stderr)
-        return 2
-    except Terminated as stop:
-        print(f"medprune predict: terminated by signal {stop.signum}", file=sys.stderr)
-        return stop.code
-    return 0 if tally.written else 1
+    def body(args: list[str]) -> int:
+        return 0 if predict(*parse_args(args)).written else 1
 
+    return command("predict", __doc__, argv, body, {SourceError: "model error"})
 
 if __name__ == "__main__":
     sys.exit(main())

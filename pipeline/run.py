@@ -14,6 +14,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
+from typing import Callable, Mapping, Optional  # noqa: E402
 from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -229,6 +230,29 @@ def one_line(err: BaseException) -> str:
         return first + (f" (and {len(lines) - 2} more line(s) in {path})" if len(lines) > 2 else "")
     except Exception:  # no run folder: say it all
         return " ".join(line.strip() for line in lines)
+
+
+def command(name: str, doc: str, argv: Optional[list[str]], body: Callable[[list[str]], int],
+            errors: Mapping[type, str]) -> int:
+    """The shell of the key=value commands (`pipeline.evaluate`, `pipeline.predict`): `--help` (their docstring),
+    logging, a user error (USER_ERRORS and `errors`) as one line `medprune <name>: <kind>: ...` with exit
+    status 2, SIGTERM as a clean stop; otherwise `body(argv)`'s exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(doc)
+        return 0 if argv else 2
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    known = {**USER_ERRORS, **errors}
+    try:
+        with terminate_on_sigterm():
+            return body(argv)
+    except tuple(known) as err:
+        kind = next(label for cls, label in known.items() if isinstance(err, cls))
+        print(f"medprune {name}: {kind}: {one_line(err)}", file=sys.stderr)
+        return 2
+    except Terminated as stop:
+        print(f"medprune {name}: terminated by signal {stop.signum}", file=sys.stderr)
+        return stop.code
 
 
 @hydra.main(version_base="1.3", config_path=str(paths.CONF_DIR), config_name="config")  # absolute: works from any folder and as the installed `medprune` script
