@@ -395,9 +395,13 @@ def _channel_summary(net: nn.Module) -> str:
     return ",".join(str(c) for c in counts[:10]) + (",..." if len(counts) > 10 else "")
 
 
+def _onnx_path(spec: NetSpec, round_to, ratio, work: Path) -> Path:
+    return work / "onnx" / f"{spec.label}-r{ratio:g}-round{str(round_to or 0).replace('/', '-')}.onnx"
+
+
 def _export(net, spec: NetSpec, round_to, ratio, shape, work: Path, threads: int, s: Settings) -> tuple[dict, Any]:
     """Folds, exports, opens an ONNX Runtime session and compares its output with the torch network's."""
-    path = work / "onnx" / f"{spec.label}-r{ratio:g}-round{str(round_to or 0).replace('/', '-')}.onnx"
+    path = _onnx_path(spec, round_to, ratio, work)
     start = time.perf_counter()
     prepared = inference.prepare_for_inference(net, shape, fold_bn=True, channels_last=False)
     fold_s = time.perf_counter() - start
@@ -428,7 +432,7 @@ def _int8_session(spec: NetSpec, round_to, ratio, shape, work: Path, threads: in
     random images (the networks have random weights: this measures speed, not accuracy)."""
     from pipeline import quantization
 
-    path = work / "onnx" / f"{spec.label}-r{ratio:g}-round{str(round_to or 0).replace('/', '-')}.onnx"
+    path = _onnx_path(spec, round_to, ratio, work)
     generator = np.random.default_rng(0)
     batches = (generator.standard_normal((2, *shape[1:]), dtype=np.float32) for _ in range(4))
     int8 = quantization.quantize_static(path, path.with_name(path.stem + "-int8.onnx"), batches)
