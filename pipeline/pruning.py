@@ -5,7 +5,9 @@ BatchNorm, the decoder conv behind a skip concatenation, residual adds), so remo
 the network consistent. We only decide *which* channels go: saved per-layer scores (pipeline.criteria)
 are reduced over each dependency group by `ScoreTableImportance`, and the schedule sets how many.
 Out-of-scope layers, the segmentation head and any layer a model lists in `unprunable_modules()` are
-passed as ignored layers, so the output keeps one channel per class.
+passed as ignored layers, so the output keeps one channel per class. Images and volumes alike (2D and 3D
+convolutions); a model must not run in-place ops on a view, such as an in-place activation after
+InstanceNorm, whose autograd nodes the graph cannot follow (see models/unet3d.py).
 
 One function, `prune`, covers the schedules: a uniform ratio, per-layer ratios by name pattern, a
 global ranking across layers (capped per layer), and iterative steps (re-scored, with a callback for
@@ -25,7 +27,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-PRUNABLE_TYPES = (nn.Conv2d, nn.ConvTranspose2d)
+PRUNABLE_TYPES = (nn.Conv2d, nn.ConvTranspose2d, nn.Conv3d, nn.ConvTranspose3d)
 HEAD = "segmentation_head"
 
 
@@ -144,7 +146,9 @@ class RoundingPruner(tp.pruner.BasePruner):
 
 def high_resolution_layers(model: nn.Module, example_inputs: torch.Tensor) -> set[nn.Module]:
     """The prunable layers whose output is at full or half the input's resolution (output stride <= 2):
-    in an encoder-decoder they carry most of the FLOPs, so their channel counts decide the speed."""
+    in an encoder-decoder they carry most of the FLOPs, so their channel counts decide the speed.
+    The stride is read along the last spatial axis, the same for images and volumes (square / cubic
+    strides, as in every model here)."""
     size = example_inputs.shape[-1]
     found: set[nn.Module] = set()
     hooks = [m.register_forward_hook(lambda m, _i, out: found.add(m) if 2 * out.shape[-1] >= size else None)

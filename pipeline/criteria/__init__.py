@@ -80,16 +80,17 @@ def cycled_batches(ctx: Optional[ScoringContext], who: str) -> Iterator[Batch]:
 
 def example_input(model: nn.Module, ctx: Optional[ScoringContext], size: int = 64) -> torch.Tensor:
     """Input for a tracing forward: two images of the first calibration batch, else random noise shaped
-    for the model's first convolution (`size` x `size`)."""
+    for the model's first convolution (`size` along each of its spatial axes: an image or a volume)."""
     if ctx is not None and ctx.batches is not None:
         for images, _ in ctx.batches():
             return images[:2]
-    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))), None)
+    first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
     if first is None:
         raise ValueError("cannot build an example input: the model has no convolution")
     param = next(model.parameters())
     generator = torch.Generator().manual_seed(0)
-    return torch.randn(1, first.in_channels, size, size, generator=generator).to(param.device, param.dtype)
+    shape = (1, first.in_channels, *[size] * (first.weight.dim() - 2))
+    return torch.randn(shape, generator=generator).to(param.device, param.dtype)
 
 
 @contextmanager
@@ -117,7 +118,7 @@ def per_channel(t: torch.Tensor) -> torch.Tensor:
 
 def out_dim_sum(layer: nn.Module, t: torch.Tensor) -> torch.Tensor:
     """Sum of a weight-shaped tensor over everything but the output-channel dimension
-    (dim 0 for Conv2d, dim 1 for ConvTranspose2d whose weight is (in, out, kh, kw))."""
+    (dim 0 for a convolution, dim 1 for a transposed one, whose weight is (in, out, *kernel))."""
     if getattr(layer, "transposed", False):
         t = t.transpose(0, 1)
     return t.flatten(1).sum(1)

@@ -12,6 +12,10 @@ One `AttentionCriterion`, parameterised by `kind`:
           F (sub-sampled to at most 64 x 64), descriptor z = GAP(F) + gamma * A GAP(F)
           (= GAP(F + gamma * A F), DANet's channel module), -> MLP -> sigmoid
 
+On volumes (3D networks) saca's grid is grid x grid x grid cells and sbca sub-samples to at most
+16 x 16 x 16 (the same 4096 positions, so the affinity costs the same); the other gates only average
+or max over all positions and do not depend on the number of spatial axes.
+
 Every gate is g = sigmoid(a(x) + logit(init_gate)) with a(x) the module above without its sigmoid;
 the last layer of a(x) starts at zero, so every gate starts at exactly `init_gate` (0.9: the network
 starts close to the function it was trained as) and what it learns comes from the data, not from its
@@ -97,25 +101,33 @@ class CBAMChannelGate(nn.Module):
         return self.mlp(flat.mean(-1)) + self.mlp(flat.amax(-1))
 
 
-class SACAGate(nn.Module):
-    """Channel attention from a sub-sampled map: a grid x grid average-pooled map, a learned per-channel
-    weighting of the grid cells (a spatially aware descriptor, equal to GAP at initialisation), MLP."""
+def _pool(x: torch.Tensor, size) -> torch.Tensor:
+    """Adaptive average pooling of an image [B, C, H, W] or a volume [B, C, D, H, W]."""
+    return (F.adaptive_avg_pool2d if x.dim() == 4 else F.adaptive_avg_pool3d)(x, size)
 
-    def __init__(self, channels: int, reduction: int = 4, grid: int = 4):
+
+class SACAGate(nn.Module):
+    """Channel attention from a sub-sampled map: a grid x grid (x grid on volumes) average-pooled map, a
+    learned per-channel weighting of the grid cells (a spatially aware descriptor, equal to GAP at
+    initialisation), MLP. `spatial_dims`: 2 for images, 3 for volumes (the number of cells)."""
+
+    def __init__(self, channels: int, reduction: int = 4, grid: int = 4, spatial_dims: int = 2):
         super().__init__()
         self.grid = grid
-        self.cells = nn.Parameter(torch.full((channels, grid * grid), 1.0 / (grid * grid)))
+        cells = grid**spatial_dims
+        self.cells = nn.Parameter(torch.full((channels, cells), 1.0 / cells))
         self.mlp = _mlp(channels, reduction)
 
     def forward(self, x):
-        sub = F.adaptive_avg_pool2d(x, self.grid).flatten(2)  # [B, C, grid^2]
+        sub = _pool(x, self.grid).flatten(2)  # [B, C, grid^spatial_dims]
         return self.mlp((sub * self.cells).sum(-1))
 
 
 class SBCAGate(nn.Module):
     """Channel attention from self-attention between channels (DANet-style channel affinity)."""
 
-    max_side = 64  # maps larger than this are average-pooled first: the affinity costs C^2 * H * W
+    max_side = {2: 64, 3: 16}  # maps larger than this (per axis, by spatial dims) are average-pooled first:
+                               # the affinity costs C^2 * N, N <= 4096 positions either way
 
     def __init__(self, channels: int, reduction: int = 4, temperature: float = 10.0):
         super().__init__()
@@ -124,8 +136,9 @@ class SBCAGate(nn.Module):
         self.mlp = _mlp(channels, reduction)
 
     def forward(self, x):
-        if x.shape[-1] > self.max_side or x.shape[-2] > self.max_side:
-            x = F.adaptive_avg_pool2d(x, (min(x.shape[-2], self.max_side), min(x.shape[-1], self.max_side)))
+        side = self.max_side[x.dim() - 2]
+        if any(s > side for s in x.shape[2:]):
+            x = _pool(x, tuple(min(s, side) for s in x.shape[2:]))
         f = x.flatten(2)  # [B, C, N]
         unit = F.normalize(f, dim=-1, eps=1e-6)
         affinity = torch.softmax(self.log_tau.exp() * unit @ unit.transpose(1, 2), dim=-1)  # [B, C, C]
@@ -154,7 +167,7 @@ def break_ties(scores: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def make_gate(kind: str, channels: int, reduction: Optional[int], grid: Optional[int]) -> nn.Module:
+def make_gate(kind: str, channels: int, reduction: Optional[int], grid: Optional[int], spatial_dims: int) -> nn.Module:
     if kind == "se":
         return SEGate(channels, reduction)
     if kind == "eca":
@@ -162,7 +175,7 @@ def make_gate(kind: str, channels: int, reduction: Optional[int], grid: Optional
     if kind == "cbam":
         return CBAMChannelGate(channels, reduction)
     if kind == "saca":
-        return SACAGate(channels, reduction, grid)
+        return SACAGate(channels, reduction, grid, spatial_dims)
     if kind == "sbca":
         return SBCAGate(channels, reduction)
     raise ValueError(f"criterion.kind={kind!r}: expected one of {', '.join(KINDS)}")
@@ -204,7 +217,8 @@ class AttentionCriterion(Criterion):
     def build_gates(self, layers: dict[str, nn.Module], device: torch.device) -> nn.ModuleDict:
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
             torch.manual_seed(self.seed)
-            gates = {n: make_gate(self.kind, l.out_channels, self.reduction, self.grid) for n, l in layers.items()}
+            gates = {n: make_gate(self.kind, l.out_channels, self.reduction, self.grid, l.weight.dim() - 2)
+                     for n, l in layers.items()}
         # ModuleDict keys cannot contain "."; index by position instead.
         return nn.ModuleDict({str(i): gates[n] for i, n in enumerate(layers)}).to(device)
 

@@ -19,7 +19,7 @@ from pipeline.criteria import Criterion, ScoringContext
 
 
 def filter_norms(layer: nn.Module, p: int) -> torch.Tensor:
-    """Lp norm of each output filter; ConvTranspose weights are (in, out, kh, kw), so transpose first."""
+    """Lp norm of each output filter; ConvTranspose weights are (in, out, *kernel), so transpose first."""
     w = layer.weight.detach()
     if getattr(layer, "transposed", False):
         w = w.transpose(0, 1)

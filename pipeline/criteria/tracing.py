@@ -26,13 +26,14 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 # Leaf modules that act on each channel separately and keep the shape.
 CHANNELWISE = (
-    _BatchNorm, nn.GroupNorm, nn.InstanceNorm2d,
+    _BatchNorm, nn.GroupNorm, _InstanceNorm,
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.Hardswish, nn.Hardtanh, nn.Tanh,
-    nn.Identity, nn.Dropout, nn.Dropout2d,
+    nn.Identity, nn.Dropout, nn.Dropout2d, nn.Dropout3d,
 )
 
 

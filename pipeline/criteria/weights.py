@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 
 def filters(layer: nn.Module) -> torch.Tensor:
-    """The layer's filters as rows (out_channels, fan-in); ConvTranspose weights are (in, out, kh, kw)."""
+    """The layer's filters as rows (out_channels, fan-in); ConvTranspose weights are (in, out, *kernel)."""
     w = layer.weight.detach()
     if getattr(layer, "transposed", False):
         w = w.transpose(0, 1)
