@@ -164,6 +164,7 @@ class SegmentationData(abc.ABC):
     in_channels: int
     num_classes: int
     image_size: int
+    dims = 2  # 2: items are images [C, H, W]; 3: volumes and patches [C, D, H, W] (data/volumes3d.py)
     # Constructor keys that change where or how fast the data is read, never what a network trains on
     # (the content is keyed by `content_digest`): left out of the baseline cache key.
     SERVING_KEYS: tuple[str, ...] = ("root", "test_root", "workers")
@@ -199,6 +200,11 @@ class SegmentationData(abc.ABC):
         self._split_ids: Optional[dict[str, list[str]]] = None
         self._stats: dict[str, float] = {}
         self._files: list[tuple[str, int]] = []  # (path relative to the root, size) of every file read
+
+    @property
+    def input_size(self) -> tuple[int, ...]:
+        """The spatial size of one network input (an image here; a patch for 3D readers)."""
+        return (self.image_size, self.image_size)
 
     def content_digest(self) -> str:
         """sha256 of what the data is: each split's case ids and every file read, by its path relative to

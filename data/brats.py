@@ -31,6 +31,7 @@ from data.nifti import (
     squeeze_shape, strip_nifti,
 )
 from data.volumes import Case, Processed, VolumeSliceData, resize_image, resize_labels
+from data.volumes3d import Volume3D
 
 log = logging.getLogger(__name__)
 
@@ -400,3 +401,10 @@ class BraTS(VolumeSliceData):
 
     def _extra_stats(self, meta: dict, used) -> dict[str, float]:
         return {"in_channels": self.in_channels, "num_classes": self.num_classes}
+
+
+class BraTS3D(Volume3D, BraTS):
+    """BraTS in 3D: whole volumes and random patches (data/volumes3d.py). Its dropped slices (neither brain nor
+    tumour) were zeroed by the preprocessing, so a gap in a case's slices is filled with zeros exactly."""
+
+    GAPS_ARE_ZERO = True

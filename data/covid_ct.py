@@ -38,6 +38,7 @@ import nibabel as nib
 import numpy as np
 
 from data.base import DatasetError
+from data.volumes3d import Volume3D
 from data.checks import check_choice, check_floats, check_int, check_number
 from data.nifti import VolumeProblem, axial, load_canonical, read_headers, same_grid, shape_str, strip_nifti
 from data.volumes import (
@@ -323,3 +324,14 @@ class CovidCT(VolumeSliceData):
             "volumes_hu": sum(c.get("intensity") == "hu" for c in used),
             "volumes_windowed": sum(c.get("intensity") == "windowed" for c in used),
         }
+
+
+class CovidCT3D(Volume3D, CovidCT):
+    """COVID-19 CT in 3D: whole volumes and random patches (data/volumes3d.py). Slices cropped each to its own lung
+    box have no common 3D grid, so `crop` must be volume or none."""
+
+    def __init__(self, **keys):
+        super().__init__(**keys)
+        if self.crop == "slice":
+            raise ValueError("crop='slice' is invalid for a 3D dataset: each slice cropped to its own lung box leaves no "
+                             "common 3D grid; expected crop: volume (one box per case) or none")

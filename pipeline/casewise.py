@@ -7,7 +7,8 @@ image-level means the results table has always shown (SegmentationMeter, unchang
 collapse check reads; and, for the first `export` cases, the predicted masks as files.
 
 Volumes are scored in 3D on the served grid (slices resized to image_size) in millimetres where the reader
-records the case's voxel spacing (`case_spacing`), in voxels otherwise.
+records the case's voxel spacing (`case_spacing`), in voxels otherwise: a 2D network's slices stacked back, or
+a 3D network's whole-volume prediction (sliding-window inference, `inference.windowed`), one item per case.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.inference import windowed
 from pipeline.metrics import CASE_METRICS, CaseRules, SegmentationMeter, binarize, case_metrics, summarize_cases
 
 
@@ -102,6 +104,8 @@ def score_cases(
     probabilities are then also resized back to that size (bilinear), thresholded and scored, as the
     challenges score: the same metrics with an `_orig` suffix."""
     model.eval()
+    infer = windowed(model, dataset)  # whole volumes (3D data): window by window, one volume per batch
+    batch_size = 1 if infer is not model else batch_size
     case_of = getattr(dataset, "cases", None)
     ids = list(getattr(dataset, "ids"))
     meter = SegmentationMeter(threshold, case_of)
@@ -127,7 +131,7 @@ def score_cases(
         slices.clear()
 
     for images, masks in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        logits = model(images.to(device))
+        logits = infer(images.to(device))
         meter.update(logits, masks.to(device))
         preds = binarize(logits, threshold).cpu().numpy()
         trues = (masks > 0.5).numpy()

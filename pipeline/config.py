@@ -334,6 +334,21 @@ def validate_prune(p: DictConfig, stages: list[str]) -> None:
         )
 
 
+def check_dims(data, reader_target: str, builder, model_keys: dict, model_target: str) -> None:
+    """A 2D network on a 3D dataset (or the reverse) fails here, not in the first forward; a 3D patch must
+    halve evenly at every level of the network (`model.depth` stride-2 steps)."""
+    data_dims, model_dims = int(getattr(data, "dims", 2)), int(getattr(builder, "spatial_dims", 2))
+    if data_dims != model_dims:
+        hint = ("a 3D model (model=unet3d) with a 3D dataset (dataset=brats3d, covid_ct3d)" if data_dims == 3 else
+                "a 2D model (e.g. model=unet_small) with a 2D dataset, or a 3D dataset (dataset=brats3d, covid_ct3d)")
+        raise ConfigError(f"model._target_={model_target} is a {model_dims}D network but dataset._target_={reader_target} "
+                          f"serves {data_dims}D items: expected {hint}")
+    depth = model_keys.get("depth")
+    if data_dims == 3 and isinstance(depth, int) and data.patch_size % 2**depth:
+        raise ConfigError(f"dataset.patch_size={data.patch_size} is invalid for model.depth={depth}: expected a multiple of "
+                          f"{2**depth} (the patch is halved {depth} times)")
+
+
 def validate(cfg: DictConfig) -> None:
     """Checks what the schema's types cannot; raises ConfigError naming the key."""
     missing = sorted(k for k in OmegaConf.missing_keys(cfg) if k != "paper" and not k.startswith("paper."))
@@ -353,7 +368,7 @@ def validate(cfg: DictConfig) -> None:
     from hydra.errors import InstantiationException
 
     try:  # constructors only check their values (files are read in setup): cheap, and fails early
-        instantiate(reader, _convert_="all")  # as data.build_data does
+        data = instantiate(reader, _convert_="all")  # as data.build_data does
     except InstantiationException as err:  # Hydra wraps the constructor's ValueError / TypeError
         cause = err.__cause__
         if not isinstance(cause, (ValueError, TypeError)):
@@ -362,9 +377,13 @@ def validate(cfg: DictConfig) -> None:
     from models import model_kwargs_check  # also knows each smp architecture's own keys
 
     try:
-        model_kwargs_check(cfg.model)
+        builder, model_keys = model_kwargs_check(cfg.model)
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    check_dims(data, reader["_target_"], builder, model_keys, str(cfg.model._target_))
+    if getattr(data, "dims", 2) == 3 and str(cfg.prune.schedule) == "latency_budget" and "prune" in cfg.stages:
+        raise ConfigError("prune=latency_budget times 2D convolutions only: expected another prune schedule for a 3D "
+                          "network (e.g. prune=uniform, global)")
     for group in ("criterion", "optimizer", "scheduler", "loss"):
         check_target_keys(cfg[group], group)
 

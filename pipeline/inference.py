@@ -195,10 +195,57 @@ def prepare_for_inference(
 
 def with_channels_last(prepared: Prepared) -> Prepared:
     """A channels_last copy of a prepared (e.g. folded) network; unchanged for non-4-D models."""
-    if prepared.channels_last:
+    if prepared.channels_last or any(isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)) for m in prepared.model.modules()):
         return prepared
     model = copy.deepcopy(prepared.model).to(memory_format=torch.channels_last)
     return Prepared(model, prepared.folded_bn, True)
+
+
+# -- volumes ----------------------------------------------------------------------------------------
+
+
+class SlidingWindow(nn.Module):
+    """A patch network applied to whole volumes: MONAI's `sliding_window_inference`, windows of `window.size`
+    overlapping by `window.overlap`, blended with a Gaussian weight (nnU-Net's), a volume smaller than a window
+    padded. `window` is the dataset's (data.volumes3d.Window); the logits have the volume's size."""
+
+    def __init__(self, model: nn.Module, window, batch: int = 1):
+        super().__init__()
+        self.model, self.window, self.batch = model, window, int(batch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from monai.inferers import sliding_window_inference
+
+        return sliding_window_inference(x, roi_size=tuple(self.window.size), sw_batch_size=self.batch, predictor=self._window,
+                                        overlap=float(self.window.overlap), mode="gaussian")
+
+    def _window(self, tile: torch.Tensor) -> torch.Tensor:
+        # MONAI weights the output in place: an output that is the tile itself (a view of the volume, e.g. from an
+        # identity network) would corrupt the volume and every overlapping window after it
+        out = self.model(tile)
+        return out.clone() if out.data_ptr() == tile.data_ptr() else out
+
+
+def windowed(model: nn.Module, dataset) -> nn.Module:
+    """`model` as it must run on `dataset`'s items: wrapped in `SlidingWindow` when they are whole volumes
+    (the dataset has a `window`), unchanged otherwise."""
+    window = getattr(dataset, "window", None)
+    return model if window is None else SlidingWindow(model, window)
+
+
+@torch.no_grad()
+def window_count(input_shape: tuple[int, ...], window) -> int:
+    """How many windows `SlidingWindow` runs over a volume of `input_shape` (batch 1): FLOPs per volume are
+    that many times a window's. Counted by tiling with a predictor that computes nothing."""
+    calls = 0
+
+    def count(x: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += x.shape[0]
+        return torch.zeros((x.shape[0], 1, *x.shape[2:]))
+
+    SlidingWindow(count, window)(torch.zeros(input_shape))  # type: ignore[arg-type]
+    return calls
 
 
 # -- ONNX -------------------------------------------------------------------------------------------

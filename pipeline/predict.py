@@ -238,6 +238,9 @@ def make_reader(dataset: dict, where: str):
     except (InstantiationException, ValueError, TypeError) as err:
         cause = err.__cause__ or err
         raise SourceError(f"{where}: its dataset settings do not build {target} ({str(cause).splitlines()[0]})") from err
+    if getattr(reader, "dims", 2) == 3:
+        raise SourceError(f"{where}: its network is 3D ({target}): predict applies 2D networks only so far; the evaluate "
+                          f"stage (and pipeline.evaluate with dataset.test_root) scores 3D networks on whole volumes")
     if not isinstance(reader, BraTS) and not hasattr(reader, "read_image"):
         raise SourceError(f"{where}: predict reads 2D images (ISIC, slice folders) and BraTS volumes, not {target}'s data "
                           f"(the COVID-19 CT reader crops each slice to the scan's lung mask, which a new scan does not have)")

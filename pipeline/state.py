@@ -55,8 +55,9 @@ class Context:
     tracker: Tracker
 
     @property
-    def input_shape(self) -> tuple[int, int, int, int]:
-        return (1, self.data.in_channels, self.data.image_size, self.data.image_size)
+    def input_shape(self) -> tuple[int, ...]:
+        """One network input, batch 1: an image (2D data), a training patch (3D data: the inference window)."""
+        return (1, self.data.in_channels, *self.data.input_size)
 
     def example_input(self) -> torch.Tensor:
         return torch.randn(self.input_shape)

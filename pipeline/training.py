@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from data.files import read_csv, write_csv
 from pipeline.checkpoint import Checkpoint, epoch_seed
+from pipeline.inference import windowed
 from pipeline.metrics import SegmentationMeter
 from pipeline.precision import autocast_dtype
 from pipeline.profiling import cpu_threads
@@ -64,6 +65,8 @@ class Recipe:
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int, device: torch.device) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
+    if getattr(dataset, "window", None) is not None:
+        batch_size = 1  # whole volumes (3D val / test): each its own size, each inferred window by window
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -81,11 +84,13 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, threshold: float = 0.5) -> dict[str, float]:
-    """Per-image Dice/IoU; also per-case 3D Dice when the dataset carries `cases` (volumes)."""
+    """Per-image Dice/IoU; also per-case 3D Dice when the dataset carries `cases` (slices of volumes). Whole
+    volumes (3D data) are inferred window by window (inference.windowed): their Dice is per case."""
     model.eval()
     meter = SegmentationMeter(threshold, getattr(loader.dataset, "cases", None))
+    infer = windowed(model, loader.dataset)
     for images, masks in loader:
-        meter.update(model(images.to(device, non_blocking=True)), masks.to(device, non_blocking=True))
+        meter.update(infer(images.to(device, non_blocking=True)), masks.to(device, non_blocking=True))
     return meter.compute()
 
 

@@ -54,7 +54,7 @@ QUANTIZED_ROWS = ("quantized", "quantized_dynamic")  # int8 ONNX files of the qu
 # Results that describe how a measurement was taken (counts, flags, thread counts): MLflow params
 # (`final.latency_threads`), not metrics, so the compare view shows the measurements themselves.
 DESCRIPTIVE = ("latency_threads", "latency_bn_folded", "latency_channels_last", "channels_aligned8", "test_images",
-               "test_cases", "cases_ignored_empty", "collapsed")
+               "test_cases", "cases_ignored_empty", "collapsed", "windows_per_volume")
 FINAL_ONNX = "final.onnx"
 
 # The timed forms of a network, as the prefixes of their results: latency_ms (as deployed in torch),
@@ -64,6 +64,8 @@ FINAL_ONNX = "final.onnx"
 RUNTIME_FORMS = runtimes.RUNTIME_FORMS
 REDUCED = ("bf16", "fp16")
 FORMS = ("latency_eager", *(f + s for f in RUNTIME_FORMS.values() for s in ("", *(f"_{p}" for p in REDUCED))))
+# 3D data: the deployed torch form over a whole test volume, window by window (volume_latency_ms)
+FORMS += ("volume_latency",)
 DESCRIPTIVE += tuple(f"{form}_{what}" for form in FORMS for what in ("runs", "settled"))
 DESCRIPTIVE += tuple(f"fastest{s}_form" for s in ("", *(f"_{p}" for p in REDUCED)))
 
@@ -99,6 +101,7 @@ def _cost(ctx: Context, models: dict[str, torch.nn.Module], onnx_paths: dict[str
     shape = ctx.input_shape
     extra = [str(r) for r in e.runtimes]
     fns, out = {}, {}
+    volume, window = reference_volume(ctx)
     for row, path in onnx_only.items():
         out[row] = {"latency_threads": thread_count(e.threads)}
         fns[f"{row}/onnx_latency"] = inference.onnx_call(inference.onnx_session(path, e.threads, spinning=False), shape)
@@ -111,6 +114,8 @@ def _cost(ctx: Context, models: dict[str, torch.nn.Module], onnx_paths: dict[str
             "latency_channels_last": int(prepared.channels_last),
         }
         fns[f"{row}/latency"] = forward_call(prepared.model.to(ctx.device), shape, prepared.channels_last)
+        if volume is not None:
+            fns[f"{row}/volume_latency"] = volume_call(prepared.model, volume, window)
         if (prepared.folded_bn or prepared.channels_last) and e.latency_eager:
             fns[f"{row}/latency_eager"] = forward_call(model, shape)
         onnx_path = onnx_paths.get(row)
@@ -175,6 +180,27 @@ def _cost(ctx: Context, models: dict[str, torch.nn.Module], onnx_paths: dict[str
     log.info("Latency: %d rounds in %.1f s, stopped by %s; 1-minute load average %s (before/after)",
              timed.rounds, timed.seconds, timed.stopped_by, load)
     return out, timed
+
+
+def reference_volume(ctx: Context) -> tuple[Optional[torch.Tensor], object]:
+    """3D data: the first test volume (batch 1, on the device) and the window it is tiled with, what the per-volume
+    latency and FLOPs are of; (None, None) for 2D data."""
+    dataset = ctx.data.dataset("test")
+    window = getattr(dataset, "window", None)
+    if window is None:
+        return None, None
+    return dataset[0][0].unsqueeze(0).to(ctx.device), window
+
+
+def volume_call(model: torch.nn.Module, volume: torch.Tensor, window):
+    """One sliding-window inference of `model` over `volume`, as a callable to time."""
+    infer = inference.SlidingWindow(model.eval(), window)
+
+    def call():
+        with torch.inference_mode():
+            return infer(volume)
+
+    return call
 
 
 def fastest(result: dict, peaks: dict[str, float]) -> dict:
@@ -244,6 +270,10 @@ def measure(ctx: Context, model_dir: str, row: str = "final", reduced: Optional[
         log.info("%s network in %s: Dice %.4f (fp32 %.4f, %+.2f points)", row, reduced, low["dice"], quality["dice"],
                  100 * (low["dice"] - quality["dice"]))
     flops = count_flops(model, ctx.input_shape)
+    volume, window = reference_volume(ctx)
+    if volume is not None:  # 3D: FLOPs above are per window (patch); a whole volume runs that many windows
+        windows = inference.window_count(tuple(volume.shape), window)
+        extra.update(windows_per_volume=windows, volume_flops_g=windows * flops / 1e9)
     aligned = aligned_fraction(model)
     if aligned < 1:
         log.info("%.0f%% of the prunable layers of %s have channel counts that are multiples of 8; CPU and GPU "
@@ -267,7 +297,7 @@ def probability_deviation(ctx: Context, quantized: torch.nn.Module, reference: t
     e = ctx.cfg.evaluate
     loader = make_loader(ctx.data.dataset("test"), e.batch_size, False, 0, ctx.cfg.seed, ctx.device)
     largest, total, flips, count = 0.0, 0.0, 0, 0
-    reference = reference.eval()
+    quantized, reference = inference.windowed(quantized, loader.dataset), inference.windowed(reference.eval(), loader.dataset)
     for images, _ in loader:
         images = images.to(ctx.device)
         p = torch.sigmoid(quantized(images).float())
@@ -415,7 +445,8 @@ def _log_models(ctx: Context, state: RunState, sources: dict, metrics: dict) -> 
     registered when `tracking.register_as` names a model (pipeline/mlflow_model.py)."""
     if not ctx.cfg.tracking.log_models:
         return
-    example = ctx.data.dataset("test")[0][0].unsqueeze(0)
+    # an input the logged network takes as it is: a test image (2D), a training patch (3D: a window's size)
+    example = ctx.data.dataset("train" if getattr(ctx.data, "dims", 2) == 3 else "test")[0][0].unsqueeze(0)
     threshold = ctx.cfg.evaluate.threshold
     logged = {}
     for row, artifact in (("final", "final_mlflow_model"), ("baseline", "baseline_mlflow_model")):
@@ -440,12 +471,20 @@ def _mask_plot(ctx: Context, model_dirs: dict[str, str], path: Path) -> None:
     """The first test images, their true masks and each network's prediction with its Dice."""
     dataset = ctx.data.dataset("test")
     n = min(ctx.cfg.evaluate.mask_examples, len(dataset))
-    images, masks = zip(*(dataset[i] for i in range(n)))
-    images, masks = torch.stack(images), torch.stack(masks)
+    items = [dataset[i] for i in range(n)]
+    volumes = getattr(dataset, "window", None) is not None
+    # volumes: each shown by its axial slice with the most true foreground (the 3D network still sees the volume)
+    picks = [int(mask.flatten(2).sum((0, 2)).argmax()) if volumes else None for _, mask in items]
+    images = torch.stack([image[:, z] if volumes else image for (image, _), z in zip(items, picks)])
+    masks = torch.stack([mask[:, z] if volumes else mask for (_, mask), z in zip(items, picks)])
     predictions = {}
     for row, model_dir in model_dirs.items():
         model = load_model(model_dir).to(ctx.device).eval()
-        logits = model(images.to(ctx.device)).cpu()
+        if volumes:
+            infer = inference.windowed(model, dataset)
+            logits = torch.cat([infer(image.unsqueeze(0).to(ctx.device))[:, :, z].cpu() for (image, _), z in zip(items, picks)])
+        else:
+            logits = model(images.to(ctx.device)).cpu()
         pred = binarize(logits, ctx.cfg.evaluate.threshold)
         dice, _ = dice_iou(pred, masks > 0.5)
         predictions[LABELS.get(row, row)] = (pred, dice)

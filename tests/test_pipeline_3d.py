@@ -1,0 +1,54 @@
+"""The whole stage chain in 3D (`python -m pipeline.run dataset=synthetic_brats3d model=unet3d ...`), tiny settings:
+patch training, L1 pruning of the 3D UNet, fine-tuning, and the evaluate stage's sliding-window inference with
+per-region 3D metrics, FLOPs and latency per window and per volume. The real BraTS 2015 subset runs the same chain
+(tests/test_presets.py runs the preset brats3d_prune on it, tiny; the full-size run is in the README)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from data.files import read_csv
+from mlflow.tracking import MlflowClient
+
+from helpers import mlflow_runs, run_pipeline
+
+REGIONS = ("whole_tumor", "tumor_core", "enhancing_tumor")
+TINY_3D = ["debug=tiny", "model=unet3d", "model.width=4", "model.depth=2", "evaluate.latency_runs=2",
+           "evaluate.latency_warmup=0", "evaluate.mask_examples=1", "prune.ratio=0.5", "train.batch_size=2"]
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("outputs3d")
+
+
+def latest(outputs: Path):
+    return MlflowClient(f"sqlite:///{outputs / 'mlflow.db'}"), mlflow_runs(outputs)[0]
+
+
+def test_the_stage_chain_runs_in_3d_on_the_synthetic_brats_twin(outputs):
+    out = run_pipeline(outputs, *TINY_3D, "dataset=synthetic_brats3d", "dataset.region=[wt,tc,et]")
+    client, r = latest(outputs)
+    m, p = r.data.metrics, r.data.params
+    assert r.info.status == "FINISHED" and "Latency / volume (ms)" in out
+    for row in ("baseline", "final"):
+        for region in REGIONS:
+            assert 0.0 <= m[f"{row}/dice_{region}"] <= 1.0 and m[f"{row}/hd95_{region}"] >= 0.0
+        assert m[f"{row}/volume_latency_ms"] > m[f"{row}/latency_ms"] > 0  # a volume runs several windows
+        windows = int(p[f"{row}.windows_per_volume"])
+        assert windows > 1 and m[f"{row}/volume_flops_g"] == pytest.approx(windows * m[f"{row}/flops_g"])
+    assert m["final/params_m"] < 0.6 * m["baseline/params_m"] and m["final/flops_g"] < 0.6 * m["baseline/flops_g"]
+    test_cases = int(p["data.cases_test"])
+    rows = read_csv(client.download_artifacts(r.info.run_id, "evaluate/cases_final.csv"))
+    assert len(rows) == test_cases and all(float(row["hd95"]) < 60 for row in rows)  # mm, within the grid
+    masks = Path(client.download_artifacts(r.info.run_id, "evaluate/masks/final"))
+    assert len(list(masks.glob("*.nii.gz"))) == test_cases
+
+
+def test_the_stage_chain_runs_in_3d_on_the_synthetic_covid_ct_twin(outputs):
+    run_pipeline(outputs, *TINY_3D, "dataset=synthetic_covid_ct3d", "evaluate.runtimes=[]")
+    _, r = latest(outputs)
+    assert r.info.status == "FINISHED" and 0.0 <= r.data.metrics["final/dice"] <= 1.0
+    assert r.data.metrics["final/volume_latency_ms"] > 0
