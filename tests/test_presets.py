@@ -15,6 +15,7 @@ from helpers import REAL, run_pipeline
 from pipeline.paths import CONF_DIR
 
 REAL_ISIC = REAL / "isic2018_subset"
+REAL_BRATS = REAL / "brats2015_subset"
 COMMON = ["debug=tiny", "evaluate.latency_warmup=0", "evaluate.latency_runs=2", "evaluate.mask_examples=0"]
 TINY_UNET = ["model=unet_tiny"]
 ISIC = ["dataset=synthetic_isic", "dataset.synthetic.count=24"]
@@ -39,6 +40,8 @@ PRESETS = {
                              "model.decoder_channels=[16,8,4]"],
     "quantize_isic": ["dataset.limit=16", "quantize.calibration_images=4"] + TINY_UNET,
     "distill_ablation": ["dataset.limit=16", "finetune.distill.enabled=true"] + TINY_UNET,
+    "brats3d_prune": ["model.width=4", "model.depth=2", "dataset.image_size=48", "dataset.patch_size=32",
+                      "dataset.patches_per_case=2", "train.batch_size=2", "evaluate.runtimes=[]"],
 }
 READS_REAL_ISIC = ("real_isic_mini", "real_isic_small", "criteria_isic", "precision_isic", "rounding_unetpp_isic",
                    "quantize_isic", "distill_ablation")
@@ -57,6 +60,8 @@ def test_preset_runs_end_to_end_and_reports(preset, tmp_path):
     overrides = list(PRESETS[preset])
     if preset in READS_REAL_ISIC and not REAL_ISIC.is_dir():
         pytest.skip(f"real ISIC subset not found at {REAL_ISIC}")
+    if preset == "brats3d_prune" and not REAL_BRATS.is_dir():
+        pytest.skip(f"real BraTS 2015 subset not found at {REAL_BRATS}")
     if preset == "channel_attention":
         from data.synthetic_volumes import write_synthetic_slices
 
@@ -73,7 +78,7 @@ def test_preset_runs_end_to_end_and_reports(preset, tmp_path):
     (run,) = runs
     text = medprune(tmp_path, run.info.run_id, "--no-log", module="pipeline.report")  # a single job's report
     if preset not in ("lwunet_isic", "real_isic_small", "criteria_isic", "precision_isic", "rounding_unetpp_isic",
-                      "quantize_isic", "distill_ablation"):  # no published numbers
+                      "quantize_isic", "distill_ablation", "brats3d_prune"):  # no published numbers
         assert "(paper)" in text or preset == "channel_attention"
     # our run is the row of its setting, with its own Dice (in the paper's unit)
     from dataclasses import asdict
