@@ -23,6 +23,9 @@ Rows (see docs/PERFORMANCE.md for a measured table and what it means):
             over 32 calibration images
   volumes   slice-cache build of a synthetic BraTS-like set of 10 cases, and the second run (cache hit)
   cuda      (CUDA only) training throughput fp32 vs bf16 / fp16 autocast vs channels_last
+  volume3d  the 3D UNet (conf/model/unet3d.yaml) unpruned and 60% pruned: eager latency per 64^3 patch and per
+            whole BraTS-sized volume (sliding window), FLOPs per patch and per volume, speed-up and efficiency;
+            and the volume under ONNX Runtime
 
 Runs on CUDA when present (`--device auto`), else on CPU; ONNX Runtime and OpenVINO always run on CPU. Writes
 outputs/bench/bench.md and bench.json (the machine, the settings, every number), plus a timestamped
@@ -61,7 +64,7 @@ from pipeline.profiling import count_flops, count_params, latency_times, machine
 
 log = logging.getLogger("bench")
 
-ROWS = ("speed", "export", "training", "pruning", "volumes", "cuda")
+ROWS = ("speed", "export", "training", "pruning", "volumes", "cuda", "volume3d")
 # Deployed forms from pipeline/runtimes.py (the evaluate stage's evaluate.runtimes / evaluate.precision):
 # variant -> (runtime, precision); each is built from the BatchNorm-folded network.
 RUNTIME_VARIANTS = {"openvino": ("openvino", "fp32"), "compile": ("compile", "fp32"),
@@ -172,6 +175,13 @@ class Settings:
     cuda_size: int = 256
     cuda_batch: int = 8
     cuda_steps: int = 20
+    # 3D: a real BraTS 2015 case as served (140 slices on conf/dataset/brats3d.yaml's 96-pixel in-plane grid),
+    # tiled as the evaluate stage tiles it (that file's patch_size and window_overlap)
+    volume3d_model: dict = field(default_factory=lambda: model_config("unet3d"))
+    volume3d_shape: tuple[int, int, int] = (140, 96, 96)
+    volume3d_patch: int = 64
+    volume3d_overlap: float = 0.5
+    volume3d_ratios: tuple[float, ...] = (0.0, 0.6)
 
 
 def full_settings() -> Settings:
@@ -205,6 +215,7 @@ def quick_settings() -> Settings:
         prune_model=model_config("unet", width=8, depth=2), prune_size=32, calibration_images=4,
         calibration_batch=2, volume_cases=3, volume_shape=(24, 24, 12), volume_size=16,
         cuda_model=model_config("unet", width=8, depth=2), cuda_size=32, cuda_batch=2, cuda_steps=2,
+        volume3d_model=model_config("unet3d", width=4, depth=2), volume3d_shape=(20, 24, 24), volume3d_patch=16,
     )
 
 
@@ -742,6 +753,96 @@ def bench_cuda(s: Settings, device: torch.device) -> dict:
     return out
 
 
+# -- row 7: the 3D UNet per volume ---------------------------------------------------------------------
+
+
+VOLUME3D_IN_CHANNELS, VOLUME3D_CLASSES = 2, 3  # BraTS 3D: FLAIR + T1ce; whole tumour, tumour core, enhancing tumour
+
+
+def _inference_call(module: nn.Module, x: torch.Tensor, device: torch.device):
+    """One inference of `module` on `x` as a callable to time, waiting for a GPU to finish. Not profiling.forward_call:
+    that draws its own input and needs parameters; here every form (an ONNX session has none) gets the same input."""
+    def call():
+        with torch.inference_mode():
+            module(x)
+        _sync(device)
+
+    return call
+
+
+def bench_volume3d(s: Settings, device: torch.device) -> dict:
+    """What pruning buys a 3D network where it is used: per whole volume, through the sliding window, whose
+    overlapping windows, Gaussian blending and padding a per-patch number leaves out. Uniform L1 over encoder and
+    decoder at exact rates (round_to=None): width-8 levels rounded to multiples of 8 would not be pruned at all.
+    Every form of every network is timed once per round, rounds interleaved (as the speed row), torch forms
+    first, then ONNX Runtime's (its spinning threads would slow torch's)."""
+    from data.volumes3d import Window
+    from pipeline.pruning import prune
+    from pipeline.profiling import cpu_threads
+
+    threads = s.threads or os.cpu_count() or 1
+    p = s.volume3d_patch
+    patch_shape = (1, VOLUME3D_IN_CHANNELS, p, p, p)
+    volume_shape = (1, VOLUME3D_IN_CHANNELS, *s.volume3d_shape)
+    window = Window(size=(p, p, p), overlap=s.volume3d_overlap)
+    windows = inference.window_count(volume_shape, window)
+    generator = torch.Generator().manual_seed(0)
+    volume = torch.randn(volume_shape, generator=generator)  # one fixed volume and patch for every form
+    patch = torch.randn(patch_shape, generator=generator)
+    torch.manual_seed(0)
+    base = build_model(s.volume3d_model, VOLUME3D_IN_CHANNELS, VOLUME3D_CLASSES).eval()
+    scores = l1_scores(base)
+    out: dict[str, Any] = {"model": s.volume3d_model, "in_channels": VOLUME3D_IN_CHANNELS, "classes": VOLUME3D_CLASSES,
+                           "shape": list(s.volume3d_shape), "patch": p, "overlap": s.volume3d_overlap, "windows": windows,
+                           "round_to": None, "threads": threads, "networks": [], "latency": [], "onnx_error": None}
+    calls: dict[tuple[str, float, str], Any] = {}  # (form, ratio, "patch" | "volume") -> callable
+    with tempfile.TemporaryDirectory(prefix="medprune-bench3d-") as work:
+        for ratio in s.volume3d_ratios:
+            _progress(f"volume3d: preparing ratio={ratio:g}")
+            net = base if ratio == 0 else prune(base, scores, patch, ratio, round_to=None).model.eval()
+            flops = count_flops(net, patch_shape)
+            out["networks"].append({"ratio": ratio, "params_m": count_params(net) / 1e6, "flops_patch_g": flops / 1e9,
+                                    "flops_volume_g": windows * flops / 1e9, "channels": _channel_summary(net)})
+            if out["onnx_error"] is None:
+                try:
+                    path = inference.export_onnx(net, Path(work) / f"unet3d-r{ratio:g}.onnx", patch_shape, dynamo=s.onnx_dynamo)
+                    session = inference.onnx_session(path, threads)
+                    out["networks"][-1]["onnx_max_abs_diff"] = inference.onnx_max_abs_diff(net, session, patch_shape)
+                    onnx = inference.OnnxModule(session)
+                    calls[("onnxruntime", ratio, "patch")] = _inference_call(onnx, patch, torch.device("cpu"))
+                    calls[("onnxruntime", ratio, "volume")] = _inference_call(inference.SlidingWindow(onnx, window), volume, torch.device("cpu"))
+                except Exception as err:  # noqa: BLE001  (the eager numbers stand without it: say why, go on)
+                    out["onnx_error"] = f"{type(err).__name__}: {err}"
+                    calls = {key: call for key, call in calls.items() if key[0] != "onnxruntime"}
+                    _progress(f"  volume3d: no ONNX Runtime form ({out['onnx_error']})")
+            net = copy.deepcopy(net).to(device)
+            calls[("eager", ratio, "patch")] = _inference_call(net, patch.to(device), device)
+            calls[("eager", ratio, "volume")] = _inference_call(inference.SlidingWindow(net, window), volume.to(device), device)
+        times: dict[tuple[str, float, str], list[float]] = {key: [] for key in calls}
+        with cpu_threads(threads):
+            for form in ("eager", "onnxruntime"):
+                for round_index in range(s.rounds):
+                    _progress(f"volume3d: {form} round {round_index + 1}/{s.rounds}")
+                    for key, call in calls.items():
+                        if key[0] == form:
+                            times[key].extend(time_calls(call, s.warmup if round_index == 0 else 0, s.runs_per_round))
+    flops = {n["ratio"]: n["flops_patch_g"] for n in out["networks"]}
+    medians = {key: statistics.median(t) for key, t in times.items()}
+    for form, ratio in [(form, ratio) for form in ("eager", "onnxruntime") for ratio in s.volume3d_ratios
+                        if (form, ratio, "patch") in calls]:
+        row: dict[str, Any] = {"form": form, "ratio": ratio, "device": device.type if form == "eager" else "cpu",
+                               "flops_reduction": flops[0.0] / flops[ratio]}
+        for what in ("patch", "volume"):
+            stats = summarize(times[(form, ratio, what)])
+            speedup = medians[(form, 0.0, what)] / stats["median_ms"]
+            row.update({f"{what}_ms": stats["median_ms"], f"{what}_p90_ms": stats["p90_ms"], f"{what}_runs": stats["runs"],
+                        f"speedup_{what}": speedup, f"efficiency_{what}": speedup / row["flops_reduction"]})
+        out["latency"].append(row)
+        _progress(f"  volume3d {form:11s} ratio={ratio:g}: {row['patch_ms']:.1f} ms/patch, {row['volume_ms']:.1f} ms/volume "
+                  f"({row['speedup_volume']:.2f}x)")
+    return out
+
+
 # -- report ---------------------------------------------------------------------------------------
 
 
@@ -983,6 +1084,33 @@ def render(results: dict) -> str:
             lines.append("")
         else:
             lines += [f"Not run: {cu.get('reason')}.", ""]
+    v3 = results.get("volume3d")
+    if v3:
+        lines += ["## 3D: UNet3D per volume", "",
+                  f"{_model_name(v3['model'])}, {v3['in_channels']} input channels, {v3['classes']} classes, random weights. "
+                  f"A volume of {'x'.join(map(str, v3['shape']))} voxels tiled by `SlidingWindow`: {v3['patch']}³ windows "
+                  f"overlapping by {v3['overlap']:g}, Gaussian-blended ({v3['windows']} windows); FLOPs per volume = windows x "
+                  "FLOPs per patch (the blending is not counted, the latency includes it). L1 scores, uniform ratio over encoder "
+                  "and decoder at exact rates (round_to=None: rounded to multiples of 8, the width-8 levels would stay whole). "
+                  f"Median latency (ms) at batch 1, inference mode, {v3['threads']} threads, after a warm-up, the networks and "
+                  "forms interleaved in rounds. Speed-up and efficiency (= speed-up / FLOPs reduction) against the same form "
+                  "unpruned.", "",
+                  "| form | ratio | params (M) | FLOPs/patch (G) | windows | FLOPs/volume (G) | ms/patch | ms/volume | "
+                  "speed-up volume | speed-up patch | efficiency volume | efficiency patch |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        nets = {n["ratio"]: n for n in v3["networks"]}
+        for r in v3["latency"]:
+            n = nets[r["ratio"]]
+            form = r["form"] + (f" ({r['device']})" if r["device"] != m["device_type"] else "")
+            lines.append(f"| {form} | {r['ratio']:g} | {n['params_m']:.3f} | {n['flops_patch_g']:.3f} | {v3['windows']} | "
+                         f"{n['flops_volume_g']:.2f} | {r['patch_ms']:.2f} | {r['volume_ms']:.1f} | {r['speedup_volume']:.2f}x | "
+                         f"{r['speedup_patch']:.2f}x | {r['efficiency_volume']:.2f} | {r['efficiency_patch']:.2f} |")
+        lines.append("")
+        lines.append("Encoder channels: " + "; ".join(f"ratio {n['ratio']:g}: {n['channels']}" for n in v3["networks"]) + ". "
+                     + (f"ONNX Runtime: not run ({v3['onnx_error']})." if v3["onnx_error"] else
+                        "ONNX Runtime max |torch - ORT| per patch: "
+                        + ", ".join(f"{n['onnx_max_abs_diff']:.1e} (ratio {n['ratio']:g})" for n in v3["networks"]) + "."))
+        lines.append("")
     tg = results.get("targets")
     if tg:
         lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
@@ -1073,6 +1201,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             results["volumes"] = bench_volumes(s, work)
         if "cuda" in rows:
             results["cuda"] = bench_cuda(s, device)
+        if "volume3d" in rows:
+            results["volume3d"] = bench_volume3d(s, device)
+            write(results, out_dir, stamp)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["seconds"] = time.perf_counter() - start

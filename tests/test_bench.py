@@ -68,7 +68,7 @@ def test_quick_bench_writes_every_row(tmp_path):
     assert results["cuda"]["available"] is False  # CPU-only test machine (the row says why)
 
     for heading in ("## 1. Pruned-network speed", "## 2. ONNX export", "## 3. Training throughput", "## 4. Pruning cost",
-                    "## 5. Volume preparation", "## 6. CUDA", "## Targets"):
+                    "## 5. Volume preparation", "## 6. CUDA", "## 3D: UNet3D per volume", "## Targets"):
         assert heading in table, heading
     assert {t["target"].split(":")[0] for t in results["targets"]}
 
@@ -83,6 +83,31 @@ def test_rows_can_be_chosen_and_unknown_rows_fail(tmp_path, capsys):
     except SystemExit as exit:
         assert exit.code == 2
     assert "unknown speedy" in capsys.readouterr().err
+
+
+def test_the_3d_row_times_the_unet3d_per_patch_and_per_volume(tmp_path):
+    bench = load_bench()
+    assert bench.main(["--quick", "--rows", "volume3d", "--out", str(tmp_path), "--threads", "1"]) == 0
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert set(results) >= {"volume3d"} and "speed" not in results
+    v3 = results["volume3d"]
+    s = bench.quick_settings()
+    assert v3["shape"] == list(s.volume3d_shape) and v3["patch"] == s.volume3d_patch and v3["windows"] > 1
+    assert v3["onnx_error"] is None, v3["onnx_error"]
+    nets = {n["ratio"]: n for n in v3["networks"]}
+    assert set(nets) == {0.0, 0.6}
+    assert nets[0.6]["params_m"] < nets[0.0]["params_m"] and nets[0.6]["flops_patch_g"] < nets[0.0]["flops_patch_g"]
+    for n in nets.values():
+        assert abs(n["flops_volume_g"] - v3["windows"] * n["flops_patch_g"]) < 1e-9 and n["onnx_max_abs_diff"] < 1e-4
+    assert {(r["form"], r["ratio"]) for r in v3["latency"]} == {(f, r) for f in ("eager", "onnxruntime") for r in nets}
+    for r in v3["latency"]:
+        assert 0 < r["patch_ms"] < r["volume_ms"]
+        if r["ratio"] == 0:
+            assert r["speedup_volume"] == r["speedup_patch"] == r["efficiency_volume"] == 1
+        else:
+            assert r["flops_reduction"] > 1 and r["efficiency_volume"] == r["speedup_volume"] / r["flops_reduction"]
+    table = (tmp_path / "bench.md").read_text()
+    assert "## 3D: UNet3D per volume" in table and "| eager | 0.6 |" in table and "| onnxruntime | 0 |" in table
 
 
 def test_the_bench_checks_the_default_rounding():
