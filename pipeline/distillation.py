@@ -74,7 +74,8 @@ class Distiller:
                 student.eval()(example.to(device))
                 self.teacher(example.to(device))
             c_student, c_teacher = self._student_head.value.shape[1], self._teacher_head.value.shape[1]
-            self.adapter = nn.Conv2d(c_student, c_teacher, 1, bias=False).to(device) if c_student != c_teacher else nn.Identity()
+            conv = nn.Conv3d if self._student_head.value.dim() == 5 else nn.Conv2d  # a 3D network's features are volumes
+            self.adapter = conv(c_student, c_teacher, 1, bias=False).to(device) if c_student != c_teacher else nn.Identity()
 
     @property
     def teacher_mb(self) -> float:

@@ -47,8 +47,14 @@ def test_the_stage_chain_runs_in_3d_on_the_synthetic_brats_twin(outputs):
     assert len(list(masks.glob("*.nii.gz"))) == test_cases
 
 
-def test_the_stage_chain_runs_in_3d_on_the_synthetic_covid_ct_twin(outputs):
-    run_pipeline(outputs, *TINY_3D, "dataset=synthetic_covid_ct3d", "evaluate.runtimes=[]")
+def test_distillation_and_int8_run_in_3d_on_the_synthetic_covid_ct_twin(outputs):
+    """Fine-tuning with a teacher (its feature adapter a 1x1x1 convolution) and the int8 network, scored on whole
+    volumes window by window like the float one."""
+    run_pipeline(outputs, *TINY_3D, "dataset=synthetic_covid_ct3d", "finetune.distill.enabled=true",
+                 "finetune.distill.feature_weight=0.5", "stages=[train,score,prune,finetune,quantize,evaluate]",
+                 "quantize.calibration_images=4")
     _, r = latest(outputs)
-    assert r.info.status == "FINISHED" and 0.0 <= r.data.metrics["final/dice"] <= 1.0
-    assert r.data.metrics["final/volume_latency_ms"] > 0
+    m = r.data.metrics
+    assert r.info.status == "FINISHED" and 0.0 <= m["final/dice"] <= 1.0 and m["final/volume_latency_ms"] > 0
+    assert 0.0 <= m["quantized/dice"] <= 1.0 and m["quantized/prob_max_abs_diff"] < 0.5
+    assert m["finetune/distill_loss"] >= 0
