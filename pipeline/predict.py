@@ -238,9 +238,9 @@ def make_reader(dataset: dict, where: str):
     except (InstantiationException, ValueError, TypeError) as err:
         cause = err.__cause__ or err
         raise SourceError(f"{where}: its dataset settings do not build {target} ({str(cause).splitlines()[0]})") from err
-    if getattr(reader, "dims", 2) == 3:
-        raise SourceError(f"{where}: its network is 3D ({target}): predict applies 2D networks only so far; the evaluate "
-                          f"stage (and pipeline.evaluate with dataset.test_root) scores 3D networks on whole volumes")
+    if getattr(reader, "dims", 2) == 3 and not isinstance(reader, BraTS):
+        raise SourceError(f"{where}: predict applies 3D networks to BraTS volumes, not {target}'s data (the COVID-19 CT "
+                          f"reader crops each scan to its lung mask, which a new scan does not have)")
     if not isinstance(reader, BraTS) and not hasattr(reader, "read_image"):
         raise SourceError(f"{where}: predict reads 2D images (ISIC, slice folders) and BraTS volumes, not {target}'s data "
                           f"(the COVID-19 CT reader crops each slice to the scan's lung mask, which a new scan does not have)")
@@ -249,11 +249,23 @@ def make_reader(dataset: dict, where: str):
 
 def load_network(source: Source, reader, device: torch.device, threads: Optional[int]) -> Callable[[torch.Tensor], torch.Tensor]:
     """batch [B, C, S, S] (CPU) -> logits [B, K, S, S]: the model folder's network in eval mode on `device`, or
-    an ONNX Runtime session (CPU); either must take the reader's inputs."""
+    an ONNX Runtime session (CPU); either must take the reader's inputs. A 3D network takes whole volumes
+    [1, C, D, S, S], tiled by sliding windows of the reader's patch (`inference.SlidingWindow`)."""
+    from pipeline import inference
+
+    network = _load_network(source, reader, device, threads)
+    window = getattr(reader, "window", None)
+    if window is None:
+        return network
+    tiles = inference.SlidingWindow(network, window)  # type: ignore[arg-type]
+    return lambda x: tiles(x.to(device) if not source.onnx else x)
+
+
+def _load_network(source: Source, reader, device: torch.device, threads: Optional[int]) -> Callable[[torch.Tensor], torch.Tensor]:
     from pipeline import inference
     from pipeline.evaluate import SourceError
 
-    expected = [reader.in_channels, reader.image_size, reader.image_size]
+    expected = [reader.in_channels, *reader.input_size]
     if source.onnx:
         try:
             with inference.quiet("onnxruntime"):
@@ -262,9 +274,9 @@ def load_network(source: Source, reader, device: torch.device, threads: Optional
             raise SourceError(f"model={source.network} cannot be loaded by ONNX Runtime ({type(err).__name__}: "
                               f"{str(err).splitlines()[0] if str(err) else ''})") from err
         shape = list(session.get_inputs()[0].shape)
-        if len(shape) != 4 or any(isinstance(s, int) and s != e for s, e in zip(shape[1:], expected)):
+        if len(shape) != len(expected) + 1 or any(isinstance(s, int) and s != e for s, e in zip(shape[1:], expected)):
             raise SourceError(f"model={source.network} takes inputs shaped {shape}, but {source.where} serves "
-                              f"[batch, {', '.join(map(str, expected))}] (channels, dataset.image_size): expected the "
+                              f"[batch, {', '.join(map(str, expected))}] (channels, the input size): expected the "
                               f"network trained with that config")
         if device.type != "cpu":
             log.info("device=%s: an ONNX model runs on the CPU (ONNX Runtime's CPU provider)", device)
@@ -452,11 +464,20 @@ class Predictor:
             return
         depth, rows, cols = axial(volumes[0]).shape
         labels = np.zeros((depth, rows, cols), np.uint8)
-        size = self.settings.batch_size
-        for start in range(0, len(keep), size):
-            x = torch.stack([self.reader.network_input(s) for s in slices[start : start + size]])
-            for z, mask in zip(keep[start : start + size], self.masks_at(self.forward(x), (rows, cols))):
-                labels[z] = label_map(mask)
+        if getattr(self.reader, "dims", 2) == 3:  # the kept slices as one volume (gaps: zeros), predicted whole
+            first = keep[0]
+            stacked = np.zeros((keep[-1] - first + 1, *slices.shape[1:]), slices.dtype)
+            stacked[np.asarray(keep) - first] = slices
+            x = self.reader.transform(False)(stacked, np.zeros(stacked.shape[:3], np.uint8))[0]
+            logits = self.forward(x[None])[0]  # [K, D, S, S]
+            for z in keep:
+                labels[z] = label_map(self.masks_at(logits[:, z - first][None], (rows, cols))[0])
+        else:
+            size = self.settings.batch_size
+            for start in range(0, len(keep), size):
+                x = torch.stack([self.reader.network_input(s) for s in slices[start : start + size]])
+                for z, mask in zip(keep[start : start + size], self.masks_at(self.forward(x), (rows, cols))):
+                    labels[z] = label_map(mask)
         stem = output_stem(path)
         stored = from_canonical(from_axial(labels), image.affine)
         self.write(f"{stem}.nii.gz", nifti_bytes(stored, image))

@@ -210,3 +210,44 @@ def test_a_nifti_volume_round_trip_keeps_affine_shape_and_orientation(tmp_path):
     wide_mask = nib.load(str(out_dir / "BraTS2021_00003.nii.gz"))
     assert wide_mask.shape == wide_expected.shape and np.allclose(wide_mask.affine, wide_affine)
     assert (np.asanyarray(wide_mask.dataobj) == wide_expected).mean() > 0.97  # resized to 16 x 16 and back
+
+
+@pytest.mark.integration
+def test_a_3d_network_predicts_whole_volumes_written_back_on_their_own_grid(tmp_path):
+    """A 3D network (dataset=brats3d) gets each case's kept slices as one volume, tiled by sliding windows of the
+    patch; each voxel's label lands on the voxel it was predicted for, as in 2D (the voxel-wise thresholder makes
+    the expected mask exact whatever the tiling)."""
+    from data.nifti import axial
+    from pipeline.inference import export_onnx
+
+    rng = np.random.default_rng(1)
+    ras = np.where(rng.random((16, 16, 10)) < 0.5, 3.0, 1.0).astype(np.float32)
+    ras[:, :, :2] = 0  # no brain: not part of the volume, background
+    ras[0], ras[:, -1] = 0, 0
+    expected = stored((ras == 3).astype(np.float32), SPACING, "oblique")[0]
+    inputs = tmp_path / "inputs"
+    flair, affine = write_case(inputs / "BraTS2021_00001", ras)
+    assert axial(ras).shape[0] - 2 == 8  # kept slices: the volume is 8 deep, one window along z
+    net = torch.nn.Conv3d(2, 1, 1)
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([10.0, 0.0]).view(1, 2, 1, 1, 1))
+        net.bias.fill_(-20.0)
+    onnx = export_onnx(net, tmp_path / "net3d.onnx", (1, 2, 8, 8, 8))
+    from helpers import compose_config
+    from omegaconf import OmegaConf
+
+    dataset = OmegaConf.to_container(compose_config(
+        "dataset=brats3d", f"paths.outputs={tmp_path}", f"dataset.root={tmp_path / 'unused'}",
+        "dataset.modalities=[flair,t2]", "dataset.image_size=16", "dataset.patch_size=8",
+        "dataset.already_normalized=true").dataset, resolve=True)
+    config = {"dataset": dataset, "evaluate": {"threshold": 0.5, "batch_size": 4, "threads": 1}, "device": "cpu"}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    out_dir = tmp_path / "out"
+    out = predict(tmp_path, f"model={onnx}", f"config={tmp_path / 'config.yaml'}", f"input={inputs}", f"output={out_dir}")
+    assert "1 of 1 input(s) predicted" in out
+    mask = nib.load(str(out_dir / "BraTS2021_00001.nii.gz"))
+    assert np.array_equal(np.asanyarray(mask.dataobj), expected.astype(np.uint8)) and np.allclose(mask.affine, affine)
+    wrong = export_onnx(net, tmp_path / "net3d_16.onnx", (1, 2, 16, 16, 16))
+    out = predict(tmp_path, f"model={wrong}", f"config={tmp_path / 'config.yaml'}", f"input={inputs}",
+                  f"output={tmp_path / 'out2'}", ok=False)
+    assert "takes inputs shaped" in out and "2, 16, 16, 16]" in out and "[batch, 2, 8, 8, 8]" in out
