@@ -16,7 +16,8 @@ and a 3D run over the same files share one cache). What changes is serving:
   axis) and affine (rotation up to `rotate_limit` degrees about each axis, scaling by up to `scale_limit`, with
   probability `affine_p`; labels nearest-neighbour) follow;
 - `dataset("val"/"test")` serves whole volumes, one item per case (ids are the case ids), with the `window`
-  that sliding-window inference tiles them with (pipeline/inference.py: `SlidingWindow`).
+  that sliding-window inference tiles them with (pipeline/inference.py: `SlidingWindow`), `window_batch`
+  windows per forward pass.
 
 Patches are drawn by hand rather than with MONAI's RandCropByPosNegLabeld: that transform finds the
 foreground of the whole label volume on every call; here each case's target voxels are found once and a
@@ -44,10 +45,11 @@ MAX_FOREGROUND_COORDS = 20000  # target voxels kept per case to centre patches o
 @dataclass(frozen=True)
 class Window:
     """How whole volumes are tiled for inference: cubes of `size` overlapping by `overlap`, blended with a
-    Gaussian weight (MONAI's sliding_window_inference, mode='gaussian')."""
+    Gaussian weight (MONAI's sliding_window_inference, mode='gaussian'), `batch` windows per forward pass."""
 
     size: tuple[int, int, int]
     overlap: float
+    batch: int = 1
 
 
 @dataclass
@@ -178,7 +180,7 @@ class Volume3D:
     GAPS_ARE_ZERO = False
 
     def __init__(self, *, patch_size: int, patches_per_case: int, foreground_fraction: float, scale_limit: float,
-                 affine_p: float, window_overlap: float, **reader):
+                 affine_p: float, window_overlap: float, window_batch: int, **reader):
         super().__init__(**reader)
         self.patch_size = check_int(patch_size, "patch_size", 8)
         self.patches_per_case = check_int(patches_per_case, "patches_per_case", 1)
@@ -186,6 +188,7 @@ class Volume3D:
         self.scale_limit = check_number(scale_limit, "scale_limit", 0.0, 0.9)
         self.affine_p = check_number(affine_p, "affine_p", 0.0, 1.0)
         self.window_overlap = check_number(window_overlap, "window_overlap", 0.0, 0.95)
+        self.window_batch = check_int(window_batch, "window_batch", 1)
         self._volumes: dict[str, list[CaseVolume]] = {}
 
     @property
@@ -195,7 +198,7 @@ class Volume3D:
 
     @property
     def window(self) -> Window:
-        return Window((self.patch_size,) * 3, self.window_overlap)
+        return Window((self.patch_size,) * 3, self.window_overlap, self.window_batch)
 
     def setup(self, seed: int, test_only: bool = False) -> None:
         super().setup(seed, test_only=test_only)

@@ -207,11 +207,17 @@ def with_channels_last(prepared: Prepared) -> Prepared:
 class SlidingWindow(nn.Module):
     """A patch network applied to whole volumes: MONAI's `sliding_window_inference`, windows of `window.size`
     overlapping by `window.overlap`, blended with a Gaussian weight (nnU-Net's), a volume smaller than a window
-    padded. `window` is the dataset's (data.volumes3d.Window); the logits have the volume's size."""
+    padded, `window.batch` windows per forward pass. `window` is the dataset's (data.volumes3d.Window); the
+    logits have the volume's size.
 
-    def __init__(self, model: nn.Module, window, batch: int = 1):
+    Why batches of windows: torch's CPU convolution takes its slow reference kernel (`slow_conv3d`) instead of
+    oneDNN for a batch of one 3D input with N x C x D x H <= 20480 (a heuristic written for images), i.e. for
+    most layers of a 3D UNet on one 64^3 window; two windows per pass take oneDNN (measured on 2 cores: the
+    unpruned unet3d 2.1x faster per volume, its 60 % pruned copy 3.9x; docs/PERFORMANCE.md)."""
+
+    def __init__(self, model: nn.Module, window):
         super().__init__()
-        self.model, self.window, self.batch = model, window, int(batch)
+        self.model, self.window, self.batch = model, window, int(getattr(window, "batch", 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from monai.inferers import sliding_window_inference

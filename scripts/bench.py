@@ -181,6 +181,7 @@ class Settings:
     volume3d_shape: tuple[int, int, int] = (140, 96, 96)
     volume3d_patch: int = 64
     volume3d_overlap: float = 0.5
+    volume3d_window_batch: int = 2  # windows per forward pass (dataset.window_batch); batch 1 is timed beside it
     volume3d_ratios: tuple[float, ...] = (0.0, 0.6)
 
 
@@ -784,7 +785,8 @@ def bench_volume3d(s: Settings, device: torch.device) -> dict:
     p = s.volume3d_patch
     patch_shape = (1, VOLUME3D_IN_CHANNELS, p, p, p)
     volume_shape = (1, VOLUME3D_IN_CHANNELS, *s.volume3d_shape)
-    window = Window(size=(p, p, p), overlap=s.volume3d_overlap)
+    window = Window(size=(p, p, p), overlap=s.volume3d_overlap, batch=s.volume3d_window_batch)
+    one_by_one = Window(size=(p, p, p), overlap=s.volume3d_overlap, batch=1)
     windows = inference.window_count(volume_shape, window)
     generator = torch.Generator().manual_seed(0)
     volume = torch.randn(volume_shape, generator=generator)  # one fixed volume and patch for every form
@@ -794,6 +796,7 @@ def bench_volume3d(s: Settings, device: torch.device) -> dict:
     scores = l1_scores(base)
     out: dict[str, Any] = {"model": s.volume3d_model, "in_channels": VOLUME3D_IN_CHANNELS, "classes": VOLUME3D_CLASSES,
                            "shape": list(s.volume3d_shape), "patch": p, "overlap": s.volume3d_overlap, "windows": windows,
+                           "window_batch": s.volume3d_window_batch,
                            "round_to": None, "threads": threads, "networks": [], "latency": [], "onnx_error": None}
     calls: dict[tuple[str, float, str], Any] = {}  # (form, ratio, "patch" | "volume") -> callable
     with tempfile.TemporaryDirectory(prefix="medprune-bench3d-") as work:
@@ -818,6 +821,8 @@ def bench_volume3d(s: Settings, device: torch.device) -> dict:
             net = copy.deepcopy(net).to(device)
             calls[("eager", ratio, "patch")] = _inference_call(net, patch.to(device), device)
             calls[("eager", ratio, "volume")] = _inference_call(inference.SlidingWindow(net, window), volume.to(device), device)
+            if s.volume3d_window_batch != 1:  # what one window per pass costs (torch's slow 3D kernel, SlidingWindow)
+                calls[("eager", ratio, "volume_1")] = _inference_call(inference.SlidingWindow(net, one_by_one), volume.to(device), device)
         times: dict[tuple[str, float, str], list[float]] = {key: [] for key in calls}
         with cpu_threads(threads):
             for form in ("eager", "onnxruntime"):
@@ -837,6 +842,8 @@ def bench_volume3d(s: Settings, device: torch.device) -> dict:
             speedup = medians[(form, 0.0, what)] / stats["median_ms"]
             row.update({f"{what}_ms": stats["median_ms"], f"{what}_p90_ms": stats["p90_ms"], f"{what}_runs": stats["runs"],
                         f"speedup_{what}": speedup, f"efficiency_{what}": speedup / row["flops_reduction"]})
+        if (form, ratio, "volume_1") in times:
+            row["volume_1_window_ms"] = statistics.median(times[(form, ratio, "volume_1")])
         out["latency"].append(row)
         _progress(f"  volume3d {form:11s} ratio={ratio:g}: {row['patch_ms']:.1f} ms/patch, {row['volume_ms']:.1f} ms/volume "
                   f"({row['speedup_volume']:.2f}x)")
@@ -1089,7 +1096,8 @@ def render(results: dict) -> str:
         lines += ["## 3D: UNet3D per volume", "",
                   f"{_model_name(v3['model'])}, {v3['in_channels']} input channels, {v3['classes']} classes, random weights. "
                   f"A volume of {'x'.join(map(str, v3['shape']))} voxels tiled by `SlidingWindow`: {v3['patch']}³ windows "
-                  f"overlapping by {v3['overlap']:g}, Gaussian-blended ({v3['windows']} windows); FLOPs per volume = windows x "
+                  f"overlapping by {v3['overlap']:g}, Gaussian-blended ({v3['windows']} windows, {v3.get('window_batch', 1)} per "
+                  "forward pass); FLOPs per volume = windows x "
                   "FLOPs per patch (the blending is not counted, the latency includes it). L1 scores, uniform ratio over encoder "
                   "and decoder at exact rates (round_to=None: rounded to multiples of 8, the width-8 levels would stay whole). "
                   f"Median latency (ms) at batch 1, inference mode, {v3['threads']} threads, after a warm-up, the networks and "
@@ -1106,6 +1114,13 @@ def render(results: dict) -> str:
                          f"{n['flops_volume_g']:.2f} | {r['patch_ms']:.2f} | {r['volume_ms']:.1f} | {r['speedup_volume']:.2f}x | "
                          f"{r['speedup_patch']:.2f}x | {r['efficiency_volume']:.2f} | {r['efficiency_patch']:.2f} |")
         lines.append("")
+        single = [r for r in v3["latency"] if "volume_1_window_ms" in r]
+        if single:
+            lines.append("One window per forward pass instead (torch eager; its CPU Conv3d takes the slow reference kernel "
+                         "for most layers of a batch-1 window): " + ", ".join(
+                             f"ratio {r['ratio']:g}: {r['volume_1_window_ms']:.0f} ms/volume ({r['volume_1_window_ms'] / r['volume_ms']:.1f}x "
+                             "slower)" for r in single) + ".")
+            lines.append("")
         lines.append("Encoder channels: " + "; ".join(f"ratio {n['ratio']:g}: {n['channels']}" for n in v3["networks"]) + ". "
                      + (f"ONNX Runtime: not run ({v3['onnx_error']})." if v3["onnx_error"] else
                         "ONNX Runtime max |torch - ORT| per patch: "

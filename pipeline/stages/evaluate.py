@@ -64,8 +64,9 @@ FINAL_ONNX = "final.onnx"
 RUNTIME_FORMS = runtimes.RUNTIME_FORMS
 REDUCED = ("bf16", "fp16")
 FORMS = ("latency_eager", *(f + s for f in RUNTIME_FORMS.values() for s in ("", *(f"_{p}" for p in REDUCED))))
-# 3D data: the deployed torch form over a whole test volume, window by window (volume_latency_ms)
-FORMS += ("volume_latency",)
+# 3D data: the deployed torch form and the ONNX Runtime session over a whole test volume, window by window
+# (volume_latency_ms, onnx_volume_latency_ms)
+FORMS += ("volume_latency", "onnx_volume_latency")
 DESCRIPTIVE += tuple(f"{form}_{what}" for form in FORMS for what in ("runs", "settled"))
 DESCRIPTIVE += tuple(f"fastest{s}_form" for s in ("", *(f"_{p}" for p in REDUCED)))
 
@@ -126,6 +127,8 @@ def _cost(ctx: Context, models: dict[str, torch.nn.Module], onnx_paths: dict[str
                 out[row]["onnx_max_abs_diff"] = inference.onnx_max_abs_diff(model.cpu().eval(), session, shape)
                 out[row]["onnx_size_mb"] = onnx_path.stat().st_size / 1e6
                 fns[f"{row}/onnx_latency"] = inference.onnx_call(session, shape)
+                if volume is not None:
+                    fns[f"{row}/onnx_volume_latency"] = volume_call(inference.OnnxModule(session), volume, window)
             except Exception as err:  # an exporter gap must not cost the run its quality numbers
                 log.warning("ONNX export / ONNX Runtime session of the %s network failed (%s: %s); no onnx_* metrics",
                             row, type(err).__name__, err)
@@ -155,6 +158,8 @@ def _cost(ctx: Context, models: dict[str, torch.nn.Module], onnx_paths: dict[str
     # runs on torch's own threads, so it shares torch's pass.
     def runtime_of(name: str) -> str:
         form = name.split("/")[1]
+        if form.startswith("onnx_"):
+            return "onnxruntime"
         return next((r for r, f in RUNTIME_FORMS.items() if r in ("onnxruntime", "openvino") and form.startswith(f)), "torch")
 
     passes: dict[str, dict] = {}
