@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from data.checks import check_int, check_number
-from data.volumes import LabelTarget
+from data.volumes import LabelTarget, VolumeSliceData
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +178,8 @@ class Volume3D:
 
     dims = 3
     GAPS_ARE_ZERO = False
+    # how many windows a forward pass takes changes inference speed, never what a network trains on
+    SERVING_KEYS = VolumeSliceData.SERVING_KEYS + ("window_batch",)
 
     def __init__(self, *, patch_size: int, patches_per_case: int, foreground_fraction: float, scale_limit: float,
                  affine_p: float, window_overlap: float, window_batch: int, **reader):

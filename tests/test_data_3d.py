@@ -173,3 +173,18 @@ def test_the_latency_budget_is_refused_for_3d_networks(tmp_path):
                          f"paths.outputs={tmp_path}")
     with pytest.raises(ConfigError, match="prune=latency_budget times 2D convolutions only"):
         validate(cfg)
+
+
+def test_the_window_batch_does_not_retrain_the_baseline_and_the_patch_size_does(tmp_path):
+    from omegaconf import OmegaConf
+
+    from pipeline.baseline import baseline_key
+
+    def key(*overrides):
+        cfg = compose_config("dataset=synthetic_brats3d", "model=unet3d", f"paths.outputs={tmp_path}", *overrides)
+        OmegaConf.resolve(cfg)
+        return baseline_key(cfg, build_data(cfg.dataset, cfg.seed))
+
+    first = key()
+    assert key("dataset.window_batch=4") == first
+    assert key("dataset.patch_size=24") != first and key("dataset.window_overlap=0.25") != first
