@@ -190,11 +190,10 @@ def _cost(ctx: Context, models: dict[str, torch.nn.Module], onnx_paths: dict[str
 def reference_volume(ctx: Context) -> tuple[Optional[torch.Tensor], object]:
     """3D data: the first test volume (batch 1, on the device) and the window it is tiled with, what the per-volume
     latency and FLOPs are of; (None, None) for 2D data."""
-    dataset = ctx.data.dataset("test")
-    window = getattr(dataset, "window", None)
-    if window is None:
+    if getattr(getattr(ctx, "data", None), "dims", 2) != 3:
         return None, None
-    return dataset[0][0].unsqueeze(0).to(ctx.device), window
+    dataset = ctx.data.dataset("test")
+    return dataset[0][0].unsqueeze(0).to(ctx.device), dataset.window
 
 
 def volume_call(model: torch.nn.Module, volume: torch.Tensor, window):
