@@ -70,14 +70,16 @@ class ChannelBroadcast(nn.modules.conv._ConvNd):
     """Broadcast a one-channel map to ``channels`` channels (a view), visible to torch-pruning as a conv.
 
     Mathematically the 1x1 convolution with an all-ones ``(channels, 1, 1, 1)`` kernel; implemented as
-    ``expand`` and given an empty ``(channels, 1, 0, 0)`` weight so it has no parameters. torch-pruning
+    ``expand`` and given an empty ``(channels, 1, 0, 0)`` weight so it has no parameters (``spatial_dims=3``:
+    ``(channels, 1, 0, 0, 0)``, for the volumes of ``models.unet3d.AttentionUNet3D``). torch-pruning
     prunes its output channels with the tensor it multiplies and never couples them to its input.
     """
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, spatial_dims: int = 2):
+        zeros, ones = (0,) * spatial_dims, (1,) * spatial_dims  # 3: an empty (channels, 1, 0, 0, 0) weight
         super().__init__(
-            1, channels, kernel_size=(0, 0), stride=(1, 1), padding=(0, 0), dilation=(1, 1),
-            transposed=False, output_padding=(0, 0), groups=1, bias=False, padding_mode="zeros",
+            1, channels, kernel_size=zeros, stride=ones, padding=zeros, dilation=ones,
+            transposed=False, output_padding=zeros, groups=1, bias=False, padding_mode="zeros",
         )
         self.weight.requires_grad_(False)
 
@@ -85,7 +87,7 @@ class ChannelBroadcast(nn.modules.conv._ConvNd):
         pass
 
     def forward(self, psi: torch.Tensor) -> torch.Tensor:
-        return psi.expand(-1, self.out_channels, -1, -1)
+        return psi.expand(-1, self.out_channels, *([-1] * (psi.dim() - 2)))  # (N, 1, *spatial), 2D or 3D
 
     def extra_repr(self) -> str:
         return f"1 -> {self.out_channels}"

@@ -339,7 +339,7 @@ def check_dims(data, reader_target: str, builder, model_keys: dict, model_target
     halve evenly at every level of the network (`model.depth` stride-2 steps)."""
     data_dims, model_dims = int(getattr(data, "dims", 2)), int(getattr(builder, "spatial_dims", 2))
     if data_dims != model_dims:
-        hint = ("a 3D model (model=unet3d) with a 3D dataset (dataset=brats3d, covid_ct3d)" if data_dims == 3 else
+        hint = ("a 3D model (model=unet3d, attention_unet3d) with a 3D dataset (dataset=brats3d, covid_ct3d)" if data_dims == 3 else
                 "a 2D model (e.g. model=unet_small) with a 2D dataset, or a 3D dataset (dataset=brats3d, covid_ct3d)")
         raise ConfigError(f"model._target_={model_target} is a {model_dims}D network but dataset._target_={reader_target} "
                           f"serves {data_dims}D items: expected {hint}")

@@ -151,7 +151,7 @@ def test_synthetic_covid_ct3d_serves_volumes_and_patches(tmp_path):
 
 def test_a_2d_model_on_a_3d_dataset_fails_before_any_work(tmp_path):
     cfg = compose_config("dataset=synthetic_brats3d", "model=unet_tiny", f"paths.outputs={tmp_path}")
-    with pytest.raises(ConfigError, match=r"2D network .* serves 3D items: expected a 3D model \(model=unet3d\)"):
+    with pytest.raises(ConfigError, match=r"2D network .* serves 3D items: expected a 3D model \(model=unet3d, attention_unet3d\)"):
         validate(cfg)
     cfg = compose_config("dataset=synthetic_brats3d", "model=unet3d", "dataset.patch_size=20", f"paths.outputs={tmp_path}")
     with pytest.raises(ConfigError, match="dataset.patch_size=20 is invalid for model.depth=3: expected a multiple of 8"):

@@ -25,7 +25,7 @@ TINY_MODELS = {
     "smp_unetplusplus": {"encoder_name": "resnet18", "encoder_depth": 3, "decoder_channels": [16, 8, 4]},
     "deeplabv3plus": {"encoder_name": "resnet18", "decoder_channels": 32},
 }
-MODELS_3D = ("unet3d",)
+MODELS_3D = ("unet3d", "attention_unet3d")
 CRITERIA = sorted(p.stem for p in (CONF_DIR / "criterion").glob("*.yaml"))
 FAST = {"steps": 3, "calibration_batches": 2}  # data-driven and attention criteria: a few batches
 

@@ -1,4 +1,4 @@
-"""The 3D UNet (MONAI DynUNet blocks, smp naming) and structural pruning of volumes: criteria, torch-pruning's
+"""The 3D UNet (MONAI DynUNet blocks, smp naming), its attention-gated variant, and structural pruning of volumes: criteria, torch-pruning's
 graph through InstanceNorm3d / BatchNorm3d and residual blocks, save / load, FLOPs."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 import models
 from helpers import training_loss
 from models.io import load_model, save_model
-from models.unet3d import UNet3D
+from models.unet3d import AttentionUNet3D, UNet3D
 from pipeline.criteria import ScoringContext, example_input
 from pipeline.criteria.attention import SACAGate, SBCAGate
 from pipeline.criteria.magnitude import MagnitudeCriterion
@@ -23,13 +23,14 @@ from pipeline.profiling import count_flops, count_params
 from pipeline.pruning import high_resolution_layers, prunable_layers, prune
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model" / "unet3d.yaml"
+ATTENTION_CONF = CONF.with_name("attention_unet3d.yaml")
 SIDE = 16  # divisible by 2**3: every input here fits depth 3
 FAST = {"steps": 3, "calibration_batches": 2}  # data-driven and attention criteria: a few batches
 
 
-def unet3d(norm="instance", res_block=False, width=8, depth=3, classes=3) -> UNet3D:
+def unet3d(norm="instance", res_block=False, width=8, depth=3, classes=3, cls=UNet3D) -> UNet3D:
     torch.manual_seed(0)
-    return UNet3D(in_channels=2, num_classes=classes, width=width, depth=depth, norm=norm, res_block=res_block).eval()
+    return cls(in_channels=2, num_classes=classes, width=width, depth=depth, norm=norm, res_block=res_block).eval()
 
 
 def volumes(side=SIDE, batch=2, seed=0) -> torch.Tensor:
@@ -59,7 +60,7 @@ def forward_backward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     model.train()
     out = model(x)
     out.square().mean().backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    missing = [n for n, p in model.named_parameters() if p.numel() and p.grad is None]  # not the empty broadcast weights
     assert not missing, missing
     return out
 
@@ -76,6 +77,42 @@ def test_shipped_config_builds_the_documented_network():
     assert out.shape == (2, 3, 32, 32, 32)
 
 
+def test_shipped_attention_config_builds_the_documented_network():
+    cfg = OmegaConf.load(ATTENTION_CONF)
+    models.model_kwargs_check(cfg)
+    model = models.build_model(cfg, in_channels=2, num_classes=3)
+    assert type(model) is AttentionUNet3D and model.spatial_dims == 3
+    assert count_params(model) == 352_477  # the count conf/model/attention_unet3d.yaml and the docstring give
+    assert count_flops(model, (1, 2, 64, 64, 64)) == pytest.approx(7.269e9, rel=1e-3)
+    out = forward_backward(model, volumes(32))
+    assert out.shape == (2, 3, 32, 32, 32)
+
+
+def test_attention_gates_sit_on_every_skip():
+    model = unet3d(width=4, depth=2, cls=AttentionUNet3D)
+    assert [up.transp_conv.conv.out_channels for up in model.decoder] == [8, 4]  # MONAI's UnetUpBlock names
+    for up, skip in zip(model.decoder, [8, 4]):
+        gate = up.gate
+        assert gate.w_x[0].in_channels == gate.broadcast.out_channels == skip
+        assert gate.w_g[0].out_channels == gate.w_x[0].out_channels == gate.psi[0].in_channels == skip // 2
+        assert gate.psi[0].out_channels == 1 and isinstance(gate.psi[-1], nn.Sigmoid)
+        assert all(isinstance(m, nn.BatchNorm3d) for m in gate.modules() if "Norm" in type(m).__name__)
+        assert gate.broadcast.weight.shape == (skip, 1, 0, 0, 0)
+    assert model.unprunable_modules() == [up.gate.psi for up in model.decoder]
+    assert not any(".gate.psi" in n or ".gate.broadcast" in n for n in prunable_layers(model))
+    assert not any(getattr(m, "inplace", False) for m in model.modules())  # see models/unet3d.py
+    g, x = torch.randn(2, 4, 8, 8, 8), torch.randn(2, 4, 8, 8, 8)
+    gate = model.decoder[1].gate.eval()
+    with torch.no_grad():
+        psi = gate.attention(g, x)
+        assert psi.shape == (2, 1, 8, 8, 8) and bool(((psi >= 0) & (psi <= 1)).all())
+        assert torch.equal(gate(g, x), x * psi)
+        up = model.decoder[1].eval()
+        inp, skip = torch.randn(2, 8, 4, 4, 4), torch.randn(2, 4, 8, 8, 8)
+        g = up.transp_conv(inp)
+        assert torch.equal(up(inp, skip), up.conv_block(torch.cat([g, up.gate(g, skip)], dim=1)))
+
+
 def test_layout_follows_smp_naming_and_nnunet_levels():
     model = unet3d(width=4, depth=2)
     assert len(model.encoder) == 3 and len(model.decoder) == 2
@@ -87,31 +124,52 @@ def test_layout_follows_smp_naming_and_nnunet_levels():
     assert not any(getattr(m, "inplace", False) for m in model.modules())  # see models/unet3d.py
 
 
+@pytest.mark.parametrize("cls", [UNet3D, AttentionUNet3D])
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"norm": "group"}, r"norm='group': expected one of instance, batch"),
     ({"width": 0}, "width >= 1"),
     ({"depth": 0}, "depth >= 1"),
 ])
-def test_bad_arguments_are_named(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        UNet3D(2, 3, **{"width": 8, "depth": 3, "norm": "instance", "res_block": False, **kwargs})
+def test_bad_arguments_are_named(kwargs, match, cls):
+    with pytest.raises(ValueError, match=cls.__name__ + ".*" + match):
+        cls(2, 3, **{"width": 8, "depth": 3, "norm": "instance", "res_block": False, **kwargs})
 
 
 @pytest.mark.parametrize("res_block", [False, True])
 @pytest.mark.parametrize("norm", ["instance", "batch"])
-def test_half_pruning_shrinks_the_network_and_keeps_it_consistent(norm, res_block):
-    model = unet3d(norm, res_block)
+@pytest.mark.parametrize("cls", [UNet3D, AttentionUNet3D])
+def test_half_pruning_shrinks_the_network_and_keeps_it_consistent(cls, norm, res_block):
+    model = unet3d(norm, res_block, cls=cls)
     x = volumes()
     result = prune(model, l1_scores(model), x[:1], ratio=0.5, round_to=8)
     pruned = result.model
-    for row in result.channels:  # 8-channel layers would keep 4, which rounds to 0: they stay whole
-        assert row["after"] == max(8, row["before"] // 2), row
+    for row in result.channels:  # 8-channel layers would keep 4, which rounds to 0: they stay whole (4-channel gates too)
+        assert row["after"] == min(row["before"], max(8, row["before"] // 2)), row
     assert count_params(pruned) < 0.3 * count_params(model)
     assert pruned.segmentation_head.conv.conv.out_channels == 3
     for name, module in pruned.named_modules():  # every norm follows its conv
-        if isinstance(module, (nn.InstanceNorm3d, nn.BatchNorm3d)):
+        if isinstance(module, (nn.InstanceNorm3d, nn.BatchNorm3d)) and ".gate." not in name:
             conv = pruned.get_submodule(name.replace("norm", "conv") + ".conv")
             assert module.num_features == module.weight.numel() == conv.out_channels, name
+    assert forward_backward(pruned, x).shape == (2, 3, SIDE, SIDE, SIDE)
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+def test_attention_gates_keep_psi_whole_and_leave_the_skips_prunable(norm):
+    """The #510 coupling (see models/attention_unet.py) would freeze the skips: here they lose half their channels."""
+    model = unet3d(norm, cls=AttentionUNet3D)
+    x = volumes()
+    pruned = prune(model, l1_scores(model), x[:1], ratio=0.5, round_to=8).model
+    assert [level.conv2.conv.out_channels for level in pruned.encoder] == [8, 8, 16, 32]  # from 8, 16, 32, 64
+    assert [up.transp_conv.conv.out_channels for up in pruned.decoder] == [16, 8, 8]
+    for up, skip in zip(pruned.decoder, reversed(pruned.encoder[:-1])):
+        gate = up.gate
+        assert gate.psi[0].out_channels == gate.psi[1].num_features == 1  # psi keeps its one channel
+        assert gate.w_x[0].in_channels == gate.broadcast.out_channels == skip.conv2.conv.out_channels
+        assert gate.w_g[0].in_channels == up.transp_conv.conv.out_channels
+        assert gate.w_g[0].out_channels == gate.w_x[0].out_channels == gate.psi[0].in_channels
+        assert up.conv_block.conv1.conv.in_channels == up.transp_conv.conv.out_channels + skip.conv2.conv.out_channels
+    assert pruned.segmentation_head.conv.conv.out_channels == 3
     assert forward_backward(pruned, x).shape == (2, 3, SIDE, SIDE, SIDE)
 
 
@@ -131,9 +189,10 @@ def test_global_ranking_and_high_resolution_rounding_on_volumes():
 CRITERIA_3D = sorted(p.stem for p in (CONF_DIR / "criterion").glob("*.yaml"))
 
 
+@pytest.mark.parametrize("cls", [UNet3D, AttentionUNet3D])
 @pytest.mark.parametrize("name", CRITERIA_3D)
-def test_every_criterion_scores_every_3d_layer_and_prunes(name):
-    model = unet3d("batch" if name == "bn_scale" else "instance", res_block=True, width=4, depth=2, classes=1)
+def test_every_criterion_scores_every_3d_layer_and_prunes(name, cls):
+    model = unet3d("batch" if name == "bn_scale" else "instance", res_block=True, width=4, depth=2, classes=1, cls=cls)
     layers = prunable_layers(model)
     keys = list(model.state_dict())
     scores = criterion(name).score(model, layers, ScoringContext(device=torch.device("cpu"), batches=batches, loss=training_loss()))
@@ -189,8 +248,9 @@ def test_volume_gates_pool_in_3d():
     assert torch.allclose(sbca(x), sbca(torch.nn.functional.adaptive_avg_pool3d(x, 16)))
 
 
-def test_pruned_unet3d_roundtrips_through_models_io(tmp_path):
-    cfg = {**OmegaConf.to_container(OmegaConf.load(CONF)), "width": 4, "depth": 2, "res_block": True}
+@pytest.mark.parametrize("conf", [CONF, ATTENTION_CONF], ids=["unet3d", "attention_unet3d"])
+def test_pruned_unet3d_roundtrips_through_models_io(tmp_path, conf):
+    cfg = {**OmegaConf.to_container(OmegaConf.load(conf)), "width": 4, "depth": 2, "res_block": True}
     model = models.build_model(cfg, in_channels=2, num_classes=3).eval()
     pruned = prune(model, l1_scores(model), volumes(batch=1), 0.5).model
     save_model(pruned, cfg, 2, 3, tmp_path / "m")

@@ -49,9 +49,9 @@ def test_the_stage_chain_runs_in_3d_on_the_synthetic_brats_twin(outputs):
 
 
 def test_distillation_and_int8_run_in_3d_on_the_synthetic_covid_ct_twin(outputs):
-    """Fine-tuning with a teacher (its feature adapter a 1x1x1 convolution) and the int8 network, scored on whole
-    volumes window by window like the float one."""
-    run_pipeline(outputs, *TINY_3D, "dataset=synthetic_covid_ct3d", "finetune.distill.enabled=true",
+    """The 3D Attention UNet fine-tuned with a teacher (its feature adapter a 1x1x1 convolution) and its int8
+    network, scored on whole volumes window by window like the float one."""
+    run_pipeline(outputs, *TINY_3D, "model=attention_unet3d", "dataset=synthetic_covid_ct3d", "finetune.distill.enabled=true",
                  "finetune.distill.feature_weight=0.5", "stages=[train,score,prune,finetune,quantize,evaluate]",
                  "quantize.calibration_images=4")
     _, r = latest(outputs)
