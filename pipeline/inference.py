@@ -228,8 +228,11 @@ class SlidingWindow(nn.Module):
     def _window(self, tile: torch.Tensor) -> torch.Tensor:
         # MONAI weights the output in place: an output that is the tile itself (a view of the volume, e.g. from an
         # identity network) would corrupt the volume and every overlapping window after it
+        # (and cannot weight an inference-mode tensor, which a deployed form returns, outside inference mode)
         out = self.model(tile)
-        return out.clone() if out.data_ptr() == tile.data_ptr() else out
+        if out.data_ptr() == tile.data_ptr() or (out.is_inference() and not torch.is_inference_mode_enabled()):
+            out = out.clone()
+        return out
 
 
 def windowed(model: nn.Module, dataset) -> nn.Module:

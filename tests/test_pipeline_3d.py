@@ -59,3 +59,14 @@ def test_distillation_and_int8_run_in_3d_on_the_synthetic_covid_ct_twin(outputs)
     assert r.info.status == "FINISHED" and 0.0 <= m["final/dice"] <= 1.0 and m["final/volume_latency_ms"] > 0
     assert 0.0 <= m["quantized/dice"] <= 1.0 and m["quantized/prob_max_abs_diff"] < 0.5
     assert m["finetune/distill_loss"] >= 0
+
+
+def test_the_sensitivity_schedule_a_data_driven_criterion_and_bf16_run_in_3d(outputs):
+    """The sensitivity stage scores its trial prunings on whole validation volumes (window by window), taylor
+    scores on patches, and the bf16 form is scored on whole volumes too (where the CPU has bf16; else a notice)."""
+    tiny = [o for o in TINY_3D if not o.startswith("prune.ratio")]  # the sensitivity schedule derives its rates
+    run_pipeline(outputs, *tiny, "dataset=synthetic_brats3d", "prune=sensitivity", "criterion=taylor",
+                 "stages=[train,sensitivity,prune,finetune,evaluate]", "evaluate.precision=bf16", "evaluate.runtimes=[]")
+    _, r = latest(outputs)
+    m = r.data.metrics
+    assert r.info.status == "FINISHED" and 0.0 <= m["final/dice"] <= 1.0 and "sensitivity/base_val_dice" in m
