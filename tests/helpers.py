@@ -70,6 +70,22 @@ def kwargs_of(group: str, name: str, **overrides) -> dict:
     return {k: v for k, v in conf(group, name, **overrides).items() if k != "_target_"}
 
 
+# Data-driven and attention criteria in tests: a few batches, not the YAML's full calibration.
+FAST_CRITERION = {"steps": 3, "calibration_batches": 2}
+
+
+def fast_criterion(name: str):
+    """conf/criterion/<name>.yaml built with FAST_CRITERION's keys where it has them."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(ROOT / "conf" / "criterion" / f"{name}.yaml")
+    for key, value in FAST_CRITERION.items():
+        if key in cfg:
+            cfg[key] = value
+    return instantiate(cfg)
+
+
 def training_loss():
     """The default training loss (conf/loss/dice_bce.yaml)."""
     return from_conf("loss", "dice_bce")

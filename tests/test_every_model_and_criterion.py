@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import models
-from helpers import training_loss
+from helpers import fast_criterion, training_loss
 from pipeline.criteria import ScoringContext
 from pipeline.paths import CONF_DIR
 from pipeline.profiling import count_flops, count_params
@@ -27,7 +26,6 @@ TINY_MODELS = {
 }
 MODELS_3D = ("unet3d", "attention_unet3d")
 CRITERIA = sorted(p.stem for p in (CONF_DIR / "criterion").glob("*.yaml"))
-FAST = {"steps": 3, "calibration_batches": 2}  # data-driven and attention criteria: a few batches
 
 
 
@@ -44,14 +42,6 @@ def build(name: str):
     return models.build_model(cfg, 3, 1).eval()
 
 
-def criterion(name: str):
-    cfg = OmegaConf.load(CONF_DIR / "criterion" / f"{name}.yaml")
-    for key, value in FAST.items():
-        if key in cfg:
-            cfg[key] = value
-    return instantiate(cfg)
-
-
 def batches():
     g = torch.Generator().manual_seed(0)
     for _ in range(2):
@@ -66,7 +56,7 @@ def test_prune_every_model_with_every_criterion(model_name, crit):
     keys_before = list(model.state_dict())
     modules_before = len(list(model.modules()))
     layers = prunable_layers(model)
-    scores = criterion(crit).score(model, layers, ScoringContext(device=torch.device("cpu"), batches=batches, loss=training_loss()))
+    scores = fast_criterion(crit).score(model, layers, ScoringContext(device=torch.device("cpu"), batches=batches, loss=training_loss()))
     # the criterion left nothing behind (attention modules, hooks) and scored every prunable layer
     assert list(model.state_dict()) == keys_before and len(list(model.modules())) == modules_before
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

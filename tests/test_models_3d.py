@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
 import models
-from helpers import training_loss
+from helpers import fast_criterion, training_loss
 from models.io import load_model, save_model
 from models.unet3d import AttentionUNet3D, UNet3D
 from pipeline.criteria import ScoringContext, example_input
@@ -25,7 +24,6 @@ from pipeline.pruning import high_resolution_layers, prunable_layers, prune
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model" / "unet3d.yaml"
 ATTENTION_CONF = CONF.with_name("attention_unet3d.yaml")
 SIDE = 16  # divisible by 2**3: every input here fits depth 3
-FAST = {"steps": 3, "calibration_batches": 2}  # data-driven and attention criteria: a few batches
 
 
 def unet3d(norm="instance", res_block=False, width=8, depth=3, classes=3, cls=UNet3D) -> UNet3D:
@@ -46,14 +44,6 @@ def batches():
     for _ in range(2):
         x = torch.randn(2, 2, SIDE, SIDE, SIDE, generator=g)
         yield x, (x[:, :1] > 0.5).float()
-
-
-def criterion(name: str):
-    cfg = OmegaConf.load(CONF_DIR / "criterion" / f"{name}.yaml")
-    for key, value in FAST.items():
-        if key in cfg:
-            cfg[key] = value
-    return instantiate(cfg)
 
 
 def forward_backward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -195,7 +185,7 @@ def test_every_criterion_scores_every_3d_layer_and_prunes(name, cls):
     model = unet3d("batch" if name == "bn_scale" else "instance", res_block=True, width=4, depth=2, classes=1, cls=cls)
     layers = prunable_layers(model)
     keys = list(model.state_dict())
-    scores = criterion(name).score(model, layers, ScoringContext(device=torch.device("cpu"), batches=batches, loss=training_loss()))
+    scores = fast_criterion(name).score(model, layers, ScoringContext(device=torch.device("cpu"), batches=batches, loss=training_loss()))
     assert list(model.state_dict()) == keys and not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert set(scores) == set(layers)
     assert all(s.shape == (layers[n].out_channels,) and torch.isfinite(s).all() for n, s in scores.items())
@@ -208,7 +198,7 @@ def test_every_criterion_scores_every_3d_layer_and_prunes(name, cls):
 
 def test_bn_scale_reads_batchnorm3d_and_only_transposed_convs_fall_back():
     model = unet3d("batch", width=4, depth=2)
-    crit = criterion("bn_scale")
+    crit = fast_criterion("bn_scale")
     scores = crit.score(model, prunable_layers(model), ScoringContext(device=torch.device("cpu"), batches=batches))
     assert crit.last_fallback == ["decoder.0.transp_conv.conv", "decoder.1.transp_conv.conv"]
     assert torch.equal(scores["encoder.1.conv2.conv"], model.encoder[1].norm2.weight.detach().abs())
