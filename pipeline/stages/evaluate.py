@@ -255,8 +255,10 @@ def score_quality(ctx: Context, model: torch.nn.Module, row: str, export: bool =
     return out
 
 
-def measure(ctx: Context, model_dir: str, row: str = "final", reduced: Optional[str] = None) -> dict[str, float]:
-    """Quality (also in the `reduced` precision, when given) and size of one network."""
+def measure(ctx: Context, model_dir: str, row: str = "final", reduced: Optional[str] = None,
+            windows: Optional[int] = None) -> dict[str, float]:
+    """Quality (also in the `reduced` precision, when given) and size of one network; with `windows` (3D data: the
+    windows that tile the reference volume), its FLOPs per volume too."""
     e = ctx.cfg.evaluate
     model = load_model(model_dir).to(ctx.device).eval()
     quality = score_quality(ctx, model, row)
@@ -274,9 +276,7 @@ def measure(ctx: Context, model_dir: str, row: str = "final", reduced: Optional[
         log.info("%s network in %s: Dice %.4f (fp32 %.4f, %+.2f points)", row, reduced, low["dice"], quality["dice"],
                  100 * (low["dice"] - quality["dice"]))
     flops = count_flops(model, ctx.input_shape)
-    volume, window = reference_volume(ctx)
-    if volume is not None:  # 3D: FLOPs above are per window (patch); a whole volume runs that many windows
-        windows = inference.window_count(tuple(volume.shape), window)
+    if windows is not None:  # 3D: FLOPs above are per window (patch); a whole volume runs that many windows
         extra.update(windows_per_volume=windows, volume_flops_g=windows * flops / 1e9)
     aligned = aligned_fraction(model)
     if aligned < 1:
@@ -346,6 +346,8 @@ def _run(ctx: Context, state: RunState) -> RunState:
     folder = ctx.stage_dir("evaluate")
     onnx = "onnxruntime" in [str(r) for r in ctx.cfg.evaluate.runtimes]
     reduced = reduced_precision(ctx)  # decided (and any notice given) once for the stage
+    volume, window = reference_volume(ctx)  # 3D: the windows per volume are the same for every network
+    windows = None if volume is None else inference.window_count(tuple(volume.shape), window)
     scratch = tempfile.TemporaryDirectory(prefix="medprune-onnx-")
     models: dict[str, torch.nn.Module] = {}
     onnx_paths: dict[str, Optional[Path]] = {}
@@ -361,7 +363,7 @@ def _run(ctx: Context, state: RunState) -> RunState:
             if onnx:
                 onnx_paths[row] = folder / FINAL_ONNX if path == sources["final"] else Path(scratch.name) / f"{row}.onnx"
             log.info("Evaluating the %s network on the test split", row)
-            results[row], device_name = measure(ctx, path, row, reduced)
+            results[row], device_name = measure(ctx, path, row, reduced, windows)
             device_names.add(device_name)
             models[row] = load_model(path).to(ctx.device).eval()
         quantized = quantized_files(state.quantized) if state.quantized else {}

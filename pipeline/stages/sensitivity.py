@@ -20,7 +20,7 @@ import yaml
 from data.files import write_csv
 from models.io import load_model
 from pipeline import plots
-from pipeline.inference import SlidingWindow
+from pipeline.inference import windowed
 from pipeline.metrics import SegmentationMeter
 from pipeline.profiling import count_flops
 from pipeline.pruning import in_scope, prunable_layers, prune
@@ -86,8 +86,7 @@ def run(ctx: Context, state: RunState) -> RunState:
     batches = list(islice(loader, s.max_batches) if s.max_batches else loader)
     x = ctx.example_input()
     flops = lambda m: count_flops(m, ctx.input_shape)  # noqa: E731
-    window = getattr(loader.dataset, "window", None)  # 3D: whole validation volumes, window by window
-    base_dice, base_flops = _dice(model, batches, ctx.device, window), flops(model)
+    base_dice, base_flops = _dice(model, batches, ctx.device, loader.dataset), flops(model)
     layers = [n for n in prunable_layers(model) if in_scope(n, scope)]
     ratios = sorted(float(r) for r in s.ratios)
 
@@ -96,7 +95,7 @@ def run(ctx: Context, state: RunState) -> RunState:
         table[layer] = {}
         for ratio in ratios:
             pruned = prune(model, scores, x, 0.0, scope, p.round_to, round_to_high_res=p.round_to_high_res, layer_ratios={layer: ratio}).model
-            dice, kept = _dice(pruned, batches, ctx.device, window), flops(pruned) / base_flops
+            dice, kept = _dice(pruned, batches, ctx.device, loader.dataset), flops(pruned) / base_flops
             table[layer][ratio] = (base_dice - dice, 1 - kept)
             rows.append({"layer": layer, "ratio": ratio, "dice": dice, "dice_drop": base_dice - dice, "flops_kept": kept})
         log.info("sensitivity %s: Dice drop %s", layer, ", ".join(f"{r:g}:{table[layer][r][0]:+.3f}" for r in ratios))
@@ -138,9 +137,10 @@ def run(ctx: Context, state: RunState) -> RunState:
 
 
 @torch.no_grad()
-def _dice(model, batches, device, window=None) -> float:
+def _dice(model, batches, device, dataset) -> float:
+    """Validation Dice over `batches` of `dataset` (3D: whole volumes, window by window)."""
     model = model.to(device).eval()
-    infer = model if window is None else SlidingWindow(model, window)
+    infer = windowed(model, dataset)
     meter = SegmentationMeter()
     for images, masks in batches:
         meter.update(infer(images.to(device)), masks.to(device))
