@@ -104,6 +104,15 @@ def plain(tensor) -> torch.Tensor:
     return tensor.float().contiguous()
 
 
+def fill_gaps(stored: np.ndarray, slices: Sequence[int]) -> np.ndarray:
+    """Slices [n, ...] stored at the ascending axial indices `slices` -> the volume they span, [last - first + 1, ...],
+    a slice missing between them zeros."""
+    slices = np.asarray(slices)
+    volume = np.zeros((int(slices[-1] - slices[0]) + 1, *stored.shape[1:]), stored.dtype)
+    volume[slices - slices[0]] = stored
+    return volume
+
+
 def patch_start(center: int, size: int, extent: int) -> int:
     """The first index of a `size` window centred on `center`, kept inside [0, extent) where it fits."""
     return int(min(max(center - size // 2, 0), max(extent - size, 0)))
@@ -235,10 +244,7 @@ class Volume3D:
             span = int(slices[-1] - slices[0] + 1)
             if span != len(slices):
                 if self.GAPS_ARE_ZERO:
-                    full = np.zeros((span, *image.shape[1:]), image.dtype)
-                    full_labels = np.zeros((span, *labels.shape[1:]), np.uint8)
-                    full[slices - slices[0]], full_labels[slices - slices[0]] = image, labels
-                    image, labels = full, full_labels
+                    image, labels = fill_gaps(image, slices), fill_gaps(labels, slices)
                 else:
                     gaps += span - len(slices)
             foreground = np.argwhere(np.isin(np.asarray(labels), union)).astype(np.int32)

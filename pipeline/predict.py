@@ -465,9 +465,10 @@ class Predictor:
         depth, rows, cols = axial(volumes[0]).shape
         labels = np.zeros((depth, rows, cols), np.uint8)
         if getattr(self.reader, "dims", 2) == 3:  # the kept slices as one volume (gaps: zeros), predicted whole
+            from data.volumes3d import fill_gaps
+
             first = keep[0]
-            stacked = np.zeros((keep[-1] - first + 1, *slices.shape[1:]), slices.dtype)
-            stacked[np.asarray(keep) - first] = slices
+            stacked = fill_gaps(slices, keep)
             x = self.reader.transform(False)(stacked, np.zeros(stacked.shape[:3], np.uint8))[0]
             logits = self.forward(x[None])[0]  # [K, D, S, S]
             for z in keep:
