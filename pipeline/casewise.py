@@ -19,10 +19,11 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from pipeline.inference import windowed
 from pipeline.metrics import CASE_METRICS, CaseRules, SegmentationMeter, binarize, case_metrics, summarize_cases
+from pipeline.training import make_loader
 
 
 @dataclass
@@ -104,8 +105,7 @@ def score_cases(
     probabilities are then also resized back to that size (bilinear), thresholded and scored, as the
     challenges score: the same metrics with an `_orig` suffix."""
     model.eval()
-    infer = windowed(model, dataset)  # whole volumes (3D data): window by window, one volume per batch
-    batch_size = 1 if infer is not model else batch_size
+    infer = windowed(model, dataset)  # whole volumes (3D data): window by window (make_loader: one per batch)
     case_of = getattr(dataset, "cases", None)
     ids = list(getattr(dataset, "ids"))
     meter = SegmentationMeter(threshold, case_of)
@@ -130,7 +130,7 @@ def score_cases(
         finish(current, np.stack([p for p, _ in slices], 1), np.stack([t for _, t in slices], 1))
         slices.clear()
 
-    for images, masks in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    for images, masks in make_loader(dataset, batch_size, False, 0, 0, device):
         logits = infer(images.to(device))
         meter.update(logits, masks.to(device))
         preds = binarize(logits, threshold).cpu().numpy()
