@@ -212,8 +212,8 @@ class SlidingWindow(nn.Module):
 
     Why batches of windows: torch's CPU convolution takes its slow reference kernel (`slow_conv3d`) instead of
     oneDNN for a batch of one 3D input with N x C x D x H <= 20480 (a heuristic written for images), i.e. for
-    most layers of a 3D UNet on one 64^3 window; two windows per pass take oneDNN (measured on 2 cores: the
-    unpruned unet3d 2.1x faster per volume, its 60 % pruned copy 3.9x; docs/PERFORMANCE.md)."""
+    most layers of a 3D UNet on one 64^3 window; two windows per pass take oneDNN (`scripts/bench.py --rows volume3d`
+    on 2 cores: the unpruned unet3d 2.0x faster per volume, its 60 % pruned copy 4.6x; docs/PERFORMANCE.md)."""
 
     def __init__(self, model: nn.Module, window):
         super().__init__()
