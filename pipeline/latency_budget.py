@@ -8,7 +8,7 @@ folded, channels_last, batch 1, the dataset's input size), on `prune.device` wit
 
 1. Units (`LatencyBudget.__init__`): the dependency groups `pruning.prune` prunes (torch-pruning's, within
    `prune.scope`), each with the kept counts its rounding allows (multiples of `round_to`, of
-   `round_to_high_res` at output stride <= 2, at most `max_layer_ratio` removed) and the importance of its
+   `round_to_high_res` at output stride <= 4, at most `max_layer_ratio` removed) and the importance of its
    channels (the saved scores, reduced over the group as `prune` reduces them).
 2. Table (`measure`): the unpruned network and the narrowest one (every unit at its fewest channels) are
    timed first; a target outside what they span fails here. Then every convolution whose width a unit

@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 
 PRUNABLE_TYPES = (nn.Conv2d, nn.ConvTranspose2d, nn.Conv3d, nn.ConvTranspose3d)
 HEAD = "segmentation_head"
+# `round_to_high_res` covers the layers whose output stride is at most this: full, half and quarter
+# resolution. Those levels hold few channels and most pixels, so a count that is not a multiple of the
+# CPU kernels' 16-channel blocks wastes the most there (docs/PERFORMANCE.md: UNet++ at 60 %; stride <= 2
+# left its 64x64 decoder nodes at 24 channels).
+HIGH_RES_STRIDE = 4
 
 
 def unprunable(model: nn.Module) -> set[nn.Module]:
@@ -145,13 +150,14 @@ class RoundingPruner(tp.pruner.BasePruner):
 
 
 def high_resolution_layers(model: nn.Module, example_inputs: torch.Tensor) -> set[nn.Module]:
-    """The prunable layers whose output is at full or half the input's resolution (output stride <= 2):
-    in an encoder-decoder they carry most of the FLOPs, so their channel counts decide the speed.
+    """The prunable layers whose output is at full, half or quarter the input's resolution (output stride
+    <= HIGH_RES_STRIDE): in an encoder-decoder they carry most of the FLOPs in few channels, so their
+    channel counts decide the speed.
     The stride is read along the last spatial axis, the same for images and volumes (square / cubic
     strides, as in every model here)."""
     size = example_inputs.shape[-1]
     found: set[nn.Module] = set()
-    hooks = [m.register_forward_hook(lambda m, _i, out: found.add(m) if 2 * out.shape[-1] >= size else None)
+    hooks = [m.register_forward_hook(lambda m, _i, out: found.add(m) if HIGH_RES_STRIDE * out.shape[-1] >= size else None)
              for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]
     try:
         with torch.no_grad():
@@ -211,7 +217,7 @@ def prune(
 
     ratio: fraction removed from every in-scope layer group (uniform), or overall (global ranking).
     round_to: keep every pruned layer's count a multiple of this (None: exact rates, no rounding at all);
-    round_to_high_res: ... and a multiple of this, at least one, for layers at output stride <= 2
+    round_to_high_res: ... and a multiple of this, at least one, for layers at output stride <= 4
         (`high_resolution_layers`) that have more channels than this.
     layer_ratios: {glob pattern: ratio}; matched layers use their ratio, the others `ratio`.
     global_ranking: rank all groups together (scores normalised by their group mean) and remove the
@@ -274,7 +280,7 @@ def _rounding_notes(pruner: RoundingPruner, names: dict[nn.Module, str], round_t
     notes, widened, raised, whole = {}, {}, [], []
     for module, current, keep, kept in pruner.widened:  # the last step's rounding (iterative schedules)
         name = names.get(module, "?")
-        notes[name] = f"kept {kept} (the ratio keeps {keep}): round_to_high_res={round_to_high_res} at output stride <= 2"
+        notes[name] = f"kept {kept} (the ratio keeps {keep}): round_to_high_res={round_to_high_res} at output stride <= {HIGH_RES_STRIDE}"
         widened[name] = f"{name} ({keep} -> {kept})"
     for module, current, keep, kept in pruner.guarded:
         name = names.get(module, "?")
@@ -285,8 +291,8 @@ def _rounding_notes(pruner: RoundingPruner, names: dict[nn.Module, str], round_t
             notes[name] = f"raised to {kept}: the ratio keeps {keep}, which rounds to 0"
             raised.append(f"{name} ({keep} -> {kept})")
     if widened:
-        log.info("prune.round_to_high_res=%s: %d layer(s) at output stride <= 2 keep a multiple of %s channels: %s",
-                 round_to_high_res, len(widened), round_to_high_res, ", ".join(widened.values()))
+        log.info("prune.round_to_high_res=%s: %d layer(s) at output stride <= %s keep a multiple of %s channels: %s",
+                 round_to_high_res, len(widened), HIGH_RES_STRIDE, round_to_high_res, ", ".join(widened.values()))
     if raised:
         log.info("prune.round_to=%s: %d layer(s) keep %s channels where the ratio's count rounds down to 0: %s",
                  round_to, len(raised), round_to, ", ".join(raised))

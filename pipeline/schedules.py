@@ -48,7 +48,7 @@ class PruneBase:
     schedule: str = MISSING  # the schedule's name (a key of SCHEDULES); its option file sets it
     scope: Scope = MISSING  # encoder | decoder | all: the layers that may lose channels
     round_to: Optional[int] = MISSING  # keep channel counts a multiple of this (null: exact rates, no rounding)
-    round_to_high_res: Optional[int] = MISSING  # ... and of this at output stride <= 2 (null: round_to)
+    round_to_high_res: Optional[int] = MISSING  # ... and of this at output stride <= 4 (null: round_to)
 
 
 @dataclass

@@ -64,6 +64,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="OpenVINO's inference precision hint (bf16: on a CPU with AVX512-BF16 or AMX)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench  # the bench's model builder, BatchNorm calibration and L1 scores
@@ -75,7 +77,7 @@ def main() -> int:
     base = build_model(bench.model_config(args.model), 3, 1).eval()
     bench.calibrate_batchnorm(base, 3, min(args.size, 128))
     scores = bench.l1_scores(base)
-    print(f"{args.model}, {args.size}x{args.size}, batch 1, OpenVINO fp32, {args.threads} threads, {cpu_name()}")
+    print(f"{args.model}, {args.size}x{args.size}, batch 1, OpenVINO {args.precision}, {args.threads} threads, {cpu_name()}")
     for ratio in (float(r) for r in args.ratios.split(",")):
         net = base if ratio == 0 else prune(base, scores, torch.randn(1, 3, 64, 64), ratio, **bench.rounding_plan(round_to)).model.eval()
         folded = inference.prepare_for_inference(net, shape, fold_bn=True).model
@@ -84,7 +86,7 @@ def main() -> int:
         source = core.read_model(str(path))
         source.reshape(list(shape))
         compiled = core.compile_model(source, "CPU", {"INFERENCE_NUM_THREADS": args.threads, "PERFORMANCE_HINT": "LATENCY",
-                                                       "INFERENCE_PRECISION_HINT": "f32", "PERF_COUNT": True})
+                                                       "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[args.precision], "PERF_COUNT": True})
         request = compiled.create_infer_request()
         x = torch.randn(shape).numpy()
         for _ in range(5):

@@ -73,11 +73,12 @@ def test_the_search_stops_at_the_first_state_on_the_path_that_meets_the_target()
 
 
 def test_planned_channel_counts_are_what_prune_keeps_with_high_resolution_rounding():
-    model = unet(width=32, depth=2)
+    model = unet(width=16, depth=3)
     b = budget(model, round_to=8, round_to_high_res=16)
     kept = {u.root: u.kept for u in b.units}
-    assert kept["encoder.0.conv.0"] == [32, 16]  # full resolution: multiples of 16
-    assert kept["encoder.2.conv.0"] == [128, 120, 112, 104, 96, 88, 80, 72, 64, 56, 48, 40, 32, 24, 16]  # 8 deeper, >= 10 %
+    assert kept["encoder.0.conv.0"] == [16, 8]  # full resolution, no more than 16 channels: round_to
+    assert kept["encoder.2.conv.0"] == [64, 48, 32, 16]  # output stride 4: multiples of 16
+    assert kept["encoder.3.conv.0"] == [128, 120, 112, 104, 96, 88, 80, 72, 64, 56, 48, 40, 32, 24, 16]  # 8 deeper, >= 10 %
     for levels in ([len(u.kept) - 1 for u in b.units], [i % len(u.kept) for i, u in enumerate(b.units)]):
         after = {r["layer"]: r["after"] for r in b.pruned(levels).channels}
         assert {u.root: after[u.root] for u in b.units} == {u.root: u.kept[level] for u, level in zip(b.units, levels)}

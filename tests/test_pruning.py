@@ -111,27 +111,31 @@ def test_rounding_never_empties_a_layer_and_says_which_it_guarded(caplog):
 
 
 def test_high_resolution_layers_round_to_the_wider_multiple_and_say_so(caplog):
-    # width 12, depth 2 at 64 px: 12- and 24-channel layers at output stride 1 and 2, 48 at stride 4.
+    # width 12, depth 3 at 64 px: 12-, 24- and 48-channel layers at output stride 1, 2 and 4, 96 at stride 8.
     # At 0.5 the 24-channel layers keep 12: a multiple of 4, but rounded to 8 at high resolution.
-    model = small_unet(width=12, depth=2)
+    model = small_unet(width=12, depth=3)
     with caplog.at_level("INFO", logger="pipeline.pruning"):
         result = prune(model, l1_scores(model), X, ratio=0.5, round_to=4, round_to_high_res=8)
     rows = {r["layer"]: r for r in result.channels}
-    assert rows["encoder.1.conv.0"]["after"] == 8 and rows["decoder.0.conv.3"]["after"] == 8
-    assert rows["encoder.1.conv.0"]["rounding"] == "kept 8 (the ratio keeps 12): round_to_high_res=8 at output stride <= 2"
-    assert rows["encoder.2.conv.0"]["after"] == 24 and rows["encoder.2.conv.0"]["rounding"] == ""  # stride 4: round_to
+    assert rows["encoder.1.conv.0"]["after"] == 8 and rows["decoder.1.conv.3"]["after"] == 8
+    assert rows["encoder.1.conv.0"]["rounding"] == "kept 8 (the ratio keeps 12): round_to_high_res=8 at output stride <= 4"
+    assert rows["encoder.2.conv.0"]["after"] == 24 and rows["encoder.2.conv.0"]["rounding"] == ""  # 24: already a multiple of 8
+    assert rows["encoder.3.conv.0"]["after"] == 48 and rows["encoder.3.conv.0"]["rounding"] == ""  # stride 8: round_to
     assert "prune.round_to_high_res=8: " in caplog.text and "encoder.1.conv.0 (12 -> 8)" in caplog.text
     assert result.model(X).shape == (1, 1, 64, 64)
 
 
 def test_high_resolution_layers_keep_one_wide_multiple_and_low_resolution_keeps_round_to():
-    # width 8 at 0.6: the 16-channel layers at stride 2 keep 6, which 8 rounds to 0: they keep one multiple
-    # of 8; the 8-channel layers at stride 1 have no more than 8: round_to=4 and its guard (3 -> 4)
-    model = small_unet(width=8, depth=2)
+    # width 8, depth 3 at 0.6: the 16-channel layers at stride 2 keep 6, which 8 rounds to 0: they keep one
+    # multiple of 8, as do the 32-channel ones at stride 4 (12: 8, where round_to=4 alone keeps 12); the
+    # 8-channel layers at stride 1 have no more than 8: round_to=4 and its guard (3 -> 4)
+    model = small_unet(width=8, depth=3)
     rows = {r["layer"]: r for r in prune(model, l1_scores(model), X, ratio=0.6, round_to=4, round_to_high_res=8).channels}
     assert rows["encoder.1.conv.0"]["after"] == 8 and rows["encoder.1.conv.0"]["rounding"].startswith("kept 8 (the ratio keeps 6)")
+    assert rows["encoder.2.conv.0"]["after"] == 8 and rows["encoder.2.conv.0"]["rounding"].startswith("kept 8 (the ratio keeps 12)")
     assert rows["encoder.0.conv.0"]["after"] == 4 and rows["encoder.0.conv.0"]["rounding"].startswith("raised to 4")
-    assert rows["encoder.2.conv.0"]["before"] == 32 and rows["encoder.2.conv.0"]["after"] == 12  # stride 4: a multiple of 4
+    deeper = {r["layer"]: r for r in prune(model, l1_scores(model), X, ratio=0.55, round_to=4, round_to_high_res=8).channels}
+    assert deeper["encoder.3.conv.0"]["before"] == 64 and deeper["encoder.3.conv.0"]["after"] == 28  # stride 8: a multiple of 4
     same = prune(model, l1_scores(model), X, ratio=0.6, round_to=4, round_to_high_res=4).channels
     assert [r["after"] for r in same] == [r["after"] for r in prune(model, l1_scores(model), X, ratio=0.6, round_to=4).channels]
     exact = prune(model, l1_scores(model), X, ratio=0.6, round_to=None, round_to_high_res=8).channels
