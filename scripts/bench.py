@@ -146,6 +146,7 @@ class Settings:
     runs_per_round: int = 2
     batch: int = 8  # throughput batch size
     batch_rounds: int = 2  # one timed batch per round (no warm-up: a batch takes seconds); the best counts
+    pair_rounds: int = 20  # the bf16 target's pair (unpruned eager fp32, fastest bf16 form at the top ratio), alternated
     prune_example: int = 64  # the dependency graph is traced at this size (the graph does not depend on it)
     onnx_dynamo: bool = False
     # training
@@ -210,7 +211,7 @@ def quick_settings() -> Settings:
                                                  decoder_channels=[32, 16, 8]), 32,
                     variants=("eager", "folded+cl", "onnxruntime", "openvino", "folded+cl bf16", "openvino bf16")),
         ],
-        ratios=(0.0, 0.5), round_to=(None, 4, "4/8"), warmup=1, rounds=2, runs_per_round=2, batch=2, batch_rounds=1, prune_example=32,
+        ratios=(0.0, 0.5), round_to=(None, 4, "4/8"), warmup=1, rounds=2, runs_per_round=2, batch=2, batch_rounds=1, pair_rounds=3, prune_example=32,
         train_model=model_config("unet_tiny"), train_images=12, train_min_side=48,
         train_max_side=64, train_size=32, train_batch=4, train_steps=2, train_epochs=2, train_repeats=1,
         prune_model=model_config("unet", width=8, depth=2), prune_size=32, calibration_images=4,
@@ -326,7 +327,7 @@ def bench_speed(s: Settings, device: torch.device, work: Path, rows: set[str], m
     from pipeline.pruning import prune
 
     threads = s.threads or os.cpu_count() or 1
-    networks, latency, exports = [], [], []
+    networks, latency, exports, bf16_pair = [], [], [], None
     for spec in s.nets:
         if models_wanted and spec.label not in models_wanted:
             continue
@@ -384,6 +385,10 @@ def bench_speed(s: Settings, device: torch.device, work: Path, rows: set[str], m
                 for variant in spec.throughput:
                     if variant in entry.runners:
                         entry.batch.setdefault(variant, []).extend(entry.runners[variant].times(s.batch, 0, 1))
+        if spec.label == "unet":
+            pair = _bf16_pair(s, entries, order)
+            if pair:
+                bf16_pair = {"model": spec.label, **pair}
         for round_to, ratio, index in order:
             entry = entries[index]
             networks.append({**entry.net, "round_to": round_to})
@@ -405,7 +410,37 @@ def bench_speed(s: Settings, device: torch.device, work: Path, rows: set[str], m
                           + (f", {row['throughput_ips']:.2f} img/s @{s.batch}" if "throughput_ips" in row else ""))
         del entries
     _add_speedups(networks, latency)
-    return {"networks": networks, "latency": latency, "export": exports, "threads": threads}
+    return {"networks": networks, "latency": latency, "export": exports, "threads": threads, "bf16_pair": bf16_pair}
+
+
+def _bf16_pair(s: Settings, entries: list[Entry], order: list[tuple[Any, float, int]]) -> Optional[dict]:
+    """The bf16 target's ratio, timed as a pair: the unpruned eager fp32 network and the fastest bf16 form
+    of the default rounding's top ratio, one call each per round, alternated for `pair_rounds` rounds.
+
+    The tables' `vs eager` divides medians taken in different passes (torch's, then each runtime's), minutes
+    apart on a shared machine; a pair timed in the same rounds sees the same load. Each round gives one ratio;
+    their median and 10-90 % range are the figure."""
+    index = {(round_to, ratio): i for round_to, ratio, i in order}
+    top = max((ratio for round_to, ratio, _ in order if round_to == DEFAULT_ROUND_TO), default=0.0)
+    if top == 0 or (DEFAULT_ROUND_TO, 0.0) not in index:
+        return None
+    base, pruned = entries[index[(DEFAULT_ROUND_TO, 0.0)]], entries[index[(DEFAULT_ROUND_TO, top)]]
+    forms = {v: statistics.median(t) for v, t in pruned.latency.items() if v in BF16_VARIANTS}
+    if "eager" not in base.runners or not forms:
+        return None
+    variant = min(forms, key=forms.get)
+    eager, bf16 = base.runners["eager"], pruned.runners[variant]
+    eager.times(1, 1, 0), bf16.times(1, 1, 0)  # warm-up
+    eager_ms, bf16_ms = [], []
+    for round_index in range(s.pair_rounds):
+        _progress(f"speed: bf16 pair round {round_index + 1}/{s.pair_rounds} (eager fp32 vs {variant} at {top:g})")
+        eager_ms += eager.times(1, 0, 1)
+        bf16_ms += bf16.times(1, 0, 1)
+    ratios = sorted(e / b for e, b in zip(eager_ms, bf16_ms))
+    decile = lambda q: ratios[min(len(ratios) - 1, int(q * len(ratios)))]  # noqa: E731
+    return {"round_to": DEFAULT_ROUND_TO, "ratio": top, "variant": variant, "rounds": len(ratios),
+            "eager_ms": statistics.median(eager_ms), "bf16_ms": statistics.median(bf16_ms),
+            "ratio_median": statistics.median(ratios), "ratio_p10": decile(0.1), "ratio_p90": decile(0.9)}
 
 
 def _channel_summary(net: nn.Module) -> str:
@@ -900,12 +935,19 @@ def targets(results: dict) -> list[dict]:
                             "value": f"min {100 * worst['fp32']['peak_share']:.0f}% ({worst['fp32']['variant']}, ratio {worst['ratio']:g})",
                             "met": worst["fp32"]["peak_share"] >= 0.5})
         bf16 = [r for r in fastest if r["model"] == "unet" and r["round_to"] == DEFAULT_ROUND_TO and r.get("bf16")]
+        pair = speed.get("bf16_pair")
         if bf16:
             top = max(bf16, key=lambda r: r["ratio"])
-            out.append({"target": f"unet {top['ratio']:g} (round_to={DEFAULT_ROUND_TO}), fastest bf16 form >= 20x the unpruned eager "
-                                  "fp32 network (Dice within 0.2 points: evaluate.precision=bf16 on real data)",
-                        "value": f"{top['bf16']['vs_eager_fp32']:.1f}x ({top['bf16']['variant']})",
-                        "met": top["bf16"]["vs_eager_fp32"] >= 20})
+            target = (f"unet {top['ratio']:g} (round_to={DEFAULT_ROUND_TO}), fastest bf16 form >= 20x the unpruned eager "
+                      "fp32 network (Dice within 0.2 points: evaluate.precision=bf16 on real data)")
+            if pair:  # met when even the pair's 10th-percentile round clears it
+                out.append({"target": target, "met": pair["ratio_p10"] >= 20,
+                            "value": f"{pair['ratio_median']:.1f}x timed as a pair ({pair['variant']}, {pair['bf16_ms']:.2f} vs "
+                                     f"{pair['eager_ms']:.1f} ms; 10-90 % of {pair['rounds']} rounds: {pair['ratio_p10']:.1f}-"
+                                     f"{pair['ratio_p90']:.1f}x); {top['bf16']['vs_eager_fp32']:.1f}x from the passes' medians"})
+            else:
+                out.append({"target": target, "value": f"{top['bf16']['vs_eager_fp32']:.1f}x ({top['bf16']['variant']})",
+                            "met": top["bf16"]["vs_eager_fp32"] >= 20})
     exports = (results.get("speed") or {}).get("export") or []
     if exports:
         worst = max(e["max_abs_diff"] for e in exports)

@@ -132,3 +132,37 @@ def test_a_malformed_rounding_is_refused_naming_the_option(capsys):
     with pytest.raises(SystemExit):
         load_bench().main(["--quick", "--round-to", "8/x"])
     assert "--round-to 8/x: expected" in capsys.readouterr().err
+
+
+class FixedRunner:
+    """A runner whose every call takes the next of `ms` (cycled): the pair's arithmetic without timing."""
+
+    def __init__(self, *ms):
+        self.ms, self.calls = list(ms), 0
+
+    def times(self, batch, warmup, runs):
+        out = [self.ms[(self.calls + i) % len(self.ms)] for i in range(runs)]
+        self.calls += runs
+        return out
+
+
+def test_the_bf16_target_is_timed_as_a_pair_and_met_only_when_its_tenth_percentile_clears_20x():
+    bench = load_bench()
+    default = bench.DEFAULT_ROUND_TO
+    base = bench.Entry({"ratio": 0.0}, None, {"eager": FixedRunner(200.0, 210.0, 190.0, 230.0)})
+    pruned = bench.Entry({"ratio": 0.6}, None, {"openvino bf16": FixedRunner(10.0), "folded+cl bf16": FixedRunner(30.0),
+                                                "openvino": FixedRunner(20.0)})
+    pruned.latency = {"openvino bf16": [10.0, 10.5], "folded+cl bf16": [30.0], "openvino": [20.0]}
+    s = bench.quick_settings()
+    s.pair_rounds = 4
+    pair = bench._bf16_pair(s, [base, pruned], [(default, 0.0, 0), (default, 0.6, 1)])
+    assert pair["variant"] == "openvino bf16" and pair["ratio"] == 0.6 and pair["rounds"] == 4  # the fastest bf16 form
+    assert pair["ratio_median"] == pytest.approx(20.5) and pair["ratio_p10"] == 19.0 and pair["ratio_p90"] == 23.0
+    assert bench._bf16_pair(s, [base, pruned], [(None, 0.0, 0), (None, 0.6, 1)]) is None  # no default-rounding network
+
+    fastest_row = {"model": "unet", "round_to": default, "ratio": 0.6, "bf16": {"variant": "openvino bf16", "vs_eager_fp32": 21.0}}
+    bench.fastest_forms = lambda results: [fastest_row]
+    for p10, met in ((19.0, False), (20.0, True)):
+        results = {"speed": {"latency": [], "bf16_pair": {**pair, "ratio_p10": p10}}}
+        row = next(t for t in bench.targets(results) if "bf16" in t["target"])
+        assert row["met"] is met and "timed as a pair" in row["value"] and "21.0x from the passes' medians" in row["value"]
