@@ -418,7 +418,10 @@ def _bf16_pair(s: Settings, entries: list[Entry], order: list[tuple[Any, float, 
     of the default rounding's top ratio, one call each per round, alternated for `pair_rounds` rounds.
 
     The tables' `vs eager` divides medians taken in different passes (torch's, then each runtime's), minutes
-    apart on a shared machine; a pair timed in the same rounds sees the same load. Each round gives one ratio;
+    apart on a shared machine; a pair timed in the same rounds sees the same load. In each round each network
+    is called once untimed first: a call right after the other runtime's finds that runtime's threads
+    spinning and its own asleep (the 60 % network's OpenVINO bf16 call read 25 % slower straight after an
+    eager call). Each round gives one ratio (the eager time over the median of the bf16 form's 3 calls);
     their median and 10-90 % range are the figure."""
     index = {(round_to, ratio): i for round_to, ratio, i in order}
     top = max((ratio for round_to, ratio, _ in order if round_to == DEFAULT_ROUND_TO), default=0.0)
@@ -430,12 +433,11 @@ def _bf16_pair(s: Settings, entries: list[Entry], order: list[tuple[Any, float, 
         return None
     variant = min(forms, key=forms.get)
     eager, bf16 = base.runners["eager"], pruned.runners[variant]
-    eager.times(1, 1, 0), bf16.times(1, 1, 0)  # warm-up
     eager_ms, bf16_ms = [], []
     for round_index in range(s.pair_rounds):
         _progress(f"speed: bf16 pair round {round_index + 1}/{s.pair_rounds} (eager fp32 vs {variant} at {top:g})")
-        eager_ms += eager.times(1, 0, 1)
-        bf16_ms += bf16.times(1, 0, 1)
+        eager_ms += eager.times(1, 1, 1)
+        bf16_ms.append(statistics.median(bf16.times(1, 1, 3)))
     ratios = sorted(e / b for e, b in zip(eager_ms, bf16_ms))
     decile = lambda q: ratios[min(len(ratios) - 1, int(q * len(ratios)))]  # noqa: E731
     return {"round_to": DEFAULT_ROUND_TO, "ratio": top, "variant": variant, "rounds": len(ratios),
