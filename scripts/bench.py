@@ -419,10 +419,9 @@ def _bf16_pair(s: Settings, entries: list[Entry], order: list[tuple[Any, float, 
 
     The tables' `vs eager` divides medians taken in different passes (torch's, then each runtime's), minutes
     apart on a shared machine; a pair timed in the same rounds sees the same load. In each round each network
-    is called once untimed first: a call right after the other runtime's finds that runtime's threads
-    spinning and its own asleep (the 60 % network's OpenVINO bf16 call read 25 % slower straight after an
-    eager call). Each round gives one ratio (the eager time over the median of the bf16 form's 3 calls);
-    their median and 10-90 % range are the figure."""
+    is called once untimed first: straight after an eager call, the 60 % network's OpenVINO bf16 call read
+    17.8 ms instead of 13.8. Each round gives one ratio (the eager time over the median of the bf16 form's 3
+    calls); their median and 10-90 % range are the figure."""
     index = {(round_to, ratio): i for round_to, ratio, i in order}
     top = max((ratio for round_to, ratio, _ in order if round_to == DEFAULT_ROUND_TO), default=0.0)
     if top == 0 or (DEFAULT_ROUND_TO, 0.0) not in index:
