@@ -222,14 +222,19 @@ class Volume3D:
             missing += gaps
         self._stats["slices_missing_3d"] = missing
         self._stats["patches_train"] = len(self._volumes.get("train", [])) * self.patches_per_case
+        # n_* count what the loaders serve, as for 2D data: patches per training epoch and whole volumes for
+        # validation and test (the stored 2D slices stay counted in slices_*)
+        self._stats.update(n_train=self._stats["patches_train"], n_val=len(self._volumes.get("val", [])),
+                           n_test=len(self._volumes.get("test", [])))
         shapes = [v.labels.shape for vs in self._volumes.values() for v in vs]
         self._stats["volume_voxels_mean"] = float(np.mean([np.prod(s) for s in shapes]))
         if missing:
             log.warning("%s (3D): %d slice(s) dropped by preprocessing inside the cases' slice ranges are missing from "
                         "their volumes (stacked without them)", self.kind, missing)
         log.info("%s (3D): volumes of %s voxels (first case), patches of %d^3, %d per training case and epoch, %.0f%% "
-                 "centred on the target", self.kind, "x".join(map(str, shapes[0])) if shapes else "?", self.patch_size,
-                 self.patches_per_case, 100 * self.foreground_fraction)
+                 "centred on the target; %d/%d/%d train patches / val / test volumes", self.kind,
+                 "x".join(map(str, shapes[0])) if shapes else "?", self.patch_size, self.patches_per_case,
+                 100 * self.foreground_fraction, self._stats["n_train"], self._stats["n_val"], self._stats["n_test"])
 
     def _split_volumes(self, split: str) -> tuple[list[CaseVolume], int]:
         cached = self._source[split]

@@ -165,7 +165,11 @@ def test_the_3d_reader_shares_the_2d_readers_slice_cache(brats3d, tmp_path):
     assert issubclass(BraTS3D, BraTS)
     flat = build_data(dataset_conf("synthetic_brats", Path(brats3d.root).parents[1]), seed=0)
     assert flat.stats()["cache_hit"] == 1.0 and flat.cache_folder == brats3d.cache_folder
-    assert math.isclose(brats3d.stats()["patches_train"], len(brats3d.split_ids()["train"]) * brats3d.patches_per_case)
+    stats, ids = brats3d.stats(), brats3d.split_ids()
+    assert math.isclose(stats["patches_train"], len(ids["train"]) * brats3d.patches_per_case)
+    # n_* count the items served (patches per epoch, whole volumes), not the shared cache's 2D slices
+    assert (stats["n_train"], stats["n_val"], stats["n_test"]) == (stats["patches_train"], len(ids["val"]), len(ids["test"]))
+    assert stats["slices_train"] == flat.stats()["slices_train"] > stats["n_val"] + stats["n_test"]
 
 
 def test_the_latency_budget_is_refused_for_3d_networks(tmp_path):
