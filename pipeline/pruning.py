@@ -217,8 +217,8 @@ def prune(
 
     ratio: fraction removed from every in-scope layer group (uniform), or overall (global ranking).
     round_to: keep every pruned layer's count a multiple of this (None: exact rates, no rounding at all);
-    round_to_high_res: ... and a multiple of this, at least one, for layers at output stride <= 4
-        (`high_resolution_layers`) that have more channels than this.
+    round_to_high_res: ... and a multiple of this, at least one, for layers at output stride <=
+        HIGH_RES_STRIDE (`high_resolution_layers`) that have more channels than this.
     layer_ratios: {glob pattern: ratio}; matched layers use their ratio, the others `ratio`.
     global_ranking: rank all groups together (scores normalised by their group mean) and remove the
         lowest `ratio` of all channels, at most `max_layer_ratio` of any layer (see `global_layer_ratios`).

@@ -281,16 +281,9 @@ class Runner:
             with torch.inference_mode():
                 return time_calls(self.deployed.call, warmup, runs)
         if self.session is not None:
-            if batch == 1:
-                return inference.time_onnx(self.session, shape, warmup, runs)
-            # A batch grows the session's memory arena to the batch's activations, and the arena keeps them
-            # (0.9 GB for the unpruned classic UNet at batch 8): with a session per network the full bench
-            # ran out of 24 GB in its batch-8 round. Shrink the arena back after each run.
-            import onnxruntime as ort
-            options = ort.RunOptions()
-            options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-            feed = {self.session.get_inputs()[0].name: np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
-            return time_calls(lambda: self.session.run(None, feed, options), warmup, runs)
+            # a batch would leave each network's session holding the batch's activations: with a session per
+            # network the full bench ran out of 24 GB in its batch-8 round
+            return inference.time_onnx(self.session, shape, warmup, runs, shrink_arena=batch > 1)
         return latency_times(self.model, shape, warmup, runs, self.threads, channels_last=self.channels_last)
 
 
