@@ -10,26 +10,24 @@ slices from an on-disk slice cache (`data.volumes`, `data.cache`), and generic 2
 from __future__ import annotations
 
 from data.base import DatasetError, SegmentationData
+from data.readers import READERS, ReaderSettingsError
 
-__all__ = ["DatasetError", "SegmentationData", "build_data", "build_reader"]
+__all__ = ["DatasetError", "READERS", "ReaderSettingsError", "SegmentationData", "build_data", "build_reader"]
 
 
 def build_reader(cfg) -> SegmentationData:
-    """The reader a dataset config names (`_target_` plus keys), its keys checked, nothing read yet: what
-    `pipeline.predict` preprocesses new images with. A `synthetic:` block is ignored."""
-    from hydra.utils import instantiate
+    """The reader a dataset config names (`_target_` on the allow-list `data.readers.READERS`, plain keyword
+    values; data/readers.py), its keys checked, nothing read yet: what `pipeline.predict` preprocesses new
+    images with. A `synthetic:` block is ignored."""
     from omegaconf import DictConfig, OmegaConf
 
+    from data import readers
     from data.synthetic import split_synthetic
 
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)
     cfg, _ = split_synthetic(cfg)
-    data = instantiate(cfg, _convert_="all")
-    if not isinstance(data, SegmentationData):
-        target = cfg.get("_target_") if hasattr(cfg, "get") else None
-        raise TypeError(f"dataset._target_={target!r} built a {type(data).__name__}, not a data.SegmentationData")
-    return data
+    return readers.build_reader(cfg)
 
 
 def build_data(cfg, seed: int, test_only: bool = False) -> SegmentationData:

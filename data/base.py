@@ -23,6 +23,9 @@ from data.checks import check_fraction, check_int, check_number
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+# The largest image_size (pixels a side) a reader accepts: readers hold every resized image in memory, and
+# 100000 a side asked for 838 GiB before a range said no. 4096 is beyond any segmentation network's input.
+MAX_IMAGE_SIZE = 4096
 # Files read from `test_root` are named `<TEST_ROOT_PREFIX><path relative to test_root>` in the content digest.
 TEST_ROOT_PREFIX = "test_root:"
 
@@ -58,6 +61,7 @@ def binary_mask(gray: np.ndarray, path, threshold: Optional[int]) -> np.ndarray:
 
 
 MAX_PROBLEMS_SHOWN = 20
+IGNORED_SHOWN = 5  # ignored entries named in the warning (the run's data/ignored_files.txt lists all)
 
 
 def read_mask(path: Path, threshold: Optional[int]) -> np.ndarray:
@@ -184,7 +188,7 @@ class SegmentationData(abc.ABC):
             self.root = Path(str(root)).expanduser()
         if self.root is not None and self.test_root is not None and self.root.absolute() == self.test_root.absolute():
             raise ValueError(f"test_root={str(test_root)!r} is root itself: expected a separate folder holding only the test set")
-        self.image_size = check_int(image_size, "image_size", 8)
+        self.image_size = check_int(image_size, "image_size", 8, MAX_IMAGE_SIZE)
         self.val_fraction = check_fraction(val_fraction, "val_fraction")
         self.test_fraction = check_fraction(test_fraction, "test_fraction")
         if self.val_fraction + self.test_fraction >= 1.0:
@@ -200,6 +204,7 @@ class SegmentationData(abc.ABC):
         self._split_ids: Optional[dict[str, list[str]]] = None
         self._stats: dict[str, float] = {}
         self._files: list[tuple[str, int]] = []  # (path relative to the root, size) of every file read
+        self._ignored: list[str] = []  # "<path>: <why>" of every entry a scan passed over (ignored_files)
 
     @property
     def input_size(self) -> tuple[int, ...]:
@@ -253,6 +258,7 @@ class SegmentationData(abc.ABC):
             )
         self.test_only = test_only
         self._split_ids = None
+        self._ignored = []
         if self.test_root is not None and not test_only:
             log.info("dataset.test_root is set: the test split is all of %s; %s provides train and val "
                      "(val_fraction=%g; test_fraction is not used)", self.test_root, self.root, self.val_fraction)
@@ -299,6 +305,23 @@ class SegmentationData(abc.ABC):
         the challenges do (predictions resized back); None where the reader serves no such thing (volumes,
         scored on their served grid). 2D readers re-read the mask file, checked when the data was set up."""
         return None
+
+    def ignored_files(self) -> list[str]:
+        """Every file or folder the last setup passed over, as "<path>: <why>" (the run logs them as an artifact,
+        data/ignored_files.txt): a licence file, a mask without its image, an image name that is a folder or a
+        dangling symlink."""
+        return list(self._ignored)
+
+    def _note_ignored(self, entries: Iterable[str]) -> None:
+        """Records what a scan passed over, and names the first few in one WARNING: a count alone hides a
+        dangling symlink or a folder where an image should be."""
+        entries = list(entries)
+        self._ignored += entries
+        if entries:
+            shown = "; ".join(entries[:IGNORED_SHOWN]) + (f"; ... ({len(entries) - IGNORED_SHOWN} more)"
+                                                           if len(entries) > IGNORED_SHOWN else "")
+            log.warning("%d entr%s ignored: %s (a run lists them all in its data/ignored_files.txt)", len(entries),
+                        "y" if len(entries) == 1 else "ies", shown)
 
     def split_ids(self) -> dict[str, list[str]]:
         """Case ids per split, saved with the run so that a result can be traced to its test cases."""

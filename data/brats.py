@@ -218,17 +218,16 @@ class BraTS(VolumeSliceData):
             )
         cases: list[Case] = []
         problems: list[tuple[Optional[str], str]] = []
-        ignored = 0
+        ignored: list[str] = []
         naming_2023 = brainmasks = 0
         for entry in sorted(os.scandir(root), key=lambda e: e.name):
             if not entry.is_dir():
-                ignored += 1  # name_mapping.csv, survival_info.csv, licences...
+                ignored.append(f"{entry.path}: not a case folder")  # name_mapping.csv, survival_info.csv, licences...
                 continue
             folder, case_id = Path(entry.path), entry.name
             naming, files, missing = self.case_files(folder)
             if naming is None and not missing:
-                ignored += 1  # __MACOSX and other folders without volumes
-                log.info("ignoring %s: no NIfTI file in it", folder)
+                ignored.append(f"{folder}: no NIfTI file in it")  # __MACOSX and other folders without volumes
                 continue
             if naming is not None and "seg" not in files:
                 sep = SEPARATOR[naming]
@@ -249,7 +248,8 @@ class BraTS(VolumeSliceData):
                 f"no BraTS case folder found in {root} (found: {', '.join(present) or 'nothing'}): expected one folder "
                 f"per case, e.g. {self._expected()}"
             )
-        return cases, problems, {"entries_ignored": ignored, "cases_naming_2023": naming_2023, "cases_with_brainmask": brainmasks}
+        self._note_ignored(ignored)
+        return cases, problems, {"entries_ignored": len(ignored), "cases_naming_2023": naming_2023, "cases_with_brainmask": brainmasks}
 
     def case_files(self, folder: Path) -> tuple[Optional[str], dict[str, Path], list[str]]:
         """A case folder's volumes by role (each modality; `seg` and `brainmask` where present), the naming they

@@ -2,14 +2,15 @@
 key, before any file is read. One function per kind of value, shared by every reader."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
 
-def check_int(value, key: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{key}={value!r} is invalid: expected an integer >= {low}")
+def check_int(value, key: str, low: int, high: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{key}={value!r} is invalid: expected an integer {bound}")
     return int(value)
 
 
@@ -51,3 +52,28 @@ def check_mask_threshold(value, key: str = "mask_threshold") -> Optional[int]:
         raise ValueError(f"{key}={value!r} is invalid: expected null (masks in 0/255 or 0/1) or an integer 0..254 "
                          f"(foreground = value > threshold)")
     return int(value)
+
+
+PLAIN = (str, int, float, bool, type(None))
+
+
+def plain_values(config: Mapping[str, Any], where: str, error: type[Exception]) -> dict[str, Any]:
+    """The keyword values of a config that names its builder in `_target_` (left out here): each a plain value
+    (string, number, bool, null) or a list of those. Nothing nested, no `_args_`: a config is data, and only
+    the builder an allow-list names is called with these values (data.readers, models)."""
+    out = {}
+    for key, value in config.items():
+        if key == "_target_":
+            continue
+        if not isinstance(key, str) or key.startswith("_"):
+            raise error(f"{where}.{key} is not allowed: expected _target_ and plain keyword values")
+        if isinstance(value, (list, tuple)):
+            if not all(isinstance(v, PLAIN) for v in value):
+                raise error(f"{where}.{key} holds a nested value: expected a plain value or a list of plain values "
+                            f"(string, number, bool, null)")
+            value = list(value)
+        elif not isinstance(value, PLAIN):
+            raise error(f"{where}.{key} holds a {type(value).__name__}: expected a plain value (string, number, bool, "
+                        f"null) or a list of those")
+        out[key] = value
+    return out

@@ -231,15 +231,15 @@ class CovidCT(VolumeSliceData):
             cases.append(Case(case_id, files))
 
         listed_cts = {c.files["ct"] for c in cases}
-        ignored = 0
-        for entry in os.scandir(root / FOLDERS["ct"]):
+        ignored: list[str] = []
+        for entry in sorted(os.scandir(root / FOLDERS["ct"]), key=lambda e: e.name):
             path = Path(entry.path)
             if entry.is_dir() and (path / entry.name).is_file():
                 path = path / entry.name
             if path not in listed_cts and strip_nifti(entry.name) not in seen:
-                ignored += 1
-                log.warning("%s is not listed in %s: ignored", path, csv_path)
-        return cases, problems, {"entries_ignored": ignored, "files_in_same_name_folder": nested}
+                ignored.append(f"{path}: not listed in {csv_path}")
+        self._note_ignored(ignored)
+        return cases, problems, {"entries_ignored": len(ignored), "files_in_same_name_folder": nested}
 
     def _check_headers(self, case_id: str, files: dict[str, Path]) -> list[str]:
         headers, problems = read_headers(files)

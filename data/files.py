@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import hashlib
 import os
 import shutil
@@ -20,6 +21,30 @@ from typing import Iterator, Union
 from filelock import FileLock, Timeout
 
 __all__ = ["sha256_file", "atomic_write", "atomic_folder", "file_lock", "try_lock", "move_aside", "write_csv", "read_csv", "Timeout"]
+
+
+class StorageFull(OSError):
+    """No space (or quota) left where a file was being written; the message names the file. A job stopped by it
+    keeps what it wrote before, so the same command resumes it once there is room (pipeline/journal.py)."""
+
+    def __init__(self, path: Union[str, Path], reason: str = "no space left on device"):
+        super().__init__(errno.ENOSPC, f"{reason} while writing {path}")
+        self.path = str(path)
+
+
+FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def storage_full(err: BaseException, path: Union[str, Path]) -> StorageFull | None:
+    """`err` as a StorageFull naming `path` when it means the disk or quota is full, else None."""
+    if isinstance(err, StorageFull):
+        return err
+    if isinstance(err, OSError) and err.errno in FULL:
+        return StorageFull(path, os.strerror(err.errno).lower())
+    text = str(err)
+    if "No space left on device" in text or "Disk quota exceeded" in text or "StorageFull" in text:
+        return StorageFull(path)  # e.g. safetensors' SafetensorError, which carries the OS error as text
+    return None
 
 
 def sha256_file(path: Union[str, Path], chunk: int = 1 << 20) -> str:
@@ -43,8 +68,11 @@ def atomic_write(path: Union[str, Path], data: Union[str, bytes]) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        full = storage_full(err, path)
+        if full is not None:
+            raise full from err
         raise
     return path
 

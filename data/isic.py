@@ -50,19 +50,23 @@ class _Problem(Exception):
     """One bad file; collected so that a single error lists them all."""
 
 
-def scan_folder(input_dir: Path, mask_dir: Path) -> tuple[list[Pair], int, list[str]]:
-    """Pairs ISIC_*.jpg with their masks. Returns (pairs sorted by id, files ignored, problems); a folder
-    without a single ISIC image (and so without problems either) is a DatasetError naming it."""
+def scan_folder(input_dir: Path, mask_dir: Path) -> tuple[list[Pair], list[str], list[str]]:
+    """Pairs ISIC_*.jpg with their masks. Returns (pairs sorted by id, entries ignored as "<path>: <why>",
+    problems); a folder without a single ISIC image (and so without problems either) is a DatasetError naming it."""
     if not mask_dir.is_dir():
         raise DatasetError(
             f"mask folder {mask_dir} is missing: expected it beside {input_dir.name}, holding "
             f"ISIC_XXXXXXX{MASK_SUFFIX} for every image"
         )
-    pairs, problems, ignored = [], [], 0
+    pairs, problems, ignored = [], [], []
     for entry in sorted(os.scandir(input_dir), key=lambda e: e.name):
         match = IMAGE_NAME.match(entry.name)
-        if not match or not entry.is_file():
-            ignored += 1  # LICENSE.txt, ATTRIBUTION.txt, superpixel PNGs, ...
+        if not match:
+            ignored.append(f"{entry.path}: not an ISIC_XXXXXXX.jpg image")  # LICENSE.txt, ATTRIBUTION.txt, superpixels
+            continue
+        if not entry.is_file():
+            what = "a folder" if entry.is_dir() else "a dangling symlink" if entry.is_symlink() and not os.path.exists(entry.path) else "not a regular file"
+            ignored.append(f"{entry.path}: named like an image but {what}")
             continue
         case_id = match.group(1)
         mask = mask_dir / f"{case_id}{MASK_SUFFIX}"
@@ -73,7 +77,7 @@ def scan_folder(input_dir: Path, mask_dir: Path) -> tuple[list[Pair], int, list[
     if not pairs and not problems:
         raise DatasetError(f"no ISIC_*.jpg images found in {input_dir}: expected files named ISIC_XXXXXXX.jpg")
     mask_names = {f"{p.case_id}{MASK_SUFFIX}" for p in pairs}
-    ignored += sum(1 for name in os.listdir(mask_dir) if name not in mask_names)
+    ignored += [f"{mask_dir / name}: not the mask of an image read" for name in sorted(os.listdir(mask_dir)) if name not in mask_names]
     return pairs, ignored, problems
 
 
@@ -176,10 +180,10 @@ class ISIC2018(MaskFiles, SegmentationData):
         sources: dict[str, list[Pair]] = {}
         stats: dict[str, float] = {}
         problems: list[str] = []
-        ignored = 0
-        pairs, n_ignored, found = scan_folder(input_dir, self.root / TRAIN_DIRS[1])
+        ignored: list[str] = []
+        pairs, skipped, found = scan_folder(input_dir, self.root / TRAIN_DIRS[1])
         stats["train_pairs_found"] = len(pairs)
-        ignored += n_ignored
+        ignored += skipped
         problems += found
         if self.limit is not None:
             pairs = pairs[: self.limit]
@@ -195,12 +199,13 @@ class ISIC2018(MaskFiles, SegmentationData):
             if not official_gt.is_dir():
                 log.warning("%s has no ground truth folder %s: carving %s from training instead", official_in, gt_name, split)
                 continue
-            pairs, n_ignored, found = scan_folder(official_in, official_gt)
+            pairs, skipped, found = scan_folder(official_in, official_gt)
             sources[split] = pairs
             stats[f"official_{split}"] = 1
-            ignored += n_ignored
+            ignored += skipped
             problems += found
-        stats["files_ignored"] = ignored
+        stats["files_ignored"] = len(ignored)
+        self._note_ignored(ignored)
         return sources, stats, problems
 
     def _find_test_pairs(self) -> tuple[list[Pair], dict[str, float], list[str]]:
@@ -214,13 +219,13 @@ class ISIC2018(MaskFiles, SegmentationData):
             )
         pairs: list[Pair] = []
         problems: list[str] = []
-        ignored = 0
+        ignored: list[str] = []
         folder_of: dict[str, Path] = {}
         for in_name, gt_name in names:
             input_dir = test_root / in_name
             if not input_dir.is_dir():
                 continue
-            found, n_ignored, found_problems = scan_folder(input_dir, test_root / gt_name)
+            found, skipped, found_problems = scan_folder(input_dir, test_root / gt_name)
             for pair in found:
                 if pair.case_id in folder_of:
                     raise DatasetError(
@@ -229,7 +234,7 @@ class ISIC2018(MaskFiles, SegmentationData):
                     )
                 folder_of[pair.case_id] = input_dir
             pairs += found
-            ignored += n_ignored
+            ignored += skipped
             problems += found_problems
         if not folder_of and not problems:
             present = sorted(os.listdir(test_root))[:10]
@@ -237,7 +242,8 @@ class ISIC2018(MaskFiles, SegmentationData):
                 f"no ISIC 2018 input folder in dataset.test_root {test_root} (found: {', '.join(present) or 'nothing'}): "
                 f"expected one or more of {', '.join(n for n, _ in names)}, each beside its GroundTruth folder"
             )
-        return sorted(pairs, key=lambda p: p.case_id), {"test_pairs_found": len(pairs), "test_files_ignored": ignored}, problems
+        self._note_ignored(ignored)
+        return sorted(pairs, key=lambda p: p.case_id), {"test_pairs_found": len(pairs), "test_files_ignored": len(ignored)}, problems
 
     def _where(self) -> str:
         folders = [str(f) for f in (None if self.test_only else self.root, self.test_root) if f is not None]

@@ -99,6 +99,12 @@ class SliceFolders(MaskFiles, SegmentationData):
         return f"the slice folders under {' and '.join(folders)}"
 
     def _scan(self, root: Path) -> tuple[list[SlicePair], int, list[str]]:
+        """The pairs of one folder (`_scan_folder`); the entries it passes over are recorded (`_note_ignored`)."""
+        pairs, ignored, problems = self._scan_folder(root)
+        self._note_ignored(ignored)
+        return pairs, len(ignored), problems
+
+    def _scan_folder(self, root: Path) -> tuple[list[SlicePair], list[str], list[str]]:
         """Pairs of one folder in the configured layout: root, or test_root (read the same way)."""
         if not root.is_dir():
             raise DatasetError(
@@ -113,13 +119,17 @@ class SliceFolders(MaskFiles, SegmentationData):
                     f"{what} folder {folder} is missing (found in {root}: {', '.join(present) or 'nothing'}): expected "
                     f"{self.image_dir}/{self.image_pattern} with {self.mask_dir}/{self.mask_pattern}"
                 )
-        pairs, problems, ignored = [], [], 0
+        pairs, problems, ignored = [], [], []
         mask_names = set(os.listdir(mask_dir))
         used_masks = set()
         for entry in sorted(os.scandir(image_dir), key=lambda e: natural_key(e.name)):
             match = self._image_re.match(entry.name)
-            if not match or not entry.is_file():
-                ignored += 1
+            if not match:
+                ignored.append(f"{entry.path}: does not match image_pattern {self.image_pattern!r}")
+                continue
+            if not entry.is_file():
+                what = "a folder" if entry.is_dir() else "a dangling symlink" if entry.is_symlink() and not os.path.exists(entry.path) else "not a regular file"
+                ignored.append(f"{entry.path}: named like an image but {what}")
                 continue
             case_id = match.group("id")
             mask_name = self.mask_pattern.replace("{id}", case_id)
@@ -128,7 +138,7 @@ class SliceFolders(MaskFiles, SegmentationData):
                 continue
             used_masks.add(mask_name)
             pairs.append(SlicePair(case_id, Path(entry.path), mask_dir / mask_name))
-        ignored += len(mask_names - used_masks)
+        ignored += [f"{mask_dir / name}: not the mask of an image read" for name in sorted(mask_names - used_masks)]
         if not pairs and not problems:
             raise DatasetError(
                 f"no image matching {self.image_pattern!r} in {image_dir} (found: "

@@ -193,7 +193,7 @@ class Volume3D:
     def __init__(self, *, patch_size: int, patches_per_case: int, foreground_fraction: float, scale_limit: float,
                  affine_p: float, window_overlap: float, window_batch: int, **reader):
         super().__init__(**reader)
-        self.patch_size = check_int(patch_size, "patch_size", 8)
+        self.patch_size = check_int(patch_size, "patch_size", 8, 512)  # 512 cubed float32 is 512 MiB a channel
         self.patches_per_case = check_int(patches_per_case, "patches_per_case", 1)
         self.foreground_fraction = check_number(foreground_fraction, "foreground_fraction", 0.0, 1.0)
         self.scale_limit = check_number(scale_limit, "scale_limit", 0.0, 0.9)

@@ -24,16 +24,21 @@ from typing import Any, Callable, TypeVar  # noqa: E402
 
 from torch import nn  # noqa: E402
 
+from data.checks import plain_values  # noqa: E402
+
 # Set by the dataset, never by the model config (a value there would be silently overridden).
 _INJECTED = ("in_channels", "num_classes")
 _MARK = "__medprune_model_factory__"
 # `models.<module>.<builder>`: only builders of this package's own modules can be named.
 _TARGET = re.compile(r"^models\.[a-z_][a-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$")
-_PLAIN = (str, int, float, bool, type(None))
 
-__all__ = ["build_model", "model_factory", "model_kwargs_check", "ModelConfigError", "compat"]
+__all__ = ["build_model", "model_factory", "model_kwargs_check", "ModelConfigError", "PretrainedWeightsUnavailable", "compat"]
 
 F = TypeVar("F", bound=Callable[..., nn.Module])
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """Pretrained encoder weights were asked for but are neither in the local cache nor downloadable."""
 
 
 class ModelConfigError(ValueError):
@@ -83,29 +88,11 @@ def resolve_factory(target: Any, where: str = "model") -> Callable[..., nn.Modul
     return builder
 
 
-def _plain_kwargs(d: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """The keyword values of a model config, each a plain value or a list of plain values."""
-    out = {}
-    for key, value in d.items():
-        if key == "_target_":
-            continue
-        if not isinstance(key, str) or key.startswith("_"):
-            raise ModelConfigError(f"{where}: key {key!r} is not allowed: expected _target_ and plain keyword values")
-        if isinstance(value, (list, tuple)):
-            if not all(isinstance(v, _PLAIN) for v in value):
-                raise ModelConfigError(f"{where}: {key}={value!r} is nested: expected a plain value or a list of plain values")
-            value = list(value)
-        elif not isinstance(value, _PLAIN):
-            raise ModelConfigError(f"{where}: {key}={value!r} is not a plain value (number, string, bool, null or a list of those)")
-        out[key] = value
-    return out
-
-
 def model_kwargs_check(cfg: Any, where: str = "model") -> tuple[Callable[..., nn.Module], dict[str, Any]]:
     """Fails naming ``model.<key>`` on any key the builder would reject; returns (builder, kwargs)."""
     d = _as_dict(cfg)
     builder = resolve_factory(d.get("_target_"), where)
-    kwargs = _plain_kwargs(d, where)
+    kwargs = plain_values(d, where, ModelConfigError)
     for key in kwargs:
         if key in _INJECTED:
             raise ModelConfigError(f"{where}.{key} must not be set in the model config: it comes from the dataset")

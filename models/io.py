@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from data.files import atomic_write, sha256_file
+from data.files import atomic_write, sha256_file, storage_full
 from models import ModelConfigError, _as_dict, build_model, model_kwargs_check
 
 FORMAT = "medprune-model/1"
@@ -52,7 +52,14 @@ def save_tensors(tensors: Mapping[str, torch.Tensor], path, metadata: Optional[d
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    save_file(state, str(tmp), metadata=metadata)
+    try:
+        save_file(state, str(tmp), metadata=metadata)
+    except (SafetensorError, OSError) as err:
+        tmp.unlink(missing_ok=True)
+        full = storage_full(err, path)
+        if full is not None:
+            raise full from err
+        raise ModelFileError(f"cannot write {path} ({type(err).__name__}: {err})") from err
     digest = sha256_file(tmp)
     tmp.replace(path)
     return digest

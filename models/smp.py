@@ -10,6 +10,7 @@ which config key caused it. (models/__init__ has already run compat.ensure_torch
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -18,14 +19,39 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
-from models import model_factory
+from models import PretrainedWeightsUnavailable, model_factory
 
 # Exceptions from these packages (anywhere in the chain) mean "could not fetch the weights".
 _DOWNLOAD_MODULES = ("huggingface_hub", "requests", "urllib", "urllib3", "httpx", "httpcore", "socket", "ssl")
 
 
-class PretrainedWeightsUnavailable(RuntimeError):
-    """Pretrained encoder weights were asked for but could not be downloaded (e.g. offline)."""
+@contextlib.contextmanager
+def hub_offline():
+    """Within the block the Hugging Face hub is offline: weights come from the local cache or fail at once
+    (huggingface_hub reads its offline flag at each call; online, a missing file costs ~25 s of retries)."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (HF_ENDPOINT) answers a TCP connection within `timeout` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def architectures() -> dict[str, type[nn.Module]]:

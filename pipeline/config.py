@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from data.readers import ReaderSettingsError, accepted_keys
 from pipeline.precision import Precision
 from pipeline.schedules import SCHEDULES, ConfigEnum, Scope  # noqa: F401  (Scope: the schema's type, re-exported)
 
@@ -201,20 +200,6 @@ def _import_target(path: str, key: str):
         raise ConfigError(f"{key}._target_={path!r} cannot be imported: {err}") from err
 
 
-def accepted_keys(target) -> Optional[set[str]]:
-    """The keyword names `target` accepts, None for "anything". A class whose __init__ forwards **kwargs to
-    its base (BraTS -> VolumeSliceData) accepts the base's keys too."""
-    KINDS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    functions = [c.__dict__["__init__"] for c in inspect.getmro(target) if "__init__" in c.__dict__] if inspect.isclass(target) else [target]
-    keys: set[str] = set()
-    for function in functions:
-        params = inspect.signature(function).parameters
-        keys |= {n for n, p in params.items() if p.kind in KINDS and n != "self"}
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            return keys
-    return None
-
-
 def check_target_keys(node: DictConfig, key: str) -> None:
     """Every key of `node` must be a parameter of its `_target_`."""
     if not isinstance(node, DictConfig) or "_target_" not in node:
@@ -243,7 +228,14 @@ COUNT_RULES: tuple[tuple[re.Pattern, int], ...] = (
 )
 
 
-def count_minimum(name: str) -> int | None:
+# Keys whose minimum is not their name's rule: training needs an epoch (fine-tuning may have none).
+KEY_MINIMUM = {"train.epochs": 1}
+
+
+def count_minimum(name: str, key: str = "") -> int | None:
+    """The minimum of a count key, by its full key (KEY_MINIMUM) or its name (COUNT_RULES); None: not a count."""
+    if key in KEY_MINIMUM:
+        return KEY_MINIMUM[key]
     for pattern, low in COUNT_RULES:
         if pattern.search(name):
             return low
@@ -261,7 +253,7 @@ def check_counts(node: Any, prefix: str = "") -> None:
             if isinstance(child, DictConfig):
                 check_counts(child, key + ".")
                 continue
-            low = count_minimum(str(name))
+            low = count_minimum(str(name), key)
             if low is None or child is None or node._get_node(name)._is_interpolation():
                 continue  # an interpolated value is checked where it comes from
             if isinstance(child, bool) or not isinstance(child, int):
@@ -349,6 +341,46 @@ def check_dims(data, reader_target: str, builder, model_keys: dict, model_target
                           f"{2**depth} (the patch is halved {depth} times)")
 
 
+def evaluate_settings(node: Any) -> DictConfig:
+    """An `evaluate` block (a mapping) checked against EvaluateConfig's types: what an evaluate-only job gets
+    from a stored config and its command line (pipeline.evaluate); ConfigError naming the key."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        e = OmegaConf.merge(OmegaConf.structured(EvaluateConfig), node)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", "") or ""
+        raise ConfigError(f"evaluate.{key}: {str(err).splitlines()[0]}" if key else f"evaluate: {str(err).splitlines()[0]}") from err
+    missing = sorted(OmegaConf.missing_keys(e))
+    if missing:
+        raise ConfigError(f"{', '.join('evaluate.' + k for k in missing)} must be set")
+    check_counts(e, "evaluate.")
+    validate_evaluate(e)
+    return e
+
+
+def validate_evaluate(e: DictConfig) -> None:
+    """The evaluate block's ranges (its types are the schema's)."""
+    _check_range(e.threshold, "evaluate.threshold", 0.0, 1.0)
+    for split in e.extra_splits:
+        if split not in ("train", "val"):
+            raise ConfigError(f"evaluate.extra_splits has {split!r}: expected train and/or val (test is always evaluated)")
+    if e.latency_runs < 2:
+        raise ConfigError(f"evaluate.latency_runs={e.latency_runs} is out of range: the stability window needs >= 2 runs")
+    _check_range(e.latency_warmup, "evaluate.latency_warmup", 0, None)
+    if e.latency_max_runs < e.latency_runs:
+        raise ConfigError(f"evaluate.latency_max_runs={e.latency_max_runs} is below evaluate.latency_runs={e.latency_runs}: "
+                          "the window could never fill")
+    _check_range(e.latency_target_cv, "evaluate.latency_target_cv", 0.0, None)
+    if not e.latency_max_seconds > 0:
+        raise ConfigError(f"evaluate.latency_max_seconds={e.latency_max_seconds} is out of range: expected > 0")
+    if not e.nsd_tolerance > 0:
+        raise ConfigError(f"evaluate.nsd_tolerance={e.nsd_tolerance} is out of range: expected > 0 (mm, or pixels)")
+    if e.jaccard_threshold is not None:
+        _check_range(e.jaccard_threshold, "evaluate.jaccard_threshold", 0.0, 1.0, high_open=False)
+    _check_range(e.collapse_tolerance, "evaluate.collapse_tolerance", 0.0, 0.5)
+
+
 def validate(cfg: DictConfig) -> None:
     """Checks what the schema's types cannot; raises ConfigError naming the key."""
     missing = sorted(k for k in OmegaConf.missing_keys(cfg) if k != "paper" and not k.startswith("paper."))
@@ -358,22 +390,18 @@ def validate(cfg: DictConfig) -> None:
     check_counts(cfg)
     from data.synthetic import check_synthetic, split_synthetic
 
+    from data import build_reader
+
     reader, synthetic = split_synthetic(OmegaConf.to_container(cfg.dataset, resolve=True))
-    check_target_keys(OmegaConf.create(reader), "dataset")
     if synthetic is not None:
         try:
             check_synthetic(synthetic)
         except ValueError as err:
             raise ConfigError(str(err)) from err
-    from hydra.errors import InstantiationException
-
-    try:  # constructors only check their values (files are read in setup): cheap, and fails early
-        data = instantiate(reader, _convert_="all")  # as data.build_data does
-    except InstantiationException as err:  # Hydra wraps the constructor's ValueError / TypeError
-        cause = err.__cause__
-        if not isinstance(cause, (ValueError, TypeError)):
-            raise  # a bug, not a setting: keep its traceback
-        raise ConfigError(f"dataset ({reader['_target_']}): {cause}") from err
+    try:  # the allow-listed reader built from plain values; constructors only check them (files are read in setup)
+        data = build_reader(reader)
+    except ReaderSettingsError as err:
+        raise ConfigError(str(err)) from err
     from models import model_kwargs_check  # also knows each smp architecture's own keys
 
     try:
@@ -394,30 +422,10 @@ def validate(cfg: DictConfig) -> None:
     _check_range(cfg.sensitivity.target_flops, "sensitivity.target_flops", 0.0, 1.0)
     for group in ("train", "finetune"):
         node = cfg[group]
-        if group == "train":
-            _check_range(node.epochs, "train.epochs", 1, None)
         _check_range(node.lr, f"{group}.lr", 0.0, None)
         _check_range(node.weight_decay, f"{group}.weight_decay", 0.0, None)
         _check_range(node.bn_l1, f"{group}.bn_l1", 0.0, None)
-    _check_range(cfg.evaluate.threshold, "evaluate.threshold", 0.0, 1.0)
-    for split in cfg.evaluate.extra_splits:
-        if split not in ("train", "val"):
-            raise ConfigError(f"evaluate.extra_splits has {split!r}: expected train and/or val (test is always evaluated)")
-    e = cfg.evaluate
-    if e.latency_runs < 2:
-        raise ConfigError(f"evaluate.latency_runs={e.latency_runs} is out of range: the stability window needs >= 2 runs")
-    _check_range(e.latency_warmup, "evaluate.latency_warmup", 0, None)
-    if e.latency_max_runs < e.latency_runs:
-        raise ConfigError(f"evaluate.latency_max_runs={e.latency_max_runs} is below evaluate.latency_runs={e.latency_runs}: "
-                          "the window could never fill")
-    _check_range(e.latency_target_cv, "evaluate.latency_target_cv", 0.0, None)
-    if not e.latency_max_seconds > 0:
-        raise ConfigError(f"evaluate.latency_max_seconds={e.latency_max_seconds} is out of range: expected > 0")
-    if not e.nsd_tolerance > 0:
-        raise ConfigError(f"evaluate.nsd_tolerance={e.nsd_tolerance} is out of range: expected > 0 (mm, or pixels)")
-    if e.jaccard_threshold is not None:
-        _check_range(e.jaccard_threshold, "evaluate.jaccard_threshold", 0.0, 1.0, high_open=False)
-    _check_range(e.collapse_tolerance, "evaluate.collapse_tolerance", 0.0, 0.5)
+    validate_evaluate(cfg.evaluate)
     from pipeline.distillation import LOSSES
     from pipeline.quantization import CALIBRATION_METHODS
 

@@ -12,10 +12,12 @@ the source run in the MLflow UI (`mlflow.parentRunId`), tagged `medprune.source_
 the sweep is evaluated, under a new sweep parent run that `python -m pipeline.report <its id>` tabulates
 with the source sweep's table settings.
 
-The source run's config is data: its dataset reader must be one of medprune's (the `_target_` of a file in
-conf/dataset/); nothing else it names is built. Models are loaded with their checksums verified.
-Only `dataset.test_root`, `evaluate.*` and `device` may be given: anything else would no longer describe
-how the networks were trained.
+The source run's config is data (pipeline/stored_config.py): plain values only, nothing resolved, nothing
+built from it but the dataset reader, picked by name from medprune's own (data.READERS). The networks are
+the run folder's own files (paths in state.json relative to the folder; one pointing outside it is refused),
+loaded with their checksums verified. Everything (config, networks, the test set) is checked before an
+MLflow run is opened. Only `dataset.test_root`, `evaluate.*` and `device` may be given: anything else would
+no longer describe how the networks were trained.
 """
 from __future__ import annotations
 
@@ -30,14 +32,17 @@ import re  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import uuid  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Optional  # noqa: E402
 
 import yaml  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 import models  # noqa: E402,F401  (torchvision compatibility before anything imports torchvision)
-from pipeline.config import ConfigError  # noqa: E402
+from pipeline import stored_config  # noqa: E402
+from pipeline.config import ConfigError, evaluate_settings  # noqa: E402
 from pipeline.paths import CONF_DIR, outputs_dir  # noqa: E402
 from pipeline.state import Context, RunState, pick_device, seed_everything  # noqa: E402
 from pipeline.tracking import KIND_TAG, PARENT_TAG, SWEEP_TAG  # noqa: E402
@@ -52,17 +57,6 @@ NETWORKS = {"baseline": "baseline", "pruned": "pruned_model", "final": "final_mo
 
 class SourceError(ValueError):
     """The run to evaluate cannot be found or used; the message names it."""
-
-
-def dataset_readers() -> set[str]:
-    """The readers medprune ships (the `_target_` of each conf/dataset/*.yaml): the only ones a run's
-    config, read back from disk or MLflow, may name."""
-    targets = set()
-    for path in (CONF_DIR / "dataset").glob("*.yaml"):
-        target = (yaml.safe_load(path.read_text()) or {}).get("_target_")
-        if target:
-            targets.add(target)
-    return targets
 
 
 def parse_args(argv: list[str]) -> tuple[str, dict[str, Any]]:
@@ -88,19 +82,24 @@ def parse_args(argv: list[str]) -> tuple[str, dict[str, Any]]:
     return ref, overrides
 
 
-def build_config(source: dict, overrides: dict[str, Any]) -> DictConfig:
-    """The source run's resolved config with the overrides; evaluate keys it predates take today's defaults
-    (conf/evaluate/default.yaml), keys today's evaluate stage no longer has are dropped."""
+def build_config(source: dict, overrides: dict[str, Any], outputs: Optional[Path] = None) -> DictConfig:
+    """The source run's config (checked data: pipeline/stored_config.py) with the overrides. Evaluate keys it
+    predates take today's defaults (conf/evaluate/default.yaml), keys today's evaluate stage no longer has are
+    dropped; the evaluate block is then checked against its schema, and the dataset's cache folder is this
+    machine's (`outputs/cache`: a stored path names another machine's, and is not for a config to choose)."""
     current = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "evaluate" / "default.yaml"), resolve=False)
     evaluate = {**current, **{k: v for k, v in (source.get("evaluate") or {}).items() if k in current}}
-    cfg = OmegaConf.create({**source, "evaluate": evaluate})
-    target = cfg.dataset.get("_target_") if isinstance(cfg.get("dataset"), DictConfig) else None
-    readers = dataset_readers()
-    if target not in readers:
-        raise SourceError(f"the source run's dataset._target_={target!r} is not one of medprune's readers "
-                          f"({', '.join(sorted(readers))}): refusing to build it")
+    cfg = OmegaConf.create({**source, "evaluate": evaluate})  # no `${...}` is left in a checked config
     for key, value in overrides.items():
-        OmegaConf.update(cfg, key, value, force_add=key == "dataset.test_root")
+        try:
+            OmegaConf.update(cfg, key, value, force_add=key == "dataset.test_root")
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{key}={value!r} does not fit the run's config ({str(err).splitlines()[0]})") from err
+    cfg.evaluate = evaluate_settings(cfg.evaluate)  # types and ranges, before any run is opened
+    if "cache_dir" in cfg.dataset:
+        cfg.dataset.cache_dir = str((outputs or outputs_dir()) / "cache")
+    if "tracking" not in cfg or not isinstance(cfg.tracking, DictConfig):
+        raise SourceError("the source run's config has no tracking section: expected a medprune run's config")
     cfg.tracking.log_models = False  # the source run holds the models; an evaluation only scores them
     cfg.tracking.register_as = None
     if not cfg.dataset.get("test_root"):
@@ -117,17 +116,21 @@ class Source:
         self.config, self.state, self.run_id, self.name, self.params = config, state, run_id, name, params
 
 
-def _read_config(path: Path) -> dict:
+def _read_config(path: Path, where: Optional[str] = None) -> dict:
     try:
-        return yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise SourceError(f"cannot read the source run's config {path}: {err}") from err
+        return stored_config.read(path, where)
+    except stored_config.StoredConfigError as err:
+        raise SourceError(str(err)) from err
 
 
 def from_folder(run_dir: Path, client=None) -> Source:
+    """A run folder's own config and networks: every path state.json names must be inside the folder."""
     if not (run_dir / "config.yaml").exists() or not (run_dir / "state.json").exists():
         raise SourceError(f"{run_dir} is not a medprune run folder: expected config.yaml and state.json in it")
-    state = RunState.load(run_dir)
+    try:
+        state = RunState.load_contained(run_dir)
+    except ValueError as err:
+        raise SourceError(str(err)) from err
     run = None
     experiments = [e.experiment_id for e in client.search_experiments()] if client is not None else []
     if experiments:  # the MLflow run that wrote the folder, if this store has it
@@ -138,20 +141,25 @@ def from_folder(run_dir: Path, client=None) -> Source:
 
 
 def from_mlflow(client, run, download_to: Path) -> Source:
-    """A run's networks from its folder when it is on this machine, else from its artifacts."""
+    """A run's networks from its folder when it is on this machine (and holds them), else from its artifacts."""
     tags = run.data.tags
     run_dir = Path(tags.get("medprune.run_dir", ""))
     if str(run_dir) and (run_dir / "state.json").exists() and (run_dir / "config.yaml").exists():
-        state = RunState.load(run_dir)
-        if all(Path(p).exists() for p in (state.baseline, state.pruned, state.final) if p):
-            return Source(_read_config(run_dir / "config.yaml"), state, run.info.run_id, run.info.run_name, run.data.params)
+        try:
+            state = RunState.load_contained(run_dir)
+        except ValueError as err:
+            log.info("run %s: its folder %s is not usable as it is (%s): using its artifacts", run.info.run_id, run_dir, err)
+        else:
+            if all(Path(p).exists() for p in (state.baseline, state.pruned, state.final) if p):
+                return Source(_read_config(run_dir / "config.yaml"), state, run.info.run_id, run.info.run_name, run.data.params)
     folder = download_to / run.info.run_id
     folder.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        config = _read_config(Path(client.download_artifacts(run.info.run_id, "config.yaml", str(folder))))
+        local = client.download_artifacts(run.info.run_id, "config.yaml", str(folder))
     except Exception as err:
         raise SourceError(f"run {run.info.run_id} has no config.yaml artifact ({type(err).__name__})") from err
+    config = _read_config(Path(local), f"the config.yaml artifact of run {run.info.run_id}")
     paths: dict[str, Optional[str]] = {}
     for field, artifact in NETWORKS.items():
         owner = tags.get("medprune.baseline_run_id", run.info.run_id) if field == "baseline" else run.info.run_id
@@ -187,18 +195,46 @@ def sources(ref: str, client, download_to: Path) -> tuple[list[Source], Any]:
 
 # -- running ----------------------------------------------------------------------------------------------
 
-def evaluate_one(source: Source, overrides: dict, uri: str, outputs: Path, parent_id: Optional[str],
-                 sweep_id: Optional[str]) -> dict[str, float]:
+@dataclass
+class Job:
+    """One evaluation, everything checked and read: the config, the device, the verified networks, the test set."""
+
+    source: Source
+    cfg: DictConfig
+    device: Any
+    data: Any
+
+
+def prepare(source: Source, overrides: dict, outputs: Path, datasets: dict[str, Any]) -> Job:
+    """Checks what an evaluation needs before any MLflow run is opened: its config, its device, its networks'
+    checksums, and every file of the test set (read once per distinct dataset setting, `datasets`)."""
     from data import build_data
+    from models.io import verify_model
+
+    cfg = build_config(source.config, overrides, outputs)
+    try:
+        device = pick_device(str(cfg.device))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    for name in RunState.NETWORKS:
+        path = getattr(source.state, name)
+        if path:
+            verify_model(Path(path))  # ModelFileError naming the file
+    key = json.dumps(OmegaConf.to_container(cfg.dataset, resolve=False), sort_keys=True)
+    if key not in datasets:
+        seed_everything(int(cfg.seed))
+        datasets[key] = build_data(cfg.dataset, int(cfg.seed), test_only=True)  # reads and checks every test file
+    return Job(source, cfg, device, datasets[key])
+
+
+def evaluate_one(job: Job, uri: str, outputs: Path, parent_id: Optional[str], sweep_id: Optional[str]) -> dict[str, float]:
     from pipeline.report import results_table
     from pipeline.stages import evaluate as stage
     from pipeline.run import record_inputs
     from pipeline.tracking import start_run
 
-    cfg = build_config(source.config, overrides)
+    source, cfg, device, data = job.source, job.cfg, job.device, job.data
     seed_everything(int(cfg.seed))
-    device = pick_device(str(cfg.device))
-    data = build_data(cfg.dataset, int(cfg.seed), test_only=True)  # reads and checks every test file first
     digest = data.content_digest()
     stamp = datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f")
     run_dir = outputs / "evaluations" / stamp
@@ -241,11 +277,10 @@ def evaluate(ref: str, overrides: dict[str, Any]) -> list[dict[str, float]]:
     client = client_for(uri)
     with tempfile.TemporaryDirectory(prefix="medprune-evaluate-", dir=outputs if outputs.exists() else None) as tmp:
         found, sweep = sources(ref, client, Path(tmp))
-        for source in found:  # every config is checked before anything runs
-            build_config(source.config, overrides)
+        datasets: dict[str, Any] = {}
+        jobs = [prepare(source, overrides, outputs, datasets) for source in found]  # all checked before any run opens
         if sweep is None:
-            source = found[0]
-            return [evaluate_one(source, overrides, uri, outputs, source.run_id, None)]
+            return [evaluate_one(jobs[0], uri, outputs, found[0].run_id, None)]
         # A sweep: a new parent run, so that `pipeline.report <its id>` tabulates the evaluations.
         sweep_id = uuid.uuid4().hex[:12]
         test_root = str(overrides.get("dataset.test_root"))
@@ -262,7 +297,7 @@ def evaluate(ref: str, overrides: dict[str, Any]) -> list[dict[str, float]]:
                 client.log_artifact(parent.info.run_id, paper_file, "sweep")
             except Exception:
                 pass
-            results = [evaluate_one(s, overrides, uri, outputs, parent.info.run_id, sweep_id) for s in found]
+            results = [evaluate_one(job, uri, outputs, parent.info.run_id, sweep_id) for job in jobs]
             status = "FINISHED"
         finally:
             client.set_terminated(parent.info.run_id, status)

@@ -119,22 +119,25 @@ class Source:
 
 
 def read_config(ref: str) -> tuple[dict, str]:
-    """`config=`: a run folder (its config.yaml, else .hydra/config.yaml) or a config YAML file, read as data."""
+    """`config=`: a run folder (its config.yaml) or that config.yaml, read as data (pipeline/stored_config.py:
+    plain values, nothing resolved, no code named)."""
+    from pipeline.stored_config import StoredConfigError, read
+
     path = Path(ref).expanduser()
     if path.is_dir():
-        path = next((p for p in (path / "config.yaml", path / ".hydra" / "config.yaml") if p.is_file()), None)
-        if path is None:
-            raise ConfigError(f"config={ref}: the folder holds neither config.yaml nor .hydra/config.yaml: expected a "
-                              f"medprune run folder")
+        path = path / "config.yaml"
+        if not path.is_file():
+            raise ConfigError(f"config={ref}: the folder holds no config.yaml: expected a medprune run folder (its "
+                              f"config.yaml is written resolved when the run starts)")
     elif not path.is_file():
-        raise ConfigError(f"config={ref} does not exist: expected a run folder or its config YAML")
+        raise ConfigError(f"config={ref} does not exist: expected a run folder or its config.yaml")
+    if path.parent.name == ".hydra":
+        raise ConfigError(f"config={ref} is Hydra's own copy, which holds unresolved ${{...}} interpolations: expected the "
+                          f"run folder or its config.yaml (written resolved; a stored config is never resolved)")
     try:
-        config = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"config={ref}: {path} cannot be read as YAML ({type(err).__name__})") from err
-    if not isinstance(config, dict) or not isinstance(config.get("dataset"), dict):
-        raise ConfigError(f"config={ref}: {path} has no dataset section: expected a medprune run's config")
-    return config, str(path.resolve())
+        return read(path), str(path.resolve())
+    except StoredConfigError as err:
+        raise ConfigError(f"config={ref}: {err}") from err
 
 
 def find_source(settings: dict[str, Any], given: set[str], download_to: Path) -> Source:
@@ -197,47 +200,42 @@ class Settings:
 
 
 def run_settings(source: Source, settings: dict[str, Any]) -> Settings:
-    """The run config's dataset, evaluate.threshold / batch_size / threads and device (interpolations resolved),
-    with the command line's device, batch_size and threshold over them."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
+    """The run config's dataset, evaluate.threshold / batch_size / threads and device (plain values: the config
+    was checked as data and nothing in it is resolved), with the command line's device, batch_size and
+    threshold over them."""
     from pipeline.evaluate import SourceError
 
-    try:
-        cfg = OmegaConf.create(source.config)
-        dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
-        evaluate = cfg.get("evaluate")
-        evaluate = OmegaConf.to_container(evaluate, resolve=True) if OmegaConf.is_dict(evaluate) else {}
-        device = cfg.get("device", "auto")
-    except OmegaConfBaseException as err:
-        raise SourceError(f"{source.where} cannot be resolved ({type(err).__name__}: {str(err).splitlines()[0]})") from err
+    evaluate = source.config.get("evaluate")
+    evaluate = evaluate if isinstance(evaluate, dict) else {}
     for key in ("threshold", "batch_size"):
         if key not in evaluate:
             raise SourceError(f"{source.where} has no evaluate.{key}: expected a medprune run's config")
     pick = {key: settings[key] if settings[key] is not None else evaluate[key] for key in ("threshold", "batch_size")}
-    return Settings(dataset, float(pick["threshold"]), int(pick["batch_size"]), evaluate.get("threads"),
-                    str(settings["device"] if settings["device"] is not None else device))
+    threshold, size, threads = pick["threshold"], pick["batch_size"], evaluate.get("threads")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+        raise SourceError(f"{source.where}: evaluate.threshold is not a probability strictly between 0 and 1")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise SourceError(f"{source.where}: evaluate.batch_size is not an integer >= 1")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise SourceError(f"{source.where}: evaluate.threads is not an integer >= 1 (or null)")
+    device = settings["device"] if settings["device"] is not None else source.config.get("device", "auto")
+    if not isinstance(device, str):
+        raise SourceError(f"{source.where}: device is not a string (auto, cpu, cuda or cuda:N)")
+    return Settings(dict(source.config["dataset"]), float(threshold), int(size), threads, device)
 
 
 def make_reader(dataset: dict, where: str):
-    """The run's dataset reader, built from its config (an allowed `_target_` only), nothing read."""
-    from hydra.errors import InstantiationException
-
-    from data import build_reader
+    """The run's dataset reader, built from its config's plain values (data.build_reader: an allow-listed reader,
+    nothing else built), nothing read."""
+    from data import ReaderSettingsError, build_reader
     from data.brats import BraTS
-    from pipeline.evaluate import SourceError, dataset_readers
+    from pipeline.evaluate import SourceError
 
     target = dataset.get("_target_")
-    readers = dataset_readers()
-    if target not in readers:
-        raise SourceError(f"{where}: dataset._target_={target!r} is not one of medprune's readers "
-                          f"({', '.join(sorted(readers))}): refusing to build it")
     try:
         reader = build_reader(dataset)
-    except (InstantiationException, ValueError, TypeError) as err:
-        cause = err.__cause__ or err
-        raise SourceError(f"{where}: its dataset settings do not build {target} ({str(cause).splitlines()[0]})") from err
+    except ReaderSettingsError as err:
+        raise SourceError(f"{where}: {err}") from err
     if getattr(reader, "dims", 2) == 3 and not isinstance(reader, BraTS):
         raise SourceError(f"{where}: predict applies 3D networks to BraTS volumes, not {target}'s data (the COVID-19 CT "
                           f"reader crops each scan to its lung mask, which a new scan does not have)")
@@ -280,7 +278,18 @@ def _load_network(source: Source, reader, device: torch.device, threads: Optiona
                               f"network trained with that config")
         if device.type != "cpu":
             log.info("device=%s: an ONNX model runs on the CPU (ONNX Runtime's CPU provider)", device)
-        return lambda x: torch.from_numpy(inference.onnx_run(session, x))
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            try:
+                return torch.from_numpy(inference.onnx_run(session, x))
+            except Exception as err:  # ONNX Runtime's own types: a graph that cannot run (a tensor beyond memory, ...)
+                if not type(err).__module__.startswith("onnxruntime"):
+                    raise
+                first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+                raise SourceError(f"model={source.network} failed in ONNX Runtime on a batch shaped {list(x.shape)} "
+                                  f"({type(err).__name__}: {first[:300]})") from err
+
+        return run
     from models.io import load_model, read_meta
 
     channels = read_meta(source.network)["in_channels"]
@@ -305,6 +314,9 @@ def list_inputs(input_ref: str, output: Path, reader) -> list[Path]:
         raise ConfigError(f"output={output} is the input folder: expected a folder of its own for the masks")
     if output.exists() and not output.is_dir():
         raise ConfigError(f"output={output} is a file: expected a folder")
+    if not (path.is_file() or path.is_dir()):
+        raise ConfigError(f"input={input_ref} is {not_regular(path)}: expected an image, a NIfTI volume or a case folder, "
+                          f"or a folder of them")
     if path.is_file() or (isinstance(reader, BraTS) and reader.case_files(path)[0] is not None):
         return [path]
     entries = sorted(p for p in path.iterdir() if p != output)
@@ -318,6 +330,18 @@ def list_inputs(input_ref: str, output: Path, reader) -> list[Path]:
                               f"per name (move one aside)")
         names[name] = entry
     return entries
+
+
+def not_regular(path: Path) -> str:
+    """What a path that is neither a regular file nor a folder is (after symlinks), for a message."""
+    import stat
+
+    if not path.exists():
+        return "a dangling symlink" if path.is_symlink() else "missing"
+    mode = path.stat().st_mode
+    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+    return kind + (" (through a symlink)" if path.is_symlink() else "")
 
 
 def output_stem(path: Path) -> str:
@@ -394,6 +418,8 @@ class Predictor:
         from data.nifti import strip_nifti
 
         kind = type(self.reader).__name__
+        if not (path.is_file() or path.is_dir()):  # a FIFO would block the read forever; a device never ends
+            raise Skip(f"{path} is {not_regular(path)}: only regular files are inputs")
         if path.is_dir():
             raise Skip(f"{path} is a folder: expected an image file (the network's dataset, {kind}, is 2D images)")
         if strip_nifti(path.name):
@@ -438,6 +464,8 @@ class Predictor:
         from data.nifti import VolumeProblem, strip_nifti
         from data.volumes import FILE_ERRORS
 
+        if not (path.is_file() or path.is_dir()):
+            raise Skip(f"{path} is {not_regular(path)}: only regular files and case folders are inputs")
         try:
             if path.is_dir():
                 volumes, brain, image = self.reader.read_case(path)

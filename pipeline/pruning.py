@@ -172,6 +172,20 @@ def high_resolution_layers(model: nn.Module, example_inputs: torch.Tensor) -> se
 class PruneResult:
     model: nn.Module
     channels: list[dict]  # one row per prunable layer: name, before, after, removed, rounding
+    # when the scope kept more channels than its ratios and the rounding allow (layers coupled to a layer asked
+    # for less, or left whole by torch-pruning): each layer over its share, with before, after and allowed (the
+    # most the ratio and rounding keep); empty otherwise
+    shortfall: list[dict]
+
+    def removed_nothing(self) -> bool:
+        return all(row["after"] == row["before"] for row in self.channels)
+
+
+def allowed_channels(before: int, ratio: float, quantum: int) -> int:
+    """The most channels a layer of `before` may keep at `ratio`: torch-pruning keeps int(before * (1 - ratio)),
+    the rounding takes that down to a multiple of `quantum` but never below one quantum (nor above `before`),
+    and a layer is never emptied."""
+    return max(int(before * (1 - ratio)), min(quantum, before), 1)
 
 
 def out_channels(model: nn.Module) -> dict[str, int]:
@@ -252,7 +266,9 @@ def prune(
         pruning_ratio_dict={layers[n]: r for n, r in per_layer.items()} or None,
         iterative_steps=steps,
         ignored_layers=ignored,
-        round_to=round_to,
+        # exact rates are multiples of 1: the same guard then keeps one channel where the ratio keeps none
+        # (torch-pruning would leave such a layer whole: ratio 0.999 removed nothing)
+        round_to=round_to or 1,
         quanta=quanta,
     )
     for step in range(1, steps + 1):
@@ -264,12 +280,24 @@ def prune(
         pruner.step()  # at ratio 0 this removes nothing (tested), so one path serves every ratio
     after = out_channels(model)
     rounding = _rounding_notes(pruner, names, round_to, round_to_high_res)
+    quantum = {n: quanta.get(layers[n], round_to or 1) if before[n] > quanta.get(layers[n], round_to or 1) else round_to or 1
+               for n in in_scope_names}
+    allowed = {n: allowed_channels(before[n], per_layer.get(n, ratio), quantum[n]) for n in in_scope_names}
+    # A shortfall is counted over the scope: layers coupled by a concatenation are pruned as one group (the
+    # channels of its least important member go first), which moves channels between them but not in total.
+    shortfall = [{"layer": n, "before": before[n], "after": after[n], "allowed": allowed[n]}
+                 for n in in_scope_names if after[n] > allowed[n]]
+    if sum(after[n] for n in in_scope_names) <= sum(allowed.values()):
+        shortfall = []
+    for row in shortfall:
+        rounding[row["layer"]] = (f"kept {row['after']}: the ratio and rounding keep at most {row['allowed']} (coupled to a "
+                                  f"layer asked for less, or not prunable)")
     rows = [
         {"layer": n, "scope": "encoder" if n.startswith("encoder.") else "decoder" if n.startswith("decoder.") else "other",
          "before": before[n], "after": after[n], "removed": 1 - after[n] / before[n], "rounding": rounding.get(n, "")}
         for n in before
     ]
-    return PruneResult(model=model, channels=rows)
+    return PruneResult(model=model, channels=rows, shortfall=shortfall)
 
 
 def _rounding_notes(pruner: RoundingPruner, names: dict[nn.Module, str], round_to: Optional[int],
@@ -293,10 +321,13 @@ def _rounding_notes(pruner: RoundingPruner, names: dict[nn.Module, str], round_t
     if widened:
         log.info("prune.round_to_high_res=%s: %d layer(s) at output stride <= %s keep a multiple of %s channels: %s",
                  round_to_high_res, len(widened), HIGH_RES_STRIDE, round_to_high_res, ", ".join(widened.values()))
-    if raised:
+    if raised and round_to:
         log.info("prune.round_to=%s: %d layer(s) keep %s channels where the ratio's count rounds down to 0: %s",
                  round_to, len(raised), round_to, ", ".join(raised))
-    if whole:
+    elif raised:
+        log.info("exact rates (prune.round_to=null): %d layer(s) keep 1 channel where the ratio keeps none: %s",
+                 len(raised), ", ".join(raised))
+    if whole and round_to:
         log.info("prune.round_to=%s: %d tiny layer(s) with at most %s channels are left whole: %s",
                  round_to, len(whole), round_to, ", ".join(whole))
     return notes

@@ -19,21 +19,24 @@ from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import hydra  # noqa: E402
+import torch  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import models  # noqa: E402,F401  (torchvision compatibility before anything imports torchvision)
-from data import DatasetError  # noqa: E402
-from models import ModelConfigError  # noqa: E402
+from data import DatasetError, ReaderSettingsError  # noqa: E402
+from data.files import StorageFull  # noqa: E402
+from models import ModelConfigError, PretrainedWeightsUnavailable  # noqa: E402
 from models.io import ModelFileError  # noqa: E402
 from pipeline import baseline as baselines  # noqa: E402
 from pipeline import paths  # noqa: E402,F401  (config resolvers)
 from pipeline.config import ConfigError, register_schema, validate  # noqa: E402
-from pipeline.journal import Journal, job_key  # noqa: E402
+from pipeline.journal import JOB_KEY_TAG, Journal, job_key  # noqa: E402
 from pipeline.latency_budget import LatencyBudgetError  # noqa: E402
 from pipeline.report import results_table  # noqa: E402
-from pipeline.state import Context, RunState, pick_device, seed_everything  # noqa: E402
+from pipeline.state import Context, RunState, keep_baseline, pick_device, seed_everything  # noqa: E402
+from pipeline.sweep import ENDING, finished_job  # noqa: E402
 from pipeline.tracking import (  # noqa: E402
     PARENT_TAG, SWEEP_TAG, Terminated, flatten, resolve_uri, start_run, sweep_of, terminate_on_sigterm,
 )
@@ -78,6 +81,10 @@ def record_inputs(tracker, resolved: dict, choices: dict[str, str], data, run_di
     (run_dir / "splits.json").write_text(json.dumps(splits, indent=1))
     tracker.log_artifact(run_dir / "splits.json", "data")
     log_data_stats(tracker, data.stats(), run_dir)
+    ignored = data.ignored_files()
+    if ignored:  # every entry the reader passed over, named (the log names the first few)
+        (run_dir / "ignored_files.txt").write_text("\n".join(ignored) + "\n")
+        tracker.log_artifact(run_dir / "ignored_files.txt", "data")
     tracker.log_datasets(name, root, {split: ids for split, ids in splits.items() if ids}, digest)
 
 
@@ -107,10 +114,19 @@ def execute(cfg: DictConfig) -> dict[str, float]:
     uri = resolve_uri(cfg.tracking.uri, outputs)
     name = cfg.tracking.run_name or run_name(cfg, choices, stages)
 
+    sweep = sweep_of(Path(hydra_cfg.sweep.dir)) if hydra_cfg.mode == RunMode.MULTIRUN else None
+    key = job_key(cfg)
+    done = finished_job(sweep, key) if sweep is not None else None
+    if done is not None:  # a sweep continued after a kill: this job finished in it
+        log.info("Job %s finished before the sweep was interrupted (MLflow run %s): skipped", name, done.info.run_id)
+        print(f"Skipped {name}: finished before the sweep was interrupted (MLflow run {done.info.run_id})")
+        return dict(done.data.metrics)
+
     # Everything that can be checked is checked before a run is opened or anything trained.
     data = build_data(cfg.dataset, cfg.seed)  # reads and checks every file
+    model = preflight_model(cfg, data)
     if "prune" in stages:
-        preflight_prune(cfg, data)
+        preflight_prune(cfg, data, model)
     state = baselines.resolve(cfg.baseline, uri, run_dir / "baseline_download") if cfg.baseline else RunState()
     if state.baseline is None and "train" not in stages and any(s in stages for s in NEEDS_BASELINE):
         key = baselines.baseline_key(cfg, data)
@@ -122,7 +138,7 @@ def execute(cfg: DictConfig) -> dict[str, float]:
             )
         state = RunState(baseline=str(baselines.cache_dir(outputs, key)), baseline_key=key, baseline_run_id=meta["run_id"])
 
-    journal = Journal(outputs, job_key(cfg)) if cfg.resume else None
+    journal = Journal(outputs, key) if cfg.resume else None
     interrupted = journal.interrupted() if journal is not None and journal.claim() else None
     if interrupted:
         run_dir = Path(interrupted["run_dir"])
@@ -130,9 +146,8 @@ def execute(cfg: DictConfig) -> dict[str, float]:
         log.info("Resuming the interrupted job of MLflow run %s in %s (stages done: %s)",
                  interrupted["run_id"], run_dir, ", ".join(state.done) or "none")
     tags = {"medprune.run_dir": str(run_dir), "medprune.stages": ",".join(stages), "medprune.device": str(device),
-            "mlflow.note.content": describe(cfg, choices, stages)}
+            JOB_KEY_TAG: key, "mlflow.note.content": describe(cfg, choices, stages)}
     tags.update({f"medprune.choice.{k}": v for k, v in choices.items()})
-    sweep = sweep_of(Path(hydra_cfg.sweep.dir)) if hydra_cfg.mode == RunMode.MULTIRUN else None
     if sweep is not None:  # a job of a multirun: nested under the sweep's parent run
         tags.update({PARENT_TAG: sweep["parent_run_id"], SWEEP_TAG: sweep["sweep_id"]})
     finished = False
@@ -153,6 +168,7 @@ def execute(cfg: DictConfig) -> dict[str, float]:
             ctx = Context(cfg=cfg, run_dir=run_dir, outputs=outputs, device=device, data=data, tracker=tracker)
             if state.baseline_run_id:
                 tracker.set_tags({"medprune.baseline_run_id": state.baseline_run_id, "medprune.baseline_key": state.baseline_key or ""})
+            state = keep_baseline(state, run_dir)
             state.save(run_dir)
 
             for stage in stages:
@@ -161,7 +177,7 @@ def execute(cfg: DictConfig) -> dict[str, float]:
                     continue
                 log.info("== stage %s ==", stage)
                 state = STAGES[stage](ctx, state)
-                state = replace(state, done=[*state.done, stage])
+                state = keep_baseline(replace(state, done=[*state.done, stage]), run_dir)  # the folder holds its networks
                 state.save(run_dir)
 
             tracker.log_artifact(run_dir / "state.json")
@@ -172,7 +188,7 @@ def execute(cfg: DictConfig) -> dict[str, float]:
             print(f"MLflow run {tracker.run_id} ('{name}') in experiment '{cfg.tracking.experiment}' at {uri}")
             print(f"Run folder: {run_dir}   UI: make ui  (http://127.0.0.1:5000)")
         finished = True
-    except (Terminated, KeyboardInterrupt):
+    except (Terminated, KeyboardInterrupt, StorageFull):
         raise  # the journal entry stays: the same command resumes
     except BaseException:
         finished = True  # an error, not a kill: rerunning starts afresh
@@ -183,13 +199,39 @@ def execute(cfg: DictConfig) -> dict[str, float]:
     return state.metrics
 
 
-def preflight_prune(cfg: DictConfig, data) -> None:
-    """Checks the prune settings against the model's real layer names before any training."""
+def preflight_model(cfg: DictConfig, data):
+    """The network, built before anything runs. Pretrained encoder weights come from the local cache, looked up
+    offline first (online, a missing file costs ~25 s of retries): when they are not there and the hub cannot be
+    reached, that is one line now, not a traceback after minutes."""
     from models import build_model
+    from models.smp import hub_offline, hub_reachable
+
+    weights = cfg.model.get("encoder_weights")
+    if not weights:
+        return build_model(cfg.model, data.in_channels, data.num_classes)
+    with hub_offline():
+        try:
+            return build_model(cfg.model, data.in_channels, data.num_classes)
+        except PretrainedWeightsUnavailable:
+            pass
+    if not hub_reachable():
+        raise PretrainedWeightsUnavailable(
+            f"model.encoder_weights={weights}: the weights of encoder {cfg.model.get('encoder_name')} are not in this "
+            f"machine's Hugging Face cache (HF_HOME) and the hub cannot be reached: fill the cache on a machine with "
+            f"network access, or train from scratch with model.encoder_weights=null")
+    return build_model(cfg.model, data.in_channels, data.num_classes)  # downloads them into the cache, before any run
+
+
+def preflight_prune(cfg: DictConfig, data, model) -> None:
+    """Checks the prune settings against the model's real layer names before any training, and, for a schedule
+    whose rates are the config's own, that they remove something: a dry run on the untrained network (its L1
+    scores; which channels go depends on the trained weights, how many does not)."""
+    from pipeline.criteria.magnitude import filter_norms
     from pipeline.pruning import in_scope, match_layer_ratios, prunable_layers
+    from pipeline.schedules import SCHEDULES, Inputs
 
     scope = str(cfg.prune.scope)
-    names = [n for n in prunable_layers(build_model(cfg.model, data.in_channels, data.num_classes)) if in_scope(n, scope)]
+    names = [n for n in prunable_layers(model) if in_scope(n, scope)]
     if not names:
         raise ConfigError(f"prune.scope={scope} matches no prunable layer of model {cfg.model._target_}")
     if cfg.prune.get("layer_ratios"):
@@ -197,6 +239,25 @@ def preflight_prune(cfg: DictConfig, data) -> None:
             match_layer_ratios(names, dict(cfg.prune.layer_ratios))
         except ValueError as err:
             raise ConfigError(f"{err} (within prune.scope={scope})") from err
+    schedule = SCHEDULES[str(cfg.prune.schedule)]
+    if not schedule.rates_from_config:
+        return
+    asked = [float(cfg.prune.ratio), *[float(r) for r in (cfg.prune.get("layer_ratios") or {}).values()]]
+    if not any(r > 0 for r in asked):
+        return
+    def scores(m):
+        return {n: filter_norms(layer, 1) for n, layer in prunable_layers(m).items()}
+
+    inputs = Inputs(model=model.eval(), scores=scores(model), example=torch.randn(1, data.in_channels, *data.input_size),
+                    flops=lambda m: 0, rescore=scores, between_steps=lambda m, step: None)
+    result, _, _ = schedule.apply(cfg.prune, inputs)
+    if result.removed_nothing():
+        widest = max(m.out_channels for n, m in prunable_layers(model).items() if n in names)
+        rounding = (f"every in-scope layer has at most {widest} channels, which prune.round_to={cfg.prune.round_to} keeps "
+                    f"whole: set prune.round_to=null (exact rates) or a smaller multiple" if cfg.prune.round_to and
+                    widest <= cfg.prune.round_to else "rounding and the layers' coupling keep every channel")
+        rates = f"prune.ratio={cfg.prune.ratio}" + (" with prune.layer_ratios" if cfg.prune.get("layer_ratios") else "")
+        raise ConfigError(f"{rates} removes no channel of {cfg.model._target_} in prune.scope={scope}: {rounding}")
 
 
 def _rows(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
@@ -211,6 +272,8 @@ def _rows(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
 USER_ERRORS = {
     ConfigError: "configuration error",
     ModelConfigError: "configuration error",
+    ReaderSettingsError: "configuration error",
+    PretrainedWeightsUnavailable: "configuration error",
     DatasetError: "data error",
     baselines.BaselineError: "baseline error",
     ModelFileError: "model file error",
@@ -246,6 +309,9 @@ def command(name: str, doc: str, argv: Optional[list[str]], body: Callable[[list
     try:
         with terminate_on_sigterm():
             return body(argv)
+    except StorageFull as err:
+        print(f"medprune {name}: storage error: {err.strerror}; free some space and rerun", file=sys.stderr)
+        return 1
     except tuple(known) as err:
         kind = next(label for cls, label in known.items() if isinstance(err, cls))
         print(f"medprune {name}: {kind}: {one_line(err)}", file=sys.stderr)
@@ -264,10 +330,16 @@ def main(cfg: DictConfig) -> float | None:
         kind = next(label for cls, label in USER_ERRORS.items() if isinstance(err, cls))
         print(f"medprune: {kind}: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
+    except StorageFull as err:
+        print(f"medprune: storage error: {err.strerror}; what was written before is kept: free some space, then rerun "
+              f"the same command to resume", file=sys.stderr)
+        sys.exit(1)
     except Terminated as stop:
+        ENDING["status"] = "KILLED"  # a sweep's parent run, if this job is one of a sweep's
         print(f"medprune: terminated by signal {stop.signum}; rerun the same command to resume", file=sys.stderr)
         sys.exit(stop.code)
     except KeyboardInterrupt:
+        ENDING["status"] = "KILLED"
         print("medprune: interrupted; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
     return metrics.get("final/dice")  # the value an Optuna sweeper would optimise

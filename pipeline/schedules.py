@@ -183,13 +183,14 @@ def latency_budget(p, x: Inputs) -> Outcome:
 class Schedule:
     schema: type
     apply: Callable[[Any, Inputs], Outcome] = field(repr=False)
+    rates_from_config: bool = False  # its rates are the config's own: a dry run before training shows what they remove
 
 
 SCHEDULES: dict[str, Schedule] = {
-    "uniform": Schedule(UniformPrune, uniform),
-    "per_layer": Schedule(PerLayerPrune, per_layer),
-    "global": Schedule(GlobalPrune, global_ranking),
-    "iterative": Schedule(IterativePrune, iterative),
+    "uniform": Schedule(UniformPrune, uniform, rates_from_config=True),
+    "per_layer": Schedule(PerLayerPrune, per_layer, rates_from_config=True),
+    "global": Schedule(GlobalPrune, global_ranking, rates_from_config=True),
+    "iterative": Schedule(IterativePrune, iterative, rates_from_config=True),
     "budget": Schedule(BudgetPrune, budget),
     "budget_global": Schedule(BudgetGlobalPrune, budget),
     "sensitivity": Schedule(SensitivityPrune, sensitivity),

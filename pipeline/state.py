@@ -3,12 +3,19 @@
 Stages hand each other *folders*, not objects: each stage persists its output (a model folder, a
 scores folder, metrics) and records the path here, and `state.json` in the run folder is rewritten
 after every stage. A later job can therefore start at any stage from an earlier run's state.
+
+A run folder holds every network it names (the baseline too: `keep_baseline` links it in from the
+baseline cache), and `state.json` stores their paths relative to the folder: a copied or moved run
+folder names its own files, and `load_contained` (pipeline.evaluate, pipeline.predict) refuses a
+state.json that names anything outside it.
 """
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass, field, fields
+import os
+import shutil
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -33,14 +40,84 @@ class RunState:
     metrics: dict = field(default_factory=dict)
     done: list = field(default_factory=list)  # stages finished, in order (a resumed job skips them)
 
+    PATHS = ("baseline", "layer_ratios", "scores", "pruned", "final", "quantized")  # fields holding a file or folder
+    NETWORKS = ("baseline", "pruned", "final")
+
     def save(self, run_dir: Path) -> Path:
-        return atomic_write(Path(run_dir) / "state.json", json.dumps(asdict(self), indent=2))
+        """state.json, with the paths inside `run_dir` relative to it."""
+        run_dir = Path(run_dir).resolve()
+        raw = asdict(self)
+        for name in self.PATHS:
+            if raw[name]:
+                path = Path(raw[name]).resolve()
+                raw[name] = str(path.relative_to(run_dir)) if path.is_relative_to(run_dir) else str(path)
+        return atomic_write(run_dir / "state.json", json.dumps(raw, indent=2))
+
+    @classmethod
+    def read(cls, run_dir: Path) -> "RunState":
+        """state.json as written (paths as stored); ValueError when it is not a medprune state file."""
+        path = Path(run_dir) / "state.json"
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path} cannot be read ({type(err).__name__}: {err})") from err
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path} holds a {type(raw).__name__}: expected a JSON object")
+        known = {f.name for f in fields(cls)}
+        state = cls(**{k: v for k, v in raw.items() if k in known})
+        for name in cls.PATHS:
+            value = getattr(state, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{path}: {name} is a {type(value).__name__}: expected a path or null")
+        return state
 
     @classmethod
     def load(cls, run_dir: Path) -> "RunState":
-        raw = json.loads((Path(run_dir) / "state.json").read_text())
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        """state.json of `run_dir`, relative paths resolved against it (absolute ones, of runs written before
+        paths were stored relative, as they are)."""
+        run_dir = Path(run_dir)
+        state = cls.read(run_dir)
+        return replace(state, **{n: str(run_dir / getattr(state, n)) for n in cls.PATHS
+                                 if getattr(state, n) and not Path(getattr(state, n)).is_absolute()})
+
+    @classmethod
+    def load_contained(cls, run_dir: Path) -> "RunState":
+        """`load`, refusing (ValueError naming the field) a path that leads outside `run_dir`: a copied, moved
+        or edited run folder is scored on its own files, never on files it points to elsewhere."""
+        run_dir = Path(run_dir).resolve()
+        state = cls.load(run_dir)
+        for name in cls.PATHS:
+            value = getattr(state, name)
+            if value and not Path(value).resolve().is_relative_to(run_dir):
+                raise ValueError(f"{run_dir / 'state.json'}: {name}={value} is outside the run folder: expected every "
+                                 f"file of the run inside it (an earlier medprune left the baseline in its cache: "
+                                 f"evaluate such a run by its MLflow run id)")
+        return state
+
+
+def keep_baseline(state: RunState, run_dir: Path) -> RunState:
+    """The baseline inside the run folder: a model folder elsewhere (the baseline cache, `baseline=<folder>`) is
+    linked in as `<run_dir>/baseline/` (hard links; copies across file systems), so the folder holds every
+    network it names."""
+    if not state.baseline:
+        return state
+    source, run_dir = Path(state.baseline).resolve(), Path(run_dir).resolve()
+    if source.is_relative_to(run_dir):
+        return state
+    target = run_dir / "baseline"
+    if target.exists():
+        shutil.rmtree(target)
+    tmp = run_dir / ".baseline.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for item in source.iterdir():
+        if item.is_file():
+            try:
+                os.link(item, tmp / item.name)
+            except OSError:  # another file system, or links not allowed
+                shutil.copy2(item, tmp / item.name)
+    tmp.replace(target)
+    return replace(state, baseline=str(target))
 
 
 @dataclass

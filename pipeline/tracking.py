@@ -288,6 +288,30 @@ def end_dead_runs(client: MlflowClient) -> list[str]:
     return ended
 
 
+def reopen_run(client: MlflowClient, run, tags: Mapping[str, str]) -> None:
+    """A run continued after a kill (a resumed job, a resumed sweep's parent): this process's tags (owner pid)
+    first, so that `end_dead_runs` leaves it alone, `medprune.resumed` counted up, RUNNING again, without the
+    end time of its KILLED marking."""
+    resumed = int(run.data.tags.get("medprune.resumed", "0")) + 1
+    _retry(client.log_batch, run.info.run_id, tags=[RunTag(k, str(v)) for k, v in {**tags, "medprune.resumed": str(resumed)}.items()])
+    _retry(client.update_run, run.info.run_id, status="RUNNING")
+    _retry(_clear_end_time, client, run.info.run_id)
+
+
+def _clear_end_time(client: MlflowClient, run_id: str) -> None:
+    """MLflow's API can set a run's end time but not unset it (`update_run` keeps the old one). A SQL store
+    (SQLite, PostgreSQL, ...) is updated directly; through a tracking server the end time stays until the run
+    ends again (MLflow 3.17, pinned)."""
+    from mlflow.store.tracking.dbmodels.models import SqlRun
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    store = client._tracking_client.store
+    if not isinstance(store, SqlAlchemyStore):
+        return
+    with store.ManagedSessionMaker(read_only=False) as session:
+        session.query(SqlRun).filter(SqlRun.run_uuid == run_id).update({"end_time": None})
+
+
 @contextmanager
 def start_run(
     uri: str, experiment: str, run_name: str, tags: Mapping[str, Any], resume_run_id: str | None = None,
@@ -310,9 +334,7 @@ def start_run(
         except Exception as err:  # deleted, or another store: start a new run instead
             log.warning("cannot continue MLflow run %s (%s): starting a new run", resume_run_id, err)
     if run is not None:
-        _retry(client.update_run, run.info.run_id, status="RUNNING")
-        resumed = int(run.data.tags.get("medprune.resumed", "0")) + 1
-        _retry(client.log_batch, run.info.run_id, tags=[RunTag(k, v) for k, v in {**tags, "medprune.resumed": str(resumed)}.items()])
+        reopen_run(client, run, tags)
     else:
         run = _retry(client.create_run, experiment_id, run_name=run_name, tags=tags)
     tracker = Tracker(client, run.info.run_id, uri, experiment)
@@ -339,6 +361,19 @@ def start_run(
             log.error("could not mark MLflow run %s %s (%s: %s)", run.info.run_id, status, type(err).__name__, err)
 
 
+def _die_with_parent() -> None:
+    """In the server's process (before exec): SIGTERM when the process that started it dies, however it dies
+    (Linux's PR_SET_PDEATHSIG), so a killed `make ui` leaves no server behind. Elsewhere a no-op."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except OSError:
+        pass
+
+
 def start_server(uri: str, port: int, artifacts: Path | None = None, timeout: float = 120) -> subprocess.Popen:
     """`mlflow server` on 127.0.0.1 (its own process group), returned once /health answers."""
     import urllib.request
@@ -347,7 +382,8 @@ def start_server(uri: str, port: int, artifacts: Path | None = None, timeout: fl
            "--port", str(port), "--workers", "1"]
     if artifacts is not None:
         cmd += ["--default-artifact-root", str(artifacts)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=_die_with_parent)
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -362,10 +398,26 @@ def start_server(uri: str, port: int, artifacts: Path | None = None, timeout: fl
     raise RuntimeError(f"mlflow server did not answer on port {port} within {timeout:.0f} s")
 
 
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+def stop_server(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM to the server's whole process group (its workers too, even once the server itself is gone),
+    SIGKILL to whatever is left after `grace` seconds."""
+    def alive() -> bool:
+        try:
+            os.killpg(proc.pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not alive():
+            break
+        os.killpg(proc.pid, sig)
+        deadline = time.time() + grace
+        while time.time() < deadline and (proc.poll() is None or alive()):
+            time.sleep(0.1)
+    proc.wait(timeout=10)
 
 
 def ui(argv: list[str] | None = None) -> int:
@@ -383,10 +435,12 @@ def ui(argv: list[str] | None = None) -> int:
     proc = start_server(uri, args.port, (db.parent / "mlartifacts") if db else None)  # one worker; waits for /health
     print(f"MLflow UI for {uri}: http://127.0.0.1:{args.port}  (Ctrl-C stops it)", flush=True)
     try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        stop_server(proc)
+        with terminate_on_sigterm():  # `kill`, or make forwarding a SIGTERM: the server and its workers go too
+            return proc.wait()
+    except (KeyboardInterrupt, Terminated):
         return 0
+    finally:
+        stop_server(proc)
 
 
 if __name__ == "__main__":

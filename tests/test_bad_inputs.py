@@ -62,7 +62,23 @@ def pristine(tmp_path_factory) -> dict[str, Path]:
     scoring.save({"encoder.0": torch.rand(4)}, "l1", _mkdir(base / "scores"))
     ck = Checkpoint(base / "checkpoint", 1)
     ck.save(1, {"model": model.state_dict(), "history": [{"loss": 1.0}], "best_dice": 0.5})
+    _write_run(base / "run", model)
     return {p.name: p for p in base.iterdir()}
+
+
+def _write_run(folder: Path, model) -> None:
+    """A run folder as pipeline.run leaves it: the resolved config.yaml, state.json (paths relative to the folder)
+    and the networks it names."""
+    from omegaconf import OmegaConf
+
+    from pipeline.state import RunState
+
+    cfg = compose_config("dataset=isic2018", f"dataset.root={folder / 'data'}")
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)))
+    for name in ("baseline", "pruned/model", "final/model"):
+        save_model(model, UNET, 3, 1, folder / name)
+    RunState(baseline=str(folder / "baseline"), pruned=str(folder / "pruned/model"), final=str(folder / "final/model")).save(folder)
 
 
 def _mkdir(path: Path) -> Path:
@@ -138,6 +154,18 @@ def folder(kind):
             return {kind: root}
         return inner
     return damage
+
+
+def stored(edit):
+    """A damage that edits the run folder's stored config.yaml (parsed, edited, written back as YAML)."""
+    import yaml
+
+    def inner(root):
+        config = yaml.safe_load((root / "config.yaml").read_text())
+        edit(config)
+        (root / "config.yaml").write_text(yaml.safe_dump(config))
+        return {"run": root}
+    return inner
 
 
 def _symlink_loop(path: Path) -> None:
@@ -223,6 +251,32 @@ CASES = [
          lambda r: str(r / "scores.safetensors")),
     Case("checkpoint with flipped bytes", "checkpoint",
          folder("checkpoint")(lambda r: _flip_middle(next(r.glob("epoch-*.safetensors")))), lambda r: str(next(r.glob("epoch-*.safetensors")))),
+    # a run folder read back (pipeline.evaluate run=<folder>, pipeline.predict model=<folder>): its config is data
+    Case("stored config: a _target_ nested in a list (joblib.load)", "run",
+         stored(lambda c: c["dataset"].__setitem__("mean", [{"_target_": "joblib.load", "filename": "evil.pkl"}, 0.4, 0.4])),
+         lambda r: "dataset.mean[0]._target_"),
+    Case("stored config: a _target_ that opens a file", "run",
+         stored(lambda c: c["dataset"].__setitem__("mask_threshold", {"_target_": "builtins.open", "file": "x", "mode": "w"})),
+         lambda r: "dataset.mask_threshold._target_"),
+    Case("stored config: an interpolation reading the environment", "run",
+         stored(lambda c: c["dataset"].__setitem__("split_seed", "${oc.env:HOME}")), lambda r: "dataset.split_seed"),
+    Case("stored config: a reader that is not medprune's", "run",
+         stored(lambda c: c["dataset"].__setitem__("_target_", "os.system")), lambda r: "dataset._target_"),
+    Case("stored config: a target in the loss group", "run",
+         stored(lambda c: c["loss"]["terms"][1].__setitem__("_target_", "subprocess.run")), lambda r: "loss.terms[1]._target_"),
+    Case("stored config: Hydra's _args_", "run", stored(lambda c: c["model"].__setitem__("_args_", ["x"])), lambda r: "model._args_"),
+    Case("stored config: a Python object tag", "run",
+         folder("run")(lambda r: (r / "config.yaml").write_text("dataset: !!python/object/apply:os.system [true]\n")),
+         lambda r: str(r / "config.yaml")),
+    Case("stored config: nested YAML aliases", "run",
+         folder("run")(lambda r: (r / "config.yaml").write_text("a: &a [1, 1]\nb: &b [*a, *a]\ndataset: {}\n")),
+         lambda r: str(r / "config.yaml")),
+    Case("state.json naming a network outside the folder", "run",
+         folder("run")(lambda r: _json_edit(r / "state.json", lambda s: {**s, "final": "/etc"})), lambda r: "final=/etc"),
+    Case("state.json naming a network up and out of the folder", "run",
+         folder("run")(lambda r: _json_edit(r / "state.json", lambda s: {**s, "pruned": "../../elsewhere"})), lambda r: "pruned="),
+    Case("state.json that is not JSON", "run", folder("run")(lambda r: (r / "state.json").write_text("{oops")),
+         lambda r: str(r / "state.json")),
 ]
 
 
@@ -234,6 +288,10 @@ def _read(what: dict):
         return load_model(what["model"])
     if "scores" in what:
         return scoring.load(what["scores"])
+    if "run" in what:
+        from pipeline.evaluate import from_folder
+
+        return from_folder(what["run"])
     return Checkpoint(what["checkpoint"], 1).load()
 
 
@@ -245,7 +303,9 @@ def test_damaged_input_is_a_one_line_error_naming_it_or_a_counted_skip(case, pri
         data = _read(what)
         assert data.stats()[case.skip_stat] >= 1
         return
-    with pytest.raises(tuple(USER_ERRORS)) as err:
+    from pipeline.evaluate import SourceError  # what pipeline.evaluate and pipeline.predict report as one line
+
+    with pytest.raises((*USER_ERRORS, SourceError)) as err:
         _read(what)
     line = one_line(err.value)
     assert "\n" not in line
@@ -263,8 +323,8 @@ def _count_keys(node, prefix="") -> list[tuple[str, int]]:
         child = node[name]
         if isinstance(child, DictConfig):
             out += _count_keys(child, f"{prefix}{name}.")
-        elif count_minimum(str(name)) is not None:
-            out.append((f"{prefix}{name}", count_minimum(str(name))))
+        elif count_minimum(str(name), f"{prefix}{name}") is not None:
+            out.append((f"{prefix}{name}", count_minimum(str(name), f"{prefix}{name}")))
     return out
 
 
@@ -305,4 +365,5 @@ def test_catalogue_counts():
         by_kind[c.kind] = by_kind.get(c.kind, 0) + 1
     print(f"\ndamaged inputs: {len(CASES)} ({errors} one-line errors, {skips} counted skips) by kind {by_kind}; "
           f"out-of-range keys: {len(COUNT_KEYS)}")
-    assert len(CASES) >= 25 and len(COUNT_KEYS) >= 10
+    assert by_kind["run"] == 11 and by_kind["isic"] == 13 and by_kind["model"] == 6
+    assert errors == len(CASES) - 1 and len(COUNT_KEYS) >= 10

@@ -115,6 +115,31 @@ def test_model_keys_injected_by_the_pipeline_are_refused():
 def test_a_dataset_value_the_reader_rejects_fails_at_start_up():
     with pytest.raises(ConfigError, match="image_size"):
         validate(load("dataset.image_size=0"))
+    with pytest.raises(ConfigError, match=r"dataset.*image_size=100000 is invalid: expected an integer in \[8, 4096\]"):
+        validate(load("dataset.image_size=100000"))  # a range, not an 838 GiB allocation
+
+
+@pytest.mark.parametrize("epochs", [0, -5])
+def test_train_epochs_below_one_gives_one_message(epochs):
+    with pytest.raises(ConfigError, match=f"train.epochs={epochs} is out of range: expected an integer >= 1"):
+        validate(load(f"train.epochs={epochs}"))
+
+
+def test_the_reader_allow_list_is_the_readers_conf_names():
+    """data.READERS (what a config may name, stored ones included) and conf/dataset/*.yaml agree."""
+    import yaml
+
+    from data import READERS, ReaderSettingsError, build_reader
+
+    named = {yaml.safe_load(p.read_text()).get("_target_") for p in (CONF_DIR / "dataset").glob("*.yaml")} - {None}
+    assert named == set(READERS)
+    for target, error in (("pathlib.Path.touch", "is not one of medprune's readers"), ("data.base.SegmentationData", "is not one of")):
+        with pytest.raises(ReaderSettingsError, match=error):
+            build_reader({"_target_": target, "root": "/x"})
+    with pytest.raises(ReaderSettingsError, match=r"dataset.mean holds a nested value"):
+        build_reader({"_target_": "data.isic.ISIC2018", "mean": [{"_target_": "joblib.load"}, 0.4, 0.4]})
+    with pytest.raises(ConfigError, match="dataset._target_='builtins.print' is not one of medprune's readers"):
+        validate(load("dataset._target_=builtins.print"))
 
 
 # -- one home for every setting ------------------------------------------------------------------------

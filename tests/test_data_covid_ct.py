@@ -261,7 +261,9 @@ def test_unlisted_files_are_ignored_and_counted(copy_root, tmp_path, caplog):
     shutil.copy(copy_root / "ct_scans" / "coronacases_org_001.nii", copy_root / "ct_scans" / "extra_scan.nii")
     with caplog.at_level("WARNING"):
         data = load(copy_root, tmp_path / "cache")
-    assert data.stats()["entries_ignored"] == 1 and "extra_scan.nii is not listed" in caplog.text
+    assert data.stats()["entries_ignored"] == 1 and "extra_scan.nii: not listed in" in caplog.text
+    (entry,) = data.ignored_files()
+    assert entry.startswith(str(copy_root / "ct_scans" / "extra_scan.nii"))
 
 
 def test_mask_of_another_shape_names_both_files(copy_root, tmp_path):

@@ -1,6 +1,7 @@
 """ISIC 2018 reader, its synthetic twin and their configs: real layout in, checked tensors out."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -132,6 +133,22 @@ def test_non_isic_files_are_ignored_and_counted(copy_root):
     stats = load(copy_root).stats()
     assert stats["pairs_found"] == COUNT
     assert stats["files_ignored"] == 4 + 4
+
+
+def test_an_image_name_that_is_no_image_file_is_named_in_a_warning(copy_root, caplog):
+    """A folder or a dangling symlink named like an image is passed over: said in a WARNING that names it (a count
+    alone hid it), and listed in full by `ignored_files` (the run's data/ignored_files.txt)."""
+    (inputs(copy_root) / "ISIC_9000010.jpg").mkdir()
+    os.symlink(copy_root / "nowhere.jpg", inputs(copy_root) / "ISIC_9000011.jpg")
+    with caplog.at_level("WARNING", logger="data"):
+        data = load(copy_root)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "ignored" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("6 entries ignored: ")
+    ignored = data.ignored_files()
+    assert len(ignored) == data.stats()["files_ignored"] == 6
+    assert f"{inputs(copy_root) / 'ISIC_9000010.jpg'}: named like an image but a folder" in ignored
+    assert f"{inputs(copy_root) / 'ISIC_9000011.jpg'}: named like an image but a dangling symlink" in ignored
+    assert str(inputs(copy_root) / "ISIC_9000010.jpg") in warnings[0] or "more" in warnings[0]
 
 
 def test_limit_uses_the_first_sorted_pairs(synthetic_root):

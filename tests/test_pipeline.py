@@ -56,6 +56,13 @@ def test_default_pipeline_end_to_end(outputs, default_run):
     assert {"config.yaml", "pruning", "pruned_model", "final_model", "scores", "evaluate", "baseline"} <= artifacts
     pruning = {a.path for a in client.list_artifacts(r.info.run_id, "pruning")}
     assert {"pruning/channels.csv", "pruning/channels.png", "pruning/rates.json"} <= pruning
+    assert r.data.metrics["prune/shortfall_layers"] == 0 and "medprune.prune_shortfall" not in r.data.tags
+    # the synthetic twin writes LICENSE and ATTRIBUTION files, as the archive has: each one named, not just counted
+    ignored = Path(client.download_artifacts(r.info.run_id, "data/ignored_files.txt", str(outputs / "dl"))).read_text()
+    assert ignored.count("LICENSE.txt") == 2 and len(ignored.splitlines()) == int(r.data.params["data.files_ignored"])
+    run_dir = Path(r.data.tags["medprune.run_dir"])  # the folder holds its baseline; state.json names it relative
+    assert yaml.safe_load((run_dir / "state.json").read_text())["baseline"] == "baseline"
+    assert (run_dir / "baseline" / "model.safetensors").is_file()
     curve = client.get_metric_history(r.info.run_id, "train/loss")
     assert [m.step for m in curve] == [1]
     # the store and artifacts live in the outputs folder, not in the working directory

@@ -3,6 +3,7 @@ ONNX file, prepared by the run's own reader and thresholded as the evaluate stag
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import TINY, conf, mlflow_runs, run_pipeline
+from helpers import TINY, conf, mlflow_runs, run_cli, run_pipeline
 from PIL import Image
 
 from data.base import read_mask
@@ -84,14 +85,14 @@ def test_predicting_the_test_split_gives_the_masks_the_evaluate_stage_scored(isi
 def test_a_model_folder_or_onnx_file_takes_its_settings_from_config(isic_job, tmp_path):
     run_dir, outputs, inputs = isic_job["run_dir"], isic_job["outputs"], isic_job["inputs"]
     reference = {p.name: read_png(p) for p in isic_job["predicted"].iterdir()}
-    final = yaml.safe_load((run_dir / "state.json").read_text())["final"]
+    final = run_dir / yaml.safe_load((run_dir / "state.json").read_text())["final"]
 
     folder = tmp_path / "folder"  # the same network from its model folder: the same masks, bit for bit
     predict(outputs, f"model={final}", f"config={run_dir}", f"input={inputs}", f"output={folder}")
     assert all(np.array_equal(read_png(folder / name), mask) for name, mask in reference.items())
 
     onnx = tmp_path / "onnx"  # the evaluate stage's final.onnx (BatchNorm folded) under ONNX Runtime
-    predict(outputs, f"model={run_dir / 'evaluate' / 'final.onnx'}", f"config={run_dir / '.hydra' / 'config.yaml'}",
+    predict(outputs, f"model={run_dir / 'evaluate' / 'final.onnx'}", f"config={run_dir / 'config.yaml'}",
             f"input={inputs}", f"output={onnx}")
     for name, mask in reference.items():
         assert (read_png(onnx / name) == mask).mean() > 0.995, name  # float differences may flip a boundary pixel
@@ -100,6 +101,9 @@ def test_a_model_folder_or_onnx_file_takes_its_settings_from_config(isic_job, tm
     assert f"model={final} is a model folder, without dataset settings: expected config=" in out
     out = predict(outputs, f"model={run_dir}", f"config={run_dir}", f"input={inputs}", f"output={tmp_path / 'none'}", ok=False)
     assert "config= is for a model folder or an .onnx file" in out
+    out = predict(outputs, f"model={final}", f"config={run_dir / '.hydra' / 'config.yaml'}", f"input={inputs}",
+                  f"output={tmp_path / 'none'}", ok=False)
+    assert "is Hydra's own copy, which holds unresolved ${...} interpolations" in out
     out = predict(outputs, f"model={run_dir}", f"input={inputs}", f"output={tmp_path / 'none'}", "dataset.image_size=64", ok=False)
     assert "unknown key 'dataset.image_size'" in out
     assert not (tmp_path / "none").exists()  # nothing is written before the command is checked
@@ -131,6 +135,52 @@ def test_bad_inputs_are_skipped_naming_the_file_and_the_rest_are_written(isic_jo
     shutil.move(inputs / "notes.txt", only_bad)
     out = predict(outputs, f"model={run_dir}", f"input={only_bad}", f"output={tmp_path / 'empty'}", ok=False)
     assert "0 of 1 input(s) predicted" in out and not list((tmp_path / "empty").iterdir())
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)  # a FIFO read would block forever
+def test_only_regular_files_are_inputs_a_fifo_or_device_is_skipped_unread(isic_job, tmp_path):
+    run_dir, outputs = isic_job["run_dir"], isic_job["outputs"]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    good = sorted(isic_job["inputs"].iterdir())[0]
+    shutil.copy(good, inputs)
+    os.mkfifo(inputs / "pipe.jpg")
+    os.symlink("/dev/zero", inputs / "zero.jpg")
+    os.symlink(tmp_path / "gone.jpg", inputs / "dangling.jpg")
+    out = predict(outputs, f"model={run_dir}", f"input={inputs}", f"output={tmp_path / 'out'}")
+    assert "1 of 4 input(s) predicted" in out and "3 skipped" in out
+    lines = [line for line in out.splitlines() if line.startswith("  - ")]
+    for name, why in (("pipe.jpg", "is a FIFO (named pipe): only regular files are inputs"),
+                      ("zero.jpg", "is a device (through a symlink)"), ("dangling.jpg", "is a dangling symlink")):
+        (line,) = [line for line in lines if str(inputs / name) in line]
+        assert why in line, line
+    out = predict(outputs, f"model={run_dir}", f"input={inputs / 'pipe.jpg'}", f"output={tmp_path / 'one'}", ok=False)
+    assert [line for line in out.splitlines() if line.startswith("medprune predict:")] == [
+        f"medprune predict: configuration error: input={inputs / 'pipe.jpg'} is a FIFO (named pipe): expected an image, "
+        f"a NIfTI volume or a case folder, or a folder of them"]
+
+
+@pytest.mark.integration
+def test_an_onnx_network_that_cannot_run_is_one_line(isic_job, tmp_path):
+    """A graph that asks for a tensor beyond any memory at run time (its Tile would be terabytes): one line naming the
+    file, not ONNX Runtime's traceback and log."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    size = isic_job["config"]["dataset"]["image_size"]
+    graph = helper.make_graph(
+        [helper.make_node("Tile", ["input", "reps"], ["logits"])], "huge",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(np.array([1, 1, 1 << 14, 1 << 14], np.int64), "reps")])
+    path = tmp_path / "huge.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    out = run_cli(isic_job["outputs"], f"model={path}", f"config={isic_job['run_dir']}", f"input={isic_job['inputs']}",
+                  f"output={tmp_path / 'out'}", ok=False, module="pipeline.predict")  # a process: ORT's own log would show
+    errors = [line for line in out.splitlines() if line.startswith("medprune predict:")]
+    assert len(errors) == 1 and f"model={path} failed in ONNX Runtime" in errors[0], out[-2000:]
+    assert "Traceback" not in out and "ONNXRuntimeError" in errors[0] and "[E:onnxruntime" not in out
 
 
 # -- volumes ------------------------------------------------------------------------------------------

@@ -142,6 +142,37 @@ def test_high_resolution_layers_keep_one_wide_multiple_and_low_resolution_keeps_
     assert [r["after"] for r in exact] == [r["after"] for r in prune(model, l1_scores(model), X, ratio=0.6).channels]
 
 
+def test_exact_rates_never_empty_a_layer_either():
+    # at 0.999 torch-pruning's own count keeps int(C * 0.001) = 0 channels of every layer, and then left every
+    # layer whole: a "pruned" network as large as the baseline. Exact rates keep one channel there instead.
+    model = small_unet(width=8, depth=2)
+    result = prune(model, l1_scores(model), X, ratio=0.999, round_to=None)
+    assert {r["after"] for r in result.channels} == {1} and not result.shortfall and not result.removed_nothing()
+    assert result.channels[0]["rounding"] == "raised to 1: the ratio keeps 0, which rounds to 0"
+    assert count_params(result.model) < 0.01 * count_params(model) and result.model(X).shape == (1, 1, 64, 64)
+
+
+def test_what_the_scope_keeps_beyond_its_ratio_and_rounding_is_reported():
+    # per-layer ratios that conflict inside a coupled group (a residual add in the ResNet encoder): the group takes
+    # one ratio, so the scope keeps more channels than the config asks, and the layers over their share are named
+    model = model_from_conf("smp_unet", encoder_depth=3, decoder_channels=[32, 16, 8]).eval()
+    scores = l1_scores(model)
+    asked = {"encoder.layer1.0.conv2": 0.9, "encoder.layer1.1.conv2": 0.0, "encoder.layer1.2.conv2": 0.0, "encoder.conv1": 0.0}
+    result = prune(model, scores, X, ratio=0.0, layer_ratios=asked)
+    assert result.shortfall, result.channels
+    assert {r["layer"] for r in result.shortfall} <= set(asked) and all(r["after"] > r["allowed"] for r in result.shortfall)
+    assert "coupled to a layer asked for less" in {r["layer"]: r for r in result.channels}[result.shortfall[0]["layer"]]["rounding"]
+
+
+@pytest.mark.parametrize("name", ["unet", "unet_small", "attention_unet", "custom_unet", "smp_unet", "smp_unetplusplus",
+                                  "deeplabv3plus"])
+@pytest.mark.parametrize("round_to, high_res", [(8, 16), (None, None)])
+def test_every_model_removes_what_its_ratio_asks(name, round_to, high_res):
+    model = model_from_conf(name).eval()
+    result = prune(model, l1_scores(model), X, ratio=0.6, round_to=round_to, round_to_high_res=high_res)
+    assert not result.shortfall, result.shortfall
+
+
 def test_exact_rates_have_no_rounding_notes():
     model = small_unet(width=8, depth=2)
     result = prune(model, l1_scores(model), X, ratio=0.6, round_to=None)

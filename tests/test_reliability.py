@@ -187,6 +187,51 @@ def test_errors_are_one_line_before_any_run(tmp_path):
 
 
 @pytest.mark.integration
+def test_pretrained_weights_neither_cached_nor_reachable_are_one_line_at_once(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    import models.smp
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    monkeypatch.setattr(models.smp, "hub_reachable", lambda timeout=3.0: False)  # this machine, offline
+    outputs = tmp_path / "out"
+    start = time.time()
+    out = run_pipeline(outputs, *TINY, "model=smp_unet", "model.encoder_name=resnet18", "model.encoder_weights=imagenet",
+                       ok=False)
+    assert time.time() - start < 20, "the weights were looked up online, with retries"
+    (line,) = error_lines(out)
+    assert line.startswith("medprune: configuration error: model.encoder_weights=imagenet: the weights of encoder resnet18 "
+                           "are not in this machine's Hugging Face cache")
+    assert "Traceback" not in out and mlflow_runs(outputs) == []
+
+
+@pytest.mark.integration
+def test_a_ratio_that_removes_nothing_stops_before_training(tmp_path):
+    # unet_tiny's layers have 4, 8 and 16 channels: a multiple of 16 keeps every one whole
+    outputs = tmp_path / "out"
+    out = run_pipeline(outputs, *TINY, "prune.ratio=0.9", "prune.round_to=16", ok=False)
+    assert error_lines(out) == ["medprune: configuration error: prune.ratio=0.9 removes no channel of models.unet.UNet in "
+                                "prune.scope=all: every in-scope layer has at most 16 channels, which prune.round_to=16 keeps "
+                                "whole: set prune.round_to=null (exact rates) or a smaller multiple"]
+    assert "train epoch" not in out and mlflow_runs(outputs) == []
+
+
+@pytest.mark.integration
+def test_a_prune_that_keeps_more_than_asked_says_so_and_marks_the_run(tmp_path):
+    # per-layer ratios that conflict inside a residual group of the ResNet encoder (see test_pruning.py)
+    outputs = tmp_path / "out"
+    out = run_pipeline(outputs, *TINY, "stages=[train,score,prune]", "model=smp_unet", "model.encoder_name=resnet18",
+                       "model.encoder_depth=3", "model.decoder_channels=[32,16,8]", "prune=per_layer", "prune.ratio=0",
+                       "prune.round_to=null", "prune.round_to_high_res=null",
+                       "++prune.layer_ratios={encoder.layer1.0.conv2:0.9,encoder.layer1.1.conv2:0.0,encoder.layer2.0.conv1:0.5}")
+    warnings = [line for line in out.splitlines() if "kept more channels than prune.schedule=per_layer asks" in line]
+    assert len(warnings) == 1 and "encoder.layer1.0.conv2 (64 -> 64, at most 6 asked)" in warnings[0], out[-3000:]
+    (r,) = mlflow_runs(outputs)
+    assert r.data.tags["medprune.prune_shortfall"].startswith("1 layer(s) kept more channels")
+    assert r.data.metrics["prune/shortfall_layers"] == 1
+
+
+@pytest.mark.integration
 def test_sigterm_is_one_line_and_the_run_killed(tmp_path):
     outputs = tmp_path / "out"
     proc = launch(outputs, *TINY, "train.epochs=500")
@@ -247,6 +292,22 @@ def test_baseline_key_follows_content_not_paths_or_serving_keys(tmp_path):
 # -- resume after SIGKILL --------------------------------------------------------------------------
 
 
+def kill_when(outputs: Path, args: list[str], pattern: str, epoch: int) -> None:
+    """Runs the command and SIGKILLs it once a checkpoint matching `pattern` has reached `epoch`."""
+    proc = launch(outputs, *args)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        for meta in outputs.glob(pattern):
+            try:
+                if json.loads(meta.read_text())["epoch"] >= epoch:
+                    proc.send_signal(signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+        time.sleep(0.02)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the job ended before it could be killed"
+
+
 def _weights(outputs: Path, pattern: str) -> dict[str, torch.Tensor]:
     (path,) = [p for p in outputs.glob(pattern) if ".corrupt" not in str(p)]
     return load_file(str(path))
@@ -254,29 +315,17 @@ def _weights(outputs: Path, pattern: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.integration
 def test_a_job_killed_in_training_and_in_fine_tuning_resumes_to_the_same_weights(tmp_path):
-    args = [*TINY, "train.epochs=8", "finetune.epochs=6"]
+    # fine-tuning at a rate that moves the pruned network: the kept weights are fine-tuning's, not the pruned ones
+    args = [*TINY, "train.epochs=8", "finetune.epochs=6", "finetune.lr=0.01"]
     reference = tmp_path / "reference"
     run(reference, *args)
+    pruned, final = _weights(reference, "runs/*/*/pruned/model/model.safetensors"), _weights(reference, "runs/*/*/final/model/model.safetensors")
+    assert any(not torch.equal(pruned[k], final[k]) for k in final), "fine-tuning kept the pruned weights: it proves nothing"
 
     outputs = tmp_path / "killed"
-
-    def kill_when(pattern: str, epoch: int) -> None:
-        proc = launch(outputs, *args)
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            for meta in outputs.glob(pattern):
-                try:
-                    if json.loads(meta.read_text())["epoch"] >= epoch:
-                        proc.send_signal(signal.SIGKILL)
-                except (OSError, ValueError):
-                    pass
-            time.sleep(0.02)
-        proc.communicate(timeout=60)
-        assert proc.returncode == -signal.SIGKILL, "the job ended before it could be killed"
-
-    kill_when("baselines/.*.checkpoint/checkpoint.json", 3)  # in training
+    kill_when(outputs, args, "baselines/.*.checkpoint/checkpoint.json", 3)  # in training
     (interrupted,) = mlflow_runs(outputs)
-    kill_when("runs/*/*/final/checkpoint/checkpoint.json", 2)  # rerun: resumes, then killed in fine-tuning
+    kill_when(outputs, args, "runs/*/*/final/checkpoint/checkpoint.json", 2)  # rerun: resumes, then killed in fine-tuning
     out, err = run(outputs, *args)
     log = out + err
     assert "Resuming the interrupted job" in log and "finetune: resuming after epoch" in log
@@ -292,3 +341,132 @@ def test_a_job_killed_in_training_and_in_fine_tuning_resumes_to_the_same_weights
     ref = mlflow_runs(reference)[0]
     assert r.data.metrics["final/dice"] == ref.data.metrics["final/dice"]
     assert not list(outputs.glob("jobs/*.json")) and not list(outputs.glob("baselines/.*.checkpoint"))
+
+
+# -- a killed sweep continues ----------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_a_killed_sweep_rerun_skips_its_finished_jobs_and_resumes_the_killed_one(tmp_path):
+    """SIGKILL in the second job of a two-job sweep, then the same command: the same parent run, the finished job
+    skipped (not rerun, its folder untouched), the killed one resumed from its checkpoint; every job once."""
+    outputs = tmp_path / "out"
+    args = ["-m", *TINY, "finetune.epochs=8", "prune.ratio=0.3,0.5"]
+    kill_when(outputs, args, "multirun/*/*/1/final/checkpoint/checkpoint.json", 2)  # the second job, fine-tuning
+    (parent,) = mlflow_runs(outputs, **{"medprune.kind": "sweep"})
+    (first,) = [r for r in mlflow_runs(outputs, **{"mlflow.parentRunId": parent.info.run_id})
+                if r.data.params["prune.ratio"] == "0.3"]
+    assert first.info.status == "FINISHED"
+    first_folder = Path(first.data.tags["medprune.run_dir"])
+    written = (first_folder / "state.json").stat().st_mtime_ns
+
+    out, err = run(outputs, *args)
+    log = out + err
+    assert "Continuing the interrupted sweep" in log and "Resuming the interrupted job" in log
+    assert "finished before the sweep was interrupted" in log and "finetune: resuming after epoch" in log
+    (again,) = mlflow_runs(outputs, **{"medprune.kind": "sweep"})  # the same parent, not a second one
+    assert again.info.run_id == parent.info.run_id and again.info.status == "FINISHED" and again.info.end_time
+    jobs = mlflow_runs(outputs, **{"mlflow.parentRunId": parent.info.run_id})
+    assert sorted(r.data.params["prune.ratio"] for r in jobs) == ["0.3", "0.5"]  # every job once
+    assert all(r.info.status == "FINISHED" for r in jobs)
+    (resumed,) = [r for r in jobs if r.data.params["prune.ratio"] == "0.5"]
+    assert resumed.data.tags["medprune.resumed"] == "1"
+    assert (first_folder / "state.json").stat().st_mtime_ns == written  # the finished job's folder untouched
+    assert not list(outputs.glob("jobs/*.json")) and not list(outputs.glob("sweeps/*.json"))
+
+
+# -- a full disk ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_a_full_disk_is_one_line_naming_the_file_and_the_rerun_resumes(tmp_path, monkeypatch):
+    import models.io
+    from safetensors import SafetensorError
+
+    outputs = tmp_path / "out"
+    args = [*TINY, "finetune.epochs=3"]
+    real = models.io.save_file
+
+    def full(state, path, metadata=None):
+        if "final/checkpoint" in str(path) and "epoch-00002" in str(path):  # the second fine-tuning checkpoint
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+        return real(state, path, metadata=metadata)
+
+    monkeypatch.setattr(models.io, "save_file", full)
+    out = run_pipeline(outputs, *args, ok=False)
+    (line,) = error_lines(out)
+    assert line.startswith("medprune: storage error: no space left on device while writing ") and "final/checkpoint" in line
+    assert "rerun the same command to resume" in line and "Traceback" not in out
+    monkeypatch.setattr(models.io, "save_file", real)
+    out = run_pipeline(outputs, *args)
+    assert "Resuming the interrupted job" in out and "finetune: resuming after epoch 1" in out
+    (r,) = mlflow_runs(outputs)
+    assert r.info.status == "FINISHED" and r.data.tags["medprune.resumed"] == "1"
+
+
+# -- the UI and resumed runs ------------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_a_reopened_run_is_running_without_the_end_time_of_its_kill(tmp_path):
+    uri = tracking.default_uri(tmp_path)
+    client = tracking.client_for(uri)
+    run_id = client.create_run(tracking.get_or_create_experiment(client, "e", uri)).info.run_id
+    client.set_terminated(run_id, "KILLED")
+    assert client.get_run(run_id).info.end_time
+    tracking.reopen_run(client, client.get_run(run_id), tracking.owner_tags())
+    reopened = client.get_run(run_id)
+    assert reopened.info.status == "RUNNING" and reopened.info.end_time is None
+    assert reopened.data.tags["medprune.resumed"] == "1" and reopened.data.tags["medprune.pid"] == str(os.getpid())
+
+
+def _group_of(pid: int) -> list[int]:
+    """The processes whose process group is `pid`'s (the server's workers with it)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) == pid:
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return found
+
+
+@pytest.mark.integration
+def test_sigterm_to_the_ui_stops_its_mlflow_server_and_workers(tmp_path):
+    import socket
+
+    from helpers import ROOT, pipeline_env
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.tracking", "ui", "--port", str(port), "--uri",
+                             f"sqlite:///{tmp_path / 'mlflow.db'}"], cwd=ROOT, env=pipeline_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert "MLflow UI for" in proc.stdout.readline()  # printed once the server answers /health
+        (server,) = _children(proc.pid)
+        assert len(_group_of(server)) >= 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0
+        deadline = time.time() + 30
+        while time.time() < deadline and _group_of(server):
+            time.sleep(0.2)
+        assert _group_of(server) == [], "the mlflow server (or a worker) outlived the UI command"
+    finally:
+        if proc.poll() is None:
+            proc.kill()

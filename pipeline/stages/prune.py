@@ -78,6 +78,14 @@ def run(ctx: Context, state: RunState) -> RunState:
     before, after = count_params(model), count_params(result.model)
     metrics["prune/params_kept"] = after / before
     metrics["prune/channels_kept"] = sum(r["after"] for r in result.channels) / sum(r["before"] for r in result.channels)
+    metrics["prune/shortfall_layers"] = len(result.shortfall)
+    if result.shortfall:  # removed less than asked, beyond what rounding explains: said once, and the run marked
+        shown = ", ".join(f"{r['layer']} ({r['before']} -> {r['after']}, at most {r['allowed']} asked)" for r in result.shortfall[:4])
+        more = f" and {len(result.shortfall) - 4} more" if len(result.shortfall) > 4 else ""
+        note = (f"{len(result.shortfall)} layer(s) kept more channels than prune.schedule={schedule} asks, beyond what "
+                f"rounding explains: {shown}{more} (pruned/channels.csv)")
+        log.warning("%s", note)
+        ctx.tracker.set_tags({"medprune.prune_shortfall": note[:5000]})
     ctx.tracker.log_metrics(metrics)
     for path in (table, plot, norms, rates_file, *(folder / name for name in applied.get("files", []))):
         ctx.tracker.log_artifact(path, "pruning")
