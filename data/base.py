@@ -159,6 +159,19 @@ class MaskFiles:
         return read_mask(self._mask_files[split][index], self.mask_threshold)
 
 
+def check_folds(folds, fold) -> tuple[Optional[int], int]:
+    """(folds, fold) of k-fold cross-validation: folds null (the fractions' split) or an integer >= 2, and
+    fold in [0, folds). With folds null, fold must be 0, so that a fold set without folds is caught."""
+    if folds is None:
+        if isinstance(fold, bool) or not isinstance(fold, (int, np.integer)) or fold != 0:
+            raise ValueError(f"fold={fold!r} is invalid: expected 0 while folds is null (set dataset.folds to "
+                             f"cross-validate)")
+        return None, 0
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
+        raise ValueError(f"folds={folds!r} is invalid: expected null or an integer >= 2")
+    return int(folds), check_int(fold, "fold", 0, int(folds) - 1)
+
+
 class SegmentationData(abc.ABC):
     """A dataset with fixed train/val/test splits, read once by `setup(seed)`.
 
@@ -177,7 +190,7 @@ class SegmentationData(abc.ABC):
 
     def __init__(
         self, *, root: Optional[str], test_root: Optional[str], image_size: int, val_fraction: float, test_fraction: float,
-        split_seed: int, rotate_limit: float, hflip_p: float, workers: int,
+        split_seed: int, folds: Optional[int], fold: int, rotate_limit: float, hflip_p: float, workers: int,
     ) -> None:
         self.test_root = None if test_root is None or str(test_root).strip() == "" else Path(str(test_root)).expanduser()
         if root is None or str(root).strip() == "":
@@ -197,6 +210,7 @@ class SegmentationData(abc.ABC):
                 f"expected < 1 so that training keeps some cases"
             )
         self.split_seed = check_int(split_seed, "split_seed", 0)
+        self.folds, self.fold = check_folds(folds, fold)
         self.rotate_limit = check_number(rotate_limit, "rotate_limit", 0.0, 180.0)
         self.hflip_p = check_number(hflip_p, "hflip_p", 0.0, 1.0)
         self.workers = check_int(workers, "workers", 1)
@@ -259,9 +273,19 @@ class SegmentationData(abc.ABC):
         self.test_only = test_only
         self._split_ids = None
         self._ignored = []
-        if self.test_root is not None and not test_only:
+        if test_only:
+            return
+        if self.test_root is not None and self.folds is not None:
+            log.info("dataset.test_root is set: the test split is all of %s; %s provides train and val "
+                     "(dataset.folds=%d: fold %d is val, the other folds train; val_fraction and test_fraction are "
+                     "not used)", self.test_root, self.root, self.folds, self.fold)
+        elif self.test_root is not None:
             log.info("dataset.test_root is set: the test split is all of %s; %s provides train and val "
                      "(val_fraction=%g; test_fraction is not used)", self.test_root, self.root, self.val_fraction)
+        elif self.folds is not None:
+            log.info("dataset.folds=%d: fold %d of %s (split_seed=%d) is the test split, val is carved from the other "
+                     "folds (val_fraction=%g; test_fraction is not used)", self.folds, self.fold, self.root,
+                     self.split_seed, self.val_fraction)
 
     def _folder_name(self, folder: Path) -> str:
         """How an error names a folder read: "dataset root" or "dataset.test_root"."""
@@ -329,9 +353,11 @@ class SegmentationData(abc.ABC):
         return {name: list(ids) for name, ids in self._split_ids.items()}
 
     def stats(self) -> dict[str, float]:
-        """Numbers worth logging with the run (counts of pairs, ignored files, load time...)."""
+        """Numbers worth logging with the run (counts of pairs, ignored files, load time...), with the fold
+        (`folds` 0 without cross-validation) so that runs can be grouped by fold."""
         self._require_setup()
-        return {key: float(value) for key, value in self._stats.items()}
+        return {**{key: float(value) for key, value in self._stats.items()},
+                "folds": float(self.folds or 0), "fold": float(self.fold)}
 
     def _require_setup(self) -> None:
         if self._split_ids is None:

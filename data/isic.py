@@ -24,7 +24,7 @@ from data.base import (
     ArrayDataset, DatasetError, SegmentationData, MaskFiles, binary_mask, check_foreground, format_problems,
 )
 from data.checks import check_floats, check_int, check_mask_threshold
-from data.splits import carve, check_disjoint
+from data.splits import carve, carve_fold, check_disjoint
 from data.transforms import build_transform
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,11 @@ class ISIC2018(MaskFiles, SegmentationData):
     a split without them is carved from the training pairs with `split_seed` (not the run's seed, so a
     sweep over seeds keeps one test set). With `test_root`, every folder pair found there is the test
     split instead (root's official test folder is then left unread).
+
+    With `folds` (cross-validation), the training pairs are split into folds with `split_seed` and fold `fold`
+    is the test split (the val split with `test_root`). An official validation/test folder with ground truth
+    under root is then refused rather than pooled into the folds: its cases are the challenge's held-out sets,
+    and a root holding them is not a single pool of cases (point root at a folder without them).
     """
 
     in_channels = 3
@@ -199,6 +204,12 @@ class ISIC2018(MaskFiles, SegmentationData):
             if not official_gt.is_dir():
                 log.warning("%s has no ground truth folder %s: carving %s from training instead", official_in, gt_name, split)
                 continue
+            if self.folds is not None:
+                raise DatasetError(
+                    f"dataset.folds={self.folds} splits the training pairs of {self.root} into folds, but the root also "
+                    f"holds an official {split} split ({in_name}/ with {gt_name}/): expected a root with "
+                    f"{TRAIN_DIRS[0]}/ and {TRAIN_DIRS[1]}/ only (move the official folders out, or set dataset.folds=null)"
+                )
             pairs, skipped, found = scan_folder(official_in, official_gt)
             sources[split] = pairs
             stats[f"official_{split}"] = 1
@@ -268,7 +279,12 @@ class ISIC2018(MaskFiles, SegmentationData):
         split_ids = {"train": [p.case_id for p in train_pairs]}
         if carved and not problems and not test_only:
             source = f"{self.root / TRAIN_DIRS[0]}" + (f" (limit={self.limit})" if self.limit is not None else "")
-            split_ids = carve(split_ids["train"], carved, self.split_seed, source=source)
+            if self.folds is not None:  # no official folder here (_find_pairs): fold is test, or val beside test_root
+                val_fraction = None if self.test_root is not None else self.val_fraction
+                split_ids = carve_fold(split_ids["train"], self.folds, self.fold, val_fraction, self.split_seed,
+                                       source=source, unit="image/mask pair")
+            else:
+                split_ids = carve(split_ids["train"], carved, self.split_seed, source=source)
         for split in ("val", "test"):
             if split in sources:
                 split_ids[split] = [p.case_id for p in sources[split]]

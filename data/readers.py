@@ -28,6 +28,11 @@ READERS: tuple[str, ...] = (
     "data.covid_ct.CovidCT3D",
 )
 
+# Keys the readers gained after runs were first stored, with the value that reads data as the readers did before
+# them: a run's stored config without such a key gets it (pipeline/stored_config.py), so older runs evaluate as
+# they were trained.
+ADDED_KEYS: dict[str, object] = {"folds": None, "fold": 0}
+
 
 class ReaderSettingsError(ValueError):
     """A dataset config that names no medprune reader, holds a value that is not a plain keyword value, or a

@@ -9,7 +9,7 @@ resized to `image_size` and kept in memory (as ISIC: the loader must not be the 
 is then a value above it).
 
 Slices carry no patient id, so the split is per image unless `group_regex` extracts a group (patient)
-from the id, in which case all images of a group go to one split.
+from the id, in which case all images of a group go to one split (and, with `folds`, to one fold).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from data.base import (
     ArrayDataset, DatasetError, SegmentationData, MaskFiles, binary_mask, check_foreground, format_problems,
 )
 from data.checks import check_floats, check_int, check_mask_threshold
-from data.splits import carve, carve_groups, check_disjoint, group_of
+from data.splits import carve, carve_fold, carve_groups, check_disjoint, group_of
 from data.transforms import build_transform
 
 log = logging.getLogger(__name__)
@@ -241,13 +241,19 @@ class SliceFolders(MaskFiles, SegmentationData):
             split_ids = {"train": [], "val": []}
         else:
             source = f"{self.root / self.image_dir}" + (f" (limit={self.limit})" if self.limit is not None else "")
-            if self.group_regex is not None:
-                split_ids = carve_groups({i: self._group(i) for i in root_ids}, fractions, self.split_seed, source=source, unit="group")
-            else:
+            if self.group_regex is None:
                 log.warning(
                     "dataset.group_regex is null: %s is split per image, so slices of one patient may sit in both train "
                     "and %s; set dataset.group_regex to split by patient", self.root, "/".join(fractions),
                 )
+            groups = {i: self._group(i) for i in root_ids} if self.group_regex is not None else None
+            if self.folds is not None:  # fold is test, or val beside test_root: the splits `fractions` names
+                val_fraction = None if self.test_root is not None else self.val_fraction
+                split_ids = carve_fold(root_ids if groups is None else groups, self.folds, self.fold, val_fraction,
+                                       self.split_seed, source=source, unit="image/mask pair" if groups is None else "group")
+            elif groups is not None:
+                split_ids = carve_groups(groups, fractions, self.split_seed, source=source, unit="group")
+            else:
                 split_ids = carve(root_ids, fractions, self.split_seed, source=source)
         if self.test_root is not None:
             split_ids["test"] = test_ids

@@ -5,7 +5,7 @@ never on the order a file system lists them in.
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -52,6 +52,62 @@ def carve_groups(
     for case_id in sorted(groups):
         out[split_of[groups[case_id]]].append(case_id)
     return out
+
+
+def fold_sizes(n: int, folds: int) -> list[int]:
+    """How many of `n` groups each of `folds` folds holds: near-equal, the first `n % folds` one more."""
+    return [n // folds + (1 if k < n % folds else 0) for k in range(folds)]
+
+
+def _folds_fit(n: int, folds: int, val_fraction: Optional[float]) -> bool:
+    """Whether `n` groups make `folds` non-empty folds and, beside every fold, a non-empty train (and val)."""
+    if n < folds:
+        return False
+    rest = n - fold_sizes(n, folds)[0]  # beside the largest fold
+    needed = 1 if val_fraction is None else max(1, int(round(rest * val_fraction))) + 1
+    return rest >= needed
+
+
+def carve_fold(
+    groups: Union[Mapping[str, str], Iterable[str]], folds: int, fold: int, val_fraction: Optional[float], seed: int,
+    source: str = "the dataset", unit: str = "case",
+) -> dict[str, list[str]]:
+    """Fold `fold` of a seeded partition of the groups into `folds` folds (k-fold cross-validation, as nnU-Net
+    does): "test" is that fold, "val" is carved from the other folds with `val_fraction` (`carve_groups`, the
+    same seed) and "train" holds the rest. With `val_fraction` None (the test split comes from elsewhere:
+    dataset.test_root) the fold is "val" and the other folds are "train".
+
+    `groups` maps id -> group (case -> patient), so that every id of a group lands in one fold; a plain list
+    of ids is its own groups. Fold sizes count groups and differ by at most one; the groups are sorted before
+    the permutation, so over fold = 0..folds-1 every group is held out exactly once whatever order they
+    came in. Too few groups for every fold to leave a non-empty train (and val) is a DatasetError, whichever
+    fold is asked for, so a sweep over the folds fails at its first job. Ids come back sorted.
+    """
+    if not isinstance(groups, Mapping):
+        groups = {case_id: case_id for case_id in groups}
+    names = sorted(set(groups.values()))
+    n = len(names)
+    if not _folds_fit(n, folds, val_fraction):
+        needed = n + 1
+        while not _folds_fit(needed, folds, val_fraction):
+            needed += 1
+        held_out, beside = ("val", "a non-empty train split") if val_fraction is None else \
+            ("test", f"non-empty train and val ({val_fraction:g}) splits")
+        raise DatasetError(
+            f"{source} has {n} {unit}(s): too few for folds={folds} (each fold a {held_out} split) with {beside} "
+            f"beside every fold; at least {needed} are needed (add cases, or lower dataset.folds"
+            f"{'' if val_fraction is None else ' or val_fraction'})"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    sizes = fold_sizes(n, folds)
+    start = sum(sizes[:fold])
+    held = {names[i] for i in order[start:start + sizes[fold]]}
+    held_ids = sorted(case_id for case_id, group in groups.items() if group in held)
+    rest = {case_id: group for case_id, group in groups.items() if group not in held}
+    if val_fraction is None:
+        return {"train": sorted(rest), "val": held_ids}
+    carved = carve_groups(rest, {"val": val_fraction}, seed, source=f"{source} beside fold {fold}", unit=unit)
+    return {"train": carved["train"], "val": carved["val"], "test": held_ids}
 
 
 def check_disjoint(splits: dict[str, Sequence[str]]) -> None:

@@ -9,11 +9,11 @@ A subclass knows its layout and preprocessing:
 
 `setup(seed)` then: reports every problem at once (or skips those cases with `on_missing=skip`), builds
 the slice cache unless it exists (streaming one volume at a time per worker), splits by patient with
-`split_seed`, and chooses which target-free slices to serve. With `test_root`, that folder gets a slice
-cache entry of its own and all its cases are the test split (root's patients then make train and val
-only). Items are served from the memory-mapped cache: `dataset(split)` carries `ids`
-("<case>/<slice>") and `cases`, one case's items contiguous and in ascending slice order, so that
-predictions can be stacked back into volumes.
+`split_seed` (with `folds`: fold `fold` of a k-fold partition of the patients is the test split), and
+chooses which target-free slices to serve. With `test_root`, that folder gets a slice cache entry of its
+own and all its cases are the test split (root's patients then make train and val only). Items are
+served from the memory-mapped cache: `dataset(split)` carries `ids` ("<case>/<slice>") and `cases`, one
+case's items contiguous and in ascending slice order, so that predictions can be stacked back into volumes.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from data.base import TEST_ROOT_PREFIX, ArrayDataset, DatasetError, Segmentation
 from data.checks import check_choice, check_number
 from data.cache import CachedSlices, SliceCache, file_signature
 from data.nifti import VolumeProblem
-from data.splits import carve_groups, check_disjoint, group_of
+from data.splits import carve_fold, carve_groups, check_disjoint, group_of
 from data.transforms import build_transform
 
 log = logging.getLogger(__name__)
@@ -380,12 +380,16 @@ class VolumeSliceData(SegmentationData):
         if "root" in read:
             main = read["root"]
             groups.update({c["id"]: self._patient(c["id"]) for c in main.used})
-            fractions = {"val": self.val_fraction}
-            if self.test_root is None:
-                fractions["test"] = self.test_fraction
-            splits.update(carve_groups(
-                groups, fractions, self.split_seed, source=f"{self._describe(main.root)} ({len(main.used)} cases with slices)",
-            ))
+            where = f"{self._describe(main.root)} ({len(main.used)} cases with slices)"
+            if self.folds is not None:  # fold is test (val beside test_root), by patient like the fractions' split
+                val_fraction = None if self.test_root is not None else self.val_fraction
+                splits.update(carve_fold(groups, self.folds, self.fold, val_fraction, self.split_seed, source=where,
+                                         unit="patient"))
+            else:
+                fractions = {"val": self.val_fraction}
+                if self.test_root is None:
+                    fractions["test"] = self.test_fraction
+                splits.update(carve_groups(groups, fractions, self.split_seed, source=where))
         if "test_root" in read:  # all of it is the test split: its patients need no grouping
             test = read["test_root"]
             splits["test"] = sorted(c["id"] for c in test.used)
