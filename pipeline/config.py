@@ -48,6 +48,21 @@ class Runtime(ConfigEnum):
     compile = "compile"
 
 
+class KeepRule(ConfigEnum):
+    """Which epoch's weights a training phase keeps (pipeline/training.py, `fit`)."""
+
+    best = "best"  # the best validation Dice, the starting weights included (a phase never ends worse than it began)
+    best_trained = "best_trained"  # the best validation Dice of the epochs trained (the start is not a candidate)
+    last = "last"  # the last epoch's
+
+
+class Init(ConfigEnum):
+    """What the fine-tuning phase starts from (pipeline/stages/finetune.py)."""
+
+    pruned = "pruned"  # the pruned network's weights (fine-tuning, rewinding)
+    random = "random"  # the pruned architecture re-initialised: the scratch control (Liu et al., ICLR 2019)
+
+
 @dataclass
 class TrainConfig:
     epochs: int = MISSING
@@ -59,6 +74,7 @@ class TrainConfig:
     bn_l1: float = MISSING  # network slimming: L1 penalty on BatchNorm gammas added to the loss
     num_workers: int = MISSING
     threads: Optional[int] = MISSING  # CPU threads of the training loop (on CPU only); null: all cores
+    keep: KeepRule = MISSING  # best | best_trained | last: the epoch whose weights the phase keeps
 
 
 @dataclass
@@ -73,6 +89,12 @@ class DistillConfig:
 @dataclass
 class FinetuneConfig(TrainConfig):
     steps: Optional[int] = MISSING  # the budget in optimiser steps instead of epochs (null: finetune.epochs)
+    # The learning-rate schedule the phase follows: the scheduler group's, over schedule_epochs epochs (null: the
+    # phase's own length), entered at epoch schedule_start. Rewinding replays the training schedule:
+    # schedule_epochs = train.epochs, lr = train.lr (finetune=rewind).
+    schedule_epochs: Optional[int] = MISSING
+    schedule_start: int = MISSING
+    init: Init = MISSING  # pruned | random (the scratch control: the pruned architecture re-initialised)
     distill: DistillConfig = MISSING  # knowledge distillation from the baseline (conf/finetune: distill.*)
 
 
@@ -104,6 +126,7 @@ class EvaluateConfig:
     nsd_tolerance: float = MISSING  # normalised surface Dice tolerance, mm (volumes with spacing) or pixels (2D)
     jaccard_threshold: Optional[float] = MISSING  # ISIC 2018's thresholded Jaccard (IoU below it counts 0); null: off
     collapse_tolerance: float = MISSING  # flag a network predicting >= 1 - tol of the pixels, or <= tol x the truth's
+    collapse_margin: float = MISSING  # ... or whose Dice is within this of a trivial predictor's (all fore-/background)
     export_masks: int = MISSING  # predicted masks written for the first N test cases (evaluate/masks/<network>/)
     original_resolution: bool = MISSING  # 2D: also score predictions resized back to each image's size (*_orig)
     # How latency is measured (docs/PERFORMANCE.md): latency_ms is the network as deployed
@@ -379,6 +402,7 @@ def validate_evaluate(e: DictConfig) -> None:
     if e.jaccard_threshold is not None:
         _check_range(e.jaccard_threshold, "evaluate.jaccard_threshold", 0.0, 1.0, high_open=False)
     _check_range(e.collapse_tolerance, "evaluate.collapse_tolerance", 0.0, 0.5)
+    _check_range(e.collapse_margin, "evaluate.collapse_margin", 0.0, 1.0)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -420,6 +444,12 @@ def validate(cfg: DictConfig) -> None:
     for i, r in enumerate(cfg.sensitivity.ratios):
         _check_range(r, f"sensitivity.ratios[{i}]", 0.0, 1.0)
     _check_range(cfg.sensitivity.target_flops, "sensitivity.target_flops", 0.0, 1.0)
+    f = cfg.finetune
+    _check_range(f.schedule_start, "finetune.schedule_start", 0, None)
+    span = f.schedule_epochs if f.schedule_epochs is not None else f.epochs
+    if f.schedule_start and f.schedule_start >= span:
+        raise ConfigError(f"finetune.schedule_start={f.schedule_start} is past the end of the {span}-epoch schedule "
+                          f"(finetune.schedule_epochs={f.schedule_epochs}): expected an epoch in [0, {span})")
     for group in ("train", "finetune"):
         node = cfg[group]
         _check_range(node.lr, f"{group}.lr", 0.0, None)

@@ -36,6 +36,8 @@ COLUMNS = [
     ("Size (MB)", "size_mb", "{:.2f}"),
     ("Latency (ms)", "latency_ms", "{:.2f}"),
 ]
+BUDGET_COLUMN = ("Budget (k images)", "budget_images", "{:,.1f}")  # what each network's training cost
+KEPT_START_NOTE = "= the recovery kept its starting weights: the fine-tuned network is the pruned one (finetune.keep)"
 # A latency cell whose timing window did not settle (pipeline/stages/evaluate.py) gets this mark and the note.
 UNSETTLED_MARK = "*"
 UNSETTLED_NOTE = "* latency did not settle (CV > evaluate.latency_target_cv): not a reliable figure"
@@ -67,13 +69,22 @@ def results_table(results: dict[str, dict]) -> str:
         if any(f"fastest{s}" in r for r in results.values()) and any(
                 sum(f"{form}{s}_ms" in r for form in RUNTIME_FORMS.values()) > 1 for r in results.values()):
             columns.append((title, f"fastest{s}", "{}"))
+    if any("budget_images" in r for r in results.values()):
+        columns.append(BUDGET_COLUMN)
+        results = {row: {**r, **({"budget_images": r["budget_images"] / 1e3} if "budget_images" in r else {})}
+                   for row, r in results.items()}
     lines = ["| Network | " + " | ".join(c[0] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    marked, collapsed = False, []
+    marked, collapsed, kept_start = False, [], False
     for key, label in LABELS.items():
         if key in results:
             r = results[key]
             if r.get("collapsed", "no") != "no":
-                collapsed.append(f"{label}: predicts {r['collapsed']}")
+                from pipeline.casewise import describe_collapse
+
+                collapsed.append(f"{label}: {describe_collapse(r['collapsed'])}")
+            if r.get("kept_start") == "yes":
+                kept_start, label = True, label + " ="
+            if r.get("collapsed", "no") != "no":
                 label += " ⚠"
             cells = []
             for _, name, fmt in columns:
@@ -81,8 +92,10 @@ def results_table(results: dict[str, dict]) -> str:
                 marked |= unsettled
                 cells.append((fmt.format(r[name]) if name in r else "-") + (UNSETTLED_MARK if unsettled else ""))
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    if marked or collapsed:
+    if marked or collapsed or kept_start:
         lines.append("")
+    if kept_start:
+        lines.append(KEPT_START_NOTE)
     if marked:
         lines.append(UNSETTLED_NOTE)
     if collapsed:
@@ -121,6 +134,7 @@ class Row:
     paper: dict[str, float] = field(default_factory=dict)
     collapsed: dict[str, str] = field(default_factory=dict)  # run id -> the network's `collapsed` param
     unsettled: set = field(default_factory=set)  # runs whose network's latency did not settle
+    folds: dict[str, str] = field(default_factory=dict)  # run id -> its cross-validation fold ("" without folds)
 
 
 def build_rows(runs: list, paper: dict) -> list[Row]:
@@ -142,6 +156,7 @@ def build_rows(runs: list, paper: dict) -> list[Row]:
         key = _key(value)
         row = rows.setdefault(key, Row(key=str(value), label=str(value)))
         row.runs.append(run.info.run_id)
+        row.folds[run.info.run_id] = _fold(params)
         row.collapsed[run.info.run_id] = params.get(f"{prefix}.collapsed", "no")
         if params.get(f"{prefix}.latency_settled") == "0":
             row.unsettled.add(run.info.run_id)
@@ -153,10 +168,28 @@ def build_rows(runs: list, paper: dict) -> list[Row]:
             source = key.split("@", 1)[1]
             for run in runs:
                 row.runs.append(run.info.run_id)
+                row.folds[run.info.run_id] = _fold(run.data.params)
+                row.collapsed[run.info.run_id] = run.data.params.get(f"{source}.collapsed", "no")
                 for m in columns:
                     if f"{source}/{m}" in run.data.metrics:
                         row.ours.setdefault(m, []).append(run.data.metrics[f"{source}/{m}"] * scale.get(m, 1.0))
     return list(rows.values())
+
+
+def _fold(params: dict) -> str:
+    """A run's cross-validation fold ("" when its dataset has no folds): runs of one fold share their test cases."""
+    return params.get("dataset.fold", "") if params.get("dataset.folds", "null") not in ("null", "None", "") else ""
+
+
+def pooled_cases(tables: list[dict[str, float]], folds: list[str]) -> dict[str, float]:
+    """case -> Dice of a row: each fold's cases averaged over its runs (seeds share a fold's test cases), the folds
+    side by side (each case is a test case of one fold): every case once."""
+    from pipeline import stats
+
+    out: dict[str, float] = {}
+    for fold in dict.fromkeys(folds):
+        out.update(stats.per_case_mean([t for t, f in zip(tables, folds) if f == fold]))
+    return out
 
 
 def _fmt(values: list[float], digits: int) -> str:
@@ -229,12 +262,13 @@ def uncertainty(client, rows: list[Row], paper: dict) -> dict[str, dict]:
     baselines: dict[str, dict[str, float]] = {}
     for row in rows:
         runs = list(dict.fromkeys(row.runs))
+        folds = [row.folds.get(r, "") for r in runs]
         tables = [t for t in (case_dice(client, r, network, cache) for r in runs) if t]
         if tables and len(tables) == len(runs):
-            per_case[row.label] = stats.per_case_mean(tables)
+            per_case[row.label] = pooled_cases(tables, folds)
             base = [t for t in (case_dice(client, r, "baseline", cache) for r in runs) if t]
             if len(base) == len(runs) and network != "baseline":
-                baselines[row.label] = stats.per_case_mean(base)
+                baselines[row.label] = pooled_cases(base, folds)
     keys = [k.strip() for k in paper["rows_by"].split(",")]
     ref_key, _, ref_value = paper.get("reference", "").partition("=")
     out: dict[str, dict] = {}
@@ -278,14 +312,13 @@ def add_uncertainty(header: list[str], cells: list[list[str]], rows: list[Row], 
 
 
 def add_collapsed(header: list[str], cells: list[list[str]], rows: list[Row]) -> tuple[list[str], list[list[str]]]:
-    """A `⚠ collapsed` column (k/n runs whose network predicted all foreground or all background,
-    pipeline/casewise.py) when any row has such runs: their Dice is not a segmentation result."""
+    """The `⚠ collapsed` column, for every row: k/n runs whose network predicted all foreground or all background,
+    or scored within evaluate.collapse_margin of such a guess (pipeline/casewise.py): their Dice is not a
+    segmentation result. "–" where none did."""
     counts = []
     for row in rows:
         flags = [row.collapsed.get(run_id) for run_id in dict.fromkeys(row.runs)]
         counts.append((sum(1 for f in flags if f and f != "no"), len(flags)))
-    if not any(bad for bad, _ in counts):
-        return header, cells
     return header + ["⚠ collapsed"], [line + [f"{bad}/{n}" if bad else "–"] for line, (bad, n) in zip(cells, counts)]
 
 
@@ -327,12 +360,12 @@ class ReportError(ValueError):
     """A sweep that cannot be reported as asked (none found, or rows that mix settings)."""
 
 
-# Settings that may differ between the runs of one row: the seed (rows are mean ± std over seeds) and
-# what only names or places a job.
-ROW_FREE = ("seed", "tracking.run_name", "hydra", "resume")
+# Settings that may differ between the runs of one row: the seed and the cross-validation fold (rows are mean ±
+# std over their runs; per-case results pool the folds) and what only names or places a job.
+ROW_FREE = ("seed", "dataset.fold", "tracking.run_name", "hydra", "resume")
 # Params that are results, not settings (how a network's measurement went: `final.collapsed`,
-# `final.latency_threads`...): they may differ between the seeds of a row.
-RESULT_PARAMS = ("baseline.", "pruned.", "final.")
+# `final.latency_threads`...; the data statistics of a fold): they may differ between the runs of a row.
+RESULT_PARAMS = ("baseline.", "pruned.", "final.", "data.")
 # Decimals per metric in the table, in the unit shown (a metric scaled x100 to % loses two).
 # Metrics that are fractions (0-1): a report's --columns shows them in the preset's Dice unit.
 FRACTIONS = ("dice", "iou", "nsd", "thresholded_jaccard")
@@ -445,7 +478,7 @@ def report_sweep(client, parent, out: Path | None = None, runs: list | None = No
     if paper.get("notes"):
         text += f"\n{paper['notes']}\n"
     scaled = ", ".join(f"{m} x{s:g}" for m, s in paper.get("scale", {}).items())
-    text += f"\nOurs: {paper['metric_prefix']}/<metric>{' (' + scaled + ')' if scaled else ''}, mean ± std over runs (seeds) per row"
+    text += f"\nOurs: {paper['metric_prefix']}/<metric>{' (' + scaled + ')' if scaled else ''}, mean ± std over runs (seeds, folds) per row"
     text += "; Δ = ours - paper.\n" if any(r.paper for r in rows) else ".\n"
     unsettled = sum(len(r.unsettled) for r in rows)
     if unsettled:
@@ -453,7 +486,8 @@ def report_sweep(client, parent, out: Path | None = None, runs: list | None = No
                  f"in all; CV above evaluate.latency_target_cv: the machine was busy): not a reliable figure.\n")
     if found:
         n = max(e["cases"] for e in found.values())
-        text += (f"\nDice 95% CI: bootstrap interval (BCa, {n} test cases, each case's Dice averaged over the row's seeds) "
+        text += (f"\nDice 95% CI: bootstrap interval (BCa, {n} test cases, each case's Dice averaged over the row's seeds, "
+                 f"the cross-validation folds' test cases pooled) "
                  f"of the mean over cases. p: two-sided Wilcoxon signed-rank test over the same cases against the runs' "
                  f"baseline" + (f" and against the {paper['reference']} row of the same setting" if paper.get("reference") else "")
                  + "; p < 0.05 marks a difference unlikely to be chance on this test set (seed-to-seed spread: ± std).\n")

@@ -39,8 +39,26 @@ class RunState:
     quantized: Optional[str] = None  # quantize folder: int8 ONNX files of the final network + quantize.json
     metrics: dict = field(default_factory=dict)
     done: list = field(default_factory=list)  # stages finished, in order (a resumed job skips them)
+    # images each training phase's optimiser steps saw (train, between_steps, recovery, teacher), and
+    # from_scratch=1 when the final network did not start from the pruned one: `budget_images`
+    budget: dict = field(default_factory=dict)
+    kept_start: bool = False  # the recovery kept its starting weights: the final network is the pruned one
 
     PATHS = ("baseline", "layer_ratios", "scores", "pruned", "final", "quantized")  # fields holding a file or folder
+    BUDGET = {"baseline": ("train",), "pruned": ("train", "between_steps"),
+              "final": ("train", "between_steps", "recovery", "teacher")}  # what each network's weights cost
+
+    def budget_images(self) -> dict[str, int]:
+        """network -> the images seen by every training phase behind its weights (one unit for every method:
+        teacher passes count as images seen too); a final network trained from scratch counts its own phases
+        only. Networks whose cost is not known (a baseline from an older cache) are left out."""
+        out = {}
+        for network, phases in self.BUDGET.items():
+            if network == "final" and self.budget.get("from_scratch"):
+                phases = ("recovery", "teacher")
+            if all(p in self.budget for p in phases if p not in ("between_steps", "teacher")):
+                out[network] = int(sum(self.budget.get(p, 0) for p in phases))
+        return out
     NETWORKS = ("baseline", "pruned", "final")
 
     def save(self, run_dir: Path) -> Path:

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from data import READERS
+from data.readers import ADDED_KEYS
 from pipeline.paths import CONF_DIR
 
 MAX_BYTES = 4 << 20  # a run's config is a few kB; a larger file is not one
@@ -119,6 +120,8 @@ def check(config: Any, where: str) -> dict:
     checked = _check(config, [], where)
     if not isinstance(checked.get("dataset"), dict):
         raise StoredConfigError(f"{where} has no dataset section: expected a medprune run's config")
+    for key, value in ADDED_KEYS.items():  # a run stored before the reader had the key: read as it was then
+        checked["dataset"].setdefault(key, value)
     return checked
 
 

@@ -13,6 +13,7 @@ import inspect
 import logging
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -53,14 +54,26 @@ class Recipe:
 
     def build(self, model: nn.Module, settings, epochs: Optional[int] = None,
               ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-        """`epochs`: the phase's length when it is not `settings.epochs` (a budget given in steps)."""
+        """`epochs`: the phase's length when it is not `settings.epochs` (a budget given in steps).
+
+        The schedule runs over `settings.schedule_epochs` epochs where the phase sets it (fine-tuning; null: the
+        phase's own length) and starts at its epoch `settings.schedule_start`: learning-rate rewinding replays
+        the training schedule (its length, from its start or a later epoch) whatever the phase's budget."""
         optimizer = self.optimizer(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
         target = getattr(self.scheduler, "func", self.scheduler)
         given = getattr(self.scheduler, "keywords", {})
         params = inspect.signature(target).parameters
         epochs = int(settings.epochs if epochs is None else epochs)
-        length = {name: epochs for name in LENGTH_ARGS if name in params and name not in given}
-        return optimizer, self.scheduler(optimizer, **length)
+        span = getattr(settings, "schedule_epochs", None)
+        length = {name: int(span or epochs) for name in LENGTH_ARGS if name in params and name not in given}
+        scheduler = self.scheduler(optimizer, **length)
+        start = int(getattr(settings, "schedule_start", 0) or 0)
+        if start:
+            with warnings.catch_warnings():  # stepping a schedule before any optimiser step is the point here
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(start):
+                    scheduler.step()
+        return optimizer, scheduler
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int, device: torch.device) -> DataLoader:
@@ -94,6 +107,17 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, thresho
     return meter.compute()
 
 
+@dataclass
+class Fitted:
+    """What a training phase did: its per-epoch history (epochs 1..N), the kept weights' validation Dice and epoch
+    (0: the starting weights), and the images its optimiser steps saw (the phase's budget)."""
+
+    history: list[dict[str, float]]
+    best_dice: float
+    kept_epoch: int
+    images: int
+
+
 def fit(
     model: nn.Module,
     train_set: Dataset,
@@ -106,8 +130,9 @@ def fit(
     desc: str = "train",
     checkpoint: Optional[Path] = None,
     distiller=None,
-) -> tuple[list[dict[str, float]], float]:
-    """Trains in place and leaves the best-validation-Dice weights (epoch 0 included) in `model`.
+) -> Fitted:
+    """Trains in place and leaves the weights `settings.keep` picks in `model`: the best validation Dice with the
+    starting weights (epoch 0) a candidate (`best`), without them (`best_trained`), or the last epoch's (`last`).
 
     Every RNG is reseeded from (seed, epoch) when an epoch starts. With `checkpoint` (a folder), the
     training state is saved every `settings.checkpoint_every` epochs and, if the folder already holds a
@@ -120,7 +145,7 @@ def fit(
     `distiller` (pipeline/distillation.py): adds its distillation terms to the loss; its adapter, if any,
     trains with the model. The history gains `distill_loss` and `teacher_s` (the teacher's time).
 
-    Returns the per-epoch history (epochs 1..N) and the best validation Dice."""
+    Returns the history, the kept weights' validation Dice and epoch, and the images seen (`Fitted`)."""
     if device.type != "cpu":
         return _fit(model, train_set, val_set, settings, recipe, device, seed, log_metrics, desc, checkpoint, distiller)
     with cpu_threads(settings.threads) as threads:
@@ -144,7 +169,8 @@ def _fit(model, train_set, val_set, settings, recipe, device, seed, log_metrics,
     model.to(device)
     history: list[dict[str, float]] = []
     if settings.epochs == 0 and getattr(settings, "steps", None) is None:
-        return history, float("nan")
+        return Fitted(history, float("nan"), 0, 0)
+    keep = str(getattr(settings, "keep", "best"))
     train_loader = make_loader(train_set, settings.batch_size, True, settings.num_workers, seed, device)
     val_loader = make_loader(val_set, settings.batch_size, False, settings.num_workers, seed, device)
     epochs, max_steps = budget(settings, len(train_loader), desc)
@@ -167,13 +193,17 @@ def _fit(model, train_set, val_set, settings, recipe, device, seed, log_metrics,
         scheduler.load_state_dict(parts["scheduler"])
         scaler.load_state_dict(parts["scaler"])
         history, best_dice, best_state = parts["history"], parts["best_dice"], parts["best_state"]
+        kept = int(parts.get("kept_epoch", 0))
         log.info("%s: resuming after epoch %d of %d from the checkpoint in %s", desc, done, epochs, saver.folder)
     else:
-        done = 0
-        # The starting weights are a candidate too: fine-tuning must not end worse (on validation) than it began.
-        best_dice, best_state = evaluate(model, val_loader, device)["dice"], copy.deepcopy(model.state_dict())
+        done, kept = 0, 0
+        start_dice = evaluate(model, val_loader, device)["dice"]
+        # keep=best: the starting weights are a candidate too, so a phase never ends worse (on validation) than it
+        # began; the other rules take the trained epochs only
+        best_dice = start_dice if keep == "best" else -math.inf
+        best_state = copy.deepcopy(model.state_dict())
         if log_metrics:
-            log_metrics({f"{desc}/val_dice": best_dice}, 0)
+            log_metrics({f"{desc}/val_dice": start_dice}, 0)
 
     for epoch in range(done + 1, epochs + 1):
         seed_everything(epoch_seed(seed, epoch))  # dropout and anything else on the global RNGs
@@ -208,7 +238,7 @@ def _fit(model, train_set, val_set, settings, recipe, device, seed, log_metrics,
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         val = evaluate(model, val_loader, device)
-        row = {"loss": total / max(seen, 1), "val_dice": val["dice"], "val_iou": val["iou"], "lr": lr}
+        row = {"loss": total / max(seen, 1), "val_dice": val["dice"], "val_iou": val["iou"], "lr": lr, "images": seen}
         if distiller is not None:  # the distillation term (part of loss) and the teacher's share of the epoch
             teacher_s = distiller.teacher_seconds - teacher_before
             row.update(distill_loss=distilled / max(seen, 1), teacher_s=teacher_s,
@@ -216,17 +246,17 @@ def _fit(model, train_set, val_set, settings, recipe, device, seed, log_metrics,
         history.append(row)
         log.info("%s epoch %d/%d: loss %.4f, val Dice %.4f", desc, epoch, epochs, row["loss"], row["val_dice"])
         if log_metrics:
-            log_metrics({f"{desc}/{k}": v for k, v in row.items()}, epoch)
-        if val["dice"] > best_dice:
-            best_dice, best_state = val["dice"], copy.deepcopy(model.state_dict())
+            log_metrics({f"{desc}/{k}": v for k, v in row.items() if k != "images"}, epoch)
+        if val["dice"] > best_dice or keep == "last":
+            best_dice, best_state, kept = val["dice"], copy.deepcopy(model.state_dict()), epoch
         if saver is not None and saver.due(epoch, epochs):
             saver.save(epoch, {
                 "model": model.state_dict(), "adapter": adapter.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "history": history, "best_dice": best_dice, "best_state": best_state,
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": history,
+                "best_dice": best_dice, "best_state": best_state, "kept_epoch": kept,
             })
     model.load_state_dict(best_state)
-    return history, best_dice
+    return Fitted(history, best_dice, kept, int(sum(row.get("images", 0) for row in history)))
 
 
 def write_history(history: list[dict[str, float]], path: Path) -> None:

@@ -57,7 +57,7 @@ def test_fine_tuning_with_a_teacher_trains_the_adapter_and_leaves_the_teacher_al
     before_adapter = distiller.adapter.weight.detach().clone()
     recipe = Recipe(lambda params, lr, weight_decay: torch.optim.Adam(params, lr=lr, weight_decay=weight_decay),
                     lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1), training_loss())
-    history, _ = fit(student, data, data, _settings(), recipe, torch.device("cpu"), 0, desc="finetune", distiller=distiller)
+    history = fit(student, data, data, _settings(), recipe, torch.device("cpu"), 0, desc="finetune", distiller=distiller).history
     distiller.close()
     assert history[0]["distill_loss"] > 0 and history[0]["teacher_s"] > 0 and 0 < history[0]["teacher_fraction"] < 1
     assert not torch.equal(before_adapter, distiller.adapter.weight)

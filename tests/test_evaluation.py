@@ -104,6 +104,25 @@ def test_score_cases_gives_a_row_per_image_and_the_collapse_flag():
     assert casewise.collapse(nothing, 0.02) == "all background"
 
 
+def test_a_network_no_better_than_a_trivial_guess_is_flagged_near_collapsed():
+    """The COVID case: a 60 % network at Dice 0.290 that marked 82 % of the pixels, against 0.262 for marking every
+    pixel; no pixel-fraction rule fired. The margin against the trivial predictors' Dice on the same cases does."""
+    true = np.zeros((1, 6, 6), bool)
+    true[:, :2] = True  # a third of the pixels: all foreground scores 2 * 12 / (12 + 36) = 0.5, all background 0
+    assert casewise.trivial_dice(true, ignore_empty=False) == (0.5, 0.0)
+    assert casewise.trivial_dice(np.zeros((1, 6, 6), bool), ignore_empty=False) == (0.0, 1.0)  # an empty truth
+    assert all(math.isnan(v) for v in casewise.trivial_dice(np.zeros((1, 6, 6), bool), ignore_empty=True))
+
+    def results(dice: float) -> casewise.CaseResults:
+        rows = [{"case": f"c{i}", "dice": dice, "true_px": 12, "pred_px": 30} for i in range(4)]
+        return casewise.CaseResults(rows=rows, pixels=4 * 36, true_px=48, pred_px=120, trivial=[(0.5, 0.0)] * 4)
+
+    assert casewise.collapse(results(0.52), 0.02, 0.05) == "no better than all foreground (Dice 0.520 vs 0.500)"
+    assert casewise.collapse(results(0.60), 0.02, 0.05) is None
+    assert casewise.collapse(results(0.52), 0.02) is None  # no margin: only the pixel rules
+    assert casewise.describe_collapse("no better than all foreground (Dice 0.520 vs 0.500)").startswith("is no better")
+
+
 def test_score_cases_stacks_the_slices_of_a_volume_into_one_case(tmp_path):
     data = dataset(6, cases=["a", "a", "a", "b", "b", "b"])
     rules = CaseRules(ignore_empty=False, nsd_tolerance=1.0)

@@ -197,3 +197,14 @@ def test_a_damaged_network_or_test_set_is_refused_before_a_run_opens(job, tmp_pa
     runtimes = evaluate(job, job["run_dir"], "evaluate.runtimes={onnxruntime: 1}", ok=False)
     assert "evaluate.runtimes" in one_error(runtimes, "evaluate")
     assert evaluations(job) == before
+
+
+def test_a_run_stored_before_the_readers_gained_a_key_is_read_as_it_was_trained(job, tmp_path):
+    """dataset.folds / fold came later: a config without them reads its data as then (no folds)."""
+    copy = Path(shutil.copytree(job["run_dir"], tmp_path / "copy"))
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    for key in ("folds", "fold"):
+        config["dataset"].pop(key)
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    predict(job, copy, tmp_path / "masks")
+    assert len(list((tmp_path / "masks").glob("*.png"))) == 2

@@ -2,6 +2,8 @@
 network-slimming penalty, and the loss from segmentation_models_pytorch checked against its formula."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.utils.data import TensorDataset
@@ -54,17 +56,19 @@ def test_fit_learns_and_keeps_the_best_validation_weights():
     torch.manual_seed(0)
     model = UNet(3, 1, width=4, depth=2)
     recipe, settings = recipe_and_settings("train.epochs=4")
-    history, best = fit(model, toy_data(), toy_data(seed=1), settings, recipe, torch.device("cpu"), seed=0)
+    fitted = fit(model, toy_data(), toy_data(seed=1), settings, recipe, torch.device("cpu"), seed=0)
+    history, best = fitted.history, fitted.best_dice
     assert len(history) == 4
     assert history[-1]["loss"] < history[0]["loss"]
     assert best == max([best] + [h["val_dice"] for h in history])
+    assert fitted.images == sum(h["images"] for h in history) == 4 * len(toy_data()) // settings.batch_size * settings.batch_size
 
 
 def test_zero_epochs_leaves_the_model_untouched():
     model = UNet(3, 1, width=4, depth=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = compose_config("finetune.epochs=0")
-    history, _ = fit(model, toy_data(), toy_data(), cfg.finetune, Recipe.from_config(cfg), torch.device("cpu"), seed=0)
+    history = fit(model, toy_data(), toy_data(), cfg.finetune, Recipe.from_config(cfg), torch.device("cpu"), seed=0).history
     assert history == [] and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -74,7 +78,7 @@ def test_bn_l1_penalty_is_part_of_the_optimised_loss():
         model = UNet(3, 1, width=4, depth=2)
         n_gammas = sum(m.num_features for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
         recipe, settings = recipe_and_settings("train.epochs=1", "train.lr=1e-4", f"train.bn_l1={bn_l1}")
-        history, _ = fit(model, toy_data(), toy_data(seed=1), settings, recipe, torch.device("cpu"), seed=0)
+        history = fit(model, toy_data(), toy_data(seed=1), settings, recipe, torch.device("cpu"), seed=0).history
         return history[0]["loss"], n_gammas
 
     plain, n = first_epoch_loss(0.0)
@@ -110,7 +114,7 @@ def test_a_fine_tuning_budget_in_steps_runs_exactly_that_many_optimiser_steps():
     recipe = Recipe.from_config(cfg)
     make = recipe.optimizer
     recipe.optimizer = lambda *a, **k: _counting(make(*a, **k), calls)
-    history, _ = fit(model, toy_data(), toy_data(seed=1), cfg.finetune, recipe, torch.device("cpu"), seed=0)
+    history = fit(model, toy_data(), toy_data(seed=1), cfg.finetune, recipe, torch.device("cpu"), seed=0).history
     assert len(calls) == 3  # 8 images at batch 4: 2 steps per epoch, so 2 epochs, the second cut after 1 step
     assert len(history) == 2
 
@@ -150,7 +154,7 @@ def test_bf16_training_runs_under_autocast_where_the_cpu_has_bf16(monkeypatch):
     torch.manual_seed(0)
     spy = _DtypeSpy(UNet(3, 1, width=4, depth=2))
     recipe, settings = recipe_and_settings("train.epochs=2", "train.precision=bf16")
-    history, _ = fit(spy, toy_data(), toy_data(seed=1), settings, recipe, torch.device("cpu"), seed=0)
+    history = fit(spy, toy_data(), toy_data(seed=1), settings, recipe, torch.device("cpu"), seed=0).history
     assert torch.bfloat16 in {d for d in spy.seen} and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     assert all(p.dtype == torch.float32 for p in spy.parameters())  # autocast: the weights stay fp32
 
@@ -165,3 +169,77 @@ def test_bf16_falls_back_to_fp32_with_a_notice_where_the_cpu_would_emulate_it(mo
         fit(spy, toy_data(), toy_data(seed=1), settings, recipe, torch.device("cpu"), seed=0)
     assert spy.seen == {torch.float32}
     assert "train.precision=bf16 falls back to fp32: this CPU has no native bf16" in caplog.text
+
+
+# -- the kept epoch, rewinding, the scratch control --------------------------------------------------------
+
+
+def _fit_with_val(keep: str, val_dice: list[float], monkeypatch):
+    """fit on toy data with validation Dice scripted: the start, then one value per epoch."""
+    import pipeline.training as training
+
+    scripted = iter(val_dice)
+    monkeypatch.setattr(training, "evaluate", lambda *a, **k: {"dice": next(scripted), "iou": 0.0})
+    torch.manual_seed(0)
+    model = UNet(3, 1, width=4, depth=2)
+    recipe, settings = recipe_and_settings(f"train.epochs={len(val_dice) - 1}", f"train.keep={keep}")
+    return fit(model, toy_data(), toy_data(seed=1), settings, recipe, torch.device("cpu"), seed=0)
+
+
+@pytest.mark.parametrize("keep, val_dice, kept", [
+    ("best", [0.9, 0.5, 0.6], 0),          # nothing beat the start: the start is kept (and says so: kept_epoch 0)
+    ("best", [0.4, 0.5, 0.45], 1),
+    ("best_trained", [0.9, 0.5, 0.6], 2),  # the start is no candidate
+    ("last", [0.4, 0.7, 0.5], 2),
+])
+def test_the_keep_rule_picks_the_kept_epoch(keep, val_dice, kept, monkeypatch):
+    fitted = _fit_with_val(keep, val_dice, monkeypatch)
+    assert fitted.kept_epoch == kept and fitted.best_dice == val_dice[kept]
+
+
+def test_rewinding_replays_the_training_schedule_from_the_chosen_epoch():
+    """finetune=rewind: train.lr and the training schedule's length, entered at finetune.schedule_start, whatever the
+    phase's own length; default fine-tuning follows its own length at a tenth of the rate."""
+    def lrs(*overrides):
+        cfg = compose_config("train.epochs=10", *overrides)
+        optimizer, scheduler = Recipe.from_config(cfg).build(torch.nn.Linear(2, 2), cfg.finetune)
+        out = []
+        for _ in range(int(cfg.finetune.epochs)):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    assert lrs("finetune=rewind") == pytest.approx([1e-3] * 8 + [1e-4] * 2)  # the training schedule, replayed
+    assert lrs("finetune=rewind", "finetune.schedule_start=6", "finetune.epochs=4") == pytest.approx([1e-3] * 2 + [1e-4] * 2)
+    assert lrs("finetune=rewind", "scheduler=cosine", "finetune.epochs=5") == pytest.approx(
+        [0.5e-3 * (1 + math.cos(math.pi * e / 10)) for e in range(5)])  # the first half of training's cosine
+    assert lrs() == pytest.approx([1e-4] * 5)  # default fine-tuning: lr x 0.1, StepLR never reached in 5 epochs
+    cfg = compose_config("finetune=scratch", "train.epochs=10")
+    assert cfg.finetune.epochs == 20 and cfg.finetune.lr == cfg.train.lr and str(cfg.finetune.init) == "random"
+
+
+def test_a_schedule_start_past_the_schedule_is_refused():
+    from pipeline.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="finetune.schedule_start=10 is past the end of the 10-epoch schedule"):
+        validate(compose_config("train.epochs=10", "finetune=rewind", "finetune.schedule_start=10"))
+
+
+def test_the_scratch_control_reinitialises_every_layer_seeded():
+    from pipeline.stages.finetune import reinitialize
+
+    torch.manual_seed(1)
+    trained = UNet(3, 1, width=4, depth=2)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.fill_(0.5)
+    a, b = UNet(3, 1, width=4, depth=2), UNet(3, 1, width=4, depth=2)
+    a.load_state_dict(trained.state_dict())
+    b.load_state_dict(trained.state_dict())
+    reinitialize(a, seed=3)
+    reinitialize(b, seed=3)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name  # seeded
+    convs = [m for m in a.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(not torch.all(m.weight == 0.5) for m in convs)  # nothing left of the weights it had

@@ -54,7 +54,7 @@ QUANTIZED_ROWS = ("quantized", "quantized_dynamic")  # int8 ONNX files of the qu
 # Results that describe how a measurement was taken (counts, flags, thread counts): MLflow params
 # (`final.latency_threads`), not metrics, so the compare view shows the measurements themselves.
 DESCRIPTIVE = ("latency_threads", "latency_bn_folded", "latency_channels_last", "channels_aligned8", "test_images",
-               "test_cases", "cases_ignored_empty", "collapsed", "windows_per_volume")
+               "test_cases", "cases_ignored_empty", "collapsed", "windows_per_volume", "kept_start")
 FINAL_ONNX = "final.onnx"
 
 # The timed forms of a network, as the prefixes of their results: latency_ms (as deployed in torch),
@@ -246,12 +246,12 @@ def score_quality(ctx: Context, model: torch.nn.Module, row: str, export: bool =
     )
     write_csv(results.rows, folder / f"cases_{row}.csv")
     out = casewise.headline(results, volumetric=getattr(dataset, "cases", None) is not None)
-    collapsed = casewise.collapse(results, float(e.collapse_tolerance))
+    collapsed = casewise.collapse(results, float(e.collapse_tolerance), float(e.collapse_margin))
     out["collapsed"] = collapsed or "no"
     if collapsed and warn:
-        log.warning("The %s network COLLAPSED: it predicts %s (%.1f%% of the test pixels foreground, truth %.1f%%); "
-                    "its Dice is not a segmentation result", row, collapsed, 100 * results.pred_foreground_fraction,
-                    100 * results.true_foreground_fraction)
+        log.warning("The %s network COLLAPSED: it %s (%.1f%% of the test pixels foreground, truth %.1f%%); "
+                    "its Dice is not a segmentation result", row, casewise.describe_collapse(collapsed),
+                    100 * results.pred_foreground_fraction, 100 * results.true_foreground_fraction)
     return out
 
 
@@ -396,6 +396,11 @@ def _run(ctx: Context, state: RunState) -> RunState:
              ", ".join(f"{row} {100 * r['peak_fraction']:.0f}%" for row, r in results.items() if "peak_fraction" in r))
     if "final" not in models and sources["final"] and sources["final"] == sources["pruned"]:
         results["final"] = dict(results["pruned"])
+    for row, images in state.budget_images().items():  # what each network's training cost, in images seen
+        if row in results:
+            results[row]["budget_images"] = images
+    if state.kept_start and "final" in results:
+        results["final"]["kept_start"] = "yes"
     unsettled = {f"{row}/{form}_ms": f"CV {r[f'{form}_cv']:.2f}, {r[f'{form}_runs']} runs"
                  for row, r in results.items() for form in FORMS if r.get(f"{form}_settled") == 0}
     if unsettled:

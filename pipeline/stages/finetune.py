@@ -1,10 +1,19 @@
-"""Fine-tune the pruned network with its own settings (finetune.epochs=0: keep it as it is)."""
+"""Recover the pruned network: fine-tuning, learning-rate rewinding or the scratch control, by the finetune settings.
+
+`finetune=default` fine-tunes at a tenth of the training rate; `finetune=rewind` replays the training schedule
+(Renda et al., ICLR 2020); `finetune=scratch` trains the pruned architecture from a fresh initialisation (the
+control: what pruning itself buys). Distillation from the baseline (`finetune.distill`) goes with any of them.
+`finetune.epochs=0` keeps the pruned network as it is. The stage says when the weights it keeps are its starting
+weights (a warning, the tag `medprune.recovery_kept_start`, the results table), and counts the images it saw
+(the run's budget, RunState.budget_images)."""
 from __future__ import annotations
 
 import logging
 import shutil
 from dataclasses import replace
 from typing import Optional
+
+import torch
 
 from models.io import load_model, save_model
 from pipeline.distillation import Distiller
@@ -38,16 +47,20 @@ def run(ctx: Context, state: RunState) -> RunState:
         raise RuntimeError("finetune needs a pruned model: add prune to stages or set baseline=<a run folder that pruned>")
     if cfg.finetune.epochs == 0 and cfg.finetune.steps is None:
         log.info("finetune.epochs=0: the pruned network is the final one")
-        return replace(state, final=state.pruned)
+        return replace(state, final=state.pruned, budget={**state.budget, "recovery": 0})
     seed_everything(cfg.seed)
     model = load_model(state.pruned)
+    scratch = str(cfg.finetune.init) == "random"
+    if scratch:
+        reinitialize(model, cfg.seed)
+        log.info("finetune.init=random: the pruned architecture re-initialised (the scratch control)")
     folder = ctx.stage_dir("final")
     checkpoint = folder / "checkpoint"  # in the run folder: a resumed job (pipeline/journal.py) continues it
     if ctx.device.type == "cpu":  # fit runs with finetune.threads (a tag, as train.threads)
         ctx.tracker.set_tags({"medprune.finetune_threads": thread_count(cfg.finetune.threads)})
     distiller = _distiller(ctx, state, model)
     try:
-        history, best_dice = fit(
+        fitted = fit(
             model, data.dataset("train", augment=True), data.dataset("val"), cfg.finetune, Recipe.from_config(cfg), ctx.device,
             cfg.seed, log_metrics=ctx.tracker.log_metrics, desc="finetune", checkpoint=checkpoint, distiller=distiller,
         )
@@ -55,10 +68,27 @@ def run(ctx: Context, state: RunState) -> RunState:
         if distiller is not None:
             distiller.close()
     save_model(model.cpu(), cfg.model, data.in_channels, data.num_classes, folder / "model")
-    write_history(history, folder / "history.csv")
+    write_history(fitted.history, folder / "history.csv")
     shutil.rmtree(checkpoint, ignore_errors=True)
-    ctx.tracker.log_metrics({"finetune/best_val_dice": best_dice})
+    ctx.tracker.log_metrics({"finetune/best_val_dice": fitted.best_dice, "finetune/kept_epoch": fitted.kept_epoch})
+    if fitted.kept_epoch == 0 and fitted.history:
+        start = fitted.best_dice
+        log.warning("Recovery kept its starting weights: no epoch of %d beat the pruned network's validation Dice "
+                    "(%.4f) under finetune.keep=%s, so the final network IS the pruned one (finetune.keep=best_trained "
+                    "or last keeps a trained epoch)", len(fitted.history), start, cfg.finetune.keep)
+        ctx.tracker.set_tags({"medprune.recovery_kept_start": "true"})
     if distiller is not None:
         ctx.tracker.log_metrics({"finetune/teacher_total_s": distiller.teacher_seconds})
     ctx.tracker.log_artifact(folder / "model", "final_model")
-    return replace(state, final=str(folder / "model"))
+    budget = {**state.budget, "recovery": fitted.images, **({"teacher": fitted.images} if distiller is not None else {}),
+              **({"from_scratch": 1} if scratch else {})}
+    return replace(state, final=str(folder / "model"), budget=budget, kept_start=fitted.kept_epoch == 0 and bool(fitted.history))
+
+
+def reinitialize(model: torch.nn.Module, seed: int) -> None:
+    """Every layer's own initialisation again (`reset_parameters`: PyTorch's defaults, BatchNorm statistics
+    reset), seeded: the pruned architecture as if it had been built at this size."""
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if module is not model and callable(getattr(module, "reset_parameters", None)):
+            module.reset_parameters()

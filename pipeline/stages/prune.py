@@ -51,9 +51,11 @@ def run(ctx: Context, state: RunState) -> RunState:
     if state.layer_ratios:
         derived = (state.layer_ratios, yaml.safe_load(Path(state.layer_ratios).read_text())["layer_ratios"])
     folder = ctx.stage_dir("pruned")
+    between: list[int] = []  # images seen by the fine-tuning between iterative steps
     inputs = Inputs(
         model=model, scores=scores, example=ctx.example_input(), flops=lambda m: count_flops(m, ctx.input_shape),
-        rescore=lambda m: scoring.compute(ctx, m)[0], between_steps=lambda m, step: _finetune_between(ctx, m, step),
+        rescore=lambda m: scoring.compute(ctx, m)[0],
+        between_steps=lambda m, step: between.append(_finetune_between(ctx, m, step)),
         derived_rates=derived, folder=folder,
     )
     result, applied, metrics = SCHEDULES[schedule].apply(p, inputs)
@@ -91,18 +93,21 @@ def run(ctx: Context, state: RunState) -> RunState:
         ctx.tracker.log_artifact(path, "pruning")
     ctx.tracker.log_artifact(folder / "model", "pruned_model")
     log.info("Pruned %s -> %s parameters (%.1f%% kept)", f"{before:,}", f"{after:,}", 100 * after / before)
-    return replace(state, scores=str(scores_dir), pruned=str(folder / "model"))
+    budget = {**state.budget, "between_steps": sum(between)} if between else dict(state.budget)
+    return replace(state, scores=str(scores_dir), pruned=str(folder / "model"), budget=budget)
 
 
-def _finetune_between(ctx: Context, model, step: int) -> None:
-    """Iterative schedule: fine-tune `epochs_between` epochs (finetune settings) between prune steps."""
+def _finetune_between(ctx: Context, model, step: int) -> int:
+    """Iterative schedule: fine-tune `epochs_between` epochs (the recovery's settings: finetune=rewind rewinds
+    between steps too) between prune steps; returns the images it saw."""
     epochs = ctx.cfg.prune.epochs_between
     if epochs == 0:
-        return
+        return 0
     seed_everything(ctx.cfg.seed + step)
     settings = OmegaConf.merge(ctx.cfg.finetune, {"epochs": epochs, "steps": None})  # epochs_between is the budget
-    fit(
+    fitted = fit(
         model, ctx.data.dataset("train", augment=True), ctx.data.dataset("val"), settings, Recipe.from_config(ctx.cfg),
         ctx.device, ctx.cfg.seed, log_metrics=ctx.tracker.log_metrics, desc=f"prune_step{step}",
     )
     model.cpu().eval()
+    return fitted.images

@@ -41,7 +41,8 @@ def run(ctx: Context, state: RunState) -> RunState:
     ctx.tracker.log_metrics({"baseline/val_dice": meta["best_val_dice"]})
     if not reused:
         ctx.tracker.log_artifact(target, "baseline")
-    return replace(state, baseline=str(target), baseline_key=key, baseline_run_id=meta["run_id"])
+    budget = {**state.budget, "train": meta["images"]} if "images" in meta else dict(state.budget)
+    return replace(state, baseline=str(target), baseline_key=key, baseline_run_id=meta["run_id"], budget=budget)
 
 
 def _train(ctx: Context, key: str, target) -> dict:
@@ -52,14 +53,15 @@ def _train(ctx: Context, key: str, target) -> dict:
     # the thread count fit runs with: a tag, as a param the jobs that reuse this baseline would split report rows
     if ctx.device.type == "cpu":
         ctx.tracker.set_tags({"medprune.train_threads": thread_count(cfg.train.threads)})
-    history, best_dice = fit(
+    fitted = fit(
         model, data.dataset("train", augment=True), data.dataset("val"), cfg.train, Recipe.from_config(cfg), ctx.device, cfg.seed,
         log_metrics=ctx.tracker.log_metrics, desc="train", checkpoint=checkpoint,
     )
-    meta = {"key": key, "run_id": ctx.tracker.run_id, "epochs": len(history), "best_val_dice": best_dice}
+    meta = {"key": key, "run_id": ctx.tracker.run_id, "epochs": len(fitted.history), "best_val_dice": fitted.best_dice,
+            "kept_epoch": fitted.kept_epoch, "images": fitted.images}
     with atomic_folder(target) as tmp:  # the folder appears complete or not at all
         save_model(model.cpu(), cfg.model, data.in_channels, data.num_classes, tmp)
-        write_history(history, tmp / "history.csv")
+        write_history(fitted.history, tmp / "history.csv")
         atomic_write(tmp / baselines.BASELINE_META, json.dumps(meta, indent=2))
     shutil.rmtree(checkpoint, ignore_errors=True)
     return meta
