@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from data.readers import ReaderSettingsError, accepted_keys
 from pipeline.precision import Precision
 from pipeline.schedules import SCHEDULES, ConfigEnum, Scope  # noqa: F401  (Scope: the schema's type, re-exported)
+from pipeline.sparsity import SparsityMethod
 
 
 class ConfigError(ValueError):
@@ -27,6 +28,7 @@ class ConfigError(ValueError):
 
 class Stage(ConfigEnum):
     train = "train"
+    sparsify = "sparsify"
     sensitivity = "sensitivity"
     score = "score"
     prune = "prune"
@@ -99,6 +101,18 @@ class FinetuneConfig(TrainConfig):
 
 
 PRUNE_SCHEMAS: dict[str, type] = {name: schedule.schema for name, schedule in SCHEDULES.items()}
+
+
+@dataclass
+class SparsityConfig:
+    """Sparsity-inducing training of the baseline before it is scored and pruned (the sparsify stage,
+    pipeline/sparsity.py); the training loop's other settings are train.*."""
+
+    method: SparsityMethod = MISSING  # none | group_norm | growing_reg | bn_l1
+    epochs: int = MISSING  # the phase's length: epochs trained on after the baseline's training (its extra budget)
+    lr: float = MISSING  # its learning rate (the scheduler group over these epochs)
+    strength: float = MISSING  # the penalty's coefficient (growing_reg: its starting value)
+    growth: float = MISSING  # growing_reg: added per epoch to a group's coefficient, x its unimportance in [0, 1]
 
 
 @dataclass
@@ -193,6 +207,7 @@ class MedpruneConfig:
     loss: Any = MISSING  # the training loss (also used by the data-driven criteria)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     prune: Any = MISSING  # typed per schedule: PRUNE_SCHEMAS (each conf/prune option extends its schema)
     sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
@@ -444,6 +459,19 @@ def validate(cfg: DictConfig) -> None:
     for i, r in enumerate(cfg.sensitivity.ratios):
         _check_range(r, f"sensitivity.ratios[{i}]", 0.0, 1.0)
     _check_range(cfg.sensitivity.target_flops, "sensitivity.target_flops", 0.0, 1.0)
+    sp = cfg.sparsity
+    sparse = str(sp.method) != "none"
+    if sparse != ("sparsify" in stages):
+        raise ConfigError(
+            f"sparsity.method={sp.method} and stages={stages}: the sparsify stage trains with the penalty, so "
+            + ("add sparsify after train (stages=[train,sparsify,score,prune,finetune,evaluate])" if sparse else
+               "it needs a penalty: sparsity=group_norm, growing_reg or bn_l1 (or drop sparsify from stages)"))
+    if sparse:
+        _check_range(sp.epochs, "sparsity.epochs", 1, None)
+        _check_range(sp.lr, "sparsity.lr", 0.0, None)
+        if not sp.strength > 0:
+            raise ConfigError(f"sparsity.strength={sp.strength} is out of range: expected > 0 (the penalty's coefficient)")
+        _check_range(sp.growth, "sparsity.growth", 0.0, None)
     f = cfg.finetune
     _check_range(f.schedule_start, "finetune.schedule_start", 0, None)
     span = f.schedule_epochs if f.schedule_epochs is not None else f.epochs

@@ -44,7 +44,7 @@ from pipeline.tracking import (  # noqa: E402
 log = logging.getLogger("medprune")
 register_schema()
 
-NEEDS_BASELINE = ("sensitivity", "score", "prune")
+NEEDS_BASELINE = ("sparsify", "sensitivity", "score", "prune")
 
 
 def run_name(cfg: DictConfig, choices: dict[str, str], stages: list[str]) -> str:

@@ -32,6 +32,7 @@ class RunState:
     baseline: Optional[str] = None  # model folder of the trained baseline
     baseline_key: Optional[str] = None
     baseline_run_id: Optional[str] = None  # MLflow run that trained it
+    sparse: Optional[str] = None  # model folder of the baseline after sparsity-inducing training (sparsify stage)
     layer_ratios: Optional[str] = None  # per-layer rates (YAML) derived by the sensitivity stage
     scores: Optional[str] = None  # scores folder (scores.safetensors + scores.json)
     pruned: Optional[str] = None  # model folder right after pruning
@@ -44,9 +45,15 @@ class RunState:
     budget: dict = field(default_factory=dict)
     kept_start: bool = False  # the recovery kept its starting weights: the final network is the pruned one
 
-    PATHS = ("baseline", "layer_ratios", "scores", "pruned", "final", "quantized")  # fields holding a file or folder
-    BUDGET = {"baseline": ("train",), "pruned": ("train", "between_steps"),
-              "final": ("train", "between_steps", "recovery", "teacher")}  # what each network's weights cost
+    PATHS = ("baseline", "sparse", "layer_ratios", "scores", "pruned", "final", "quantized")  # a file or folder each
+    BUDGET = {"baseline": ("train",), "pruned": ("train", "sparse", "between_steps"),
+              "final": ("train", "sparse", "between_steps", "recovery", "teacher")}  # what each network's weights cost
+    OPTIONAL_PHASES = ("sparse", "between_steps", "teacher")  # phases a run may not have had (0 images)
+
+    @property
+    def to_prune(self) -> Optional[str]:
+        """The network the score and prune stages work on: the sparse-trained baseline where there is one."""
+        return self.sparse or self.baseline
 
     def budget_images(self) -> dict[str, int]:
         """network -> the images seen by every training phase behind its weights (one unit for every method:
@@ -56,7 +63,7 @@ class RunState:
         for network, phases in self.BUDGET.items():
             if network == "final" and self.budget.get("from_scratch"):
                 phases = ("recovery", "teacher")
-            if all(p in self.budget for p in phases if p not in ("between_steps", "teacher")):
+            if all(p in self.budget for p in phases if p not in self.OPTIONAL_PHASES):
                 out[network] = int(sum(self.budget.get(p, 0) for p in phases))
         return out
     NETWORKS = ("baseline", "pruned", "final")
@@ -114,28 +121,32 @@ class RunState:
 
 
 def keep_baseline(state: RunState, run_dir: Path) -> RunState:
-    """The baseline inside the run folder: a model folder elsewhere (the baseline cache, `baseline=<folder>`) is
-    linked in as `<run_dir>/baseline/` (hard links; copies across file systems), so the folder holds every
-    network it names."""
-    if not state.baseline:
-        return state
-    source, run_dir = Path(state.baseline).resolve(), Path(run_dir).resolve()
-    if source.is_relative_to(run_dir):
-        return state
-    target = run_dir / "baseline"
-    if target.exists():
-        shutil.rmtree(target)
-    tmp = run_dir / ".baseline.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for item in source.iterdir():
-        if item.is_file():
-            try:
-                os.link(item, tmp / item.name)
-            except OSError:  # another file system, or links not allowed
-                shutil.copy2(item, tmp / item.name)
-    tmp.replace(target)
-    return replace(state, baseline=str(target))
+    """The baseline (and its sparse-trained form) inside the run folder: a model folder elsewhere (a cache,
+    `baseline=<folder>`) is linked in as `<run_dir>/baseline/` (`sparse/`; hard links, copies across file
+    systems), so the folder holds every network it names."""
+    linked = {}
+    for field_name in ("baseline", "sparse"):
+        value = getattr(state, field_name)
+        if not value:
+            continue
+        source, run_dir = Path(value).resolve(), Path(run_dir).resolve()
+        if source.is_relative_to(run_dir):
+            continue
+        target = run_dir / field_name
+        if target.exists():
+            shutil.rmtree(target)
+        tmp = run_dir / f".{field_name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for item in source.iterdir():
+            if item.is_file():
+                try:
+                    os.link(item, tmp / item.name)
+                except OSError:  # another file system, or links not allowed
+                    shutil.copy2(item, tmp / item.name)
+        tmp.replace(target)
+        linked[field_name] = str(target)
+    return replace(state, **linked) if linked else state
 
 
 @dataclass

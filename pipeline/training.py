@@ -130,6 +130,7 @@ def fit(
     desc: str = "train",
     checkpoint: Optional[Path] = None,
     distiller=None,
+    penalty=None,
 ) -> Fitted:
     """Trains in place and leaves the weights `settings.keep` picks in `model`: the best validation Dice with the
     starting weights (epoch 0) a candidate (`best`), without them (`best_trained`), or the last epoch's (`last`).
@@ -145,12 +146,16 @@ def fit(
     `distiller` (pipeline/distillation.py): adds its distillation terms to the loss; its adapter, if any,
     trains with the model. The history gains `distill_loss` and `teacher_s` (the teacher's time).
 
+    `penalty` (pipeline/sparsity.py): its `loss(model)` is added to every step's loss (a sparsity penalty), and its
+    `after_epoch()` runs after every epoch.
+
     Returns the history, the kept weights' validation Dice and epoch, and the images seen (`Fitted`)."""
+    args = (model, train_set, val_set, settings, recipe, device, seed, log_metrics, desc, checkpoint, distiller, penalty)
     if device.type != "cpu":
-        return _fit(model, train_set, val_set, settings, recipe, device, seed, log_metrics, desc, checkpoint, distiller)
+        return _fit(*args)
     with cpu_threads(settings.threads) as threads:
         log.info("%s on %d CPU thread%s", desc, threads, "" if threads == 1 else "s")
-        return _fit(model, train_set, val_set, settings, recipe, device, seed, log_metrics, desc, checkpoint, distiller)
+        return _fit(*args)
 
 
 def budget(settings, batches_per_epoch: int, desc: str = "finetune") -> tuple[int, Optional[int]]:
@@ -165,7 +170,8 @@ def budget(settings, batches_per_epoch: int, desc: str = "finetune") -> tuple[in
     return epochs, int(steps)
 
 
-def _fit(model, train_set, val_set, settings, recipe, device, seed, log_metrics, desc, checkpoint, distiller=None):
+def _fit(model, train_set, val_set, settings, recipe, device, seed, log_metrics, desc, checkpoint, distiller=None,
+         penalty=None):
     model.to(device)
     history: list[dict[str, float]] = []
     if settings.epochs == 0 and getattr(settings, "steps", None) is None:
@@ -229,6 +235,8 @@ def _fit(model, train_set, val_set, settings, recipe, device, seed, log_metrics,
                     distilled += float(term.detach()) * images.shape[0]
             if settings.bn_l1 > 0:  # network slimming: sparse BatchNorm scales make bn_scale scores decisive
                 loss = loss + settings.bn_l1 * sum(m.weight.abs().sum() for m in bn_layers)
+            if penalty is not None:  # group lasso / growing regularisation over the pruning groups
+                loss = loss + penalty.loss(model)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
@@ -237,6 +245,8 @@ def _fit(model, train_set, val_set, settings, recipe, device, seed, log_metrics,
             bar.set_postfix(loss=f"{total / seen:.4f}")
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
+        if penalty is not None:
+            penalty.after_epoch()
         val = evaluate(model, val_loader, device)
         row = {"loss": total / max(seen, 1), "val_dice": val["dice"], "val_iou": val["iou"], "lr": lr, "images": seen}
         if distiller is not None:  # the distillation term (part of loss) and the teacher's share of the epoch

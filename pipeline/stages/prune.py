@@ -31,7 +31,7 @@ def run(ctx: Context, state: RunState) -> RunState:
     cfg, data = ctx.cfg, ctx.data
     if not state.baseline:
         raise RuntimeError("prune needs a baseline model: add train to stages or set baseline=<run id or path>")
-    model = load_model(state.baseline)
+    model = load_model(state.to_prune)  # the sparse-trained baseline, if any
     scores_dir = state.scores
     if scores_dir:
         scores, criterion = scoring.load(scores_dir)

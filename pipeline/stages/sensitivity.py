@@ -79,7 +79,7 @@ def run(ctx: Context, state: RunState) -> RunState:
         raise RuntimeError("sensitivity needs a baseline model: add train to stages or set baseline=<run id or path>")
     s, p = cfg.sensitivity, cfg.prune
     scope = str(p.scope)
-    model = load_model(state.baseline).to(ctx.device).eval()
+    model = load_model(state.to_prune).to(ctx.device).eval()
     scores, _ = compute_scores(ctx, model)
     model.cpu()
     loader = make_loader(ctx.data.dataset("val"), cfg.evaluate.batch_size, False, 0, cfg.seed, ctx.device)
