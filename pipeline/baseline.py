@@ -67,16 +67,21 @@ def cache_dir(outputs: Path, key: str) -> Path:
 def cached(outputs: Path, key: str) -> dict | None:
     """The cached baseline's metadata once its model is verified, or None when no usable baseline has
     this key. A damaged entry (weights or json not as written) is moved aside, with a warning."""
-    folder = cache_dir(outputs, key)
-    if not (folder / BASELINE_META).exists():
+    return verified_entry(cache_dir(outputs, key), BASELINE_META, "baseline")
+
+
+def verified_entry(folder: Path, meta_file: str, what: str) -> dict | None:
+    """A cached model folder's metadata (`meta_file`) once the model is verified; None when there is none. A damaged
+    entry is moved aside as `<folder>.corrupt-<time>`, with a warning, so it is trained again."""
+    if not (folder / meta_file).exists():
         return None
     try:
-        meta = read_json(folder / BASELINE_META, "baseline cache file")
+        meta = read_json(folder / meta_file, f"{what} cache file")
         verify_model(folder)
         return meta
     except ModelFileError as err:
         aside = move_aside(folder, "corrupt")
-        log.warning("The cached baseline %s is damaged (%s): moved it to %s; it will be trained again", key, err, aside)
+        log.warning("The cached %s %s is damaged (%s): moved it to %s; it will be trained again", what, folder.name, err, aside)
         return None
 
 

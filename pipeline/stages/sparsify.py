@@ -17,8 +17,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from data.files import atomic_folder, atomic_write, file_lock, move_aside
-from models.io import ModelFileError, load_model, read_json, save_model, verify_model
+from data.files import atomic_folder, atomic_write, file_lock
+from models.io import load_model, save_model
+from pipeline.baseline import verified_entry
 from pipeline import sparsity
 from pipeline.state import Context, RunState, seed_everything
 from pipeline.training import Recipe, fit, write_history
@@ -35,21 +36,6 @@ def sparse_key(ctx: Context, state: RunState) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def cached(folder: Path) -> dict | None:
-    """The cached sparse network's metadata once verified; a damaged entry is moved aside (and trained again)."""
-    if not (folder / META).exists():
-        return None
-    try:
-        meta = read_json(folder / META, "sparse cache file")
-        verify_model(folder)
-        return meta
-    except ModelFileError as err:
-        aside = move_aside(folder, "corrupt")
-        log.warning("The cached sparse network %s is damaged (%s): moved it to %s; it will be trained again", folder.name,
-                    err, aside)
-        return None
-
-
 def run(ctx: Context, state: RunState) -> RunState:
     s = ctx.cfg.sparsity
     if not state.baseline:
@@ -57,7 +43,7 @@ def run(ctx: Context, state: RunState) -> RunState:
     key = sparse_key(ctx, state)
     target = Path(ctx.outputs) / "sparse" / key
     with file_lock(target.parent / f"{key}.lock"):
-        meta = cached(target)
+        meta = verified_entry(target, META, "sparse network")
         if meta is not None:
             log.info("Reusing the sparse network %s (sparsity.method=%s, trained by MLflow run %s)", key, s.method, meta["run_id"])
         else:
