@@ -44,6 +44,7 @@ class RunState:
     # from_scratch=1 when the final network did not start from the pruned one: `budget_images`
     budget: dict = field(default_factory=dict)
     kept_start: bool = False  # the recovery kept its starting weights: the final network is the pruned one
+    val_dice: dict = field(default_factory=dict)  # network -> validation Dice of its kept weights (what recipes are chosen on)
 
     PATHS = ("baseline", "sparse", "layer_ratios", "scores", "pruned", "final", "quantized")  # a file or folder each
     BUDGET = {"baseline": ("train",), "pruned": ("train", "sparse", "between_steps"),

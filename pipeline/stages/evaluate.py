@@ -399,6 +399,9 @@ def _run(ctx: Context, state: RunState) -> RunState:
     for row, images in state.budget_images().items():  # what each network's training cost, in images seen
         if row in results:
             results[row]["budget_images"] = images
+    for row, dice in state.val_dice.items():  # the validation Dice its weights were kept on: what recipes are chosen by
+        if row in results:
+            results[row]["val_dice"] = dice
     if state.kept_start and "final" in results:
         results["final"]["kept_start"] = "yes"
     unsettled = {f"{row}/{form}_ms": f"CV {r[f'{form}_cv']:.2f}, {r[f'{form}_runs']} runs"

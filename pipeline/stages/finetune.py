@@ -82,7 +82,8 @@ def run(ctx: Context, state: RunState) -> RunState:
     ctx.tracker.log_artifact(folder / "model", "final_model")
     budget = {**state.budget, "recovery": fitted.images, **({"teacher": fitted.images} if distiller is not None else {}),
               **({"from_scratch": 1} if scratch else {})}
-    return replace(state, final=str(folder / "model"), budget=budget, kept_start=fitted.kept_epoch == 0 and bool(fitted.history))
+    return replace(state, final=str(folder / "model"), budget=budget, kept_start=fitted.kept_epoch == 0 and bool(fitted.history),
+                   val_dice={**state.val_dice, "final": fitted.best_dice})
 
 
 def reinitialize(model: torch.nn.Module, seed: int) -> None:

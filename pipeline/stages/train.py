@@ -42,7 +42,8 @@ def run(ctx: Context, state: RunState) -> RunState:
     if not reused:
         ctx.tracker.log_artifact(target, "baseline")
     budget = {**state.budget, "train": meta["images"]} if "images" in meta else dict(state.budget)
-    return replace(state, baseline=str(target), baseline_key=key, baseline_run_id=meta["run_id"], budget=budget)
+    return replace(state, baseline=str(target), baseline_key=key, baseline_run_id=meta["run_id"], budget=budget,
+                   val_dice={**state.val_dice, "baseline": meta["best_val_dice"]})
 
 
 def _train(ctx: Context, key: str, target) -> dict:
