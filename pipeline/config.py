@@ -93,7 +93,7 @@ class FinetuneConfig(TrainConfig):
     steps: Optional[int] = MISSING  # the budget in optimiser steps instead of epochs (null: finetune.epochs)
     # The learning-rate schedule the phase follows: the scheduler group's, over schedule_epochs epochs (null: the
     # phase's own length), entered at epoch schedule_start. Rewinding replays the training schedule:
-    # schedule_epochs = train.epochs, lr = train.lr (finetune=rewind).
+    # schedule_epochs = train.epochs, lr = train.lr (recovery=rewind).
     schedule_epochs: Optional[int] = MISSING
     schedule_start: int = MISSING
     init: Init = MISSING  # pruned | random (the scratch control: the pruned architecture re-initialised)

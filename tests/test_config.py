@@ -20,7 +20,8 @@ def test_default_config_composes_and_validates():
     cfg = load()
     validate(cfg)
     assert [str(s.value) for s in cfg.stages] == ["train", "score", "prune", "finetune", "evaluate"]
-    assert cfg.finetune.lr == pytest.approx(cfg.train.lr * 0.1)
+    assert cfg.finetune.lr == cfg.train.lr and cfg.finetune.schedule_epochs == cfg.train.epochs  # rewinding
+    assert load("recovery=finetune").finetune.lr == pytest.approx(cfg.train.lr * 0.1)
     assert cfg.criterion.name == "l1"
     assert cfg.paths.outputs.endswith("outputs")
 

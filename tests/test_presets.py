@@ -42,9 +42,12 @@ PRESETS = {
     "distill_ablation": ["dataset.limit=16", "finetune.distill.enabled=true"] + TINY_UNET,
     "brats3d_prune": ["model.width=4", "model.depth=2", "dataset.image_size=48", "dataset.patch_size=32",
                       "dataset.patches_per_case=2", "train.batch_size=2", "evaluate.runtimes=[]"],
+    "real_isic_base": ["dataset.limit=16"] + TINY_UNET,
+    "recovery_isic": ["dataset.limit=24", "dataset.fold=1", "recovery=sparse_rewind", "sparsity.epochs=1"] + TINY_UNET,
+    "recovery_covid": ["dataset.fold=2", "recovery=scratch"] + TINY_UNET,
 }
-READS_REAL_ISIC = ("real_isic_mini", "real_isic_small", "criteria_isic", "precision_isic", "rounding_unetpp_isic",
-                   "quantize_isic", "distill_ablation")
+READS_REAL_ISIC = ("real_isic_mini", "real_isic_small", "real_isic_base", "criteria_isic", "precision_isic",
+                   "rounding_unetpp_isic", "quantize_isic", "distill_ablation", "recovery_isic")
 
 
 def test_every_preset_is_covered():
@@ -62,6 +65,8 @@ def test_preset_runs_end_to_end_and_reports(preset, tmp_path):
         pytest.skip(f"real ISIC subset not found at {REAL_ISIC}")
     if preset == "brats3d_prune" and not REAL_BRATS.is_dir():
         pytest.skip(f"real BraTS 2015 subset not found at {REAL_BRATS}")
+    if preset == "recovery_covid" and not (REAL / "covid_semiseg_subset").is_dir():
+        pytest.skip(f"real COVID-SemiSeg subset not found at {REAL / 'covid_semiseg_subset'}")
     if preset == "channel_attention":
         from data.synthetic_volumes import write_synthetic_slices
 
@@ -77,8 +82,9 @@ def test_preset_runs_end_to_end_and_reports(preset, tmp_path):
     assert [r.info.status for r in runs] == ["FINISHED"]
     (run,) = runs
     text = medprune(tmp_path, run.info.run_id, "--no-log", module="pipeline.report")  # a single job's report
-    if preset not in ("lwunet_isic", "real_isic_small", "criteria_isic", "precision_isic", "rounding_unetpp_isic",
-                      "quantize_isic", "distill_ablation", "brats3d_prune"):  # no published numbers
+    if preset not in ("lwunet_isic", "real_isic_small", "real_isic_base", "criteria_isic", "precision_isic",
+                      "rounding_unetpp_isic", "quantize_isic", "distill_ablation", "brats3d_prune", "recovery_isic",
+                      "recovery_covid"):  # no published numbers
         assert "(paper)" in text or preset == "channel_attention"
     # our run is the row of its setting, with its own Dice (in the paper's unit)
     from dataclasses import asdict

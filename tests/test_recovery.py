@@ -19,14 +19,20 @@ def test_every_recovery_composes_and_validates(recovery):
     validate(compose_config(f"recovery={recovery}"))
 
 
-def test_a_recovery_is_applied_after_the_preset_and_the_command_line_after_both():
-    # real_isic_small fine-tunes 5 epochs at lr x 0.1; rewinding replays its 15-epoch schedule at train.lr
-    plain = compose_config("experiment=real_isic_small")
-    assert plain.finetune.epochs == 5 and plain.finetune.lr == pytest.approx(1e-4)
-    rewind = compose_config("experiment=real_isic_small", "recovery=rewind")
-    assert (rewind.finetune.epochs, rewind.finetune.lr, rewind.finetune.schedule_epochs) == (15, 1e-3, 15)
-    assert compose_config("experiment=real_isic_small", "recovery=rewind", "finetune.epochs=7").finetune.epochs == 7
-    scratch = compose_config("experiment=real_isic_small", "recovery=scratch")
+def test_rewinding_is_the_default_and_a_preset_may_pin_fine_tuning():
+    default = compose_config()
+    assert (default.finetune.epochs, default.finetune.lr, default.finetune.schedule_epochs) == (10, 1e-3, 10)
+    # the study's recipe (lwunet_isic and the presets on it) pins fine-tuning: 5 epochs at lr x 0.1 at the small setting
+    paper = compose_config("experiment=real_isic_small")
+    assert (paper.finetune.epochs, paper.finetune.lr, paper.finetune.schedule_epochs) == (5, pytest.approx(1e-4), None)
+    base = compose_config("experiment=real_isic_base")  # no pin: the default, rewinding over its 15 epochs
+    assert (base.finetune.epochs, base.finetune.lr, base.finetune.schedule_epochs) == (15, 1e-3, 15)
+    # a recovery chosen on the command line applies, but a preset's own finetune.* values win (its budget), and the
+    # command line wins over both
+    rewound = compose_config("experiment=real_isic_small", "recovery=rewind")
+    assert (rewound.finetune.epochs, rewound.finetune.lr, rewound.finetune.schedule_epochs) == (5, 1e-3, 15)
+    assert compose_config("experiment=real_isic_small", "recovery=rewind", "finetune.epochs=15").finetune.epochs == 15
+    scratch = compose_config("experiment=real_isic_base", "recovery=scratch")
     assert (scratch.finetune.epochs, str(scratch.finetune.init), str(scratch.finetune.keep)) == (30, "random", "best_trained")
     sparse = compose_config("recovery=sparse_rewind")
     assert str(sparse.sparsity.method) == "group_norm" and "sparsify" in [str(s) for s in sparse.stages]

@@ -198,8 +198,9 @@ def test_the_keep_rule_picks_the_kept_epoch(keep, val_dice, kept, monkeypatch):
 
 
 def test_rewinding_replays_the_training_schedule_from_the_chosen_epoch():
-    """finetune=rewind: train.lr and the training schedule's length, entered at finetune.schedule_start, whatever the
-    phase's own length; default fine-tuning follows its own length at a tenth of the rate."""
+    """recovery=rewind (the default): train.lr and the training schedule's length, entered at
+    finetune.schedule_start, whatever the phase's own length; fine-tuning follows its own length at a tenth of the
+    rate."""
     def lrs(*overrides):
         cfg = compose_config("train.epochs=10", *overrides)
         optimizer, scheduler = Recipe.from_config(cfg).build(torch.nn.Linear(2, 2), cfg.finetune)
@@ -210,12 +211,12 @@ def test_rewinding_replays_the_training_schedule_from_the_chosen_epoch():
             scheduler.step()
         return out
 
-    assert lrs("finetune=rewind") == pytest.approx([1e-3] * 8 + [1e-4] * 2)  # the training schedule, replayed
-    assert lrs("finetune=rewind", "finetune.schedule_start=6", "finetune.epochs=4") == pytest.approx([1e-3] * 2 + [1e-4] * 2)
-    assert lrs("finetune=rewind", "scheduler=cosine", "finetune.epochs=5") == pytest.approx(
+    assert lrs() == pytest.approx([1e-3] * 8 + [1e-4] * 2)  # the training schedule, replayed
+    assert lrs("finetune.schedule_start=6", "finetune.epochs=4") == pytest.approx([1e-3] * 2 + [1e-4] * 2)
+    assert lrs("scheduler=cosine", "finetune.epochs=5") == pytest.approx(
         [0.5e-3 * (1 + math.cos(math.pi * e / 10)) for e in range(5)])  # the first half of training's cosine
-    assert lrs() == pytest.approx([1e-4] * 5)  # default fine-tuning: lr x 0.1, StepLR never reached in 5 epochs
-    cfg = compose_config("finetune=scratch", "train.epochs=10")
+    assert lrs("recovery=finetune") == pytest.approx([1e-4] * 5)  # lr x 0.1, StepLR never reached in 5 epochs
+    cfg = compose_config("recovery=scratch", "train.epochs=10")
     assert cfg.finetune.epochs == 20 and cfg.finetune.lr == cfg.train.lr and str(cfg.finetune.init) == "random"
 
 
@@ -223,7 +224,7 @@ def test_a_schedule_start_past_the_schedule_is_refused():
     from pipeline.config import ConfigError, validate
 
     with pytest.raises(ConfigError, match="finetune.schedule_start=10 is past the end of the 10-epoch schedule"):
-        validate(compose_config("train.epochs=10", "finetune=rewind", "finetune.schedule_start=10"))
+        validate(compose_config("train.epochs=10", "finetune.schedule_start=10"))
 
 
 def test_the_scratch_control_reinitialises_every_layer_seeded():

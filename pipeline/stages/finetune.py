@@ -1,8 +1,8 @@
 """Recover the pruned network: fine-tuning, learning-rate rewinding or the scratch control, by the finetune settings.
 
-`finetune=default` fine-tunes at a tenth of the training rate; `finetune=rewind` replays the training schedule
-(Renda et al., ICLR 2020); `finetune=scratch` trains the pruned architecture from a fresh initialisation (the
-control: what pruning itself buys). Distillation from the baseline (`finetune.distill`) goes with any of them.
+`recovery=finetune` fine-tunes at a tenth of the training rate; `recovery=rewind` (the default) replays the training
+schedule (Renda et al., ICLR 2020); `recovery=scratch` trains the pruned architecture from a fresh initialisation
+(the control: what pruning itself buys). The recipes are conf/recovery/*.yaml: settings of this one loop. Distillation from the baseline (`finetune.distill`) goes with any of them.
 `finetune.epochs=0` keeps the pruned network as it is. The stage says when the weights it keeps are its starting
 weights (a warning, the tag `medprune.recovery_kept_start`, the results table), and counts the images it saw
 (the run's budget, RunState.budget_images)."""

@@ -98,7 +98,7 @@ def run(ctx: Context, state: RunState) -> RunState:
 
 
 def _finetune_between(ctx: Context, model, step: int) -> int:
-    """Iterative schedule: fine-tune `epochs_between` epochs (the recovery's settings: finetune=rewind rewinds
+    """Iterative schedule: fine-tune `epochs_between` epochs (the recovery's settings: recovery=rewind rewinds
     between steps too) between prune steps; returns the images it saw."""
     epochs = ctx.cfg.prune.epochs_between
     if epochs == 0:
