@@ -135,6 +135,7 @@ class Row:
     collapsed: dict[str, str] = field(default_factory=dict)  # run id -> the network's `collapsed` param
     unsettled: set = field(default_factory=set)  # runs whose network's latency did not settle
     folds: dict[str, str] = field(default_factory=dict)  # run id -> its cross-validation fold ("" without folds)
+    network: str = ""  # the network the row reports ("": the paper's metric_prefix; a row with `source:` its own)
 
 
 def build_rows(runs: list, paper: dict) -> list[Row]:
@@ -144,8 +145,10 @@ def build_rows(runs: list, paper: dict) -> list[Row]:
     spec = {str(k): dict(v) for k, v in (paper.get("rows") or {}).items()}
     rows: dict[str, Row] = {}
     for label, values in spec.items():
-        rows[_key(label) if values.get("source", prefix) == prefix else f"{label}@{values['source']}"] = Row(
-            key=label, label=label, paper={m: float(values[m]) for m in columns if m in values}
+        source = values.get("source", prefix)
+        rows[_key(label) if source == prefix else f"{label}@{source}"] = Row(
+            key=label, label=label, paper={m: float(values[m]) for m in columns if m in values},
+            network="" if source == prefix else source,
         )
     for run in runs:
         params, metrics = run.data.params, run.data.metrics
@@ -263,11 +266,11 @@ def uncertainty(client, rows: list[Row], paper: dict) -> dict[str, dict]:
     for row in rows:
         runs = list(dict.fromkeys(row.runs))
         folds = [row.folds.get(r, "") for r in runs]
-        tables = [t for t in (case_dice(client, r, network, cache) for r in runs) if t]
+        tables = [t for t in (case_dice(client, r, row.network or network, cache) for r in runs) if t]
         if tables and len(tables) == len(runs):
             per_case[row.label] = pooled_cases(tables, folds)
             base = [t for t in (case_dice(client, r, "baseline", cache) for r in runs) if t]
-            if len(base) == len(runs) and network != "baseline":
+            if len(base) == len(runs) and (row.network or network) != "baseline":
                 baselines[row.label] = pooled_cases(base, folds)
     keys = [k.strip() for k in paper["rows_by"].split(",")]
     ref_key, _, ref_value = paper.get("reference", "").partition("=")
