@@ -204,3 +204,34 @@ def test_per_case_settings_out_of_range_are_refused_naming_the_key(override, key
     with pytest.raises(ConfigError, match=key):
         validate(compose_config(override))
     validate(compose_config("evaluate.jaccard_threshold=null"))  # null: the thresholded Jaccard is off
+
+
+def test_a_rows_cases_pool_the_folds_and_average_the_seeds():
+    """Cross-validation: each fold's runs share its test cases (seeds averaged, as before); the folds' cases are
+    disjoint and stand side by side, so a row's interval and paired tests cover every case once."""
+    from pipeline.report import pooled_cases
+
+    fold0_seed0, fold0_seed1 = {"a": 0.8, "b": 0.6}, {"a": 0.6, "b": 0.8}
+    fold1 = {"c": 0.5, "d": 0.9}
+    pooled = pooled_cases([fold0_seed0, fold1, fold0_seed1], ["0", "1", "0"])
+    assert pooled == {"a": pytest.approx(0.7), "b": pytest.approx(0.7), "c": 0.5, "d": 0.9}
+    assert pooled_cases([fold0_seed0, fold0_seed1], ["", ""]) == stats.per_case_mean([fold0_seed0, fold0_seed1])
+
+
+def test_report_rows_may_differ_by_fold_but_not_by_other_settings():
+    from types import SimpleNamespace
+
+    from pipeline.report import ReportError, build_rows, check_rows
+
+    def run(run_id, fold, lr="0.001"):
+        params = {"prune.ratio": "0.6", "dataset.folds": "5", "dataset.fold": fold, "train.lr": lr, "data.n_test": fold}
+        return SimpleNamespace(info=SimpleNamespace(run_id=run_id), data=SimpleNamespace(params=params, metrics={}))
+
+    paper = {"rows_by": "prune.ratio", "metric_prefix": "final", "columns": {"dice": "Dice"}}
+    runs = [run("a", "0"), run("b", "1")]
+    rows = build_rows(runs, paper)
+    check_rows(rows, {r.info.run_id: r for r in runs})
+    assert rows[0].folds == {"a": "0", "b": "1"}
+    runs.append(run("c", "2", lr="0.01"))
+    with pytest.raises(ReportError, match="differ in train.lr"):
+        check_rows(build_rows(runs, paper), {r.info.run_id: r for r in runs})
