@@ -2,10 +2,11 @@
 
 `recovery=finetune` fine-tunes at a tenth of the training rate; `recovery=rewind` (the default) replays the training
 schedule (Renda et al., ICLR 2020); `recovery=scratch` trains the pruned architecture from a fresh initialisation
-(the control: what pruning itself buys). The recipes are conf/recovery/*.yaml: settings of this one loop. Distillation from the baseline (`finetune.distill`) goes with any of them.
-`finetune.epochs=0` keeps the pruned network as it is. The stage says when the weights it keeps are its starting
-weights (a warning, the tag `medprune.recovery_kept_start`, the results table), and counts the images it saw
-(the run's budget, RunState.budget_images)."""
+(the control: what pruning itself buys). The recipes are conf/recovery/*.yaml: settings of this one loop.
+Distillation from the baseline (`finetune.distill`) goes with any of them. `finetune.epochs=0` keeps the pruned
+network as it is. The stage says when the weights it keeps are its starting weights (a warning, the tag
+`medprune.recovery_kept_start`, the results table), and counts the images it saw (the run's budget,
+RunState.budget_images)."""
 from __future__ import annotations
 
 import logging
@@ -71,18 +72,18 @@ def run(ctx: Context, state: RunState) -> RunState:
     write_history(fitted.history, folder / "history.csv")
     shutil.rmtree(checkpoint, ignore_errors=True)
     ctx.tracker.log_metrics({"finetune/best_val_dice": fitted.best_dice, "finetune/kept_epoch": fitted.kept_epoch})
-    if fitted.kept_epoch == 0 and fitted.history:
-        start = fitted.best_dice
+    kept_start = fitted.kept_epoch == 0 and bool(fitted.history)
+    if kept_start:
         log.warning("Recovery kept its starting weights: no epoch of %d beat the pruned network's validation Dice "
                     "(%.4f) under finetune.keep=%s, so the final network IS the pruned one (finetune.keep=best_trained "
-                    "or last keeps a trained epoch)", len(fitted.history), start, cfg.finetune.keep)
+                    "or last keeps a trained epoch)", len(fitted.history), fitted.best_dice, cfg.finetune.keep)
         ctx.tracker.set_tags({"medprune.recovery_kept_start": "true"})
     if distiller is not None:
         ctx.tracker.log_metrics({"finetune/teacher_total_s": distiller.teacher_seconds})
     ctx.tracker.log_artifact(folder / "model", "final_model")
     budget = {**state.budget, "recovery": fitted.images, **({"teacher": fitted.images} if distiller is not None else {}),
               **({"from_scratch": 1} if scratch else {})}
-    return replace(state, final=str(folder / "model"), budget=budget, kept_start=fitted.kept_epoch == 0 and bool(fitted.history),
+    return replace(state, final=str(folder / "model"), budget=budget, kept_start=kept_start,
                    val_dice={**state.val_dice, "final": fitted.best_dice})
 
 
