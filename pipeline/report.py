@@ -372,7 +372,8 @@ RESULT_PARAMS = ("baseline.", "pruned.", "final.", "data.")
 # Decimals per metric in the table, in the unit shown (a metric scaled x100 to % loses two).
 # Metrics that are fractions (0-1): a report's --columns shows them in the preset's Dice unit.
 FRACTIONS = ("dice", "iou", "nsd", "thresholded_jaccard")
-DIGITS = {**{m: 4 for m in FRACTIONS}, "hd95": 2, "params_m": 3, "flops_g": 3, "macs_g": 3, "size_mb": 2}
+DIGITS = {**{m: 4 for m in FRACTIONS}, "hd95": 2, "params_m": 3, "flops_g": 3, "macs_g": 3, "size_mb": 2,
+          "budget_images": 0}
 VARIANT_SUFFIX = r"_(orig|3d|bf16|fp16)$"  # dice_orig, dice_3d, dice_bf16 ... are dice, scored another way
 
 
