@@ -169,7 +169,13 @@ def build_rows(runs: list, paper: dict) -> list[Row]:
     for key, row in rows.items():  # rows taken from another network of the same runs ("before")
         if "@" in key:
             source = key.split("@", 1)[1]
+            seen = set()
             for run in runs:
+                if source == "baseline":  # the jobs of one fold and seed share one baseline: count it once
+                    trained = (_fold(run.data.params), run.data.params.get("seed"))
+                    if trained in seen:
+                        continue
+                    seen.add(trained)
                 row.runs.append(run.info.run_id)
                 row.folds[run.info.run_id] = _fold(run.data.params)
                 row.collapsed[run.info.run_id] = run.data.params.get(f"{source}.collapsed", "no")
@@ -366,6 +372,10 @@ class ReportError(ValueError):
 # Settings that may differ between the runs of one row: the seed and the cross-validation fold (rows are mean ±
 # std over their runs; per-case results pool the folds) and what only names or places a job.
 ROW_FREE = ("seed", "dataset.fold", "tracking.run_name", "hydra", "resume")
+# A baseline row (`source: baseline`) may pool jobs that differ in what happens after training: not its network.
+AFTER_TRAINING = ("prune", "finetune", "criterion", "sparsity", "sensitivity", "quantize", "stages", "choice.recovery",
+                  "choice.prune", "choice.finetune", "choice.criterion", "choice.sparsity", "choice.sensitivity",
+                  "choice.quantize")
 # Params that are results, not settings (how a network's measurement went: `final.collapsed`,
 # `final.latency_threads`...; the data statistics of a fold): they may differ between the runs of a row.
 RESULT_PARAMS = ("baseline.", "pruned.", "final.", "data.")
@@ -391,9 +401,10 @@ def check_rows(rows: list[Row], runs_by_id: dict) -> None:
     for row in rows:
         members = [runs_by_id[i] for i in dict.fromkeys(row.runs) if i in runs_by_id]
         keys = set().union(*(m.data.params for m in members)) if members else set()
+        free = ROW_FREE + (AFTER_TRAINING if row.network == "baseline" else ())
         differing = sorted(
             k for k in keys
-            if not any(k == f or k.startswith(f + ".") for f in ROW_FREE) and not k.startswith(RESULT_PARAMS)
+            if not any(k == f or k.startswith(f + ".") for f in free) and not k.startswith(RESULT_PARAMS)
             and len({m.data.params.get(k) for m in members}) > 1
         )
         if differing:

@@ -235,3 +235,29 @@ def test_report_rows_may_differ_by_fold_but_not_by_other_settings():
     runs.append(run("c", "2", lr="0.01"))
     with pytest.raises(ReportError, match="differ in train.lr"):
         check_rows(build_rows(runs, paper), {r.info.run_id: r for r in runs})
+
+
+def test_a_baseline_row_counts_each_folds_baseline_once_and_may_pool_recoveries_but_not_trainings():
+    """recovery_covid's `baseline: {source: baseline}` row: the jobs of one fold (other recoveries, other ratios)
+    share that fold's baseline, which is counted once; jobs trained differently cannot share the row."""
+    from types import SimpleNamespace
+
+    from pipeline.report import ReportError, build_rows, check_rows
+
+    def run(run_id, fold, recovery, ratio, epochs="100"):
+        params = {"choice.recovery": recovery, "prune.ratio": ratio, "finetune.epochs": "5" if recovery == "finetune" else epochs,
+                  "dataset.folds": "5", "dataset.fold": fold, "seed": "0", "train.epochs": epochs}
+        metrics = {"baseline/dice": 0.7 + int(fold) / 100, "final/dice": 0.5}
+        return SimpleNamespace(info=SimpleNamespace(run_id=run_id), data=SimpleNamespace(params=params, metrics=metrics))
+
+    paper = {"rows_by": "choice.recovery,prune.ratio", "metric_prefix": "final", "columns": {"dice": "Dice"},
+             "rows": {"baseline": {"source": "baseline"}}}
+    runs = [run(f"{f}{r}{x}", str(f), r, x) for f in range(2) for r in ("finetune", "rewind") for x in ("0.4", "0.6")]
+    rows = build_rows(runs, paper)
+    check_rows(rows, {r.info.run_id: r for r in runs})
+    (baseline,) = [r for r in rows if r.network == "baseline"]
+    assert len(baseline.runs) == 2 and sorted(baseline.folds.values()) == ["0", "1"]
+    assert baseline.ours["dice"] == [pytest.approx(0.70), pytest.approx(0.71)]
+    runs.append(run("other", "2", "rewind", "0.4", epochs="50"))  # a baseline trained for another length
+    with pytest.raises(ReportError, match="row 'baseline' differ in .*train.epochs"):
+        check_rows(build_rows(runs, paper), {r.info.run_id: r for r in runs})
