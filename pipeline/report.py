@@ -171,8 +171,8 @@ def build_rows(runs: list, paper: dict) -> list[Row]:
             source = key.split("@", 1)[1]
             seen = set()
             for run in runs:
-                if source == "baseline":  # the jobs of one fold and seed share one baseline: count it once
-                    trained = (_fold(run.data.params), run.data.params.get("seed"))
+                if source == "baseline":  # jobs that share a baseline (its cache key) count it once
+                    trained = run.data.tags.get("medprune.baseline_key") or run.info.run_id
                     if trained in seen:
                         continue
                     seen.add(trained)
@@ -373,9 +373,8 @@ class ReportError(ValueError):
 # std over their runs; per-case results pool the folds) and what only names or places a job.
 ROW_FREE = ("seed", "dataset.fold", "tracking.run_name", "hydra", "resume")
 # A baseline row (`source: baseline`) may pool jobs that differ in what happens after training: not its network.
-AFTER_TRAINING = ("prune", "finetune", "criterion", "sparsity", "sensitivity", "quantize", "stages", "choice.recovery",
-                  "choice.prune", "choice.finetune", "choice.criterion", "choice.sparsity", "choice.sensitivity",
-                  "choice.quantize")
+_AFTER_TRAINING_GROUPS = ("prune", "finetune", "criterion", "sparsity", "sensitivity", "quantize")
+AFTER_TRAINING = (*_AFTER_TRAINING_GROUPS, *(f"choice.{g}" for g in _AFTER_TRAINING_GROUPS), "stages", "choice.recovery")
 # Params that are results, not settings (how a network's measurement went: `final.collapsed`,
 # `final.latency_threads`...; the data statistics of a fold): they may differ between the runs of a row.
 RESULT_PARAMS = ("baseline.", "pruned.", "final.", "data.")

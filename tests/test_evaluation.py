@@ -248,7 +248,8 @@ def test_a_baseline_row_counts_each_folds_baseline_once_and_may_pool_recoveries_
         params = {"choice.recovery": recovery, "prune.ratio": ratio, "finetune.epochs": "5" if recovery == "finetune" else epochs,
                   "dataset.folds": "5", "dataset.fold": fold, "seed": "0", "train.epochs": epochs}
         metrics = {"baseline/dice": 0.7 + int(fold) / 100, "final/dice": 0.5}
-        return SimpleNamespace(info=SimpleNamespace(run_id=run_id), data=SimpleNamespace(params=params, metrics=metrics))
+        tags = {"medprune.baseline_key": f"fold{fold}-epochs{epochs}"}  # what decides the baseline (pipeline/baseline.py)
+        return SimpleNamespace(info=SimpleNamespace(run_id=run_id), data=SimpleNamespace(params=params, metrics=metrics, tags=tags))
 
     paper = {"rows_by": "choice.recovery,prune.ratio", "metric_prefix": "final", "columns": {"dice": "Dice"},
              "rows": {"baseline": {"source": "baseline"}}}
@@ -261,3 +262,6 @@ def test_a_baseline_row_counts_each_folds_baseline_once_and_may_pool_recoveries_
     runs.append(run("other", "2", "rewind", "0.4", epochs="50"))  # a baseline trained for another length
     with pytest.raises(ReportError, match="row 'baseline' differ in .*train.epochs"):
         check_rows(build_rows(runs, paper), {r.info.run_id: r for r in runs})
+    same_fold = runs[:-1] + [run("again", "0", "rewind", "0.4", epochs="50")]  # fold 0 again, trained otherwise:
+    with pytest.raises(ReportError, match="row 'baseline' differ in .*train.epochs"):  # not dropped as a duplicate
+        check_rows(build_rows(same_fold, paper), {r.info.run_id: r for r in same_fold})
