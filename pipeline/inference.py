@@ -359,7 +359,7 @@ def time_onnx(
     shrink_arena: bool = False,
 ) -> list[float]:
     """Per-run milliseconds of `session` on a random input of `input_shape` (see profiling.time_calls)."""
-    from pipeline.profiling import time_calls
+    from pipeline.measure.profiling import time_calls
 
     return time_calls(onnx_call(session, input_shape, shrink_arena), warmup, runs, max_seconds, min_runs)
 
@@ -386,7 +386,7 @@ def measure_onnx_latency(
 ) -> dict[str, float | int]:
     """Median/p90 ONNX Runtime latency (ms) of a session, or of the model at a path (a session with
     `threads` intra-op threads is made for it)."""
-    from pipeline.profiling import summarize
+    from pipeline.measure.profiling import summarize
 
     session = session_or_path
     if isinstance(session_or_path, (str, Path)):

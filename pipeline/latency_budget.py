@@ -42,7 +42,7 @@ from torch import nn
 
 from data.files import atomic_write, write_csv
 from pipeline.inference import prepare_for_inference
-from pipeline.profiling import cpu_threads, device_name, time_interleaved
+from pipeline.measure.profiling import cpu_threads, device_name, time_interleaved
 from pipeline.pruning import (PRUNABLE_TYPES, PruneResult, ScoreTableImportance, high_resolution_layers, ignored_layers,
                               prune)
 

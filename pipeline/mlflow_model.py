@@ -27,7 +27,7 @@ OUTPUT = "mask"  # the graph's output: predict() gives {"mask": masks}
 
 
 class MaskHead(nn.Module):
-    """network -> uint8 mask (sigmoid(logits) > threshold, as pipeline.metrics.binarize)."""
+    """network -> uint8 mask (sigmoid(logits) > threshold, as pipeline.measure.metrics.binarize)."""
 
     def __init__(self, network: nn.Module, threshold: float):
         super().__init__()

@@ -406,7 +406,7 @@ class Predictor:
         """Logits [B, K, S, S] -> boolean masks [B, K, *size]: resized back (bilinear), then thresholded."""
         import torch.nn.functional as F
 
-        from pipeline.metrics import binarize
+        from pipeline.measure.metrics import binarize
 
         up = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
         return binarize(up, self.settings.threshold).cpu().numpy()
@@ -535,7 +535,7 @@ def predict(settings: dict[str, Any], given: set[str]) -> Tally:
     from tqdm import tqdm
 
     from data.brats import BraTS
-    from pipeline.profiling import cpu_threads
+    from pipeline.measure.profiling import cpu_threads
     from pipeline.state import pick_device
 
     output = Path(settings["output"]).expanduser().resolve()

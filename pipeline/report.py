@@ -45,7 +45,7 @@ UNSETTLED_NOTE = "* latency did not settle (CV > evaluate.latency_target_cv): no
 
 def results_table(results: dict[str, dict]) -> str:
     """One row per evaluated network (baseline / pruned / fine-tuned); 3D Dice for volumes. Latencies that did
-    not settle are starred, collapsed networks marked (pipeline/casewise.py), each with a note below."""
+    not settle are starred, collapsed networks marked (pipeline/measure/casewise.py), each with a note below."""
     columns = list(COLUMNS)
     if any("dice_3d" in r for r in results.values()):
         columns.insert(1, ("Dice 3D", "dice_3d", "{:.4f}"))
@@ -60,7 +60,7 @@ def results_table(results: dict[str, dict]) -> str:
     for low in ("bf16", "fp16"):
         if any(f"dice_{low}" in r for r in results.values()):
             columns.insert(columns.index(("IoU", "iou", "{:.4f}")), (f"Dice {low}", f"dice_{low}", "{:.4f}"))
-    from pipeline.runtimes import RUNTIME_FORMS
+    from pipeline.measure.runtimes import RUNTIME_FORMS
 
     if any(row.startswith("quantized") for row in results):  # the int8 rows run only in ONNX Runtime: compare there
         columns.append(("ONNX Runtime (ms)", "onnx_latency_ms", "{:.2f}"))
@@ -79,7 +79,7 @@ def results_table(results: dict[str, dict]) -> str:
         if key in results:
             r = results[key]
             if r.get("collapsed", "no") != "no":
-                from pipeline.casewise import describe_collapse
+                from pipeline.measure.casewise import describe_collapse
 
                 collapsed.append(f"{label}: {describe_collapse(r['collapsed'])}")
             if r.get("kept_start") == "yes":
@@ -108,7 +108,7 @@ def _timed_form(r: dict, column: str) -> str:
     if column in ("latency_ms", "volume_latency_ms", "onnx_volume_latency_ms"):
         return column[: -len("_ms")]
     if column.startswith("fastest") and f"{column}_form" in r:
-        from pipeline.runtimes import RUNTIME_FORMS
+        from pipeline.measure.runtimes import RUNTIME_FORMS
 
         return RUNTIME_FORMS[r[f"{column}_form"]] + column[len("fastest"):]
     return ""
@@ -193,7 +193,7 @@ def _fold(params: dict) -> str:
 def pooled_cases(tables: list[dict[str, float]], folds: list[str]) -> dict[str, float]:
     """case -> Dice of a row: each fold's cases averaged over its runs (seeds share a fold's test cases), the folds
     side by side (each case is a test case of one fold): every case once."""
-    from pipeline import stats
+    from pipeline.measure import stats
 
     out: dict[str, float] = {}
     for fold in dict.fromkeys(folds):
@@ -233,7 +233,7 @@ def table_rows(rows: list[Row], paper: dict) -> tuple[list[str], list[list[str]]
     return header, cells
 
 
-# -- uncertainty: per-case results of the runs (evaluate/cases_<network>.csv, pipeline/stats.py) ---------
+# -- uncertainty: per-case results of the runs (evaluate/cases_<network>.csv, pipeline/measure/stats.py) ---------
 
 def _artifact_text(client, run_id: str, path: str) -> str | None:
     """The text of one artifact of a run; None where the run has none (an older run, another stage list)."""
@@ -262,8 +262,8 @@ def case_dice(client, run_id: str, network: str, cache: dict) -> dict[str, float
 
 def uncertainty(client, rows: list[Row], paper: dict) -> dict[str, dict]:
     """Per row (by label): the bootstrap interval of the mean Dice over test cases and the Wilcoxon p-values
-    against the runs' baseline and against the reference row (`paper.reference`), see pipeline/stats.py."""
-    from pipeline import stats
+    against the runs' baseline and against the reference row (`paper.reference`), see pipeline/measure/stats.py."""
+    from pipeline.measure import stats
 
     cache: dict = {}
     network = paper["metric_prefix"]
@@ -322,7 +322,7 @@ def add_uncertainty(header: list[str], cells: list[list[str]], rows: list[Row], 
 
 def add_collapsed(header: list[str], cells: list[list[str]], rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     """The `⚠ collapsed` column, for every row: k/n runs whose network predicted all foreground or all background,
-    or scored within evaluate.collapse_margin of such a guess (pipeline/casewise.py): their Dice is not a
+    or scored within evaluate.collapse_margin of such a guess (pipeline/measure/casewise.py): their Dice is not a
     segmentation result. "–" where none did."""
     counts = []
     for row in rows:

@@ -18,7 +18,7 @@ from omegaconf import MISSING
 from torch import nn
 
 from pipeline.latency_budget import LatencyBudget, interleaved_timer
-from pipeline.profiling import thread_count
+from pipeline.measure.profiling import thread_count
 from pipeline.pruning import PruneResult, prune, ratio_for_flops
 
 

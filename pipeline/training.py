@@ -27,9 +27,9 @@ from tqdm import tqdm
 from data.files import read_csv, write_csv
 from pipeline.checkpoint import Checkpoint, epoch_seed
 from pipeline.inference import windowed
-from pipeline.metrics import SegmentationMeter
+from pipeline.measure.metrics import SegmentationMeter
 from pipeline.precision import autocast_dtype
-from pipeline.profiling import cpu_threads
+from pipeline.measure.profiling import cpu_threads
 from pipeline.state import seed_everything
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ Rows (see docs/PERFORMANCE.md for a measured table and what it means):
 
 Runs on CUDA when present (`--device auto`), else on CPU; ONNX Runtime and OpenVINO always run on CPU. Writes
 outputs/bench/bench.md and bench.json (the machine, the settings, every number), plus a timestamped
-copy of each. Latency uses `pipeline.profiling` (the evaluate stage's own timing code) with the
+copy of each. Latency uses `pipeline.measure.profiling` (the evaluate stage's own timing code) with the
 thread count fixed (`--threads`, default all cores).
 """
 from __future__ import annotations
@@ -59,13 +59,14 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from models import build_model  # noqa: E402  (models/__init__ runs the torchvision compatibility shim first)
-from pipeline import inference, precision, runtimes  # noqa: E402
-from pipeline.profiling import count_flops, count_params, latency_times, machine_info, machine_peak, summarize, time_calls  # noqa: E402
+from pipeline import inference, precision  # noqa: E402
+from pipeline.measure import runtimes  # noqa: E402
+from pipeline.measure.profiling import count_flops, count_params, latency_times, machine_info, machine_peak, summarize, time_calls  # noqa: E402
 
 log = logging.getLogger("bench")
 
 ROWS = ("speed", "export", "training", "pruning", "volumes", "cuda", "volume3d")
-# Deployed forms from pipeline/runtimes.py (the evaluate stage's evaluate.runtimes / evaluate.precision):
+# Deployed forms from pipeline/measure/runtimes.py (the evaluate stage's evaluate.runtimes / evaluate.precision):
 # variant -> (runtime, precision); each is built from the BatchNorm-folded network.
 RUNTIME_VARIANTS = {"openvino": ("openvino", "fp32"), "compile": ("compile", "fp32"),
                     "folded+cl bf16": ("torch", "bf16"), "compile bf16": ("compile", "bf16"),
@@ -817,7 +818,7 @@ def bench_volume3d(s: Settings, device: torch.device) -> dict:
     first, then ONNX Runtime's (its spinning threads would slow torch's)."""
     from data.volumes3d import Window
     from pipeline.pruning import prune
-    from pipeline.profiling import cpu_threads
+    from pipeline.measure.profiling import cpu_threads
 
     threads = s.threads or os.cpu_count() or 1
     p = s.volume3d_patch

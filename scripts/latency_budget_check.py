@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from bench import calibrate_batchnorm, composed, l1_scores, model_config  # noqa: E402
 from models import build_model  # noqa: E402
 from pipeline.latency_budget import LatencyBudget, LatencyBudgetError, deployed_probe, interleaved_timer  # noqa: E402
-from pipeline.profiling import machine_info, thread_count  # noqa: E402
+from pipeline.measure.profiling import machine_info, thread_count  # noqa: E402
 
 LABELS = {"unet": "classic UNet", "smp_unetplusplus": "UNet++ (ResNet-34)"}
 

@@ -23,9 +23,9 @@ import torch  # noqa: E402
 
 from models import build_model  # noqa: E402
 from pipeline import inference  # noqa: E402
-from pipeline.profiling import count_flops, cpu_name  # noqa: E402
+from pipeline.measure.profiling import count_flops, cpu_name  # noqa: E402
 from pipeline.pruning import prune  # noqa: E402
-from pipeline.runtimes import _openvino  # noqa: E402  (telemetry off)
+from pipeline.measure.runtimes import _openvino  # noqa: E402  (telemetry off)
 
 
 def conv_shapes(model: torch.nn.Module, shape: tuple[int, ...]) -> dict[str, tuple[int, int, int, float]]:

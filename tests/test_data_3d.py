@@ -1,5 +1,5 @@
 """The 3D path's data and inference: volumes from the slice cache, the patch sampler, sliding-window reassembly,
-and per-case 3D metrics (data/volumes3d.py, pipeline/inference.py, pipeline/metrics.py), on synthetic twins
+and per-case 3D metrics (data/volumes3d.py, pipeline/inference.py, pipeline/measure/metrics.py), on synthetic twins
 written in the real BraTS and Kaggle COVID-19 CT layouts."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from data.brats import BraTS, BraTS3D
 from data.volumes3d import PatchDataset, Window, crop, patch_start
 from pipeline.config import ConfigError, validate
 from pipeline.inference import SlidingWindow, window_count
-from pipeline.metrics import CaseRules, case_metrics
+from pipeline.measure.metrics import CaseRules, case_metrics
 
 from helpers import compose_config
 

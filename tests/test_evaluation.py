@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from data.base import ArrayDataset
-from pipeline import casewise, stats
-from pipeline.metrics import CaseRules, case_metrics
+from pipeline.measure import casewise, stats
+from pipeline.measure.metrics import CaseRules, case_metrics
 
 RULES = CaseRules(ignore_empty=False, nsd_tolerance=1.0, jaccard_threshold=0.65)
 

@@ -9,7 +9,7 @@ import models
 from helpers import fast_criterion, training_loss
 from pipeline.criteria import ScoringContext
 from pipeline.paths import CONF_DIR
-from pipeline.profiling import count_flops, count_params
+from pipeline.measure.profiling import count_flops, count_params
 from pipeline.pruning import prunable_layers, prune
 
 SIZE = 32

@@ -16,7 +16,7 @@ from helpers import conf, model_from_conf
 from models.unet import UNet
 from pipeline import inference
 from pipeline.criteria.magnitude import MagnitudeCriterion
-from pipeline.profiling import measure_latency, summarize, time_calls
+from pipeline.measure.profiling import measure_latency, summarize, time_calls
 from pipeline.pruning import prunable_layers, prune
 
 

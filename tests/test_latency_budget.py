@@ -17,7 +17,7 @@ from models.unet import UNet
 from pipeline.config import ConfigError, validate, validate_prune
 from pipeline.criteria.magnitude import MagnitudeCriterion
 from pipeline.latency_budget import TOLERANCE, LatencyBudget, LatencyBudgetError, ladder
-from pipeline.profiling import count_flops
+from pipeline.measure.profiling import count_flops
 from pipeline.pruning import prunable_layers
 from pipeline.schedules import SCHEDULES, Inputs
 from tests.helpers import compose_config

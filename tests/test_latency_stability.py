@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from helpers import TINY, mlflow_runs, run_pipeline
-from pipeline import profiling
-from pipeline.profiling import round_order, time_interleaved
+from pipeline.measure import profiling
+from pipeline.measure.profiling import round_order, time_interleaved
 
 
 class FakeClock:

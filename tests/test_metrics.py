@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.metrics import SegmentationMeter, dice_iou
+from pipeline.measure.metrics import SegmentationMeter, dice_iou
 
 
 def masks(*rows):

@@ -75,7 +75,7 @@ def test_a_report_refuses_rows_that_mix_settings(tmp_path):
 
 def test_a_job_logs_its_models_datasets_sources_and_only_measurements_as_metrics(tmp_path):
     from models.io import load_model
-    from pipeline.metrics import binarize
+    from pipeline.measure.metrics import binarize
     from pipeline.mlflow_model import predict_masks
 
     outputs = tmp_path / "out"

@@ -18,7 +18,7 @@ from pipeline.criteria.attention import SACAGate, SBCAGate
 from pipeline.criteria.magnitude import MagnitudeCriterion
 from pipeline.criteria.tracing import trace_chains
 from pipeline.paths import CONF_DIR
-from pipeline.profiling import count_flops, count_params
+from pipeline.measure.profiling import count_flops, count_params
 from pipeline.pruning import high_resolution_layers, prunable_layers, prune
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model" / "unet3d.yaml"

@@ -14,7 +14,7 @@ from models.attention_unet import AttentionGate, AttentionUNet, ChannelBroadcast
 from models.io import load_model, save_model
 from models.unet import UNet
 from pipeline.criteria.magnitude import MagnitudeCriterion
-from pipeline.profiling import count_flops, count_params
+from pipeline.measure.profiling import count_flops, count_params
 from pipeline.pruning import prunable_layers, prune
 from helpers import kwargs_of, model_from_conf, training_loss
 

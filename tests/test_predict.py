@@ -17,7 +17,7 @@ from PIL import Image
 
 from data.base import read_mask
 from data.synthetic_volumes import stored
-from pipeline.metrics import CaseRules, case_metrics
+from pipeline.measure.metrics import CaseRules, case_metrics
 
 # Long enough that the tiny network segments (Dice about 0.9, not collapsed): equal masks then mean something.
 ISIC_JOB = [*TINY, "train.epochs=6", "train.lr=0.01", "prune.ratio=0.25", "finetune.lr=0.003"]

@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import profiling
-from pipeline.profiling import count_flops, count_params, measure_latency, summarize, time_calls
+from pipeline.measure import profiling
+from pipeline.measure.profiling import count_flops, count_params, measure_latency, summarize, time_calls
 
 
 def test_flops_of_a_conv_are_twice_its_macs():
@@ -54,7 +54,7 @@ def test_latency_reports_median_threads_and_device_and_restores_threads():
 def test_machine_peak_times_a_matmul_and_a_convolution_and_restores_the_threads():
     import torch
 
-    from pipeline.profiling import machine_peak
+    from pipeline.measure.profiling import machine_peak
 
     before = torch.get_num_threads()
     peak = machine_peak(torch.device("cpu"), threads=1, matmul_size=128, conv_shape=(1, 8, 32, 32), runs=2)

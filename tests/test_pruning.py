@@ -7,7 +7,7 @@ import torch
 import models  # noqa: F401  (torchvision compatibility)
 from models.unet import UNet
 from pipeline.criteria.magnitude import MagnitudeCriterion, filter_norms
-from pipeline.profiling import count_flops, count_params
+from pipeline.measure.profiling import count_flops, count_params
 from pipeline.pruning import in_scope, prunable_layers, prune
 from helpers import model_from_conf, training_loss
 

@@ -1,4 +1,4 @@
-"""Deployed forms (pipeline.runtimes): every runtime gives the eager network's output back in fp32 at any
+"""Deployed forms (pipeline.measure.runtimes): every runtime gives the eager network's output back in fp32 at any
 batch size, bf16 stays close without being fp32, and impossible or failed forms say why."""
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from torch import nn
 
 import models  # noqa: F401  (torchvision compatibility)
 from helpers import model_from_conf
-from pipeline import inference, precision, runtimes
+from pipeline import inference, precision
+from pipeline.measure import runtimes
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.unit
@@ -127,7 +128,7 @@ import gc, os, signal, sys, tempfile
 from pathlib import Path
 import torch
 from models.unet import UNet
-from pipeline import runtimes
+from pipeline.measure import runtimes
 model = UNet(3, 1, width=4, depth=2).eval()
 first = runtimes.deploy(model, (1, 3, 32, 32), "openvino", threads=1, work_dir=Path(tempfile.mkdtemp()))
 second = runtimes.deploy(model, (1, 3, 32, 32), "openvino", threads=1, work_dir=Path(tempfile.mkdtemp()))

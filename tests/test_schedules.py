@@ -11,7 +11,7 @@ import models  # noqa: F401  (torchvision compatibility)
 from models.unet import UNet
 from pipeline.criteria.magnitude import MagnitudeCriterion
 from pipeline.paths import CONF_DIR
-from pipeline.profiling import count_flops
+from pipeline.measure.profiling import count_flops
 from pipeline.pruning import match_layer_ratios, prunable_layers, prune, ratio_for_flops
 from pipeline.stages.sensitivity import Greedy
 

@@ -1,13 +1,13 @@
 """Test-split quality and cost of the baseline, the pruned and the final network, side by side.
 
-Quality is per case (`score_quality`, pipeline/casewise.py, docs/EVALUATION.md): Dice, IoU, HD95, surface
+Quality is per case (`score_quality`, pipeline/measure/casewise.py, docs/EVALUATION.md): Dice, IoU, HD95, surface
 Dice and ISIC's thresholded Jaccard per image or volume in evaluate/cases_<network>.csv, their means as the
 network's metrics, and a flag for a network that collapsed to all foreground or all background.
 
 Latency is measured on the network as it is deployed (docs/PERFORMANCE.md): BatchNorm folded into
 the convolutions and, where `evaluate.channels_last`, NHWC memory layout (`latency_ms`); the network as
 trained (`latency_eager_ms`) when that differs; and, for each of `evaluate.runtimes`, the folded network
-deployed in that runtime (pipeline/runtimes.py): the exported ONNX model under ONNX Runtime on CPU
+deployed in that runtime (pipeline/measure/runtimes.py): the exported ONNX model under ONNX Runtime on CPU
 (`onnx_latency_ms`), OpenVINO on CPU (`openvino_latency_ms`), torch.compile / inductor
 (`compile_latency_ms`), each with its largest deviation from the eager output (`<form>_max_abs_diff`).
 The final network's ONNX file is kept in the evaluate folder (`final.onnx`) and logged; the others' are not.
@@ -36,11 +36,12 @@ import torch
 
 from models.io import load_model, model_size_mb
 from data.files import write_csv
-from pipeline import casewise, inference, mlflow_model, plots, precision, runtimes
+from pipeline import inference, mlflow_model, plots, precision
+from pipeline.measure import casewise, runtimes
 from pipeline.quantization import quantized_files
-from pipeline.profiling import (InterleavedTimes, count_flops, count_params, cpu_name, cpu_threads, device_name,
+from pipeline.measure.profiling import (InterleavedTimes, count_flops, count_params, cpu_name, cpu_threads, device_name,
                                 forward_call, machine_peak, thread_count, time_interleaved)
-from pipeline.metrics import CaseRules, binarize, dice_iou
+from pipeline.measure.metrics import CaseRules, binarize, dice_iou
 from pipeline.pruning import prunable_layers
 from pipeline.report import LABELS, results_table
 from pipeline.state import Context, RunState
@@ -231,7 +232,7 @@ def aligned_fraction(model: torch.nn.Module, multiple: int = 8) -> float:
 
 
 def score_quality(ctx: Context, model: torch.nn.Module, row: str, export: bool = True, warn: bool = True) -> dict:
-    """Per-case metrics of `model` on the test split, written to evaluate/cases_<row>.csv (pipeline/casewise.py),
+    """Per-case metrics of `model` on the test split, written to evaluate/cases_<row>.csv (pipeline/measure/casewise.py),
     and their means; a network that collapsed to all foreground / all background is flagged."""
     e = ctx.cfg.evaluate
     folder = ctx.stage_dir("evaluate")

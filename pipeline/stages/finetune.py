@@ -18,7 +18,7 @@ import torch
 
 from models.io import load_model, save_model
 from pipeline.distillation import Distiller
-from pipeline.profiling import thread_count
+from pipeline.measure.profiling import thread_count
 from pipeline.state import Context, RunState, seed_everything
 from pipeline.training import Recipe, fit, write_history
 

@@ -18,7 +18,7 @@ from data.files import atomic_write, write_csv
 from models.io import load_model, save_model
 from pipeline import plots, scoring
 from pipeline.criteria.magnitude import filter_norms
-from pipeline.profiling import count_flops, count_params
+from pipeline.measure.profiling import count_flops, count_params
 from pipeline.pruning import in_scope, prunable_layers
 from pipeline.schedules import SCHEDULES, Inputs
 from pipeline.state import Context, RunState, seed_everything

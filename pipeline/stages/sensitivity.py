@@ -21,8 +21,8 @@ from data.files import write_csv
 from models.io import load_model
 from pipeline import plots
 from pipeline.inference import windowed
-from pipeline.metrics import SegmentationMeter
-from pipeline.profiling import count_flops
+from pipeline.measure.metrics import SegmentationMeter
+from pipeline.measure.profiling import count_flops
 from pipeline.pruning import in_scope, prunable_layers, prune
 from pipeline.scoring import compute as compute_scores
 from pipeline.state import Context, RunState

@@ -15,7 +15,7 @@ from data.files import atomic_folder, atomic_write, file_lock
 from models import build_model
 from models.io import save_model
 from pipeline import baseline as baselines
-from pipeline.profiling import thread_count
+from pipeline.measure.profiling import thread_count
 from pipeline.state import Context, RunState, seed_everything
 from pipeline.training import Recipe, fit, write_history
 

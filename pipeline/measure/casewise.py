@@ -2,7 +2,7 @@
 
 One pass over the split gives: a row per case (an image for 2D data; a volume, its served slices stacked,
 for volumetric data) with Dice, IoU, HD95, normalised surface Dice, ISIC's thresholded Jaccard and the
-true/predicted foreground sizes (pipeline.metrics.case_metrics states the empty-mask rules); the
+true/predicted foreground sizes (pipeline.measure.metrics.case_metrics states the empty-mask rules); the
 image-level means the results table has always shown (SegmentationMeter, unchanged); the totals the
 collapse check reads; and, for the first `export` cases, the predicted masks as files.
 
@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from pipeline.inference import windowed
-from pipeline.metrics import CASE_METRICS, CaseRules, SegmentationMeter, binarize, case_metrics, summarize_cases
+from pipeline.measure.metrics import CASE_METRICS, CaseRules, SegmentationMeter, binarize, case_metrics, summarize_cases
 from pipeline.training import make_loader
 
 

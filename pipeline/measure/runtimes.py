@@ -29,7 +29,7 @@ from torch import nn
 
 from pipeline import inference
 from pipeline.precision import DTYPES, supported
-from pipeline.profiling import cpu_threads, forward_call, thread_count
+from pipeline.measure.profiling import cpu_threads, forward_call, thread_count
 
 log = logging.getLogger(__name__)
 
