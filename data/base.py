@@ -182,6 +182,7 @@ class SegmentationData(abc.ABC):
     num_classes: int
     image_size: int
     dims = 2  # 2: items are images [C, H, W]; 3: volumes and patches [C, D, H, W] (data/volumes3d.py)
+    regions: Optional[tuple[str, ...]] = None  # the output channels' names (BraTS regions); None: one foreground
     # Constructor keys that change where or how fast the data is read, never what a network trains on
     # (the content is keyed by `content_digest`): left out of the baseline cache key.
     SERVING_KEYS: tuple[str, ...] = ("root", "test_root", "workers")
@@ -323,6 +324,10 @@ class SegmentationData(abc.ABC):
         """One image as the reader stores its items (H x W x C, at image_size) -> the network's input [C, H, W],
         exactly as `dataset(split)` serves a test item: how `pipeline.predict` prepares new data."""
         return self.transform(augment=False)(image, np.zeros(np.shape(image)[:2], np.uint8))[0]
+
+    def case_spacing(self, case_id: str) -> Optional[tuple[float, ...]]:
+        """A case's voxel spacing in mm (volumes read from NIfTI); None: distances are in pixels."""
+        return None
 
     def original_mask(self, split: str, index: int) -> Optional[np.ndarray]:
         """The `index`-th item's true mask at the image's original resolution (bool [K, H, W]), for scoring as

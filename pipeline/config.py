@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from data.readers import ReaderSettingsError, accepted_keys
+from pipeline.measure.runtimes import OPTIONAL as OPTIONAL_RUNTIMES
 from pipeline.precision import Precision
 from pipeline.schedules import SCHEDULES, ConfigEnum, Scope  # noqa: F401  (Scope: the schema's type, re-exported)
 from pipeline.sparsity import SparsityMethod
@@ -42,12 +43,9 @@ class Stage(ConfigEnum):
 # every option of every group sets exactly the schema's keys.
 
 
-class Runtime(ConfigEnum):
-    """An inference runtime the evaluate stage can deploy a network in besides torch (pipeline/runtimes.py)."""
-
-    onnxruntime = "onnxruntime"
-    openvino = "openvino"
-    compile = "compile"
+# An inference runtime the evaluate stage deploys a network in besides torch: the optional ones of the
+# registry (pipeline/measure/runtimes.py), so a runtime is added in one place.
+Runtime = ConfigEnum("Runtime", [(name, name) for name in OPTIONAL_RUNTIMES])
 
 
 class KeepRule(ConfigEnum):
@@ -135,7 +133,7 @@ class EvaluateConfig:
     threshold: float = MISSING
     extra_splits: List[str] = MISSING  # e.g. [train]: also <row>/train_dice, train_iou
     mask_examples: int = MISSING  # test images in the before/after mask plot (0: no plot)
-    # Per-case results (pipeline/casewise.py, evaluate/cases_<network>.csv)
+    # Per-case results (pipeline/measure/casewise.py, evaluate/cases_<network>.csv)
     ignore_empty: bool = MISSING  # MONAI's ignore_empty: cases with an empty true mask are left out of the means
     nsd_tolerance: float = MISSING  # normalised surface Dice tolerance, mm (volumes with spacing) or pixels (2D)
     jaccard_threshold: Optional[float] = MISSING  # ISIC 2018's thresholded Jaccard (IoU below it counts 0); null: off

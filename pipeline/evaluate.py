@@ -216,7 +216,7 @@ def prepare(source: Source, overrides: dict, outputs: Path, datasets: dict[str, 
         device = pick_device(str(cfg.device))
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    for name in RunState.NETWORKS:
+    for name in NETWORKS:  # the state fields of the networks
         path = getattr(source.state, name)
         if path:
             verify_model(Path(path))  # ModelFileError naming the file

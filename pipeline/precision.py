@@ -32,7 +32,8 @@ class Precision(ConfigEnum):
     fp16 = "fp16"
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {Precision.fp32.value: torch.float32, Precision.bf16.value: torch.bfloat16, Precision.fp16.value: torch.float16}
+REDUCED = tuple(p.value for p in Precision if p is not Precision.fp32)  # the types an extra form may be measured in
 
 
 @lru_cache(maxsize=1)

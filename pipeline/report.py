@@ -25,9 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from data.files import write_csv
+from pipeline.precision import REDUCED
+from pipeline.state import INT8_NETWORKS, NETWORKS
 
-LABELS = {"baseline": "baseline", "pruned": "pruned", "final": "fine-tuned", "quantized": "int8 (ONNX Runtime)",
-          "quantized_dynamic": "int8 dynamic (ONNX Runtime)"}
+# A results table's rows, in order: the run's networks (pipeline.state), the fine-tuned one by what made it
+LABELS = {**{name: name for name in NETWORKS}, "final": "fine-tuned",
+          **dict(zip(INT8_NETWORKS, ("int8 (ONNX Runtime)", "int8 dynamic (ONNX Runtime)")))}
+PRECISION_SUFFIXES = ("", *(f"_{p}" for p in REDUCED))  # fastest, fastest_bf16, ...: one per precision
 COLUMNS = [
     ("Dice", "dice", "{:.4f}"),
     ("IoU", "iou", "{:.4f}"),
@@ -56,18 +60,19 @@ def results_table(results: dict[str, dict]) -> str:
             columns.append(("ONNX Runtime / volume (ms)", "onnx_volume_latency_ms", "{:.0f}"))
     # reduced precision (evaluate.precision) and the fastest deployed form per precision (evaluate.runtimes)
     results = {row: {**r, **{f"fastest{s}": f"{r[f'fastest{s}_ms']:.2f} ({r[f'fastest{s}_form']})"
-                              for s in ("", "_bf16", "_fp16") if f"fastest{s}_form" in r}} for row, r in results.items()}
-    for low in ("bf16", "fp16"):
+                              for s in PRECISION_SUFFIXES if f"fastest{s}_form" in r}} for row, r in results.items()}
+    for low in REDUCED:
         if any(f"dice_{low}" in r for r in results.values()):
             columns.insert(columns.index(("IoU", "iou", "{:.4f}")), (f"Dice {low}", f"dice_{low}", "{:.4f}"))
-    from pipeline.measure.runtimes import RUNTIME_FORMS
+    from pipeline.measure.runtimes import REGISTRY
 
-    if any(row.startswith("quantized") for row in results):  # the int8 rows run only in ONNX Runtime: compare there
+    if any(row in INT8_NETWORKS for row in results):  # the int8 rows run only in ONNX Runtime: compare there
         columns.append(("ONNX Runtime (ms)", "onnx_latency_ms", "{:.2f}"))
-    for s, title in (("", "Fastest (ms, runtime)"), ("_bf16", "Fastest bf16"), ("_fp16", "Fastest fp16")):
+    for s in PRECISION_SUFFIXES:
+        title = f"Fastest{s.replace('_', ' ')}" if s else "Fastest (ms, runtime)"
         # only where a network was timed in more than one deployed form: else "fastest" names the only one
         if any(f"fastest{s}" in r for r in results.values()) and any(
-                sum(f"{form}{s}_ms" in r for form in RUNTIME_FORMS.values()) > 1 for r in results.values()):
+                sum(f"{runtime.prefix}{s}_ms" in r for runtime in REGISTRY.values()) > 1 for r in results.values()):
             columns.append((title, f"fastest{s}", "{}"))
     if any("budget_images" in r for r in results.values()):
         columns.append(BUDGET_COLUMN)
@@ -108,9 +113,9 @@ def _timed_form(r: dict, column: str) -> str:
     if column in ("latency_ms", "volume_latency_ms", "onnx_volume_latency_ms"):
         return column[: -len("_ms")]
     if column.startswith("fastest") and f"{column}_form" in r:
-        from pipeline.measure.runtimes import RUNTIME_FORMS
+        from pipeline.measure.runtimes import REGISTRY
 
-        return RUNTIME_FORMS[r[f"{column}_form"]] + column[len("fastest"):]
+        return REGISTRY[r[f"{column}_form"]].prefix + column[len("fastest"):]
     return ""
 
 
@@ -586,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-log", action="store_true", help="do not log the report onto the sweep's parent run")
     parser.add_argument("--columns", help="comma-separated metrics to tabulate instead of the preset's, e.g. "
                                           "dice,dice_orig,hd95,thresholded_jaccard_orig,latency_ms")
-    parser.add_argument("--network", choices=("baseline", "pruned", "final", "quantized", "quantized_dynamic"),
+    parser.add_argument("--network", choices=(*NETWORKS, *INT8_NETWORKS),
                         help="tabulate this network's metrics (default: the preset's, usually final)")
     args = parser.parse_args(argv)
     columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None

@@ -17,14 +17,21 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Protocol
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from torch.utils.data import Dataset
 
 from data.files import atomic_write
 from pipeline.tracking import Tracker
+
+
+# The networks a run holds, in the order the stages make them: each is a model folder in the state, a row of
+# the results table, a prefix of the results (final/dice) and a choice of pipeline.predict / pipeline.report.
+NETWORKS = ("baseline", "pruned", "final")
+INT8_NETWORKS = ("quantized", "quantized_dynamic")  # the quantize stage's int8 ONNX files of the last network
 
 
 @dataclass(frozen=True)
@@ -67,7 +74,6 @@ class RunState:
             if all(p in self.budget for p in phases if p not in self.OPTIONAL_PHASES):
                 out[network] = int(sum(self.budget.get(p, 0) for p in phases))
         return out
-    NETWORKS = ("baseline", "pruned", "final")
 
     def save(self, run_dir: Path) -> Path:
         """state.json, with the paths inside `run_dir` relative to it."""
@@ -150,6 +156,24 @@ def keep_baseline(state: RunState, run_dir: Path) -> RunState:
     return replace(state, **linked) if linked else state
 
 
+class DataSource(Protocol):
+    """What the stages use of a run's data (data.SegmentationData; the reader of `dataset._target_`)."""
+
+    in_channels: int
+    num_classes: int
+    dims: int  # 2: items are images [C, H, W]; 3: volumes, trained on as patches [C, D, H, W]
+    regions: Optional[tuple[str, ...]]  # the output channels' names (BraTS regions); None: one foreground class
+
+    @property
+    def input_size(self) -> tuple[int, ...]: ...  # one network input's spatial size (3D: the training patch)
+
+    def dataset(self, split: str, augment: bool = False) -> Dataset: ...
+
+    def case_spacing(self, case_id: str) -> Optional[tuple[float, ...]]: ...  # voxel spacing in mm; None: pixels
+
+    def original_mask(self, split: str, index: int) -> Optional[np.ndarray]: ...  # 2D: the mask at its file's size
+
+
 @dataclass
 class Context:
     """Everything a stage reads besides the state: config, data, device, tracker, folders."""
@@ -158,7 +182,7 @@ class Context:
     run_dir: Path
     outputs: Path
     device: torch.device
-    data: object  # data.SegmentationData
+    data: DataSource
     tracker: Tracker
 
     @property

@@ -96,7 +96,7 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, threshold: float = 0.5) -> dict[str, float]:
+def split_metrics(model: nn.Module, loader: DataLoader, device: torch.device, threshold: float = 0.5) -> dict[str, float]:
     """Per-image Dice/IoU; also per-case 3D Dice when the dataset carries `cases` (slices of volumes). Whole
     volumes (3D data) are inferred window by window (inference.windowed): their Dice is per case."""
     model.eval()
@@ -203,7 +203,7 @@ def _fit(model, train_set, val_set, settings, recipe, device, seed, log_metrics,
         log.info("%s: resuming after epoch %d of %d from the checkpoint in %s", desc, done, epochs, saver.folder)
     else:
         done, kept = 0, 0
-        start_dice = evaluate(model, val_loader, device)["dice"]
+        start_dice = split_metrics(model, val_loader, device)["dice"]
         # keep=best: the starting weights are a candidate too, so a phase never ends worse (on validation) than it
         # began; the other rules take the trained epochs only
         best_dice = start_dice if keep == "best" else -math.inf
@@ -247,7 +247,7 @@ def _fit(model, train_set, val_set, settings, recipe, device, seed, log_metrics,
         scheduler.step()
         if penalty is not None:
             penalty.after_epoch()
-        val = evaluate(model, val_loader, device)
+        val = split_metrics(model, val_loader, device)
         row = {"loss": total / max(seen, 1), "val_dice": val["dice"], "val_iou": val["iou"], "lr": lr, "images": seen}
         if distiller is not None:  # the distillation term (part of loss) and the teacher's share of the epoch
             teacher_s = distiller.teacher_seconds - teacher_before

@@ -68,12 +68,14 @@ log = logging.getLogger("bench")
 ROWS = ("speed", "export", "training", "pruning", "volumes", "cuda", "volume3d")
 # Deployed forms from pipeline/measure/runtimes.py (the evaluate stage's evaluate.runtimes / evaluate.precision):
 # variant -> (runtime, precision); each is built from the BatchNorm-folded network.
-RUNTIME_VARIANTS = {"openvino": ("openvino", "fp32"), "compile": ("compile", "fp32"),
-                    "folded+cl bf16": ("torch", "bf16"), "compile bf16": ("compile", "bf16"),
-                    "openvino bf16": ("openvino", "bf16")}
+# Derived from the registry: every CPU form but the fp32 torch and ONNX Runtime ones, which the bench builds
+# itself beside its other variants (eager, channels_last, folded, ...).
+RUNTIME_VARIANTS = {(r.bench_name if p == "fp32" else f"{r.bench_name} {p}"): (r.name, p)
+                    for p in runtimes.PRECISIONS for r in runtimes.REGISTRY.values()
+                    if p in r.cpu_precisions and not (p == "fp32" and r.name in ("torch", "onnxruntime"))}
 INT8 = "onnxruntime int8"  # the quantize stage's form: ONNX Runtime static int8 (pipeline/quantization.py)
 VARIANTS = ("eager", "channels_last", "folded", "folded+cl", "onnxruntime", INT8, *RUNTIME_VARIANTS)
-DEPLOYED_VARIANTS = ("folded+cl", "onnxruntime", "openvino", "compile")  # fp32 forms a network is deployed in
+DEPLOYED_VARIANTS = tuple(r.bench_name for r in runtimes.REGISTRY.values())  # fp32 forms a network is deployed in
 BF16_VARIANTS = tuple(v for v, (_, p) in RUNTIME_VARIANTS.items() if p == "bf16")
 # A rounding is None (exact rates), an int (prune.round_to) or "R/H" (prune.round_to=R, round_to_high_res=H).
 DEFAULT_ROUND_TO = "8/16"  # conf/shared/prune.yaml (checked by tests/test_bench.py)
@@ -549,13 +551,13 @@ def fit_loop(model: nn.Module, train_set, val_set, settings, recipe, device: tor
     between two calls is one training epoch + one validation (of a 1-batch val set here) + fit's
     bookkeeping (best-weights copy, logging). The validation time, measured separately on the same
     batch, is subtracted; the bookkeeping stays in (it is fit's cost)."""
-    from pipeline.training import evaluate, fit, make_loader
+    from pipeline.training import fit, make_loader, split_metrics
 
     stamps: list[float] = []
     fit(model, train_set, val_set, settings, recipe, device, seed,
         log_metrics=lambda metrics, step: stamps.append(time.perf_counter()), desc="bench")
     val_loader = make_loader(val_set, settings.batch_size, False, settings.num_workers, seed, device)
-    val_s = statistics.median(time_calls(lambda: evaluate(model, val_loader, device), 1, 3))
+    val_s = statistics.median(time_calls(lambda: split_metrics(model, val_loader, device), 1, 3))
     per_epoch = settings.batch_size * (len(train_set) // settings.batch_size)  # fit's loader drops the last partial batch
     epochs = [b - a for a, b in zip(stamps, stamps[1:])]
     return [per_epoch / (e - val_s / 1e3) for e in epochs], {"val_ms": val_s, "images_per_epoch": per_epoch}

@@ -158,60 +158,70 @@ def test_timing_helpers_stop_at_the_time_budget_and_time_channels_last_inputs():
     assert r["latency_ms"] > 0 and r["latency_threads"] == 1
 
 
-def _ctx(**evaluate):
-    settings = dict(latency_warmup=1, latency_runs=3, latency_max_runs=5, latency_max_seconds=5.0, threads=1)
-    cfg = OmegaConf.create({"evaluate": conf("evaluate", "default", **{**settings, **evaluate})})
-    return SimpleNamespace(cfg=cfg, input_shape=(1, 3, 32, 32), device=torch.device("cpu"))
+def _settings(**evaluate):
+    values = dict(latency_warmup=1, latency_runs=3, latency_max_runs=5, latency_max_seconds=5.0, threads=1)
+    return OmegaConf.create(conf("evaluate", "default", **{**values, **evaluate}))
+
+
+def _time(settings, models, reduced=None, **kw):
+    from pipeline.measure import cost
+
+    return cost.time_networks(settings, models, (1, 3, 32, 32), torch.device("cpu"), reduced, **kw)
+
+
+def _reduced(settings):
+    from pipeline.stages import evaluate
+
+    return evaluate.reduced_precision(SimpleNamespace(cfg=OmegaConf.create({"evaluate": settings}), device=torch.device("cpu")))
 
 
 def test_evaluate_reports_deployed_eager_and_onnx_latency_of_every_network_interleaved_per_runtime(tmp_path, monkeypatch):
-    from pipeline.stages import evaluate
+    from pipeline.measure import cost
 
     passes = []
-    interleave = evaluate.time_interleaved
-    monkeypatch.setattr(evaluate, "time_interleaved", lambda fns, **kw: passes.append(sorted(fns)) or interleave(fns, **kw))
+    interleave = cost.time_interleaved
+    monkeypatch.setattr(cost, "time_interleaved", lambda fns, **kw: passes.append(sorted(fns)) or interleave(fns, **kw))
     model, pruned = small_unet(), small_unet()
-    out, timed = evaluate.cost(_ctx(), {"baseline": copy.deepcopy(model), "final": pruned},
-                               {"baseline": None, "final": tmp_path / "final.onnx"})
-    assert sorted(timed.timings) == ["baseline/latency", "baseline/latency_eager", "final/latency",
-                                     "final/latency_eager", "final/onnx_latency"]
+    out, timed = _time(_settings(), {"baseline": copy.deepcopy(model), "final": pruned},
+                       keep_graphs={"final": tmp_path / "final.onnx"})
+    assert sorted(timed.timings) == ["baseline/latency", "baseline/latency_eager", "baseline/onnx_latency",
+                                     "final/latency", "final/latency_eager", "final/onnx_latency"]
     # torch forms in one pass, ONNX Runtime sessions in another: their idle threads spin and slow the other
     assert passes == [["baseline/latency", "baseline/latency_eager", "final/latency", "final/latency_eager"],
-                      ["final/onnx_latency"]]
+                      ["baseline/onnx_latency", "final/onnx_latency"]]
     torch_runs = {t.runs for name, t in timed.timings.items() if not name.endswith("onnx_latency")}
     assert len(torch_runs) == 1  # round-robin: every form of a pass timed as often
-    for key in ("latency_ms", "latency_p90_ms", "latency_cv", "latency_eager_ms", "onnx_latency_ms", "onnx_latency_p90_ms",
-                "onnx_latency_cv", "onnx_max_abs_diff", "onnx_size_mb"):
+    for key in ("latency_ms", "latency_p90_ms", "latency_cv", "latency_max_abs_diff", "latency_eager_ms", "onnx_latency_ms",
+                "onnx_latency_p90_ms", "onnx_latency_cv", "onnx_latency_max_abs_diff", "onnx_size_mb"):
         assert out["final"][key] >= 0, key
     assert out["final"]["latency_settled"] in (0, 1) and 3 <= out["final"]["latency_runs"] <= 5
-    assert "onnx_latency_ms" not in out["baseline"]
     assert out["final"]["latency_bn_folded"] == bn_count(model) and out["final"]["latency_threads"] == 1
-    assert out["final"]["onnx_max_abs_diff"] < 1e-4
-    assert (tmp_path / "final.onnx").is_file()
+    assert out["final"]["onnx_latency_max_abs_diff"] < 1e-4 and out["final"]["latency_max_abs_diff"] < 1e-4
+    assert [p.name for p in tmp_path.iterdir()] == ["final.onnx"]  # only the graph asked for is kept
 
-    plain, _ = evaluate.cost(_ctx(fold_bn=False, channels_last=False, runtimes=[]), {"final": copy.deepcopy(model)}, {"final": None})
+    plain, _ = _time(_settings(fold_bn=False, channels_last=False, runtimes=[]), {"final": copy.deepcopy(model)})
     assert "latency_eager_ms" not in plain["final"] and "onnx_latency_ms" not in plain["final"]  # eager is deployed here
     assert plain["final"]["latency_bn_folded"] == 0 and plain["final"]["latency_channels_last"] == 0
 
 
 def test_evaluate_times_openvino_and_bf16_forms_in_their_own_passes_and_names_the_fastest(monkeypatch):
     from pipeline import precision
-    from pipeline.stages import evaluate
+    from pipeline.measure import cost
 
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512_bf16"}))  # bf16 native, as on this EPYC
     passes = []
-    interleave = evaluate.time_interleaved
-    monkeypatch.setattr(evaluate, "time_interleaved", lambda fns, **kw: passes.append(sorted(fns)) or interleave(fns, **kw))
+    interleave = cost.time_interleaved
+    monkeypatch.setattr(cost, "time_interleaved", lambda fns, **kw: passes.append(sorted(fns)) or interleave(fns, **kw))
     model = small_unet()
-    ctx = _ctx(runtimes=["openvino"], precision="bf16", latency_eager=False)
-    out, _ = evaluate.cost(ctx, {"final": model}, {"final": None}, evaluate.reduced_precision(ctx))
+    settings = _settings(runtimes=["openvino"], precision="bf16", latency_eager=False)
+    out, _ = _time(settings, {"final": model}, _reduced(settings))
     # torch's forms (fp32 and bf16) share a pass; OpenVINO's thread pool gets its own
     assert passes == [["final/latency", "final/latency_bf16"], ["final/openvino_latency", "final/openvino_latency_bf16"]]
     final = out["final"]
     assert final["openvino_latency_max_abs_diff"] < 1e-4 < final["latency_bf16_max_abs_diff"] < 0.1
     assert final["openvino_latency_bf16_max_abs_diff"] > 1e-4  # really bf16
     final["flops_g"] = 1.0
-    best = evaluate.fastest(final, {"fp32": 100.0, "bf16": 200.0})
+    best = cost.fastest(final, {"fp32": 100.0, "bf16": 200.0})
     fp32 = {"torch": final["latency_ms"], "openvino": final["openvino_latency_ms"]}
     assert best["fastest_form"] == min(fp32, key=fp32.get) and best["fastest_ms"] == min(fp32.values())
     assert best["fastest_bf16_form"] in ("torch", "openvino")
@@ -220,23 +230,35 @@ def test_evaluate_times_openvino_and_bf16_forms_in_their_own_passes_and_names_th
 
 def test_reduced_precision_forms_are_skipped_with_a_notice_where_the_cpu_would_emulate_them(monkeypatch, caplog):
     from pipeline import precision
-    from pipeline.stages import evaluate
 
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2"}))
     with caplog.at_level("WARNING"):
-        ctx = _ctx(runtimes=[], precision="bf16")
-        out, timed = evaluate.cost(ctx, {"final": small_unet()}, {"final": None}, evaluate.reduced_precision(ctx))
+        settings = _settings(runtimes=[], precision="bf16")
+        out, timed = _time(settings, {"final": small_unet()}, _reduced(settings))
     assert not any("bf16" in name for name in timed.timings)
     assert "evaluate.precision=bf16: no bf16 forms are measured: this CPU has no native bf16" in caplog.text
 
 
 def test_evaluate_keeps_its_numbers_when_the_export_fails(tmp_path, monkeypatch, caplog):
-    from pipeline.stages import evaluate
+    from pipeline import inference
 
     def broken(*args, **kwargs):
         raise RuntimeError("exporter gap")
 
-    monkeypatch.setattr(evaluate.inference, "export_onnx", broken)
-    out, _ = evaluate.cost(_ctx(), {"final": small_unet()}, {"final": tmp_path / "final.onnx"})
+    monkeypatch.setattr(inference, "export_onnx", broken)
+    out, _ = _time(_settings(), {"final": small_unet()}, keep_graphs={"final": tmp_path / "final.onnx"})
     assert "latency_ms" in out["final"] and "onnx_latency_ms" not in out["final"]
-    assert "exporter gap" in caplog.text
+    assert "exporter gap" in caplog.text and not (tmp_path / "final.onnx").exists()
+
+
+def test_every_registered_runtime_names_its_results_and_the_config_offers_the_optional_ones():
+    """The registry is the one home of a runtime: the config's enum, the result names and the bench's variants
+    follow from it."""
+    from pipeline.config import Runtime as RuntimeChoice
+    from pipeline.measure import cost, runtimes
+
+    assert [r.value for r in RuntimeChoice] == list(runtimes.OPTIONAL) and "torch" not in runtimes.OPTIONAL
+    prefixes = [r.prefix for r in runtimes.REGISTRY.values()]
+    assert len(set(prefixes)) == len(prefixes) and all(p.endswith("latency") for p in prefixes)
+    for r in runtimes.REGISTRY.values():
+        assert r.form() in cost.FORMS and r.form("bf16") in cost.FORMS and r.timing_pass in cost.TIMING_PASSES

@@ -121,13 +121,13 @@ def test_fit_trains_with_the_configured_thread_count_on_cpu_and_restores_it(monk
     from pipeline import training
 
     seen = []
-    real_evaluate = training.evaluate
+    real_split_metrics = training.split_metrics
 
     def spy(*args, **kwargs):
         seen.append(torch.get_num_threads())
-        return real_evaluate(*args, **kwargs)
+        return real_split_metrics(*args, **kwargs)
 
-    monkeypatch.setattr(training, "evaluate", spy)
+    monkeypatch.setattr(training, "split_metrics", spy)
     cfg = compose_config("train.epochs=1", "train.batch_size=4", "train.threads=2")
     data = TensorDataset(torch.randn(4, 3, 16, 16), (torch.rand(4, 1, 16, 16) > 0.5).float())
     before = torch.get_num_threads()
@@ -144,16 +144,16 @@ def test_fit_trains_with_the_configured_thread_count_on_cpu_and_restores_it(monk
 def test_unsettled_latency_is_logged_tagged_and_starred_and_a_shared_network_is_timed_once(tmp_path: Path, monkeypatch):
     """target_cv=0 cannot be met by a real clock: every form is unsettled. finetune.epochs=0 makes the final
     network the pruned one, which must be timed once."""
-    from pipeline.stages import evaluate
+    from pipeline.measure import cost
 
     timed = []
-    real = evaluate.time_interleaved
+    real = cost.time_interleaved
 
     def spy(fns, **kwargs):
         timed.append(sorted(fns))
         return real(fns, **kwargs)
 
-    monkeypatch.setattr(evaluate, "time_interleaved", spy)
+    monkeypatch.setattr(cost, "time_interleaved", spy)
     out = run_pipeline(tmp_path, *TINY, "finetune.epochs=0", "evaluate.latency_target_cv=0.0",
                        "evaluate.latency_max_runs=4", "evaluate.latency_max_seconds=60", "evaluate.mask_examples=0")
     assert timed == [["baseline/latency", "baseline/latency_eager", "pruned/latency", "pruned/latency_eager"],

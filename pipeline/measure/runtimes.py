@@ -1,6 +1,10 @@
 """A (BatchNorm-folded) network in its deployed form: eager torch, torch.compile, ONNX Runtime or
 OpenVINO, in fp32 or bf16, and how far that form's output is from the eager fp32 network's.
 
+Each runtime is one `Runtime` in REGISTRY: its name (the `evaluate.runtimes` value), its result prefix,
+the precisions it has kernels for, the timing pass it joins and how it deploys a network. The config's
+enum, the evaluate stage's result names and scripts/bench.py's variants are derived from it.
+
 `deploy` is what the evaluate stage and scripts/bench.py time and check: each form comes back as a
 `Deployed` with a `call` to time (one batch on a fixed input), a `predict` giving float32 logits for
 any batch, and `max_abs_diff` against the eager fp32 reference on a seeded input. A form that cannot
@@ -21,25 +25,28 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
 from pipeline import inference
-from pipeline.precision import DTYPES, supported
+from pipeline.precision import DTYPES, Precision, supported
 from pipeline.measure.profiling import cpu_threads, forward_call, thread_count
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("torch", "onnxruntime", "openvino", "compile")  # "torch" = eager folded (+channels_last) module
-# The evaluate stage's result prefix per runtime: <form>_ms, <form>_max_abs_diff, ... (a _bf16 / _fp16 suffix
-# for a reduced precision)
-RUNTIME_FORMS = {"torch": "latency", "onnxruntime": "onnx_latency", "openvino": "openvino_latency",
-                 "compile": "compile_latency"}
-PRECISIONS = ("fp32", "bf16", "fp16")
 ONNX_NAME = "model.onnx"  # the exported graph in `work_dir` (ONNX Runtime and OpenVINO both read it)
+PRECISIONS = tuple(p.value for p in Precision)  # every precision a form can be asked for
+
+
+@dataclass(frozen=True)
+class Export:
+    """How the graph runtimes get the network: torch's ONNX exporter at this opset (dynamo: the torch.export one)."""
+
+    opset: int = 18
+    dynamo: bool = False
 
 
 @dataclass
@@ -52,42 +59,78 @@ class Deployed:
     predict: Callable[[torch.Tensor], torch.Tensor]  # float32 CPU logits for a batch shaped like input_shape (any batch size)
     max_abs_diff: float  # max |this form's output - eager fp32 torch output| on a seeded random input
     note: str = ""  # e.g. "bf16 emulated: no native bf16 on this CPU", empty if nothing to say
+    module: Optional[nn.Module] = None  # the torch forms' network on its device (a 3D sliding window runs it as it is)
+    file: Optional[Path] = None  # the graph file the runtime read (ONNX Runtime, OpenVINO)
+
+    def as_module(self) -> nn.Module:
+        """The form as a module, for code that runs modules (sliding windows, scoring)."""
+        return self.module if self.module is not None else AsModule(self)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """One way of deploying a network, and what the rest of the project derives from it: the values of
+    `evaluate.runtimes` (pipeline/config.py), the evaluate stage's result names, the timing pass a form
+    joins (pipeline/measure/cost.py) and scripts/bench.py's variants. A new runtime is a `build` function and
+    an entry in REGISTRY."""
+
+    name: str  # the evaluate.runtimes value; torch (the deployed module itself) is always measured, not listed
+    prefix: str  # its results: <prefix>[_<precision>]_ms, _p90_ms, _cv, _runs, _settled, _max_abs_diff
+    label: str  # in tables and logs
+    bench_name: str  # scripts/bench.py's variant of its fp32 form (a reduced precision adds " <precision>")
+    # Forms timed in one interleaved pass share the cores with each other: ONNX Runtime's and OpenVINO's thread
+    # pools spin after each run and slowed torch 2-3x when interleaved with it, so each pool has a pass of its own.
+    timing_pass: str
+    cpu_precisions: tuple[str, ...]  # precisions it has CPU kernels for
+    cuda_precisions: tuple[str, ...]  # precisions it runs on a CUDA device
+    # (model, input_shape, precision, threads, work_dir, channels_last, export) -> (call, predict, note, module, file)
+    build: Callable
+    volume_prefix: Optional[str] = None  # 3D data: also timed over a whole test volume, window by window
+    file_result: Optional[str] = None  # the result holding the size of the graph file it read (MB)
+    needs_work_dir: bool = False
+
+    def form(self, precision: str = "fp32") -> str:
+        """The result prefix of its form in `precision`: latency, onnx_latency, latency_bf16, ..."""
+        return self.prefix if str(precision) == "fp32" else f"{self.prefix}_{precision}"
+
+    def supports(self, precision: str, device: torch.device) -> bool:
+        """Whether it has `precision` kernels for a network on `device` (whether the hardware runs them natively
+        is pipeline.precision.supported)."""
+        return str(precision) in (self.cuda_precisions if device.type == "cuda" else self.cpu_precisions)
 
 
 def deploy(
     model: nn.Module, input_shape: tuple[int, ...], runtime: str, precision: str = "fp32",
     threads: int | None = None, work_dir: Path | None = None, channels_last: bool = True,
-    reference: nn.Module | None = None,
+    reference: nn.Module | None = None, export: Export = Export(),
 ) -> Deployed:
     """`model` (eval mode, BatchNorm already folded by inference.prepare_for_inference) in `runtime` at
     `precision`, compared with `reference` (default `model`) run eagerly in fp32.
 
     `threads`: ONNX Runtime and OpenVINO get it as their thread count (None: all cores); the torch forms
     are timed by the caller inside profiling.cpu_threads(threads), and `deploy` runs its own torch work
-    (compilation, the comparison) at that count when it is given. `work_dir` (needed by onnxruntime
-    and openvino) receives the exported graph as model.onnx. `channels_last` applies to the torch forms
-    with 4-D inputs."""
-    if runtime not in RUNTIMES:
-        raise ValueError(f"unknown runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
+    (compilation, the comparison) at that count when it is given. `work_dir` (needed by the graph runtimes)
+    receives the graph `export` makes, as model.onnx. `channels_last` applies to the torch forms with 4-D
+    inputs. A pair the runtime has no kernels for raises ValueError; a failed torch.compile RuntimeError."""
+    if runtime not in REGISTRY:
+        raise ValueError(f"unknown runtime {runtime!r}: expected one of {', '.join(REGISTRY)}")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    spec = REGISTRY[runtime]
     model = model.eval()
     reference = (reference if reference is not None else model).eval()
-    if precision == "fp16" and (runtime in ("onnxruntime", "openvino") or _device(model).type == "cpu"):
-        raise ValueError(f"fp16 is not supported by {runtime} on a CPU (fp16 is for CUDA): use fp32 or bf16")
-    if runtime == "onnxruntime" and precision == "bf16":
-        raise ValueError("onnxruntime has no bf16 CPU kernels: bf16 runs in torch, compile or openvino")
-    if runtime in ("onnxruntime", "openvino") and work_dir is None:
+    device = _device(model)
+    if not spec.supports(precision, device):
+        runs = ", ".join(spec.cuda_precisions if device.type == "cuda" else spec.cpu_precisions) or "nothing"
+        hint = " (fp16 is for CUDA)" if precision == "fp16" and device.type == "cpu" else ""
+        raise ValueError(f"{runtime} has no {precision} kernels for a network on {device.type}{hint}: it runs {runs} there")
+    if spec.needs_work_dir and work_dir is None:
         raise ValueError(f"{runtime} needs a work_dir for the exported ONNX graph")
     with cpu_threads(threads) if threads else nullcontext():
-        if runtime in ("torch", "compile"):
-            call, predict, note = _torch_form(model, input_shape, precision, channels_last, runtime == "compile")
-        elif runtime == "onnxruntime":
-            call, predict, note = _onnxruntime_form(model, input_shape, threads, Path(work_dir))
-        else:
-            call, predict, note = _openvino_form(model, input_shape, precision, threads, Path(work_dir))
+        call, predict, note, module, file = spec.build(
+            model, input_shape, precision, threads, None if work_dir is None else Path(work_dir), channels_last, export)
         diff = output_diff(predict, reference, input_shape)
-    return Deployed(runtime, precision, call, predict, diff, note)
+    return Deployed(runtime, precision, call, predict, diff, note, module, file)
 
 
 @torch.no_grad()
@@ -141,7 +184,17 @@ def _torch_form(model: nn.Module, input_shape: tuple[int, ...], precision: str, 
         with torch.inference_mode():
             return net(prepared.input(x.to(device))).float().cpu()
 
-    return forward_call(net, input_shape, prepared.channels_last), predict, note
+    return forward_call(net, input_shape, prepared.channels_last), predict, note, net
+
+
+def _build_torch(model, input_shape, precision, threads, work_dir, channels_last, export):
+    call, predict, note, net = _torch_form(model, input_shape, precision, channels_last, compile=False)
+    return call, predict, note, net, None
+
+
+def _build_compile(model, input_shape, precision, threads, work_dir, channels_last, export):
+    call, predict, note, net = _torch_form(model, input_shape, precision, channels_last, compile=True)
+    return call, predict, note, net, None
 
 
 def _compiled(net: nn.Module, input_shape: tuple[int, ...], channels_last: bool) -> nn.Module:
@@ -161,16 +214,16 @@ def _compiled(net: nn.Module, input_shape: tuple[int, ...], channels_last: bool)
 # -- ONNX Runtime ------------------------------------------------------------------------------------
 
 
-def _onnxruntime_form(model: nn.Module, input_shape: tuple[int, ...], threads: int | None, work_dir: Path):
+def _build_onnxruntime(model, input_shape, precision, threads, work_dir: Path, channels_last, export: Export):
     """The exported graph (dynamic batch) in an ONNX Runtime CPU session whose idle threads sleep
     (spinning ones would slow whatever is timed next)."""
-    path = inference.export_onnx(model, work_dir / ONNX_NAME, input_shape)
+    path = inference.export_onnx(model, work_dir / ONNX_NAME, input_shape, opset=export.opset, dynamo=export.dynamo)
     session = inference.onnx_session(path, threads, spinning=False)
 
     def predict(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(inference.onnx_run(session, x)).float()
 
-    return inference.onnx_call(session, input_shape), predict, ""
+    return inference.onnx_call(session, input_shape), predict, "", None, path
 
 
 # -- OpenVINO ----------------------------------------------------------------------------------------
@@ -206,7 +259,7 @@ def _off_thread(fn, *args):
         return pool.submit(fn, *args).result()
 
 
-def _openvino_form(model: nn.Module, input_shape: tuple[int, ...], precision: str, threads: int | None, work_dir: Path):
+def _build_openvino(model, input_shape, precision, threads, work_dir: Path, channels_last, export: Export):
     """The exported ONNX graph read by OpenVINO's ONNX frontend and compiled for the CPU.
 
     ONNX rather than openvino.convert_model(torch module): the exporter is the one ONNX Runtime uses
@@ -220,7 +273,7 @@ def _openvino_form(model: nn.Module, input_shape: tuple[int, ...], precision: st
     import openvino.properties as props
     import openvino.properties.hint as hints
 
-    path = inference.export_onnx(model, work_dir / ONNX_NAME, input_shape)
+    path = inference.export_onnx(model, work_dir / ONNX_NAME, input_shape, opset=export.opset, dynamo=export.dynamo)
     core = ov.Core()
     source = core.read_model(str(path))
     config = dict([
@@ -254,7 +307,25 @@ def _openvino_form(model: nn.Module, input_shape: tuple[int, ...], precision: st
         data = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
         return torch.from_numpy(np.array(compiled_for(data.shape[0])(data)[0], dtype=np.float32))
 
-    return call, predict, note
+    return call, predict, note, None, path
+
+
+# -- the registry ---------------------------------------------------------------------------------
+
+REGISTRY: dict[str, Runtime] = {r.name: r for r in (
+    Runtime("torch", "latency", "torch (folded)", "folded+cl", timing_pass="torch", cpu_precisions=("fp32", "bf16"),
+            cuda_precisions=("fp32", "bf16", "fp16"), build=_build_torch, volume_prefix="volume_latency"),
+    Runtime("onnxruntime", "onnx_latency", "ONNX Runtime", "onnxruntime", timing_pass="onnxruntime",
+            cpu_precisions=("fp32",), cuda_precisions=("fp32",), build=_build_onnxruntime,
+            volume_prefix="onnx_volume_latency", file_result="onnx_size_mb", needs_work_dir=True),
+    Runtime("openvino", "openvino_latency", "OpenVINO", "openvino", timing_pass="openvino",
+            cpu_precisions=("fp32", "bf16"), cuda_precisions=("fp32",), build=_build_openvino, needs_work_dir=True),
+    # torch.compile runs on torch's own threads: it shares torch's pass
+    Runtime("compile", "compile_latency", "torch.compile", "compile", timing_pass="torch",
+            cpu_precisions=("fp32", "bf16"), cuda_precisions=("fp32",), build=_build_compile),
+)}
+RUNTIMES = tuple(REGISTRY)
+OPTIONAL = tuple(name for name in REGISTRY if name != "torch")  # what evaluate.runtimes may list
 
 
 # -- the CPU ----------------------------------------------------------------------------------------
@@ -270,14 +341,8 @@ def openvino_capabilities() -> list[str] | None:
 
 
 def supports(runtime: str, precision: str, device: torch.device) -> bool:
-    """Whether `runtime` has `precision` kernels for networks on `device` (ONNX Runtime: fp32 only; OpenVINO
-    and torch.compile on CPU: fp32 and bf16; fp16 only in torch on CUDA). Whether the hardware runs it
-    natively is pipeline.precision.supported."""
-    if precision == "fp32":
-        return True
-    if device.type == "cuda":
-        return runtime == "torch"
-    return precision == "bf16" and runtime in ("torch", "compile", "openvino")
+    """Whether `runtime` has `precision` kernels for networks on `device` (REGISTRY's precisions)."""
+    return REGISTRY[runtime].supports(precision, device)
 
 
 class AsModule(nn.Module):

@@ -1,0 +1,139 @@
+"""How good a network is on the test split, case by case, and what it is made of (size, parameters, FLOPs).
+
+Quality is per case (`casewise.score_cases`, docs/EVALUATION.md): Dice, IoU, HD95, surface Dice and ISIC's
+thresholded Jaccard per image or volume, written to evaluate/cases_<network>.csv, their means as the
+network's results, and a flag for a network that collapsed to all foreground or all background. An int8
+network (an ONNX file of the quantize stage) is scored the same way under ONNX Runtime, beside how far its
+probabilities stray from the float network it was made from.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig
+
+from data.files import write_csv
+from models.io import load_model, model_size_mb
+from pipeline import inference
+from pipeline.measure import casewise, runtimes
+from pipeline.measure.metrics import CaseRules
+from pipeline.measure.profiling import count_flops, count_params
+from pipeline.pruning import prunable_layers
+from pipeline.state import DataSource
+from pipeline.training import make_loader, split_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TestSplit:
+    """What quality is measured on and how: the run's data, the evaluate settings, the device, and the folder
+    that receives the per-case tables and exported masks."""
+
+    data: DataSource
+    settings: DictConfig  # the evaluate block
+    device: torch.device
+    folder: Path
+    seed: int
+
+
+def score(split: TestSplit, model: torch.nn.Module, network: str, export: bool = True, warn: bool = True) -> dict:
+    """Per-case metrics of `model` on the test split, written to cases_<network>.csv, and their means; a network
+    that collapsed to all foreground / all background is flagged (`collapsed`)."""
+    e = split.settings
+    dataset = split.data.dataset("test")
+    rules = CaseRules(ignore_empty=bool(e.ignore_empty), nsd_tolerance=float(e.nsd_tolerance),
+                      jaccard_threshold=e.jaccard_threshold)
+    results = casewise.score_cases(
+        model, dataset, split.device, e.batch_size, e.threshold, rules, names=split.data.regions,
+        spacing_of=split.data.case_spacing, export=int(e.export_masks) if export else 0,
+        export_dir=split.folder / "masks" / network,
+        originals=(lambda i: split.data.original_mask("test", i)) if e.original_resolution else None,
+    )
+    write_csv(results.rows, split.folder / f"cases_{network}.csv")
+    out = casewise.headline(results, volumetric=getattr(dataset, "cases", None) is not None)  # slices of volumes
+    collapsed = casewise.collapse(results, float(e.collapse_tolerance), float(e.collapse_margin))
+    out["collapsed"] = collapsed or "no"
+    if collapsed and warn:
+        log.warning("The %s network COLLAPSED: it %s (%.1f%% of the test pixels foreground, truth %.1f%%); "
+                    "its Dice is not a segmentation result", network, casewise.describe_collapse(collapsed),
+                    100 * results.pred_foreground_fraction, 100 * results.true_foreground_fraction)
+    return out
+
+
+def aligned_fraction(model: torch.nn.Module, multiple: int = 8) -> float:
+    """Fraction of the prunable layers whose output channel count is a multiple of `multiple`."""
+    counts = [m.out_channels for m in prunable_layers(model).values()]
+    return sum(c % multiple == 0 for c in counts) / len(counts) if counts else 1.0
+
+
+def network(split: TestSplit, model_dir: str, name: str, input_shape: tuple[int, ...], reduced: Optional[str] = None,
+            windows: Optional[int] = None) -> dict:
+    """Quality (also in the `reduced` precision, when given), size, parameters and FLOPs of one network; with
+    `windows` (3D data: the windows that tile the reference volume), its FLOPs per volume too."""
+    e = split.settings
+    model = load_model(model_dir).to(split.device).eval()
+    quality = score(split, model, name)
+    extra = {}
+    for other in e.extra_splits:
+        loader = make_loader(split.data.dataset(other), e.batch_size, False, 0, split.seed, split.device)
+        m = split_metrics(model, loader, split.device, e.threshold)
+        extra.update({f"{other}_dice": m["dice"], f"{other}_iou": m["iou"]})
+    if reduced:  # the torch deployed form in that type, on the same test split: what the precision costs
+        folded = inference.prepare_for_inference(model, input_shape, fold_bn=bool(e.fold_bn)).model
+        deployed = runtimes.deploy(folded, input_shape, "torch", reduced, channels_last=bool(e.channels_last))
+        low = score(split, deployed.as_module(), f"{name}_{reduced}", export=False,
+                    warn=quality["collapsed"] == "no")  # the fp32 pass has warned already
+        extra.update({f"dice_{reduced}": low["dice"], f"iou_{reduced}": low["iou"]})
+        log.info("%s network in %s: Dice %.4f (fp32 %.4f, %+.2f points)", name, reduced, low["dice"], quality["dice"],
+                 100 * (low["dice"] - quality["dice"]))
+    flops = count_flops(model, input_shape)
+    if windows is not None:  # 3D: FLOPs above are per window (patch); a whole volume runs that many windows
+        extra.update(windows_per_volume=windows, volume_flops_g=windows * flops / 1e9)
+    aligned = aligned_fraction(model)
+    if aligned < 1:
+        log.info("%.0f%% of the prunable layers of %s have channel counts that are multiples of 8; CPU and GPU "
+                 "convolution kernels run fastest on such counts (prune.round_to=8, docs/PERFORMANCE.md)",
+                 100 * aligned, model_dir)
+    return {**quality, **extra, "params_m": count_params(model) / 1e6, "flops_g": flops / 1e9, "macs_g": flops / 2e9,
+            "size_mb": model_size_mb(model_dir), "channels_aligned8": aligned}
+
+
+@torch.no_grad()
+def probability_deviation(split: TestSplit, quantized: torch.nn.Module, reference: torch.nn.Module) -> dict[str, float]:
+    """How far `quantized`'s probabilities stray from `reference`'s on the test split: the largest and the mean
+    absolute difference, and the fraction of pixels whose thresholded label differs."""
+    e = split.settings
+    loader = make_loader(split.data.dataset("test"), e.batch_size, False, 0, split.seed, split.device)
+    largest, total, flips, count = 0.0, 0.0, 0, 0
+    quantized, reference = inference.windowed(quantized, loader.dataset), inference.windowed(reference.eval(), loader.dataset)
+    for images, _ in loader:
+        images = images.to(split.device)
+        p = torch.sigmoid(quantized(images).float())
+        q = torch.sigmoid(reference(images).float())
+        diff = (p - q).abs()
+        largest = max(largest, float(diff.max()))
+        total += float(diff.sum())
+        flips += int(((p > e.threshold) != (q > e.threshold)).sum())
+        count += diff.numel()
+    return {"prob_max_abs_diff": largest, "prob_mean_abs_diff": total / max(count, 1),
+            "label_flip_fraction": flips / max(count, 1)}
+
+
+def int8_network(split: TestSplit, path: Path, name: str, reference: torch.nn.Module, reference_name: str,
+                 reference_results: dict) -> dict:
+    """Quality of an int8 ONNX network under ONNX Runtime, its file's size and its deviation from the float
+    network it was made from (parameters and FLOPs are that network's: the same operations, in int8)."""
+    module = inference.OnnxModule(inference.onnx_session(path, split.settings.threads))
+    quality = score(split, module, name)
+    deviation = probability_deviation(split, module, reference)
+    log.info("%s network (int8): Dice %.4f (%s %.4f, %+.2f points); probabilities within %.4f of the float network "
+             "(mean %.5f), %.3f%% of the test pixels change label", name, quality["dice"], reference_name,
+             reference_results["dice"], 100 * (quality["dice"] - reference_results["dice"]), deviation["prob_max_abs_diff"],
+             deviation["prob_mean_abs_diff"], 100 * deviation["label_flip_fraction"])
+    return {**quality, **deviation, "size_mb": path.stat().st_size / 1e6,
+            **{k: reference_results[k] for k in ("params_m", "flops_g", "macs_g")}}
