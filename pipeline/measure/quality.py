@@ -20,7 +20,7 @@ from data.files import write_csv
 from models.io import load_model, model_size_mb
 from pipeline import inference
 from pipeline.measure import casewise, runtimes
-from pipeline.measure.metrics import CaseRules
+from pipeline.measure.metrics import CaseRules, binarize, dice_iou
 from pipeline.measure.profiling import count_flops, count_params
 from pipeline.pruning import prunable_layers
 from pipeline.state import DataSource
@@ -137,3 +137,26 @@ def int8_network(split: TestSplit, path: Path, name: str, reference: torch.nn.Mo
              deviation["prob_mean_abs_diff"], 100 * deviation["label_flip_fraction"])
     return {**quality, **deviation, "size_mb": path.stat().st_size / 1e6,
             **{k: reference_results[k] for k in ("params_m", "flops_g", "macs_g")}}
+
+
+@torch.no_grad()
+def examples(split: TestSplit, models: dict[str, torch.nn.Module], count: int):
+    """The first `count` test images, their true masks and each network's prediction with its Dice per image
+    ({label: (masks, dice)}): what plots.masks_before_after draws. Volumes are shown by the axial slice with the
+    most true foreground (the 3D network still sees the whole volume)."""
+    dataset = split.data.dataset("test")
+    items = [dataset[i] for i in range(min(count, len(dataset)))]
+    volumes = split.data.dims == 3
+    picks = [int(mask.flatten(2).sum((0, 2)).argmax()) if volumes else None for _, mask in items]
+    images = torch.stack([image[:, z] if volumes else image for (image, _), z in zip(items, picks)])
+    masks = torch.stack([mask[:, z] if volumes else mask for (_, mask), z in zip(items, picks)])
+    predictions = {}
+    for label, model in models.items():
+        if volumes:
+            infer = inference.windowed(model.eval(), dataset)
+            logits = torch.cat([infer(image.unsqueeze(0).to(split.device))[:, :, z].cpu() for (image, _), z in zip(items, picks)])
+        else:
+            logits = model.eval()(images.to(split.device)).cpu()
+        pred = binarize(logits, split.settings.threshold)
+        predictions[label] = (pred, dice_iou(pred, masks > 0.5)[0])
+    return images, masks, predictions

@@ -23,7 +23,6 @@ import torch
 from models.io import load_model
 from pipeline import inference, mlflow_model, plots, precision
 from pipeline.measure import cost, quality
-from pipeline.measure.metrics import binarize, dice_iou
 from pipeline.measure.profiling import cpu_name, cpu_threads, device_name
 from pipeline.quantization import quantized_files
 from pipeline.report import LABELS, results_table
@@ -114,7 +113,7 @@ def _run(ctx: Context, state: RunState) -> RunState:
     flat = _log_results(ctx, results, peak, timed, unsettled)
     (folder / "metrics.json").write_text(json.dumps(results, indent=2))
     (folder / "results.md").write_text(results_table(results) + "\n")
-    _plots(ctx, state, sources, folder)
+    _plots(split, state, sources)
     ctx.tracker.log_artifact(folder, "evaluate")
     _log_models(ctx, state, sources, flat)
     return replace(state, metrics={**state.metrics, **flat})
@@ -162,16 +161,17 @@ def _log_results(ctx: Context, results: dict[str, dict], peak: dict, timed, unse
     return flat
 
 
-def _plots(ctx: Context, state: RunState, sources: dict, folder: Path) -> None:
+def _plots(split: quality.TestSplit, state: RunState, sources: dict) -> None:
     """Training curves (the baseline folder holds its history; a fine-tuned model folder has it one level up)
     and the before/after masks of the first test images."""
     histories = {"train": read_history(Path(state.baseline) / "history.csv") if state.baseline else [],
                  "finetune": read_history(Path(state.final).parent / "history.csv") if state.final else []}
     histories = {k: v for k, v in histories.items() if v}
     if histories:
-        plots.curves(histories, folder / "curves.png")
-    if ctx.cfg.evaluate.mask_examples > 0:
-        _mask_plot(ctx, {name: sources[name] for name in ("baseline", "final") if sources[name]}, folder / "masks.png")
+        plots.curves(histories, split.folder / "curves.png")
+    if split.settings.mask_examples > 0:
+        models = {LABELS[name]: load_model(sources[name]).to(split.device).eval() for name in ("baseline", "final") if sources[name]}
+        plots.masks_before_after(*quality.examples(split, models, int(split.settings.mask_examples)), split.folder / "masks.png")
 
 
 def _log_models(ctx: Context, state: RunState, sources: dict, metrics: dict) -> None:
@@ -193,28 +193,3 @@ def _log_models(ctx: Context, state: RunState, sources: dict, metrics: dict) -> 
         version = mlflow_model.register(ctx.tracker.client, ctx.cfg.tracking.register_as, ctx.tracker.run_id,
                                         "final_mlflow_model", headline)
         ctx.tracker.set_tags({"medprune.registered_model": f"{ctx.cfg.tracking.register_as}/{version}"})
-
-
-@torch.no_grad()
-def _mask_plot(ctx: Context, model_dirs: dict[str, str], path: Path) -> None:
-    """The first test images, their true masks and each network's prediction with its Dice."""
-    dataset = ctx.data.dataset("test")
-    n = min(ctx.cfg.evaluate.mask_examples, len(dataset))
-    items = [dataset[i] for i in range(n)]
-    volumes = ctx.data.dims == 3  # whole test volumes
-    # volumes: each shown by its axial slice with the most true foreground (the 3D network still sees the volume)
-    picks = [int(mask.flatten(2).sum((0, 2)).argmax()) if volumes else None for _, mask in items]
-    images = torch.stack([image[:, z] if volumes else image for (image, _), z in zip(items, picks)])
-    masks = torch.stack([mask[:, z] if volumes else mask for (_, mask), z in zip(items, picks)])
-    predictions = {}
-    for row, model_dir in model_dirs.items():
-        model = load_model(model_dir).to(ctx.device).eval()
-        if volumes:
-            infer = inference.windowed(model, dataset)
-            logits = torch.cat([infer(image.unsqueeze(0).to(ctx.device))[:, :, z].cpu() for (image, _), z in zip(items, picks)])
-        else:
-            logits = model(images.to(ctx.device)).cpu()
-        pred = binarize(logits, ctx.cfg.evaluate.threshold)
-        dice, _ = dice_iou(pred, masks > 0.5)
-        predictions[LABELS.get(row, row)] = (pred, dice)
-    plots.masks_before_after(images, masks, predictions, path)
