@@ -42,7 +42,7 @@ COLUMNS = [
 ]
 BUDGET_COLUMN = ("Budget (k images)", "budget_images", "{:,.1f}")  # what each network's training cost
 KEPT_START_NOTE = "= the recovery kept its starting weights: the fine-tuned network is the pruned one (finetune.keep)"
-# A latency cell whose timing window did not settle (pipeline/stages/evaluate.py) gets this mark and the note.
+# A latency cell whose timing window did not settle (pipeline/measure/cost.py) gets this mark and the note.
 UNSETTLED_MARK = "*"
 UNSETTLED_NOTE = "* latency did not settle (CV > evaluate.latency_target_cv): not a reliable figure"
 
