@@ -1,6 +1,8 @@
 # Two commands on a fresh clone: `make run` and `make test`. Both set up .venv first (once; a stamp
 # file makes the second time a no-op). torch==2.13.0 goes in alone first so pip takes the local CPU
-# wheel; everything else is installed under constraints.txt (exact pins).
+# wheel; everything else is installed under constraints.txt (exact pins). The editable install is in compat mode
+# (a path entry, not setuptools' default import hook): then medprune's regular packages `data` and `models` win
+# over a `data/` or `models/` folder of the working directory, so the commands work from a researcher's folder.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -15,10 +17,10 @@ export PYTHONUNBUFFERED := 1
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]' --config-settings editable_mode=compat
 	@if $(BIN)/python -m pip list 2>/dev/null | grep -i '^nvidia-'; then \
 		echo "error: CUDA (nvidia-*) packages were pulled in; check constraints.txt" >&2; exit 1; fi
 	touch $@

@@ -17,35 +17,32 @@ built from it but the dataset reader, picked by name from medprune's own (data.R
 the run folder's own files (paths in state.json relative to the folder; one pointing outside it is refused),
 loaded with their checksums verified. Everything (config, networks, the test set) is checked before an
 MLflow run is opened. Only `dataset.test_root`, `evaluate.*` and `device` may be given: anything else would
-no longer describe how the networks were trained.
+no longer describe how the networks were trained. The command line is composed by Hydra onto
+conf/evaluate_only.yaml (`--help` lists its keys, `--cfg job` prints what was composed); only the keys given
+change the source run's config.
 """
 from __future__ import annotations
 
+import datetime
+import json
+import logging
 import os
+import re
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-import datetime  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import re  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import uuid  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Optional  # noqa: E402
-
-import yaml  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from omegaconf.errors import OmegaConfBaseException  # noqa: E402
-
-import models  # noqa: E402,F401  (torchvision compatibility before anything imports torchvision)
-from pipeline import stored_config  # noqa: E402
-from pipeline.config import ConfigError, evaluate_settings  # noqa: E402
-from pipeline.paths import CONF_DIR, outputs_dir  # noqa: E402
-from pipeline.state import Context, RunState, pick_device, seed_everything  # noqa: E402
-from pipeline.tracking import KIND_TAG, PARENT_TAG, SWEEP_TAG  # noqa: E402
+from pipeline import shell, stored_config
+from pipeline.config import ConfigError, evaluate_settings
+from pipeline.paths import CONF_DIR, outputs_dir
+from pipeline.state import Context, RunState, pick_device, seed_everything
+from pipeline.tracking import KIND_TAG, PARENT_TAG, SWEEP_TAG
 
 log = logging.getLogger("medprune.evaluate")
 
@@ -59,27 +56,32 @@ class SourceError(ValueError):
     """The run to evaluate cannot be found or used; the message names it."""
 
 
-def parse_args(argv: list[str]) -> tuple[str, dict[str, Any]]:
-    """`run=<ref>` and the `key=value` overrides (values parsed as YAML, as Hydra does)."""
-    ref, overrides = None, {}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise ConfigError(f"argument {arg!r}: expected key=value (run=<run id or folder>, dataset.test_root=<folder>)")
-        if key == "run":
-            ref = value
-        elif key == "dataset.test_root":
-            overrides[key] = str(Path(value).expanduser().resolve()) if value else None
-        elif key.startswith(OVERRIDABLE) or key in OVERRIDABLE:
-            overrides[key] = yaml.safe_load(value) if value != "" else None
-        else:
+def check_keys(given: list[str]) -> None:
+    """Only `run`, `dataset.test_root`, `evaluate.*` and `device` may be given: anything else would no longer
+    describe how the networks were trained."""
+    for key in given:
+        if key != "run" and not (key.startswith(OVERRIDABLE) or key in OVERRIDABLE):
             raise ConfigError(
                 f"{key} cannot be changed for an evaluate-only job (only dataset.test_root, evaluate.* and device): "
                 f"the networks were trained with the source run's settings"
             )
-    if not ref:
+
+
+def arguments(cfg: DictConfig, given: list[str]) -> tuple[str, dict[str, Any]]:
+    """`run=<ref>` and the keys given on the command line (conf/evaluate_only.yaml composed by Hydra), as the
+    overrides of the source run's config: a key not given keeps the source run's value."""
+    args = OmegaConf.to_container(cfg, resolve=True)
+    ref = args["run"]
+    if ref == "???" or not ref:
         raise ConfigError("run= is missing: expected run=<MLflow run id | run folder | sweep parent run id>")
-    return ref, overrides
+    overrides: dict[str, Any] = {}
+    for key in dict.fromkeys(k for k in given if k != "run"):
+        value = OmegaConf.select(OmegaConf.create(args), key)
+        value = None if value == "" else value  # `key=`: null, as YAML reads it
+        if key == "dataset.test_root" and value is not None:
+            value = str(Path(str(value)).expanduser().resolve())
+        overrides[key] = value
+    return str(ref), overrides
 
 
 def build_config(source: dict, overrides: dict[str, Any], outputs: Optional[Path] = None) -> DictConfig:
@@ -306,13 +308,12 @@ def evaluate(ref: str, overrides: dict[str, Any]) -> list[dict[str, float]]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from pipeline.run import command
-
-    def body(args: list[str]) -> int:
-        evaluate(*parse_args(args))
+    def body(cfg: DictConfig, given: list[str]) -> int:
+        evaluate(*arguments(cfg, given))
         return 0
 
-    return command("evaluate", __doc__, argv, body, {SourceError: "source run error"})
+    return shell.command("evaluate", __doc__, "evaluate_only", argv, body, {SourceError: "source run error"},
+                         check=check_keys, as_typed_keys=("run", "dataset.test_root"))
 
 
 if __name__ == "__main__":

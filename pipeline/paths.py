@@ -1,22 +1,41 @@
-"""Where outputs live: one fixed place, whatever the working directory.
+"""Where the configuration and the outputs live, whatever the working directory and however medprune is installed.
 
-`MEDPRUNE_OUTPUTS` wins; otherwise `outputs/` beside the source checkout (the package is installed
-editable by `make setup`), so `make run` from any folder writes to the same MLflow store.
+From a checkout (`make setup` installs it editable) the configuration is the checkout's `conf/` and the outputs
+go to the checkout's `outputs/`, so `make run` from any folder writes to the same MLflow store. From a wheel
+(a non-editable install) `conf/` is shipped inside the package (`pipeline/conf`, setup.py) and the outputs go
+to `./outputs` of the working directory. `MEDPRUNE_OUTPUTS` wins over both.
+
+Importing this module changes nothing: the resolvers `conf/` uses are registered by `register_resolvers()`,
+which the start-up call (pipeline/shell.py `start()`) makes.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 from omegaconf import OmegaConf
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = PROJECT_ROOT / "conf"
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _checkout() -> Optional[Path]:
+    """The source checkout this package runs from (editable install or `python -m` in it), if it is one."""
+    root = PACKAGE_DIR.parent
+    return root if (root / "pyproject.toml").is_file() and (root / "conf" / "config.yaml").is_file() else None
+
+
+CHECKOUT = _checkout()
+PROJECT_ROOT = CHECKOUT or PACKAGE_DIR.parent  # `${medprune.root:}` and the git tags: the checkout, when there is one
+CONF_DIR = CHECKOUT / "conf" if CHECKOUT else PACKAGE_DIR / "conf"
 
 
 def outputs_dir() -> Path:
+    """`MEDPRUNE_OUTPUTS`, else the checkout's `outputs/`, else `./outputs` (a non-editable install has no checkout)."""
     env = os.environ.get("MEDPRUNE_OUTPUTS")
-    return Path(env).expanduser().resolve() if env else PROJECT_ROOT / "outputs"
+    if env:
+        return Path(env).expanduser().resolve()
+    return CHECKOUT / "outputs" if CHECKOUT else Path.cwd().resolve() / "outputs"
 
 
 def register_resolvers() -> None:
@@ -30,6 +49,3 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("mul", lambda a, b: float(a) * float(b))
     if not OmegaConf.has_resolver("round"):
         OmegaConf.register_new_resolver("round", lambda x: int(round(float(x))))
-
-
-register_resolvers()

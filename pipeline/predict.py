@@ -33,27 +33,23 @@ work (a key, the model or its config; nothing is read before those are checked).
 """
 from __future__ import annotations
 
-import os
+import gzip
+import io
+import logging
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
 
-import gzip  # noqa: E402
-import io  # noqa: E402
-import logging  # noqa: E402
-import re  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Callable, Optional  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
-
-import models  # noqa: E402,F401  (torchvision compatibility before anything imports torchvision)
-from pipeline.config import ConfigError  # noqa: E402
-from pipeline.paths import CONF_DIR, outputs_dir  # noqa: E402
+from pipeline import shell
+from pipeline.config import ConfigError
+from pipeline.paths import outputs_dir
 
 log = logging.getLogger("medprune.predict")
 
@@ -69,22 +65,26 @@ class Skip(Exception):
 
 # -- the command line -------------------------------------------------------------------------------------
 
-def parse_args(argv: list[str]) -> tuple[dict[str, Any], set[str]]:
-    """conf/predict.yaml's keys with the `key=value` arguments (values parsed as YAML, paths as typed), checked;
-    and the keys that were given."""
-    settings = yaml.safe_load((CONF_DIR / "predict.yaml").read_text())
-    given: set[str] = set()
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise ConfigError(f"argument {arg!r}: expected key=value with a key of {', '.join(settings)}")
-        if key not in settings:
-            raise ConfigError(f"unknown key {key!r}: expected one of {', '.join(settings)} (conf/predict.yaml); the "
+def check_keys(given: list[str]) -> None:
+    """The keys of conf/predict.yaml, each given once (the dataset settings are the run's, not the command's)."""
+    keys = list(shell.compose("predict", [], alone=True))
+    seen: set[str] = set()
+    for key in given:
+        if key not in keys:
+            raise ConfigError(f"unknown key {key!r}: expected one of {', '.join(keys)} (conf/predict.yaml); the "
                               f"dataset settings are the run's")
-        if key in given:
+        if key in seen:
             raise ConfigError(f"{key}= is given twice")
-        given.add(key)
-        settings[key] = (value or None) if key in PATH_KEYS else yaml.safe_load(value) if value != "" else None
+        seen.add(key)
+
+
+def check_settings(cfg: DictConfig, given: list[str]) -> tuple[dict[str, Any], set[str]]:
+    """conf/predict.yaml composed with the `key=value` arguments (by Hydra; the paths as typed), checked; and
+    the keys that were given."""
+    settings = OmegaConf.to_container(cfg, resolve=False)  # the paths as typed: nothing in them is interpolated
+    for key, value in settings.items():
+        if value == "":
+            settings[key] = None  # `key=`: null, as YAML reads it
     for key, value in settings.items():
         if value == REQUIRED or (key in ("model", "input", "output") and not value):
             raise ConfigError(f"{key}= is missing: expected {key}=<...> (python -m pipeline.predict --help)")
@@ -102,7 +102,7 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], set[str]]:
         raise ConfigError(f"overlay={settings['overlay']!r}: expected true or false")
     if settings["device"] is not None and not isinstance(settings["device"], str):
         raise ConfigError(f"device={settings['device']!r}: expected auto, cpu, cuda or cuda:N")
-    return settings, given
+    return settings, set(given)
 
 
 # -- the network and the settings it was evaluated with ---------------------------------------------------
@@ -578,12 +578,13 @@ def predict(settings: dict[str, Any], given: set[str]) -> Tally:
 
 def main(argv: Optional[list[str]] = None) -> int:
     from pipeline.evaluate import SourceError
-    from pipeline.run import command
 
-    def body(args: list[str]) -> int:
-        return 0 if predict(*parse_args(args)).written else 1
+    def body(cfg: DictConfig, given: list[str]) -> int:
+        return 0 if predict(*check_settings(cfg, given)).written else 1
 
-    return command("predict", __doc__, argv, body, {SourceError: "model error"})
+    return shell.command("predict", __doc__, "predict", argv, body, {SourceError: "model error"}, check=check_keys,
+                         as_typed_keys=PATH_KEYS, alone=True)
+
 
 if __name__ == "__main__":
     sys.exit(main())

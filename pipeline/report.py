@@ -580,6 +580,9 @@ def report(target: str | None = None, uri: str | None = None, out: Path | None =
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline import shell
+
+    shell.start()  # what every entry does first (resolvers and schema for the presets' configs)
     parser = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", nargs="?", default="latest",

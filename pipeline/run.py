@@ -7,42 +7,30 @@ and prints the results table. Rerunning the command of a killed job continues it
 """
 from __future__ import annotations
 
-import os
+import json
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
-import json  # noqa: E402
-import logging  # noqa: E402
-import sys  # noqa: E402
-from typing import Callable, Mapping, Optional  # noqa: E402
-from dataclasses import replace  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import hydra  # noqa: E402
-import torch  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from hydra.types import RunMode  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-
-import models  # noqa: E402,F401  (torchvision compatibility before anything imports torchvision)
-from data import DatasetError, ReaderSettingsError  # noqa: E402
-from data.files import StorageFull  # noqa: E402
-from models import ModelConfigError, PretrainedWeightsUnavailable  # noqa: E402
-from models.io import ModelFileError  # noqa: E402
-from pipeline import baseline as baselines  # noqa: E402
-from pipeline import paths  # noqa: E402,F401  (config resolvers)
-from pipeline.config import ConfigError, register_schema, validate  # noqa: E402
-from pipeline.journal import JOB_KEY_TAG, Journal, job_key  # noqa: E402
-from pipeline.latency_budget import LatencyBudgetError  # noqa: E402
-from pipeline.report import results_table  # noqa: E402
-from pipeline.state import Context, RunState, keep_baseline, pick_device, seed_everything  # noqa: E402
-from pipeline.sweep import ENDING, finished_job  # noqa: E402
-from pipeline.tracking import (  # noqa: E402
-    PARENT_TAG, SWEEP_TAG, Terminated, flatten, resolve_uri, start_run, sweep_of, terminate_on_sigterm,
-)
+from data.files import StorageFull
+from models import PretrainedWeightsUnavailable
+from pipeline import baseline as baselines
+from pipeline import paths, shell
+from pipeline.config import ConfigError, validate
+from pipeline.journal import JOB_KEY_TAG, Journal, job_key
+from pipeline.report import results_table
+from pipeline.state import Context, RunState, keep_baseline, pick_device, seed_everything
+from pipeline.sweep import ENDING, finished_job
+from pipeline.tracking import PARENT_TAG, SWEEP_TAG, Terminated, flatten, resolve_uri, start_run, sweep_of
 
 log = logging.getLogger("medprune")
-register_schema()
 
 NEEDS_BASELINE = ("sparsify", "sensitivity", "score", "prune")
 
@@ -268,81 +256,25 @@ def _rows(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
     return rows
 
 
-# Errors a user can fix, each reported as one line (exit status 2) instead of a traceback.
-USER_ERRORS = {
-    ConfigError: "configuration error",
-    ModelConfigError: "configuration error",
-    ReaderSettingsError: "configuration error",
-    PretrainedWeightsUnavailable: "configuration error",
-    DatasetError: "data error",
-    baselines.BaselineError: "baseline error",
-    ModelFileError: "model file error",
-    LatencyBudgetError: "configuration error",
-}
-
-
-def one_line(err: BaseException) -> str:
-    """The first line of an error; a longer message (a list of bad files) is written to the run folder."""
-    lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-    if len(lines) == 1:
-        return lines[0]
-    first = lines[0].rstrip(":") + ": " + lines[1].strip().lstrip("- ")
-    try:
-        path = Path(HydraConfig.get().runtime.output_dir) / "error.txt"
-        path.write_text(str(err) + "\n")
-        return first + (f" (and {len(lines) - 2} more line(s) in {path})" if len(lines) > 2 else "")
-    except Exception:  # no run folder: say it all
-        return " ".join(line.strip() for line in lines)
-
-
-def command(name: str, doc: str, argv: Optional[list[str]], body: Callable[[list[str]], int],
-            errors: Mapping[type, str]) -> int:
-    """The shell of the key=value commands (`pipeline.evaluate`, `pipeline.predict`): `--help` (their docstring),
-    logging, a user error (USER_ERRORS and `errors`) as one line `medprune <name>: <kind>: ...` with exit
-    status 2, SIGTERM as a clean stop; otherwise `body(argv)`'s exit status."""
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(doc)
-        return 0 if argv else 2
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    known = {**USER_ERRORS, **errors}
-    try:
-        with terminate_on_sigterm():
-            return body(argv)
-    except StorageFull as err:
-        print(f"medprune {name}: storage error: {err.strerror}; free some space and rerun", file=sys.stderr)
-        return 1
-    except tuple(known) as err:
-        kind = next(label for cls, label in known.items() if isinstance(err, cls))
-        print(f"medprune {name}: {kind}: {one_line(err)}", file=sys.stderr)
-        return 2
-    except Terminated as stop:
-        print(f"medprune {name}: terminated by signal {stop.signum}", file=sys.stderr)
-        return stop.code
+def _killed() -> None:
+    ENDING["status"] = "KILLED"  # a sweep's parent run, if this job is one of a sweep's
 
 
 @hydra.main(version_base="1.3", config_path=str(paths.CONF_DIR), config_name="config")  # absolute: works from any folder and as the installed `medprune` script
-def main(cfg: DictConfig) -> float | None:
-    try:
-        with terminate_on_sigterm():
-            metrics = execute(cfg)
-    except tuple(USER_ERRORS) as err:
-        kind = next(label for cls, label in USER_ERRORS.items() if isinstance(err, cls))
-        print(f"medprune: {kind}: {one_line(err)}", file=sys.stderr)
-        sys.exit(2)
-    except StorageFull as err:
-        print(f"medprune: storage error: {err.strerror}; what was written before is kept: free some space, then rerun "
-              f"the same command to resume", file=sys.stderr)
-        sys.exit(1)
-    except Terminated as stop:
-        ENDING["status"] = "KILLED"  # a sweep's parent run, if this job is one of a sweep's
-        print(f"medprune: terminated by signal {stop.signum}; rerun the same command to resume", file=sys.stderr)
-        sys.exit(stop.code)
-    except KeyboardInterrupt:
-        ENDING["status"] = "KILLED"
-        print("medprune: interrupted; rerun the same command to resume", file=sys.stderr)
-        sys.exit(130)
+def job(cfg: DictConfig) -> float | None:
+    """One Hydra job (a sweep runs one per setting): the stages, in medprune's shell (pipeline/shell.py)."""
+    metrics = shell.guarded("medprune", lambda: execute(cfg), resumable=True, on_stop=_killed)
     return metrics.get("final/dice")  # the value an Optuna sweeper would optimise
+
+
+def main() -> float | None:
+    """`medprune` and `python -m pipeline.run`: the start-up, then Hydra (which parses the command line)."""
+    try:
+        shell.start()
+    except shell.ShadowedPackage as err:
+        print(f"medprune: installation error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return job()
 
 
 if __name__ == "__main__":

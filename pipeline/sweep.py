@@ -67,6 +67,9 @@ class SweepCallback(Callback):
         return {}
 
     def __setstate__(self, state: dict) -> None:
+        from pipeline import shell
+
+        shell.start()  # a launcher's job process (joblib, submitit) unpickles this first: it starts up as the entry did
         self.__init__()
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:

@@ -121,7 +121,9 @@ def composed(*overrides: str):
     """The pipeline's composed config (conf/), for its training recipe and settings."""
     from hydra import compose, initialize_config_dir
 
-    import pipeline.run  # noqa: F401  (schema and resolvers)
+    from pipeline import shell
+
+    shell.start()  # the schema and the resolvers
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("config", overrides=list(overrides))

@@ -4,12 +4,12 @@ Tiers (markers): `unit` (in-process, no pipeline job; the bulk, and the default 
 `integration` (a real pipeline job or a subprocess, tiny settings), `slow` (long runs, not in `make
 test`), `realdata` (reads ../shared/realdata; skipped with the reason where it is absent).
 """
-import os
+import pytest
+import torch
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+from pipeline import shell
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+shell.start()  # what every entry does first (schema, resolvers, torchvision, NO_ALBUMENTATIONS_UPDATE)
 
 TIERS = ("unit", "integration", "slow")
 

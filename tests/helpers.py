@@ -17,7 +17,9 @@ def compose_config(*overrides: str):
     """conf/ composed as `python -m pipeline.run <overrides>` composes it (schema and resolvers included)."""
     from hydra import compose, initialize_config_dir
 
-    import pipeline.run  # noqa: F401  (registers the schema and the resolvers)
+    from pipeline import shell
+
+    shell.start()  # the schema and the resolvers, as every entry registers them (idempotent)
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("config", overrides=list(overrides))

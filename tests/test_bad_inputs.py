@@ -3,7 +3,7 @@
 For every case the input is damaged on disk (or a key is set out of range), then read the way a job
 reads it before any training: the config check (`validate`), the dataset (`build_data`), a model, a
 scores or a checkpoint folder. Each must give either an error a user can fix, whose one-line form
-(`pipeline.run.one_line`, what `medprune` prints) names the damaged file or key, or a documented skip
+(`pipeline.shell.one_line`, what `medprune` prints) names the damaged file or key, or a documented skip
 that is counted in the dataset's statistics. No case may pass silently or end in a traceback of
 another type. `test_catalogue_counts` prints how many cases end which way.
 """
@@ -22,7 +22,6 @@ import pytest
 import torch
 from PIL import Image
 
-import pipeline.run  # noqa: F401  (schema and resolvers)
 from data import build_data
 from data.isic import MASK_SUFFIX, TRAIN_DIRS
 from data.synthetic import write_synthetic_isic
@@ -32,7 +31,7 @@ from models import build_model
 from models.io import load_model, save_model
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import COUNT_RULES, ConfigError, count_minimum, validate
-from pipeline.run import USER_ERRORS, one_line
+from pipeline.shell import one_line, user_errors
 from pipeline import scoring
 
 pytestmark = pytest.mark.unit
@@ -305,7 +304,7 @@ def test_damaged_input_is_a_one_line_error_naming_it_or_a_counted_skip(case, pri
         return
     from pipeline.evaluate import SourceError  # what pipeline.evaluate and pipeline.predict report as one line
 
-    with pytest.raises((*USER_ERRORS, SourceError)) as err:
+    with pytest.raises((*user_errors(), SourceError)) as err:
         _read(what)
     line = one_line(err.value)
     assert "\n" not in line

@@ -6,7 +6,6 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-import pipeline.run  # noqa: F401  (registers the schema and resolvers)
 from pipeline.config import ConfigError, validate
 from pipeline.paths import CONF_DIR
 

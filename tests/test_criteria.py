@@ -123,7 +123,9 @@ def test_yaml_keys_are_constructor_parameters_and_name_is_the_file_name(name):
     cfg = OmegaConf.load(CRITERION_DIR / f"{name}.yaml")
     assert cfg.name == name
     check_target_keys(cfg, "criterion")  # what the pipeline checks at start-up
-    import pipeline.run  # noqa: F401  (registers the schema and resolvers)
+    from pipeline import shell
+
+    shell.start()  # the schema and the resolvers, as every entry registers them (idempotent)
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         validate(compose("config", overrides=[f"criterion={name}"]))
