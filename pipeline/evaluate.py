@@ -41,7 +41,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pipeline import shell, stored_config
 from pipeline.config import ConfigError, evaluate_settings
 from pipeline.paths import CONF_DIR, outputs_dir
-from pipeline.state import Context, RunState, pick_device, seed_everything
+from pipeline.state import MODEL_ARTIFACTS, NETWORKS, Context, RunState, pick_device, seed_everything
 from pipeline.tracking import KIND_TAG, PARENT_TAG, SWEEP_TAG
 
 log = logging.getLogger("medprune.evaluate")
@@ -49,7 +49,6 @@ log = logging.getLogger("medprune.evaluate")
 EVALUATION = "evaluation"  # KIND_TAG of an evaluate-only run
 SOURCE_TAG = "medprune.source_run_id"
 OVERRIDABLE = ("dataset.test_root", "evaluate.", "device")
-NETWORKS = {"baseline": "baseline", "pruned": "pruned_model", "final": "final_model"}  # state field -> artifact
 
 
 class SourceError(ValueError):
@@ -163,14 +162,14 @@ def from_mlflow(client, run, download_to: Path) -> Source:
         raise SourceError(f"run {run.info.run_id} has no config.yaml artifact ({type(err).__name__})") from err
     config = _read_config(Path(local), f"the config.yaml artifact of run {run.info.run_id}")
     paths: dict[str, Optional[str]] = {}
-    for field, artifact in NETWORKS.items():
+    for field, artifact in MODEL_ARTIFACTS.items():
         owner = tags.get("medprune.baseline_run_id", run.info.run_id) if field == "baseline" else run.info.run_id
         try:
             paths[field] = client.download_artifacts(owner, artifact, str(folder / field))
         except Exception:
             paths[field] = None
     if not any(paths.values()):
-        raise SourceError(f"run {run.info.run_id} has no network to evaluate (no {', '.join(NETWORKS.values())} artifact)")
+        raise SourceError(f"run {run.info.run_id} has no network to evaluate (no {', '.join(MODEL_ARTIFACTS.values())} artifact)")
     return Source(config, RunState(**paths), run.info.run_id, run.info.run_name, run.data.params)
 
 
@@ -218,7 +217,7 @@ def prepare(source: Source, overrides: dict, outputs: Path, datasets: dict[str, 
         device = pick_device(str(cfg.device))
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    for name in NETWORKS:  # the state fields of the networks
+    for name in NETWORKS:
         path = getattr(source.state, name)
         if path:
             verify_model(Path(path))  # ModelFileError naming the file

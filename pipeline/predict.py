@@ -50,10 +50,10 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import shell
 from pipeline.config import ConfigError
 from pipeline.paths import outputs_dir
+from pipeline.state import NETWORKS
 
 log = logging.getLogger("medprune.predict")
 
-NETWORKS = ("baseline", "pruned", "final")
 PATH_KEYS = ("model", "input", "output", "config")  # taken as typed, never parsed as YAML (a run id may look like a number)
 REQUIRED = "???"
 COLOURS = ((255, 0, 0), (0, 200, 0), (0, 96, 255), (255, 200, 0))  # overlay colour of output channel k

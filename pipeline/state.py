@@ -32,6 +32,7 @@ from pipeline.tracking import Tracker
 # the results table, a prefix of the results (final/dice) and a choice of pipeline.predict / pipeline.report.
 NETWORKS = ("baseline", "pruned", "final")
 INT8_NETWORKS = ("quantized", "quantized_dynamic")  # the quantize stage's int8 ONNX files of the last network
+MODEL_ARTIFACTS = dict(zip(NETWORKS, ("baseline", "pruned_model", "final_model")))  # the MLflow artifact of each network
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import torch
 from models.io import load_model, save_model
 from pipeline.distillation import Distiller
 from pipeline.measure.profiling import thread_count
-from pipeline.state import Context, RunState, seed_everything
+from pipeline.state import MODEL_ARTIFACTS, Context, RunState, seed_everything
 from pipeline.training import Recipe, fit, write_history
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def run(ctx: Context, state: RunState) -> RunState:
         ctx.tracker.set_tags({"medprune.recovery_kept_start": "true"})
     if distiller is not None:
         ctx.tracker.log_metrics({"finetune/teacher_total_s": distiller.teacher_seconds})
-    ctx.tracker.log_artifact(folder / "model", "final_model")
+    ctx.tracker.log_artifact(folder / "model", MODEL_ARTIFACTS["final"])
     budget = {**state.budget, "recovery": fitted.images, **({"teacher": fitted.images} if distiller is not None else {}),
               **({"from_scratch": 1} if scratch else {})}
     return replace(state, final=str(folder / "model"), budget=budget, kept_start=kept_start,

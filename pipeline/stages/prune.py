@@ -21,7 +21,7 @@ from pipeline.criteria.magnitude import filter_norms
 from pipeline.measure.profiling import count_flops, count_params
 from pipeline.pruning import in_scope, prunable_layers
 from pipeline.schedules import SCHEDULES, Inputs
-from pipeline.state import Context, RunState, seed_everything
+from pipeline.state import MODEL_ARTIFACTS, Context, RunState, seed_everything
 from pipeline.training import Recipe, fit
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def run(ctx: Context, state: RunState) -> RunState:
     ctx.tracker.log_metrics(metrics)
     for path in (table, plot, norms, rates_file, *(folder / name for name in applied.get("files", []))):
         ctx.tracker.log_artifact(path, "pruning")
-    ctx.tracker.log_artifact(folder / "model", "pruned_model")
+    ctx.tracker.log_artifact(folder / "model", MODEL_ARTIFACTS["pruned"])
     log.info("Pruned %s -> %s parameters (%.1f%% kept)", f"{before:,}", f"{after:,}", 100 * after / before)
     budget = {**state.budget, "between_steps": sum(between)} if between else dict(state.budget)
     return replace(state, scores=str(scores_dir), pruned=str(folder / "model"), budget=budget)

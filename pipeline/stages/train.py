@@ -16,7 +16,7 @@ from models import build_model
 from models.io import save_model
 from pipeline import baseline as baselines
 from pipeline.measure.profiling import thread_count
-from pipeline.state import Context, RunState, seed_everything
+from pipeline.state import MODEL_ARTIFACTS, Context, RunState, seed_everything
 from pipeline.training import Recipe, fit, write_history
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def run(ctx: Context, state: RunState) -> RunState:
     )
     ctx.tracker.log_metrics({"baseline/val_dice": meta["best_val_dice"]})
     if not reused:
-        ctx.tracker.log_artifact(target, "baseline")
+        ctx.tracker.log_artifact(target, MODEL_ARTIFACTS["baseline"])
     budget = {**state.budget, "train": meta["images"]} if "images" in meta else dict(state.budget)
     return replace(state, baseline=str(target), baseline_key=key, baseline_run_id=meta["run_id"], budget=budget,
                    val_dice={**state.val_dice, "baseline": meta["best_val_dice"]})
