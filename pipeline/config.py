@@ -18,7 +18,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from data.readers import ReaderSettingsError, accepted_keys
 from pipeline.precision import Precision
-from pipeline.schedules import SCHEDULES, ConfigEnum, Scope  # noqa: F401  (Scope: the schema's type, re-exported)
+from pipeline.enums import ConfigEnum
+from pipeline.schedules import SCHEDULES, Scope  # noqa: F401  (Scope: the schema's type, re-exported)
 from pipeline.sparsity import SparsityMethod
 
 

@@ -9,7 +9,6 @@ the pruned network, what was applied and where the rates came from (logged as pr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
@@ -17,16 +16,10 @@ import torch
 from omegaconf import MISSING
 from torch import nn
 
+from pipeline.enums import ConfigEnum
 from pipeline.latency_budget import LatencyBudget, interleaved_timer
 from pipeline.profiling import thread_count
 from pipeline.pruning import PruneResult, prune, ratio_for_flops
-
-
-class ConfigEnum(str, Enum):
-    """A config key's closed set of values (pipeline.config.Stage, Scope): prints as the YAML writes it."""
-
-    def __str__(self) -> str:  # "encoder", not "Scope.encoder", on every Python version
-        return self.value
 
 
 class Scope(ConfigEnum):
