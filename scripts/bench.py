@@ -692,7 +692,7 @@ def bench_pruning(s: Settings, device: torch.device) -> dict:
         out["criterion_available"] = False
         return out
     _progress(f"pruning: {s.criterion} over {s.calibration_images} calibration images")
-    cfg = OmegaConf.load(yaml_path)
+    cfg = OmegaConf.create({"seed": 0, "criterion": OmegaConf.load(yaml_path)}).criterion  # the YAML's seed: ${seed}
     n_batches = math.ceil(s.calibration_images / s.calibration_batch)
     if "calibration_batches" in cfg:
         cfg.calibration_batches = n_batches

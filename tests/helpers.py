@@ -47,7 +47,7 @@ def conf(group: str, name: str, outputs="/tmp/medprune-test-outputs", **override
     node = OmegaConf.load(ROOT / "conf" / group / f"{name}.yaml")
     if "defaults" in node:
         raise ValueError(f"conf/{group}/{name}.yaml extends another option: use compose_config")
-    tree = OmegaConf.create({"paths": {"outputs": str(outputs)}, group: node})
+    tree = OmegaConf.create({"paths": {"outputs": str(outputs)}, "seed": 0, group: node})  # the root keys options interpolate
     tree[group] = OmegaConf.merge(tree[group], OmegaConf.create(overrides))
     return OmegaConf.to_container(tree[group], resolve=True)
 
@@ -79,11 +79,11 @@ def fast_criterion(name: str):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(ROOT / "conf" / "criterion" / f"{name}.yaml")
+    cfg = OmegaConf.create({"seed": 0, "criterion": OmegaConf.load(ROOT / "conf" / "criterion" / f"{name}.yaml")})
     for key, value in FAST_CRITERION.items():
-        if key in cfg:
-            cfg[key] = value
-    return instantiate(cfg)
+        if key in cfg.criterion:
+            cfg.criterion[key] = value
+    return instantiate(cfg.criterion)
 
 
 def training_loss():

@@ -26,6 +26,13 @@ def test_default_config_composes_and_validates():
     assert cfg.paths.outputs.endswith("outputs")
 
 
+@pytest.mark.parametrize("criterion", ["se", "eca", "cbam", "saca", "sbca", "random"])
+def test_a_criterion_seed_follows_the_global_seed(criterion):
+    """criterion.seed is the job's seed (one home), so a seed sweep varies the gates' init and the control's draw."""
+    assert load(f"criterion={criterion}", "seed=3").criterion.seed == 3
+    assert load(f"criterion={criterion}").criterion.seed == load().seed == 0
+
+
 @pytest.mark.parametrize(
     "choice",
     ["dataset=isic2018", "model=unet", "model=smp_unet", "model=smp_unetplusplus", "criterion=l2", "train=default"],

@@ -24,7 +24,7 @@ from pipeline.criteria.tracing import ChainEndHooks, sequential_bn, trace_chains
 from pipeline.criteria.weights import BNScaleCriterion, FPGMCriterion, RandomCriterion, fpgm_scores
 from pipeline.paths import CONF_DIR
 from pipeline.pruning import prunable_layers, prune
-from helpers import kwargs_of, training_loss
+from helpers import conf, kwargs_of, training_loss
 
 CRITERION_DIR = Path(CONF_DIR) / "criterion"
 NAMES = sorted(p.stem for p in CRITERION_DIR.glob("*.yaml"))
@@ -34,8 +34,7 @@ SIZE = 32
 
 
 def build(name: str, **overrides) -> Criterion:
-    cfg = OmegaConf.load(CRITERION_DIR / f"{name}.yaml")
-    return instantiate(OmegaConf.merge(cfg, overrides))
+    return instantiate(conf("criterion", name, **overrides))  # resolved with the root's seed (seed: ${seed})
 
 
 def synthetic_batches(n_batches=2, batch=4, seed=1):
@@ -126,8 +125,9 @@ def test_yaml_keys_are_constructor_parameters_and_name_is_the_file_name(name):
     import pipeline.run  # noqa: F401  (registers the schema and resolvers)
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        validate(compose("config", overrides=[f"criterion={name}"]))
-    criterion = instantiate(cfg)
+        composed = compose("config", overrides=[f"criterion={name}"])
+    validate(composed)
+    criterion = instantiate(composed.criterion)  # as composed: an option may interpolate the root (seed: ${seed})
     assert isinstance(criterion, Criterion) and criterion.name == name
     params = inspect.signature(type(criterion).__init__).parameters
     assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
