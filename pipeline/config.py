@@ -452,8 +452,19 @@ def validate(cfg: DictConfig) -> None:
     if getattr(data, "dims", 2) == 3 and str(cfg.prune.schedule) == "latency_budget" and "prune" in cfg.stages:
         raise ConfigError("prune=latency_budget times 2D convolutions only: expected another prune schedule for a 3D "
                           "network (e.g. prune=uniform, global)")
-    for group in ("criterion", "optimizer", "scheduler", "loss"):
+    for group in ("criterion", "optimizer", "loss"):
         check_target_keys(cfg[group], group)
+    from pipeline.training import LENGTH_FRACTIONS, scheduler_fractions  # step_fraction: the loop's, not StepLR's
+
+    try:
+        scheduler, fractions = scheduler_fractions(cfg.scheduler)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    check_target_keys(OmegaConf.create(scheduler), "scheduler")
+    accepted = accepted_keys(_import_target(scheduler["_target_"], "scheduler"))
+    for key, arg in LENGTH_FRACTIONS.items():
+        if arg in fractions and accepted is not None and arg not in accepted:
+            raise ConfigError(f"Unknown key scheduler.{key} for {scheduler['_target_']}: it sets {arg}, which it does not take")
 
     stages = [str(s) for s in cfg.stages]
     validate_prune(cfg.prune, stages)

@@ -209,6 +209,10 @@ def test_target_groups_yaml_is_the_only_home_of_their_defaults(group, option):
     target = getattr(importlib.import_module(module), name)
     accepted = schema.accepted_keys(target)
     keys = {k for k in node if not k.startswith("_")} - ({"synthetic"} if group == "dataset" else set())
+    if group == "scheduler":  # step_fraction: the training loop's (pipeline.training.LENGTH_FRACTIONS), it sets step_size
+        from pipeline.training import LENGTH_FRACTIONS
+
+        keys = {LENGTH_FRACTIONS.get(k, k) for k in keys}
     if accepted is not None:
         assert keys <= accepted
     if module.split(".")[0] in ("data", "models", "pipeline") and node._target_ != "pipeline.losses.WeightedSum":
