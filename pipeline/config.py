@@ -17,7 +17,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from data.readers import ReaderSettingsError, accepted_keys
+from pipeline.distillation import DistillLoss
 from pipeline.precision import Precision
+from pipeline.quantization import Calibration
 from pipeline.enums import ConfigEnum
 from pipeline.schedules import SCHEDULES, Scope  # noqa: F401  (Scope: the schema's type, re-exported)
 from pipeline.sparsity import SparsityMethod
@@ -85,7 +87,7 @@ class DistillConfig:
     enabled: bool = MISSING  # the unpruned baseline teaches the pruned network while it is fine-tuned
     alpha: float = MISSING  # loss = task loss + alpha x distillation loss on the logits
     temperature: float = MISSING  # T of the softened sigmoid probabilities (kl)
-    loss: str = MISSING  # kl (pixel-wise sigmoid KL x T^2) | mse (on the logits)
+    loss: DistillLoss = MISSING  # kl (pixel-wise sigmoid KL x T^2) | mse (on the logits)
     feature_weight: float = MISSING  # > 0: + this x MSE between the decoder outputs (through a 1x1 adapter)
 
 
@@ -126,7 +128,7 @@ class SensitivityConfig:
 @dataclass
 class QuantizeConfig:
     calibration_images: int = MISSING  # training-split images (no augmentation) that calibrate the activation ranges
-    calibration: str = MISSING  # minmax | entropy | percentile: how ONNX Runtime turns them into ranges
+    calibration: Calibration = MISSING  # minmax | entropy | percentile: how ONNX Runtime turns them into ranges
     dynamic: bool = MISSING  # also a dynamically quantized copy (the quantized_dynamic row), for comparison
 
 
@@ -496,19 +498,11 @@ def validate(cfg: DictConfig) -> None:
         _check_range(node.weight_decay, f"{group}.weight_decay", 0.0, None)
         _check_range(node.bn_l1, f"{group}.bn_l1", 0.0, None)
     validate_evaluate(cfg.evaluate)
-    from pipeline.distillation import LOSSES
-    from pipeline.quantization import CALIBRATION_METHODS
-
     d = cfg.finetune.distill
-    if d.loss not in LOSSES:
-        raise ConfigError(f"finetune.distill.loss={d.loss!r}: expected one of {', '.join(LOSSES)}")
     _check_range(d.alpha, "finetune.distill.alpha", 0.0, None)
     _check_range(d.feature_weight, "finetune.distill.feature_weight", 0.0, None)
     if not d.temperature > 0:
         raise ConfigError(f"finetune.distill.temperature={d.temperature} is out of range: expected > 0")
-
-    if cfg.quantize.calibration not in CALIBRATION_METHODS:
-        raise ConfigError(f"quantize.calibration={cfg.quantize.calibration!r}: expected one of {', '.join(CALIBRATION_METHODS)}")
 
     if not stages:
         raise ConfigError("stages is empty: expected a list such as [train, score, prune, finetune, evaluate]")
