@@ -396,13 +396,15 @@ def validate(cfg: DictConfig) -> None:
     for group in ("criterion", "optimizer", "loss"):
         check_target_keys(cfg[group], group)
     from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
+
+    from pipeline.criteria import build_criterion
 
     try:  # a criterion's constructor only checks and keeps its values (the one home of their ranges)
-        instantiate(cfg.criterion)
+        build_criterion(cfg.criterion, cfg.seed)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     except InstantiationException as err:
-        cause = err.__cause__
-        raise ConfigError(str(cause) if isinstance(cause, ValueError) else f"criterion: {str(err).splitlines()[-2]}") from err
+        raise ConfigError(f"criterion ({cfg.criterion._target_}): {str(err.__cause__ or err).splitlines()[0]}") from err
     from pipeline.training import LENGTH_FRACTIONS, scheduler_fractions  # step_fraction: the loop's, not StepLR's
 
     try:

@@ -47,7 +47,7 @@ def conf(group: str, name: str, outputs="/tmp/medprune-test-outputs", **override
     node = OmegaConf.load(ROOT / "conf" / group / f"{name}.yaml")
     if "defaults" in node:
         raise ValueError(f"conf/{group}/{name}.yaml extends another option: use compose_config")
-    tree = OmegaConf.create({"paths": {"outputs": str(outputs)}, "seed": 0, group: node})  # the root keys options interpolate
+    tree = OmegaConf.create({"paths": {"outputs": str(outputs)}, group: node})
     tree[group] = OmegaConf.merge(tree[group], OmegaConf.create(overrides))
     return OmegaConf.to_container(tree[group], resolve=True)
 
@@ -79,11 +79,13 @@ def fast_criterion(name: str):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.create({"seed": 0, "criterion": OmegaConf.load(ROOT / "conf" / "criterion" / f"{name}.yaml")})
+    from pipeline.criteria import build_criterion
+
+    cfg = OmegaConf.load(ROOT / "conf" / "criterion" / f"{name}.yaml")
     for key, value in FAST_CRITERION.items():
-        if key in cfg.criterion:
-            cfg.criterion[key] = value
-    return instantiate(cfg.criterion)
+        if key in cfg:
+            cfg[key] = value
+    return build_criterion(cfg, seed=0)  # the job's seed, as the score stage passes it
 
 
 def training_loss():

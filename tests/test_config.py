@@ -32,9 +32,14 @@ def test_default_config_composes_and_validates():
 
 @pytest.mark.parametrize("criterion", ["se", "eca", "cbam", "saca", "sbca", "random"])
 def test_a_criterion_seed_follows_the_global_seed(criterion):
-    """criterion.seed is the job's seed (one home), so a seed sweep varies the gates' init and the control's draw."""
-    assert load(f"criterion={criterion}", "seed=3").criterion.seed == 3
-    assert load(f"criterion={criterion}").criterion.seed == load().seed == 0
+    """A criterion's seed is the job's (one home: no criterion.seed key, which was 0 whatever seed a sweep set),
+    so a seed sweep varies the gates' init and the control's draw, and the runs of a row differ only by seed."""
+    from pipeline.criteria import build_criterion
+
+    cfg = load(f"criterion={criterion}", "seed=3")
+    assert "seed" not in cfg.criterion and build_criterion(cfg.criterion, cfg.seed).seed == 3
+    with pytest.raises(ConfigError, match=r"^criterion\.seed is the job's seed: set seed=<n> instead$"):
+        validate(load(f"criterion={criterion}", "+criterion.seed=3"))
 
 
 @pytest.mark.parametrize(
@@ -220,7 +225,9 @@ def test_target_groups_yaml_is_the_only_home_of_their_defaults(group, option):
     if accepted is not None:
         assert keys <= accepted
     if module.split(".")[0] in ("data", "models", "pipeline") and node._target_ != "pipeline.losses.WeightedSum":
-        own = {k for k in accepted if k not in ("in_channels", "num_classes")} if accepted is not None else keys
+        from pipeline.criteria import JOB_KEYS  # the job's seed, passed by build_criterion
+
+        own = {k for k in accepted if k not in ("in_channels", "num_classes", *JOB_KEYS)} if accepted is not None else keys
         if node._target_ == "models.smp.build_smp":  # smp's own architecture keys may be added, not required
             own = {n for n, p in inspect.signature(target).parameters.items() if p.kind is p.KEYWORD_ONLY}
         assert own <= keys, f"conf/{group}/{option}.yaml lacks {sorted(own - keys)}"
