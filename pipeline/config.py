@@ -19,11 +19,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from data.readers import ReaderSettingsError, accepted_keys
+from pipeline.declared import BOUNDS, key
 from pipeline.distillation import DistillLoss
+from pipeline.enums import ConfigEnum
 from pipeline.precision import Precision
 from pipeline.quantization import Calibration
-from pipeline.declared import BOUNDS, key
-from pipeline.enums import ConfigEnum
 from pipeline.schedules import SCHEDULES, Scope  # noqa: F401  (Scope: the schema's type, re-exported)
 from pipeline.sparsity import SparsityMethod
 
@@ -413,9 +413,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(str(err)) from err
     check_target_keys(OmegaConf.create(scheduler), "scheduler")
     accepted = accepted_keys(_import_target(scheduler["_target_"], "scheduler"))
-    for key, arg in LENGTH_FRACTIONS.items():
+    for fraction_key, arg in LENGTH_FRACTIONS.items():
         if arg in fractions and accepted is not None and arg not in accepted:
-            raise ConfigError(f"Unknown key scheduler.{key} for {scheduler['_target_']}: it sets {arg}, which it does not take")
+            raise ConfigError(f"Unknown key scheduler.{fraction_key} for {scheduler['_target_']}: it sets {arg}, which it "
+                              "does not take")
 
     stages = [str(s) for s in cfg.stages]
     validate_prune(cfg.prune, stages)
