@@ -121,7 +121,7 @@ def _write_split(root: Path, split: str, count: int, seed: int, min_side: int, m
         Image.fromarray(mask, "L").save(mask_dir / f"{case_id}{MASK_SUFFIX}")
 
 
-def synthetic_params(count=60, seed=0, min_side=160, max_side=320, val_count=0, test_count=0) -> dict:
+def synthetic_params(count, seed=0, min_side=160, max_side=320, val_count=0, test_count=0) -> dict:
     """The generator's settings, checked before any drawing."""
     params = dict(
         count=check_int(count, "count", 1),
@@ -137,9 +137,10 @@ def synthetic_params(count=60, seed=0, min_side=160, max_side=320, val_count=0, 
 
 
 def write_synthetic_isic(
-    root, count: int = 60, seed: int = 0, min_side: int = 160, max_side: int = 320, val_count: int = 0, test_count: int = 0
+    root, count: int, seed: int = 0, min_side: int = 160, max_side: int = 320, val_count: int = 0, test_count: int = 0
 ) -> None:
-    """Writes `count` training pairs (and optional official val/test folders) under `root`."""
+    """Writes `count` training pairs (and optional official val/test folders) under `root`. `count` has no
+    default: conf/dataset/synthetic_isic.yaml (or the caller) says how many, in one place."""
     params = synthetic_params(count, seed, min_side, max_side, val_count, test_count)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -190,6 +191,11 @@ def check_synthetic(settings: Mapping[str, Any]) -> tuple[Callable[..., object],
     for key in settings:
         if key not in accepted:
             raise ValueError(f"unknown key dataset.synthetic.{key} for the {kind} generator; accepted keys: kind, {', '.join(accepted)}")
+    # the writers' counts have no default in code (the YAML is their home): checked here, before any work
+    required = [name for name in accepted if params[name].default is inspect.Parameter.empty and name not in settings]
+    if required:
+        raise ValueError(f"{', '.join('dataset.synthetic.' + k for k in required)} must be set (the {kind} generator has no default)")
+    check_int(settings["count"], "dataset.synthetic.count", 1)
     return writer, settings
 
 

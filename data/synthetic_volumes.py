@@ -13,6 +13,7 @@ Tests and demos then go through the real readers:
 - slice folders: `Imgs/N.jpg` (grayscale, varying sizes) and `GT/N.png` ({0,255}) as COVID-SemiSeg.
 The anatomy is deliberately asymmetric (the left lung is smaller, the spine is posterior, tumours sit
 in the left hemisphere), so orientation mistakes are visible. Every file is drawn from a seeded RNG.
+How many cases a writer draws (`count`) has no default here: conf/dataset/synthetic_*.yaml (or the caller) says it.
 """
 from __future__ import annotations
 
@@ -129,7 +130,7 @@ def draw_brats(rng: np.random.Generator, shape: Sequence[int], scheme: str) -> t
 
 def write_synthetic_brats(
     root,
-    count: int = 6,
+    count: int,
     seed: int = 0,
     naming: str = "2018",
     label_scheme: str = "brats2021",
@@ -241,7 +242,7 @@ def draw_chest(rng: np.random.Generator, shape: Sequence[int]) -> tuple[np.ndarr
 
 def write_synthetic_covid_ct(
     root,
-    count: int = 6,
+    count: int,
     seed: int = 0,
     shape: Sequence[int] = (48, 48, 16),
     orientation: str = "mixed",
@@ -302,7 +303,7 @@ def write_synthetic_covid_ct(
 
 
 def write_synthetic_slices(
-    root, count: int = 24, seed: int = 0, image_dir: str = "Imgs", mask_dir: str = "GT", min_side: int = 48, max_side: int = 96,
+    root, count: int, seed: int = 0, image_dir: str = "Imgs", mask_dir: str = "GT", min_side: int = 48, max_side: int = 96,
     image_ext: str = ".jpg", empty_every: int = 6,
 ) -> list[str]:
     """COVID-SemiSeg-like pairs: grayscale chest slices `Imgs/N.jpg` (sizes vary) with infection masks

@@ -3,23 +3,29 @@
 Hydra composes conf/ on top of `MedpruneConfig` (registered as `medprune_schema`), so an unknown key
 or a wrong type in the fixed groups fails at compose time with the key's full name. Three groups vary
 by what they build (dataset, model, criterion): their keys are checked against the signature of their
-`_target_`. Ranges that types cannot express (a ratio in [0, 1)) are checked by `validate`.
+`_target_` (and their constructors check their ranges). A fixed group's range (a ratio in [0, 1)) is declared
+beside its key (`key(ge=0.0, lt=1.0)`, pipeline/declared.py) and checked by one function, `check_ranges`;
+`validate` adds only the rules between keys.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
-import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from data.readers import ReaderSettingsError, accepted_keys
+from pipeline.declared import BOUNDS, key
+from pipeline.distillation import DistillLoss
+from pipeline.enums import ConfigEnum
 from pipeline.measure.runtimes import OPTIONAL as OPTIONAL_RUNTIMES
 from pipeline.precision import Precision
-from pipeline.schedules import SCHEDULES, ConfigEnum, Scope  # noqa: F401  (Scope: the schema's type, re-exported)
+from pipeline.quantization import Calibration
+from pipeline.schedules import SCHEDULES, Scope  # noqa: F401  (Scope: the schema's type, re-exported)
 from pipeline.sparsity import SparsityMethod
 
 
@@ -65,35 +71,36 @@ class Init(ConfigEnum):
 
 @dataclass
 class TrainConfig:
-    epochs: int = MISSING
-    batch_size: int = MISSING
-    lr: float = MISSING  # passed to the optimizer (conf/optimizer)
-    weight_decay: float = MISSING  # passed to the optimizer
+    epochs: int = key(ge=1)  # training needs an epoch (fine-tuning may have none)
+    batch_size: int = key(ge=1)
+    lr: float = key(ge=0.0)  # passed to the optimizer (conf/optimizer)
+    weight_decay: float = key(ge=0.0)  # passed to the optimizer
     precision: Precision = MISSING  # fp32 | bf16 | fp16: autocast type of the loop (pipeline/precision.py)
-    checkpoint_every: int = MISSING  # save the training state every N epochs (0: never); a rerun resumes from it
-    bn_l1: float = MISSING  # network slimming: L1 penalty on BatchNorm gammas added to the loss
-    num_workers: int = MISSING
-    threads: Optional[int] = MISSING  # CPU threads of the training loop (on CPU only); null: all cores
+    checkpoint_every: int = key(ge=0)  # save the training state every N epochs (0: never); a rerun resumes from it
+    bn_l1: float = key(ge=0.0)  # network slimming: L1 penalty on BatchNorm gammas added to the loss
+    num_workers: int = key(ge=0)
+    threads: Optional[int] = key(ge=1)  # CPU threads of the training loop (on CPU only); null: all cores
     keep: KeepRule = MISSING  # best | best_trained | last: the epoch whose weights the phase keeps
 
 
 @dataclass
 class DistillConfig:
     enabled: bool = MISSING  # the unpruned baseline teaches the pruned network while it is fine-tuned
-    alpha: float = MISSING  # loss = task loss + alpha x distillation loss on the logits
-    temperature: float = MISSING  # T of the softened sigmoid probabilities (kl)
-    loss: str = MISSING  # kl (pixel-wise sigmoid KL x T^2) | mse (on the logits)
-    feature_weight: float = MISSING  # > 0: + this x MSE between the decoder outputs (through a 1x1 adapter)
+    alpha: float = key(ge=0.0)  # loss = task loss + alpha x distillation loss on the logits
+    temperature: float = key(gt=0.0)  # T of the softened sigmoid probabilities (kl)
+    loss: DistillLoss = MISSING  # kl (pixel-wise sigmoid KL x T^2) | mse (on the logits)
+    feature_weight: float = key(ge=0.0)  # > 0: + this x MSE between the decoder outputs (through a 1x1 adapter)
 
 
 @dataclass
 class FinetuneConfig(TrainConfig):
-    steps: Optional[int] = MISSING  # the budget in optimiser steps instead of epochs (null: finetune.epochs)
+    epochs: int = key(ge=0)  # 0: no fine-tuning (a budget in steps, or none)
+    steps: Optional[int] = key(ge=1)  # the budget in optimiser steps instead of epochs (null: finetune.epochs)
     # The learning-rate schedule the phase follows: the scheduler group's, over schedule_epochs epochs (null: the
     # phase's own length), entered at epoch schedule_start. Rewinding replays the training schedule:
     # schedule_epochs = train.epochs, lr = train.lr (recovery=rewind).
-    schedule_epochs: Optional[int] = MISSING
-    schedule_start: int = MISSING
+    schedule_epochs: Optional[int] = key(ge=0)
+    schedule_start: int = key(ge=0)
     init: Init = MISSING  # pruned | random (the scratch control: the pruned architecture re-initialised)
     distill: DistillConfig = MISSING  # knowledge distillation from the baseline (conf/finetune: distill.*)
 
@@ -107,39 +114,39 @@ class SparsityConfig:
     pipeline/sparsity.py); the training loop's other settings are train.*."""
 
     method: SparsityMethod = MISSING  # none | group_norm | growing_reg | bn_l1
-    epochs: int = MISSING  # the phase's length: epochs trained on after the baseline's training (its extra budget)
-    lr: float = MISSING  # its learning rate (the scheduler group over these epochs)
-    strength: float = MISSING  # the penalty's coefficient (growing_reg: its starting value)
-    growth: float = MISSING  # growing_reg: added per epoch to a group's coefficient, x its unimportance in [0, 1]
+    epochs: int = key(ge=0)  # the phase's length: epochs trained on after the baseline's training (its extra budget)
+    lr: float = key(ge=0.0)  # its learning rate (the scheduler group over these epochs)
+    strength: float = key(ge=0.0)  # the penalty's coefficient (growing_reg: its starting value)
+    growth: float = key(ge=0.0)  # growing_reg: added per epoch to a group's coefficient, x its unimportance in [0, 1]
 
 
 @dataclass
 class SensitivityConfig:
-    ratios: List[float] = MISSING  # each layer is pruned alone at each of these ratios
-    target_flops: float = MISSING  # the derived per-layer rates keep at most this fraction of FLOPs
-    max_batches: Optional[int] = MISSING  # validation batches per measurement (null: all)
+    ratios: List[float] = key(ge=0.0, lt=1.0)  # each layer is pruned alone at each of these ratios
+    target_flops: float = key(ge=0.0, lt=1.0)  # the derived per-layer rates keep at most this fraction of FLOPs
+    max_batches: Optional[int] = key(ge=1)  # validation batches per measurement (null: all)
 
 
 @dataclass
 class QuantizeConfig:
-    calibration_images: int = MISSING  # training-split images (no augmentation) that calibrate the activation ranges
-    calibration: str = MISSING  # minmax | entropy | percentile: how ONNX Runtime turns them into ranges
+    calibration_images: int = key(ge=1)  # training-split images (no augmentation) that calibrate the activation ranges
+    calibration: Calibration = MISSING  # minmax | entropy | percentile: how ONNX Runtime turns them into ranges
     dynamic: bool = MISSING  # also a dynamically quantized copy (the quantized_dynamic row), for comparison
 
 
 @dataclass
 class EvaluateConfig:
-    batch_size: int = MISSING
-    threshold: float = MISSING
+    batch_size: int = key(ge=1)
+    threshold: float = key(ge=0.0, lt=1.0)
     extra_splits: List[str] = MISSING  # e.g. [train]: also <row>/train_dice, train_iou
-    mask_examples: int = MISSING  # test images in the before/after mask plot (0: no plot)
+    mask_examples: int = key(ge=0)  # test images in the before/after mask plot (0: no plot)
     # Per-case results (pipeline/measure/casewise.py, evaluate/cases_<network>.csv)
     ignore_empty: bool = MISSING  # MONAI's ignore_empty: cases with an empty true mask are left out of the means
-    nsd_tolerance: float = MISSING  # normalised surface Dice tolerance, mm (volumes with spacing) or pixels (2D)
-    jaccard_threshold: Optional[float] = MISSING  # ISIC 2018's thresholded Jaccard (IoU below it counts 0); null: off
-    collapse_tolerance: float = MISSING  # flag a network predicting >= 1 - tol of the pixels, or <= tol x the truth's
-    collapse_margin: float = MISSING  # ... or whose Dice is within this of a trivial predictor's (all fore-/background)
-    export_masks: int = MISSING  # predicted masks written for the first N test cases (evaluate/masks/<network>/)
+    nsd_tolerance: float = key(gt=0.0)  # normalised surface Dice tolerance, mm (volumes with spacing) or pixels (2D)
+    jaccard_threshold: Optional[float] = key(ge=0.0, le=1.0)  # ISIC 2018's thresholded Jaccard (IoU below it counts 0); null: off
+    collapse_tolerance: float = key(ge=0.0, lt=0.5)  # flag a network predicting >= 1 - tol of the pixels, or <= tol x the truth's
+    collapse_margin: float = key(ge=0.0, lt=1.0)  # ... or whose Dice is within this of a trivial predictor's (all fore-/background)
+    export_masks: int = key(ge=0)  # predicted masks written for the first N test cases (evaluate/masks/<network>/)
     original_resolution: bool = MISSING  # 2D: also score predictions resized back to each image's size (*_orig)
     # How latency is measured (docs/PERFORMANCE.md): latency_ms is the network as deployed
     fold_bn: bool = MISSING  # BatchNorm folded into the convolution before it (exact in eval mode)
@@ -149,13 +156,13 @@ class EvaluateConfig:
     precision: Precision = MISSING  # fp32 | bf16 | fp16: also time every form in this type and score Dice in it
     onnx_opset: int = MISSING
     onnx_dynamo: bool = MISSING  # torch.export-based exporter instead of the TorchScript one
-    threads: Optional[int] = MISSING  # CPU threads of the whole stage (quality and timing); null: all cores
+    threads: Optional[int] = key(ge=1)  # CPU threads of the whole stage (quality and timing); null: all cores
     # Timing (profiling.time_interleaved): every form of every network in one round-robin pass
-    latency_warmup: int = MISSING  # untimed rounds
-    latency_runs: int = MISSING  # the window: stable when the CV of each form's last latency_runs timings is low
-    latency_max_runs: int = MISSING  # timed rounds at most
-    latency_target_cv: float = MISSING  # stdev / mean a window must reach to count as settled
-    latency_max_seconds: float = MISSING  # time budget of the timed rounds (each form still gets 3 runs)
+    latency_warmup: int = key(ge=0)  # untimed rounds
+    latency_runs: int = key(ge=2)  # the window (>= 2 runs): stable when the CV of each form's last latency_runs timings is low
+    latency_max_runs: int = key(ge=1)  # timed rounds at most
+    latency_target_cv: float = key(ge=0.0)  # stdev / mean a window must reach to count as settled
+    latency_max_seconds: float = key(gt=0.0)  # time budget of the timed rounds (each form still gets 3 runs)
 
 
 @dataclass
@@ -248,61 +255,33 @@ def check_target_keys(node: DictConfig, key: str) -> None:
             raise ConfigError(f"Unknown key {key}.{name} for {node._target_}; accepted keys: {', '.join(sorted(accepted))}")
 
 
-# Counts, sizes, batches, workers and epochs of every group, recognised by their key's name: each must be
-# an integer (or null where the schema allows it) of at least this minimum. One rule for all groups, so
-# a new key named like a count is checked without a line of its own.
-COUNT_RULES: tuple[tuple[re.Pattern, int], ...] = (
-    (re.compile(r"^num_workers$"), 0),
-    (re.compile(r"^workers$"), 1),
-    (re.compile(r"batch_size$"), 1),
-    (re.compile(r"(^|_)epochs(_|$)"), 0),
-    (re.compile(r"(^|_)(runs|steps|count|batches|threads)$"), 1),
-    (re.compile(r"(^|_)(warmup|examples|every)$"), 0),
-    (re.compile(r"(^|_)size$"), 1),
-    (re.compile(r"^limit$"), 1),
-    (re.compile(r"(^|_)images$"), 1),
-)
+def check_ranges(node: DictConfig, schema: type, prefix: str = "") -> None:
+    """The one validator of the declared ranges: every field of `schema` declared with `key(...)`
+    (pipeline/declared.py) against its value in `node`, each item of a list or mapping, recursing into
+    nested schemas (`prune`, typed by its schedule: validate_prune passes PRUNE_SCHEMAS[schedule]). ConfigError
+    naming the full key; null passes (the schema's Optional says where null is allowed)."""
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        if f.name not in node:
+            continue
+        value, name = node[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]) and isinstance(value, DictConfig):
+            check_ranges(value, hints[f.name], name + ".")
+        elif BOUNDS in f.metadata:
+            items = (value.items() if isinstance(value, DictConfig) else enumerate(value) if isinstance(value, ListConfig)
+                     else [(None, value)])
+            for index, item in items:
+                _check_bounds(item, name if index is None else f"{name}[{index}]", f.metadata[BOUNDS])
 
 
-# Keys whose minimum is not their name's rule: training needs an epoch (fine-tuning may have none).
-KEY_MINIMUM = {"train.epochs": 1}
-
-
-def count_minimum(name: str, key: str = "") -> int | None:
-    """The minimum of a count key, by its full key (KEY_MINIMUM) or its name (COUNT_RULES); None: not a count."""
-    if key in KEY_MINIMUM:
-        return KEY_MINIMUM[key]
-    for pattern, low in COUNT_RULES:
-        if pattern.search(name):
-            return low
-    return None
-
-
-def check_counts(node: Any, prefix: str = "") -> None:
-    """Applies COUNT_RULES to every key of the composed config (the paper block excepted: table data)."""
-    if isinstance(node, DictConfig):
-        for name in node.keys():
-            if prefix == "" and name == "paper":
-                continue
-            key = f"{prefix}{name}"
-            child = node[name]
-            if isinstance(child, DictConfig):
-                check_counts(child, key + ".")
-                continue
-            low = count_minimum(str(name), key)
-            if low is None or child is None or node._get_node(name)._is_interpolation():
-                continue  # an interpolated value is checked where it comes from
-            if isinstance(child, bool) or not isinstance(child, int):
-                raise ConfigError(f"{key}={child!r} is invalid: expected an integer >= {low}")
-            if child < low:
-                raise ConfigError(f"{key}={child} is out of range: expected an integer >= {low}")
-
-
-def _check_range(value: float, key: str, low: float, high: float | None, high_open: bool = True) -> None:
-    ok = value >= low and (high is None or (value < high if high_open else value <= high))
-    if not ok:
-        bound = "" if high is None else (f" and < {high}" if high_open else f" and <= {high}")
-        raise ConfigError(f"{key}={value} is out of range: expected >= {low}{bound}")
+def _check_bounds(value: Any, name: str, bounds) -> None:
+    if value is None:
+        return
+    integer = isinstance(value, int)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name}={value!r} is invalid: expected a number {bounds.describe()}")
+    if not bounds.admits(value):
+        raise ConfigError(f"{name}={value} is out of range: expected {bounds.describe(integer)}")
 
 
 def validate_prune(p: DictConfig, stages: list[str]) -> None:
@@ -319,42 +298,18 @@ def validate_prune(p: DictConfig, stages: list[str]) -> None:
             + ("; " if extra and missing else "") + (f"{', '.join('prune.' + k for k in missing)} missing" if missing else "")
             + f" (select a schedule with prune=<name>: {', '.join(SCHEDULES)})"
         )
-    if "ratio" in p:
-        _check_range(p.ratio, "prune.ratio", 0.0, 1.0)
-    if p.round_to is not None:
-        _check_range(p.round_to, "prune.round_to", 1, None)
-    if p.round_to_high_res is not None:
-        _check_range(p.round_to_high_res, "prune.round_to_high_res", 1, None)
-        if p.round_to is not None and p.round_to_high_res % p.round_to:
-            raise ConfigError(f"prune.round_to_high_res={p.round_to_high_res}: expected a multiple of "
-                              f"prune.round_to={p.round_to} (or null)")
-    if "max_layer_ratio" in p:
-        _check_range(p.max_layer_ratio, "prune.max_layer_ratio", 0.0, 1.0)
-    if "target_flops" in p:
-        _check_range(p.target_flops, "prune.target_flops", 0.0, 1.0)
-        if p.target_flops == 0:
-            raise ConfigError("prune.target_flops=0 keeps nothing: expected a fraction in (0, 1)")
-    if schedule == "latency_budget":
-        if not p.target_ms > 0:
-            raise ConfigError(f"prune.target_ms={p.target_ms}: expected a latency in milliseconds > 0")
-        if not p.max_layer_ratio > 0:
-            raise ConfigError("prune.max_layer_ratio=0 lets no layer lose a channel: expected a fraction in (0, 1)")
-        if str(p.device) == "cuda":
-            import torch
+    check_ranges(p, PRUNE_SCHEMAS[schedule], "prune.")
+    # the rules between keys (each key's own range is declared beside it in pipeline/schedules.py)
+    if p.round_to_high_res is not None and p.round_to is not None and p.round_to_high_res % p.round_to:
+        raise ConfigError(f"prune.round_to_high_res={p.round_to_high_res}: expected a multiple of "
+                          f"prune.round_to={p.round_to} (or null)")
+    if schedule == "latency_budget" and str(p.device) == "cuda":
+        import torch
 
-            if not torch.cuda.is_available():
-                raise ConfigError("prune.device=cuda: this machine has no CUDA device to time on (prune.device=cpu)")
-        # prune.threads and timing_warmup: COUNT_RULES (check_counts); a median needs more than one run
-        _check_range(p.timing_runs, "prune.timing_runs", 2, None)
-        if not p.timing_max_seconds > 0:
-            raise ConfigError(f"prune.timing_max_seconds={p.timing_max_seconds}: expected seconds > 0")
-    if schedule == "per_layer":
-        if not p.layer_ratios:
-            raise ConfigError("prune.schedule=per_layer needs prune.layer_ratios ({glob pattern: ratio})")
-        for pattern, ratio in p.layer_ratios.items():
-            _check_range(ratio, f"prune.layer_ratios[{pattern}]", 0.0, 1.0)
-    if schedule == "iterative" and p.steps < 2:
-        raise ConfigError("prune.schedule=iterative needs prune.steps >= 2")
+        if not torch.cuda.is_available():
+            raise ConfigError("prune.device=cuda: this machine has no CUDA device to time on (prune.device=cpu)")
+    if schedule == "per_layer" and not p.layer_ratios:
+        raise ConfigError("prune.schedule=per_layer needs prune.layer_ratios ({glob pattern: ratio})")
     if (schedule == "sensitivity") != ("sensitivity" in stages) and "prune" in stages:
         raise ConfigError(
             "the sensitivity stage derives the per-layer rates that prune applies: use prune=sensitivity together "
@@ -390,32 +345,19 @@ def evaluate_settings(node: Any) -> DictConfig:
     missing = sorted(OmegaConf.missing_keys(e))
     if missing:
         raise ConfigError(f"{', '.join('evaluate.' + k for k in missing)} must be set")
-    check_counts(e, "evaluate.")
+    check_ranges(e, EvaluateConfig, "evaluate.")
     validate_evaluate(e)
     return e
 
 
 def validate_evaluate(e: DictConfig) -> None:
-    """The evaluate block's ranges (its types are the schema's)."""
-    _check_range(e.threshold, "evaluate.threshold", 0.0, 1.0)
+    """The evaluate block's rules between keys and its closed list (each key's range is declared in EvaluateConfig)."""
     for split in e.extra_splits:
         if split not in ("train", "val"):
             raise ConfigError(f"evaluate.extra_splits has {split!r}: expected train and/or val (test is always evaluated)")
-    if e.latency_runs < 2:
-        raise ConfigError(f"evaluate.latency_runs={e.latency_runs} is out of range: the stability window needs >= 2 runs")
-    _check_range(e.latency_warmup, "evaluate.latency_warmup", 0, None)
     if e.latency_max_runs < e.latency_runs:
         raise ConfigError(f"evaluate.latency_max_runs={e.latency_max_runs} is below evaluate.latency_runs={e.latency_runs}: "
                           "the window could never fill")
-    _check_range(e.latency_target_cv, "evaluate.latency_target_cv", 0.0, None)
-    if not e.latency_max_seconds > 0:
-        raise ConfigError(f"evaluate.latency_max_seconds={e.latency_max_seconds} is out of range: expected > 0")
-    if not e.nsd_tolerance > 0:
-        raise ConfigError(f"evaluate.nsd_tolerance={e.nsd_tolerance} is out of range: expected > 0 (mm, or pixels)")
-    if e.jaccard_threshold is not None:
-        _check_range(e.jaccard_threshold, "evaluate.jaccard_threshold", 0.0, 1.0, high_open=False)
-    _check_range(e.collapse_tolerance, "evaluate.collapse_tolerance", 0.0, 0.5)
-    _check_range(e.collapse_margin, "evaluate.collapse_margin", 0.0, 1.0)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -424,7 +366,7 @@ def validate(cfg: DictConfig) -> None:
     if missing:
         hint = " (e.g. dataset.root=/data/ISIC2018: the folder holding the dataset)" if "dataset.root" in missing else ""
         raise ConfigError(f"{', '.join(missing)} must be set{hint}")
-    check_counts(cfg)
+    check_ranges(cfg, MedpruneConfig)  # every declared range (prune's: validate_prune, by its schedule)
     from data.synthetic import check_synthetic, split_synthetic
 
     from data import build_reader
@@ -449,14 +391,33 @@ def validate(cfg: DictConfig) -> None:
     if getattr(data, "dims", 2) == 3 and str(cfg.prune.schedule) == "latency_budget" and "prune" in cfg.stages:
         raise ConfigError("prune=latency_budget times 2D convolutions only: expected another prune schedule for a 3D "
                           "network (e.g. prune=uniform, global)")
-    for group in ("criterion", "optimizer", "scheduler", "loss"):
+    for group in ("criterion", "optimizer", "loss"):
         check_target_keys(cfg[group], group)
+    from hydra.errors import InstantiationException
+
+    from pipeline.criteria import build_criterion
+
+    try:  # a criterion's constructor only checks and keeps its values (the one home of their ranges)
+        build_criterion(cfg.criterion, cfg.seed)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    except InstantiationException as err:
+        raise ConfigError(f"criterion ({cfg.criterion._target_}): {str(err.__cause__ or err).splitlines()[0]}") from err
+    from pipeline.training import LENGTH_FRACTIONS, scheduler_fractions  # step_fraction: the loop's, not StepLR's
+
+    try:
+        scheduler, fractions = scheduler_fractions(cfg.scheduler)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    check_target_keys(OmegaConf.create(scheduler), "scheduler")
+    accepted = accepted_keys(_import_target(scheduler["_target_"], "scheduler"))
+    for fraction_key, arg in LENGTH_FRACTIONS.items():
+        if arg in fractions and accepted is not None and arg not in accepted:
+            raise ConfigError(f"Unknown key scheduler.{fraction_key} for {scheduler['_target_']}: it sets {arg}, which it "
+                              "does not take")
 
     stages = [str(s) for s in cfg.stages]
     validate_prune(cfg.prune, stages)
-    for i, r in enumerate(cfg.sensitivity.ratios):
-        _check_range(r, f"sensitivity.ratios[{i}]", 0.0, 1.0)
-    _check_range(cfg.sensitivity.target_flops, "sensitivity.target_flops", 0.0, 1.0)
     sp = cfg.sparsity
     sparse = str(sp.method) != "none"
     if sparse != ("sparsify" in stages):
@@ -464,38 +425,17 @@ def validate(cfg: DictConfig) -> None:
             f"sparsity.method={sp.method} and stages={stages}: the sparsify stage trains with the penalty, so "
             + ("add sparsify after train (stages=[train,sparsify,score,prune,finetune,evaluate])" if sparse else
                "it needs a penalty: sparsity=group_norm, growing_reg or bn_l1 (or drop sparsify from stages)"))
-    if sparse:
-        _check_range(sp.epochs, "sparsity.epochs", 1, None)
-        _check_range(sp.lr, "sparsity.lr", 0.0, None)
-        if not sp.strength > 0:
-            raise ConfigError(f"sparsity.strength={sp.strength} is out of range: expected > 0 (the penalty's coefficient)")
-        _check_range(sp.growth, "sparsity.growth", 0.0, None)
+    if sparse and sp.epochs < 1:  # sparsity=none has neither epochs nor a penalty
+        raise ConfigError(f"sparsity.epochs={sp.epochs} is out of range: expected an integer >= 1 with sparsity.method={sp.method}")
+    if sparse and not sp.strength > 0:
+        raise ConfigError(f"sparsity.strength={sp.strength} is out of range: expected > 0 (the penalty's coefficient) "
+                          f"with sparsity.method={sp.method}")
     f = cfg.finetune
-    _check_range(f.schedule_start, "finetune.schedule_start", 0, None)
     span = f.schedule_epochs if f.schedule_epochs is not None else f.epochs
     if f.schedule_start and f.schedule_start >= span:
         raise ConfigError(f"finetune.schedule_start={f.schedule_start} is past the end of the {span}-epoch schedule "
                           f"(finetune.schedule_epochs={f.schedule_epochs}): expected an epoch in [0, {span})")
-    for group in ("train", "finetune"):
-        node = cfg[group]
-        _check_range(node.lr, f"{group}.lr", 0.0, None)
-        _check_range(node.weight_decay, f"{group}.weight_decay", 0.0, None)
-        _check_range(node.bn_l1, f"{group}.bn_l1", 0.0, None)
     validate_evaluate(cfg.evaluate)
-    from pipeline.distillation import LOSSES
-    from pipeline.quantization import CALIBRATION_METHODS
-
-    d = cfg.finetune.distill
-    if d.loss not in LOSSES:
-        raise ConfigError(f"finetune.distill.loss={d.loss!r}: expected one of {', '.join(LOSSES)}")
-    _check_range(d.alpha, "finetune.distill.alpha", 0.0, None)
-    _check_range(d.feature_weight, "finetune.distill.feature_weight", 0.0, None)
-    if not d.temperature > 0:
-        raise ConfigError(f"finetune.distill.temperature={d.temperature} is out of range: expected > 0")
-
-    if cfg.quantize.calibration not in CALIBRATION_METHODS:
-        raise ConfigError(f"quantize.calibration={cfg.quantize.calibration!r}: expected one of {', '.join(CALIBRATION_METHODS)}")
-
     if not stages:
         raise ConfigError("stages is empty: expected a list such as [train, score, prune, finetune, evaluate]")
     if len(set(stages)) != len(stages):

@@ -22,7 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LOSSES = ("kl", "mse")
+from pipeline.enums import ConfigEnum
+
+
+class DistillLoss(ConfigEnum):
+    """finetune.distill.loss: the distillation term on the logits (the schema's type, so a wrong value fails at compose time)."""
+
+    kl = "kl"  # pixel-wise sigmoid KL x T^2
+    mse = "mse"  # MSE on the logits
+
+
+LOSSES = tuple(m.value for m in DistillLoss)
 HEAD = "segmentation_head"
 
 

@@ -355,7 +355,7 @@ def onnx_max_abs_diff(model: nn.Module, session, input_shape: tuple[int, ...], s
 
 
 def time_onnx(
-    session, input_shape: tuple[int, ...], warmup: int = 5, runs: int = 30, max_seconds: Optional[float] = None, min_runs: int = 3,
+    session, input_shape: tuple[int, ...], warmup: int, runs: int, max_seconds: Optional[float] = None, min_runs: int = 3,
     shrink_arena: bool = False,
 ) -> list[float]:
     """Per-run milliseconds of `session` on a random input of `input_shape` (see profiling.time_calls)."""
@@ -382,7 +382,7 @@ def onnx_call(session, input_shape: tuple[int, ...], shrink_arena: bool = False)
 
 
 def measure_onnx_latency(
-    session_or_path, input_shape: tuple[int, ...], warmup: int = 5, runs: int = 30, threads: Optional[int] = None
+    session_or_path, input_shape: tuple[int, ...], warmup: int, runs: int, threads: Optional[int] = None
 ) -> dict[str, float | int]:
     """Median/p90 ONNX Runtime latency (ms) of a session, or of the model at a path (a session with
     `threads` intra-op threads is made for it)."""

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from pipeline.schedules import ConfigEnum
+from pipeline.enums import ConfigEnum
 
 log = logging.getLogger(__name__)
 

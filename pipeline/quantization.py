@@ -17,11 +17,21 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from pipeline.enums import ConfigEnum
 from pipeline.inference import quiet
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
+class Calibration(ConfigEnum):
+    """quantize.calibration: how ONNX Runtime turns the calibration activations into ranges (the schema's type)."""
+
+    minmax = "minmax"
+    entropy = "entropy"
+    percentile = "percentile"
+
+
+CALIBRATION_METHODS = tuple(m.value for m in Calibration)
 # The quantize stage's folder: the files and quantize.json, which records each file's sha256
 MANIFEST = "quantize.json"
 FILES = {"static": "model_int8.onnx", "dynamic": "model_int8_dynamic.onnx"}

@@ -9,7 +9,6 @@ the pruned network, what was applied and where the rates came from (logged as pr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
@@ -17,16 +16,11 @@ import torch
 from omegaconf import MISSING
 from torch import nn
 
+from pipeline.declared import key
+from pipeline.enums import ConfigEnum
 from pipeline.latency_budget import LatencyBudget, interleaved_timer
 from pipeline.measure.profiling import thread_count
 from pipeline.pruning import PruneResult, prune, ratio_for_flops
-
-
-class ConfigEnum(str, Enum):
-    """A config key's closed set of values (pipeline.config.Stage, Scope): prints as the YAML writes it."""
-
-    def __str__(self) -> str:  # "encoder", not "Scope.encoder", on every Python version
-        return self.value
 
 
 class Scope(ConfigEnum):
@@ -47,56 +41,56 @@ class LatencyDevice(ConfigEnum):
 class PruneBase:
     schedule: str = MISSING  # the schedule's name (a key of SCHEDULES); its option file sets it
     scope: Scope = MISSING  # encoder | decoder | all: the layers that may lose channels
-    round_to: Optional[int] = MISSING  # keep channel counts a multiple of this (null: exact rates, no rounding)
-    round_to_high_res: Optional[int] = MISSING  # ... and of this at output stride <= 4 (null: round_to)
+    round_to: Optional[int] = key(ge=1)  # keep channel counts a multiple of this (null: exact rates, no rounding)
+    round_to_high_res: Optional[int] = key(ge=1)  # ... and of this at output stride <= 4 (null: round_to)
 
 
 @dataclass
 class UniformPrune(PruneBase):
-    ratio: float = MISSING  # fraction of the output channels removed from every in-scope layer
+    ratio: float = key(ge=0.0, lt=1.0)  # fraction of the output channels removed from every in-scope layer
 
 
 @dataclass
 class PerLayerPrune(PruneBase):
-    layer_ratios: Dict[str, float] = MISSING  # {glob pattern over layer names: fraction removed}, first match wins
-    ratio: float = MISSING  # fraction removed from the in-scope layers no pattern matches
+    layer_ratios: Dict[str, float] = key(ge=0.0, lt=1.0)  # {glob pattern over layer names: fraction removed}, first match wins
+    ratio: float = key(ge=0.0, lt=1.0)  # fraction removed from the in-scope layers no pattern matches
 
 
 @dataclass
 class GlobalPrune(PruneBase):
-    ratio: float = MISSING  # fraction of all in-scope channels removed, by one ranking across layers
-    max_layer_ratio: float = MISSING  # ... but never more than this fraction of one layer
+    ratio: float = key(ge=0.0, lt=1.0)  # fraction of all in-scope channels removed, by one ranking across layers
+    max_layer_ratio: float = key(ge=0.0, lt=1.0)  # ... but never more than this fraction of one layer
 
 
 @dataclass
 class IterativePrune(PruneBase):
-    ratio: float = MISSING  # the final fraction removed from every in-scope layer, reached in `steps` equal steps
-    steps: int = MISSING
-    epochs_between: int = MISSING  # fine-tuning epochs (finetune settings) between steps
+    ratio: float = key(ge=0.0, lt=1.0)  # the final fraction removed from every in-scope layer, reached in `steps` equal steps
+    steps: int = key(ge=2)
+    epochs_between: int = key(ge=0)  # fine-tuning epochs (finetune settings) between steps
 
 
 @dataclass
 class BudgetPrune(PruneBase):
-    target_flops: float = MISSING  # fraction of the baseline FLOPs to keep; the uniform ratio is searched
+    target_flops: float = key(gt=0.0, lt=1.0)  # fraction of the baseline FLOPs to keep; the uniform ratio is searched
 
 
 @dataclass
 class BudgetGlobalPrune(PruneBase):
-    target_flops: float = MISSING  # fraction of the baseline FLOPs to keep; the global ranking's ratio is searched
-    max_layer_ratio: float = MISSING
+    target_flops: float = key(gt=0.0, lt=1.0)  # fraction of the baseline FLOPs to keep; the global ranking's ratio is searched
+    max_layer_ratio: float = key(ge=0.0, lt=1.0)
 
 
 @dataclass
 class LatencyBudgetPrune(PruneBase):
     """Per-layer rates searched so that the deployed network meets a measured latency (pipeline/latency_budget.py)."""
 
-    target_ms: float = MISSING  # latency to reach, ms: the deployed network (BatchNorm folded, channels_last), batch 1
+    target_ms: float = key(gt=0.0)  # latency to reach, ms: the deployed network (BatchNorm folded, channels_last), batch 1
     device: LatencyDevice = MISSING  # cpu | cuda: where it is timed
-    threads: Optional[int] = MISSING  # CPU threads while timing (null: all cores)
-    max_layer_ratio: float = MISSING  # never more than this fraction of one layer's channels
-    timing_warmup: int = MISSING  # untimed rounds before each timing pass
-    timing_runs: int = MISSING  # timed rounds of a pass; a latency is the median of its runs
-    timing_max_seconds: float = MISSING  # ... but a pass stops after this long (each probe timed >= 3 times)
+    threads: Optional[int] = key(ge=1)  # CPU threads while timing (null: all cores)
+    max_layer_ratio: float = key(gt=0.0, lt=1.0)  # never more than this fraction of one layer's channels (0: none could lose one)
+    timing_warmup: int = key(ge=0)  # untimed rounds before each timing pass
+    timing_runs: int = key(ge=2)  # timed rounds of a pass; a latency is the median of its runs (> 1)
+    timing_max_seconds: float = key(gt=0.0)  # ... but a pass stops after this long (each probe timed >= 3 times)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 
 from data.files import atomic_write, write_csv
 from models.io import load_tensors, read_json, save_tensors
-from pipeline.criteria import ScoringContext
+from pipeline.criteria import ScoringContext, build_criterion
 from pipeline.pruning import prunable_layers
 from pipeline.state import Context
 from pipeline.training import make_loader
@@ -21,7 +21,7 @@ from pipeline.training import make_loader
 def compute(ctx: Context, model) -> tuple[dict[str, torch.Tensor], str]:
     """Scores of `model`'s prunable layers under the configured criterion; data-driven criteria read the
     training split and use the configured training loss."""
-    criterion = instantiate(ctx.cfg.criterion)
+    criterion = build_criterion(ctx.cfg.criterion, ctx.cfg.seed)  # the job's seed, where the criterion takes one
     cfg = ctx.cfg
 
     def batches():

@@ -25,7 +25,7 @@ import torch_pruning as tp
 from torch import nn
 
 from pipeline.pruning import PRUNABLE_TYPES, ignored_layers
-from pipeline.schedules import ConfigEnum
+from pipeline.enums import ConfigEnum
 
 
 class SparsityMethod(ConfigEnum):

@@ -14,7 +14,7 @@ import logging
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -37,6 +37,29 @@ log = logging.getLogger(__name__)
 # Scheduler arguments that are a phase's length: filled with the phase's epoch count when the
 # scheduler's config leaves them out (cosine's T_max, poly's and constant's total_iters).
 LENGTH_ARGS = ("T_max", "total_iters")
+# Scheduler keys that are a fraction of the phase's schedule length instead of an argument of the scheduler
+# (fraction key -> the argument it becomes): StepLR's step_size = round(step_fraction x the schedule's length),
+# computed here like T_max, so fine-tuning steps at its own schedule's fraction, not at train.epochs'.
+LENGTH_FRACTIONS = {"step_fraction": "step_size"}
+
+
+def scheduler_fractions(node) -> tuple[dict, dict[str, float]]:
+    """A scheduler config split into (its config without LENGTH_FRACTIONS keys, {argument: fraction});
+    ValueError naming the key when a fraction is not in (0, 1] or its scheduler has no such argument."""
+    from omegaconf import OmegaConf
+
+    settings = dict(OmegaConf.to_container(node, resolve=True)) if OmegaConf.is_config(node) else dict(node)
+    fractions = {}
+    for key, arg in LENGTH_FRACTIONS.items():
+        if key not in settings:
+            continue
+        value = settings.pop(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ValueError(f"scheduler.{key}={value!r} is out of range: expected > 0 and <= 1 (a fraction of the phase's schedule)")
+        if arg in settings:
+            raise ValueError(f"scheduler.{key} and scheduler.{arg} are both set: expected one of them")
+        fractions[arg] = float(value)
+    return settings, fractions
 
 
 @dataclass
@@ -47,10 +70,12 @@ class Recipe:
     optimizer: Callable[..., torch.optim.Optimizer]
     scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler]
     loss: nn.Module
+    fractions: dict[str, float] = field(default_factory=dict)  # scheduler argument -> fraction of the schedule's length
 
     @classmethod
     def from_config(cls, cfg) -> "Recipe":
-        return cls(instantiate(cfg.optimizer), instantiate(cfg.scheduler), instantiate(cfg.loss))
+        scheduler, fractions = scheduler_fractions(cfg.scheduler)
+        return cls(instantiate(cfg.optimizer), instantiate(scheduler), instantiate(cfg.loss), fractions)
 
     def build(self, model: nn.Module, settings, epochs: Optional[int] = None,
               ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
@@ -66,6 +91,7 @@ class Recipe:
         epochs = int(settings.epochs if epochs is None else epochs)
         span = getattr(settings, "schedule_epochs", None)
         length = {name: int(span or epochs) for name in LENGTH_ARGS if name in params and name not in given}
+        length.update({arg: max(1, int(round(fraction * int(span or epochs)))) for arg, fraction in self.fractions.items()})
         scheduler = self.scheduler(optimizer, **length)
         start = int(getattr(settings, "schedule_start", 0) or 0)
         if start:

@@ -673,7 +673,7 @@ def bench_pruning(s: Settings, device: torch.device) -> dict:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from pipeline.criteria import ScoringContext
+    from pipeline.criteria import ScoringContext, build_criterion
     from pipeline.criteria.magnitude import MagnitudeCriterion
     from pipeline.pruning import prunable_layers, prune
 
@@ -701,7 +701,7 @@ def bench_pruning(s: Settings, device: torch.device) -> dict:
     n_batches = math.ceil(s.calibration_images / s.calibration_batch)
     if "calibration_batches" in cfg:
         cfg.calibration_batches = n_batches
-    criterion = instantiate(cfg)
+    criterion = build_criterion(cfg, seed=0)  # a criterion that takes a seed gets the job's (here 0)
     generator = torch.Generator().manual_seed(0)
     images = [torch.randn(s.calibration_batch, 3, s.prune_size, s.prune_size, generator=generator) for _ in range(n_batches)]
     masks = [(torch.rand(s.calibration_batch, 1, s.prune_size, s.prune_size, generator=generator) > 0.7).float() for _ in range(n_batches)]

@@ -81,11 +81,13 @@ def fast_criterion(name: str):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
+    from pipeline.criteria import build_criterion
+
     cfg = OmegaConf.load(ROOT / "conf" / "criterion" / f"{name}.yaml")
     for key, value in FAST_CRITERION.items():
         if key in cfg:
             cfg[key] = value
-    return instantiate(cfg)
+    return build_criterion(cfg, seed=0)  # the job's seed, as the score stage passes it
 
 
 def training_loss():

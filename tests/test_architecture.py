@@ -68,3 +68,12 @@ def test_no_import_cycle():
     for m in sorted(graph):
         if m not in state:
             visit(m)
+
+
+def test_config_enums_have_a_home_of_their_own():
+    """ConfigEnum lives in pipeline.enums, which imports no project module: a module declaring a closed set
+    (precision, sparsity, distillation, quantization) does not import the prune schedules to get it."""
+    graph = imports()
+    assert graph["pipeline.enums"] == set() and graph["pipeline.declared"] == set()
+    for module in ("pipeline.precision", "pipeline.sparsity", "pipeline.distillation", "pipeline.quantization"):
+        assert "pipeline.schedules" not in graph[module], module

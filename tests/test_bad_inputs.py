@@ -30,7 +30,8 @@ from helpers import compose_config, conf
 from models import build_model
 from models.io import load_model, save_model
 from pipeline.checkpoint import Checkpoint
-from pipeline.config import COUNT_RULES, ConfigError, count_minimum, validate
+from pipeline.config import PRUNE_SCHEMAS, ConfigError, MedpruneConfig, validate
+from pipeline.declared import BOUNDS
 from pipeline.shell import one_line, user_errors
 from pipeline import scoring
 
@@ -314,27 +315,36 @@ def test_damaged_input_is_a_one_line_error_naming_it_or_a_counted_skip(case, pri
 # -- every count, size, batch, worker and epoch key of every group --------------------------------
 
 
-def _count_keys(node, prefix="") -> list[tuple[str, int]]:
-    from omegaconf import DictConfig
+def _declared_counts(node, schema, prefix="") -> list[tuple[str, int]]:
+    """The integer keys of the fixed groups with a declared minimum (pipeline/declared.py), prune's by its schedule."""
+    import dataclasses
+    import typing
 
     out = []
-    for name in node.keys():
-        child = node[name]
-        if isinstance(child, DictConfig):
-            out += _count_keys(child, f"{prefix}{name}.")
-        elif count_minimum(str(name), f"{prefix}{name}") is not None:
-            out.append((f"{prefix}{name}", count_minimum(str(name), f"{prefix}{name}")))
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        key, value = f"{prefix}{f.name}", node.get(f.name)
+        if key == "prune":
+            out += _declared_counts(value, PRUNE_SCHEMAS[str(value.schedule)], "prune.")
+        elif dataclasses.is_dataclass(hints[f.name]) and value is not None:
+            out += _declared_counts(value, hints[f.name], key + ".")
+        elif BOUNDS in f.metadata and f.metadata[BOUNDS].ge is not None and hints[f.name] in (int, typing.Optional[int]):
+            out.append((key, int(f.metadata[BOUNDS].ge)))
     return out
 
 
-GROUP_CHOICES = ["criterion=taylor", "criterion=se", "sensitivity=default", "prune=iterative"]
+GROUP_CHOICES = ["criterion=taylor", "criterion=se", "sensitivity=default", "prune=iterative", "prune=latency_budget"]
+# The target groups' counts: their constructors (readers, criteria, the synthetic generator) are their ranges' home.
+TARGET_COUNTS = [("dataset.image_size", 8, ""), ("dataset.limit", 1, ""), ("dataset.workers", 1, ""),
+                 ("dataset.synthetic.count", 1, ""), ("criterion.calibration_batches", 1, "criterion=taylor"),
+                 ("criterion.steps", 1, "criterion=se")]
 
 
 def _all_count_keys() -> list[tuple[str, int, str]]:
-    keys = {}
+    keys = {k: (low, choice) for k, low, choice in TARGET_COUNTS}
     for choice in ["", *GROUP_CHOICES]:
         cfg = compose_config(*([choice] if choice else []))
-        for key, low in _count_keys(cfg):
+        for key, low in _declared_counts(cfg, MedpruneConfig):
             keys.setdefault(key, (low, choice))
     return [(k, low, choice) for k, (low, choice) in sorted(keys.items())]
 
@@ -347,13 +357,15 @@ def test_out_of_range_count_is_rejected_at_start_up_naming_the_key(key, low, cho
     cfg = compose_config(*([choice] if choice else []), f"{key}={low - 1}")
     with pytest.raises(ConfigError) as err:
         validate(cfg)
-    assert key in one_line(err.value)
+    line = one_line(err.value)
+    group, _, leaf = key.rpartition(".")  # a reader's constructor names its key as "dataset (<reader>): image_size=7"
+    assert key in line or (line.startswith(f"{group} (") and f" {leaf}={low - 1}" in line), line
 
 
-def test_the_count_rule_covers_every_group():
+def test_the_declared_ranges_cover_every_group():
     groups = {k.split(".")[0] for k, _, _ in COUNT_KEYS}
-    assert {"dataset", "train", "finetune", "evaluate", "prune", "criterion", "sensitivity"} <= groups
-    assert len(COUNT_RULES) >= 5
+    assert {"dataset", "train", "finetune", "evaluate", "prune", "criterion", "sensitivity", "quantize", "sparsity"} <= groups
+    assert {"prune.timing_runs", "prune.steps", "evaluate.latency_runs", "finetune.steps", "train.threads"} <= {k for k, _, _ in COUNT_KEYS}
 
 
 def test_catalogue_counts():

@@ -1,12 +1,16 @@
 """The real conf/ composes, and bad configuration fails at start-up naming the key."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from pipeline.config import ConfigError, validate
+from pipeline.declared import key
 from pipeline.paths import CONF_DIR
 
 
@@ -23,6 +27,18 @@ def test_default_config_composes_and_validates():
     assert load("recovery=finetune").finetune.lr == pytest.approx(cfg.train.lr * 0.1)
     assert cfg.criterion.name == "l1"
     assert cfg.paths.outputs.endswith("outputs")
+
+
+@pytest.mark.parametrize("criterion", ["se", "eca", "cbam", "saca", "sbca", "random"])
+def test_a_criterion_seed_follows_the_global_seed(criterion):
+    """A criterion's seed is the job's (one home: no criterion.seed key, which was 0 whatever seed a sweep set),
+    so a seed sweep varies the gates' init and the control's draw, and the runs of a row differ only by seed."""
+    from pipeline.criteria import build_criterion
+
+    cfg = load(f"criterion={criterion}", "seed=3")
+    assert "seed" not in cfg.criterion and build_criterion(cfg.criterion, cfg.seed).seed == 3
+    with pytest.raises(ConfigError, match=r"^criterion\.seed is the job's seed: set seed=<n> instead$"):
+        validate(load(f"criterion={criterion}", "+criterion.seed=3"))
 
 
 @pytest.mark.parametrize(
@@ -201,10 +217,16 @@ def test_target_groups_yaml_is_the_only_home_of_their_defaults(group, option):
     target = getattr(importlib.import_module(module), name)
     accepted = schema.accepted_keys(target)
     keys = {k for k in node if not k.startswith("_")} - ({"synthetic"} if group == "dataset" else set())
+    if group == "scheduler":  # step_fraction: the training loop's (pipeline.training.LENGTH_FRACTIONS), it sets step_size
+        from pipeline.training import LENGTH_FRACTIONS
+
+        keys = {LENGTH_FRACTIONS.get(k, k) for k in keys}
     if accepted is not None:
         assert keys <= accepted
     if module.split(".")[0] in ("data", "models", "pipeline") and node._target_ != "pipeline.losses.WeightedSum":
-        own = {k for k in accepted if k not in ("in_channels", "num_classes")} if accepted is not None else keys
+        from pipeline.criteria import JOB_KEYS  # the job's seed, passed by build_criterion
+
+        own = {k for k in accepted if k not in ("in_channels", "num_classes", *JOB_KEYS)} if accepted is not None else keys
         if node._target_ == "models.smp.build_smp":  # smp's own architecture keys may be added, not required
             own = {n for n, p in inspect.signature(target).parameters.items() if p.kind is p.KEYWORD_ONLY}
         assert own <= keys, f"conf/{group}/{option}.yaml lacks {sorted(own - keys)}"
@@ -239,3 +261,75 @@ def test_fp16_training_on_a_cpu_job_is_refused_before_work_starts():
     with pytest.raises(ConfigError, match=r"^finetune.precision=fp16"):
         validate(load("finetune.precision=fp16", "device=cpu"))
     validate(load("train.precision=bf16", "device=cpu"))  # bf16 falls back at run time where it is not native
+
+
+# -- declared ranges (pipeline/declared.py, read by pipeline.config.check_ranges) ----------------------
+
+
+@dataclass
+class _Inner:
+    rates: Dict[str, float] = key(ge=0.0, lt=1.0)
+
+
+@dataclass
+class _Outer:
+    runs: int = key(ge=2)
+    limit: Optional[int] = key(ge=1)
+    ratios: List[float] = key(gt=0.0, le=1.0)
+    inner: _Inner = field(default_factory=_Inner)
+
+
+def test_check_ranges_reads_the_range_declared_beside_each_key():
+    """One walker: a nested schema, a list's items, a mapping's values, null where Optional; the full key named."""
+    from omegaconf import OmegaConf
+
+    from pipeline.config import check_ranges
+
+    def check(**values):
+        good = {"runs": 2, "limit": None, "ratios": [0.5, 1.0], "inner": {"rates": {"a*": 0.0}}}
+        check_ranges(OmegaConf.merge(OmegaConf.structured(_Outer), {**good, **values}), _Outer, "x.")
+
+    check()
+    for values, message in [({"runs": 1}, "x.runs=1 is out of range: expected an integer >= 2"),
+                            ({"limit": 0}, "x.limit=0 is out of range: expected an integer >= 1"),
+                            ({"ratios": [0.5, 0.0]}, r"x.ratios\[1\]=0.0 is out of range: expected > 0.0 and <= 1.0"),
+                            ({"inner": {"rates": {"a*": 1.0}}}, r"x.inner.rates\[a\*\]=1.0 is out of range: expected >= 0.0 and < 1.0")]:
+        with pytest.raises(ConfigError, match=f"^{message}$"):
+            check(**values)
+
+
+def test_a_declared_range_fails_at_start_up_with_one_line_naming_the_key():
+    with pytest.raises(ConfigError, match=r"^prune\.ratio=1\.2 is out of range: expected >= 0\.0 and < 1\.0$"):
+        validate(load("prune.ratio=1.2"))
+    with pytest.raises(ConfigError, match=r"^prune\.timing_runs=1 is out of range: expected an integer >= 2$"):
+        validate(load("prune=latency_budget", "prune.timing_runs=1"))  # a schedule's schema (pipeline/schedules.py)
+
+
+def test_a_rule_between_keys_stays_explicit():
+    with pytest.raises(ConfigError, match=r"evaluate\.latency_max_runs=10 is below evaluate\.latency_runs=20"):
+        validate(load("evaluate.latency_runs=20", "evaluate.latency_max_runs=10"))  # each in range on its own
+
+
+def test_every_number_of_the_fixed_groups_declares_its_range():
+    """A new count or rate in a fixed group's schema gets its range beside it, or is listed here with why not."""
+    import dataclasses
+    import typing
+
+    from pipeline.config import PRUNE_SCHEMAS, MedpruneConfig
+    from pipeline.declared import BOUNDS
+
+    unbounded = {"MedpruneConfig.seed", "EvaluateConfig.onnx_opset"}  # any seed; the exporter checks its opsets
+    numbers = (int, float, typing.Optional[int], typing.Optional[float], typing.List[float], typing.Dict[str, float])
+    found = []
+
+    def walk(schema):
+        hints = typing.get_type_hints(schema)
+        for f in dataclasses.fields(schema):
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name])
+            elif hints[f.name] in numbers and BOUNDS not in f.metadata and f"{schema.__name__}.{f.name}" not in unbounded:
+                found.append(f"{schema.__name__}.{f.name}")
+
+    for schema in (MedpruneConfig, *PRUNE_SCHEMAS.values()):
+        walk(schema)
+    assert not found

@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
 import models  # noqa: F401  (torchvision compatibility)
 from models.unet import UNet
 from pipeline.config import check_target_keys, validate
-from pipeline.criteria import Criterion, ScoringContext
+from pipeline.criteria import Criterion, ScoringContext, build_criterion
 from pipeline.criteria.attention import KINDS, AttentionCriterion, eca_kernel
 from pipeline.criteria.datadriven import ActivationCriterion, TaylorCriterion
 from pipeline.criteria.magnitude import MagnitudeCriterion, filter_norms
@@ -24,7 +23,7 @@ from pipeline.criteria.tracing import ChainEndHooks, sequential_bn, trace_chains
 from pipeline.criteria.weights import BNScaleCriterion, FPGMCriterion, RandomCriterion, fpgm_scores
 from pipeline.paths import CONF_DIR
 from pipeline.pruning import prunable_layers, prune
-from helpers import kwargs_of, training_loss
+from helpers import conf, kwargs_of, training_loss
 
 CRITERION_DIR = Path(CONF_DIR) / "criterion"
 NAMES = sorted(p.stem for p in CRITERION_DIR.glob("*.yaml"))
@@ -34,8 +33,8 @@ SIZE = 32
 
 
 def build(name: str, **overrides) -> Criterion:
-    cfg = OmegaConf.load(CRITERION_DIR / f"{name}.yaml")
-    return instantiate(OmegaConf.merge(cfg, overrides))
+    seed = overrides.pop("seed", 0)  # the job's seed, passed as the score stage passes it
+    return build_criterion(conf("criterion", name, **overrides), seed=seed)
 
 
 def synthetic_batches(n_batches=2, batch=4, seed=1):
@@ -128,8 +127,9 @@ def test_yaml_keys_are_constructor_parameters_and_name_is_the_file_name(name):
     shell.start()  # the schema and the resolvers, as every entry registers them (idempotent)
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        validate(compose("config", overrides=[f"criterion={name}"]))
-    criterion = instantiate(cfg)
+        composed = compose("config", overrides=[f"criterion={name}"])
+    validate(composed)
+    criterion = build_criterion(composed.criterion, composed.seed)  # as the score stage builds it
     assert isinstance(criterion, Criterion) and criterion.name == name
     params = inspect.signature(type(criterion).__init__).parameters
     assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -177,7 +177,7 @@ def test_data_driven_criteria_without_data_say_so(name, trained):
 
 def test_bad_keys_fail_naming_the_key():
     with pytest.raises(ValueError, match="criterion.kind"):
-        AttentionCriterion(**kwargs_of("criterion", "se", kind="transformer"))
+        AttentionCriterion(**kwargs_of("criterion", "se", kind="transformer", seed=0))
     with pytest.raises(ValueError, match="criterion.calibration_batches"):
         TaylorCriterion(**kwargs_of("criterion", "taylor", calibration_batches=0))
     with pytest.raises(ValueError, match="criterion.p"):

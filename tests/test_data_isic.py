@@ -378,6 +378,26 @@ def test_synthetic_refuses_to_overwrite_a_real_folder(tmp_path):
     assert (tmp_path / "real" / "precious.txt").read_text() == "keep me"
 
 
+@pytest.mark.parametrize("name, count", [("synthetic_isic", 100), ("synthetic_brats", 8), ("synthetic_brats3d", 8),
+                                         ("synthetic_covid_ct", 8), ("synthetic_covid_ct3d", 8)])
+def test_a_synthetic_count_has_one_home_the_yaml(name, count):
+    """The YAML says how many cases the default job generates; the writer has no competing default (it was
+    ISIC 60 against the YAML's 100, volumes 6 against 8), and a block without a count fails before any work."""
+    import inspect
+
+    from data.synthetic import check_synthetic, generators
+
+    block = OmegaConf.to_container(compose_config(f"dataset={name}").dataset.synthetic, resolve=True)
+    assert block["count"] == count
+    for kind, writer in generators().items():
+        assert inspect.signature(writer).parameters["count"].default is inspect.Parameter.empty, kind
+    del block["count"]
+    with pytest.raises(ValueError, match="dataset.synthetic.count must be set"):
+        check_synthetic(block)
+    with pytest.raises(ValueError, match="dataset.synthetic.count=0 is invalid"):
+        check_synthetic({**block, "count": 0})
+
+
 @pytest.mark.integration
 def test_parallel_jobs_share_one_synthetic_root(tmp_path):
     root = tmp_path / "shared_root"

@@ -65,8 +65,18 @@ def test_fine_tuning_with_a_teacher_trains_the_adapter_and_leaves_the_teacher_al
     assert not any(p.requires_grad for p in teacher.parameters())
 
 
-@pytest.mark.parametrize("override, key", [("finetune.distill.loss=l1", "finetune.distill.loss"),
-                                           ("finetune.distill.temperature=0", "finetune.distill.temperature"),
+def test_a_distillation_loss_outside_its_enum_fails_at_compose_time_naming_the_key():
+    """finetune.distill.loss is typed DistillLoss (its values: LOSSES, one home): no check of its own in validate."""
+    from hydra.errors import ConfigCompositionException
+
+    from pipeline.run import one_line
+
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config("finetune.distill.loss=l1")
+    assert "finetune.distill.loss" in one_line(err.value) and "kl, mse" in str(err.value.__cause__)
+
+
+@pytest.mark.parametrize("override, key", [("finetune.distill.temperature=0", "finetune.distill.temperature"),
                                            ("finetune.distill.alpha=-1", "finetune.distill.alpha")])
 def test_bad_distillation_settings_fail_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

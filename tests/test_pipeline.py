@@ -46,7 +46,7 @@ def test_default_pipeline_end_to_end(outputs, default_run):
     assert r.data.metrics["final/params_m"] < 0.5 * r.data.metrics["baseline/params_m"]
     assert r.data.metrics["final/flops_g"] < 0.5 * r.data.metrics["baseline/flops_g"]
     assert r.data.params["prune.ratio"] == "0.5" and r.data.params["criterion.name"] == "l1"
-    assert r.data.params["optimizer._target_"] == "torch.optim.Adam" and r.data.params["scheduler.step_size"] == "1"
+    assert r.data.params["optimizer._target_"] == "torch.optim.Adam" and r.data.params["scheduler.step_fraction"] == "0.8"
     assert r.data.tags["medprune.baseline_reused"] == "false"
     assert r.data.tags["medprune.baseline_run_id"] == r.info.run_id
     assert r.data.tags["medprune.rates_source"] == "config"

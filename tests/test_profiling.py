@@ -41,6 +41,18 @@ def test_time_calls_stops_at_its_time_budget_but_keeps_the_minimum(monkeypatch):
     assert len(time_calls(clock.call, warmup=0, runs=10, max_seconds=0.5, min_runs=3)) == 3
 
 
+@pytest.mark.parametrize("fn", ["pipeline.profiling.time_calls", "pipeline.profiling.latency_times",
+                                "pipeline.inference.time_onnx", "pipeline.inference.measure_onnx_latency"])
+def test_timing_counts_have_no_default_of_their_own(fn):
+    """warmup and runs live in the config (evaluate.latency_*, prune.timing_*) alone: no second default here."""
+    import importlib
+    import inspect
+
+    module, _, name = fn.rpartition(".")
+    params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    assert params["warmup"].default is inspect.Parameter.empty and params["runs"].default is inspect.Parameter.empty
+
+
 def test_latency_reports_median_threads_and_device_and_restores_threads():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     before = torch.get_num_threads()

@@ -64,8 +64,18 @@ def test_calibration_reads_the_training_split_without_augmentation():
     assert [b.shape[0] for b in batches] == [3, 1] and batches[1][0, 0, 0, 0] == 3.0
 
 
-@pytest.mark.parametrize("override, key", [("quantize.calibration=kl", "quantize.calibration"),
-                                           ("quantize.calibration_images=0", "quantize.calibration_images")])
+def test_a_calibration_outside_its_enum_fails_at_compose_time_naming_the_key():
+    """quantize.calibration is typed Calibration (its values: CALIBRATION_METHODS, one home)."""
+    from hydra.errors import ConfigCompositionException
+
+    from pipeline.run import one_line
+
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config("quantize.calibration=kl")
+    assert "quantize.calibration" in one_line(err.value) and "minmax, entropy, percentile" in str(err.value.__cause__)
+
+
+@pytest.mark.parametrize("override, key", [("quantize.calibration_images=0", "quantize.calibration_images")])
 def test_bad_quantize_settings_fail_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(compose_config(override))

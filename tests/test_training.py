@@ -107,6 +107,34 @@ def test_recipes_are_config_only(overrides, expected):
         assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.99 and optimizer.defaults["nesterov"]
 
 
+def test_fine_tuning_with_step_lr_steps_at_its_own_schedules_fraction_not_at_train_epochs():
+    """scheduler=step: step_size is step_fraction (0.8) of the phase's schedule, set by the loop like cosine's
+    T_max; it was ${train.epochs} x 0.8 in the YAML, so a 5-epoch fine-tuning after 20 training epochs never stepped."""
+    cfg = compose_config("scheduler=step", "recovery=finetune", "train.epochs=20", "finetune.epochs=5")
+    assert cfg.finetune.schedule_epochs is None
+    optimizer, scheduler = Recipe.from_config(cfg).build(torch.nn.Linear(2, 2), cfg.finetune)
+    assert scheduler.step_size == 4  # round(0.8 x 5), not round(0.8 x 20) = 16
+    train_optimizer, train_scheduler = Recipe.from_config(cfg).build(torch.nn.Linear(2, 2), cfg.train)
+    assert train_scheduler.step_size == 16
+    lrs = []
+    for _ in range(5):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    lr = cfg.finetune.lr
+    assert lrs == pytest.approx([lr] * 4 + [lr * 0.1])
+
+
+@pytest.mark.parametrize("value", [0, 1.5, "x"])
+def test_a_step_fraction_out_of_range_is_a_config_error_naming_it(value):
+    from pipeline.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"scheduler\.step_fraction="):
+        validate(compose_config("scheduler=step", f"scheduler.step_fraction={value}"))
+    with pytest.raises(ConfigError, match=r"scheduler\.step_fraction for torch\.optim\.lr_scheduler\.CosineAnnealingLR"):
+        validate(compose_config("scheduler=cosine", "+scheduler.step_fraction=0.5"))
+
+
 def test_a_fine_tuning_budget_in_steps_runs_exactly_that_many_optimiser_steps():
     cfg = compose_config("train.batch_size=4", "finetune.steps=3")
     model = UNet(3, 1, width=4, depth=2)
@@ -215,7 +243,7 @@ def test_rewinding_replays_the_training_schedule_from_the_chosen_epoch():
     assert lrs("finetune.schedule_start=6", "finetune.epochs=4") == pytest.approx([1e-3] * 2 + [1e-4] * 2)
     assert lrs("scheduler=cosine", "finetune.epochs=5") == pytest.approx(
         [0.5e-3 * (1 + math.cos(math.pi * e / 10)) for e in range(5)])  # the first half of training's cosine
-    assert lrs("recovery=finetune") == pytest.approx([1e-4] * 5)  # lr x 0.1, StepLR never reached in 5 epochs
+    assert lrs("recovery=finetune") == pytest.approx([1e-4] * 4 + [1e-5])  # lr x 0.1, StepLR 80% into its own 5 epochs
     cfg = compose_config("recovery=scratch", "train.epochs=10")
     assert cfg.finetune.epochs == 20 and cfg.finetune.lr == cfg.train.lr and str(cfg.finetune.init) == "random"
 

@@ -38,6 +38,34 @@ def training_loss(ctx: Optional[ScoringContext], who: str) -> Callable[[torch.Te
     return ctx.loss
 
 
+# Constructor keywords the job supplies, not the criterion's YAML: `seed` is the job's seed (cfg.seed), one home,
+# so a seed sweep varies the attention gates' initialisation and the random control's draw (and no param of its
+# own makes the runs of one report row differ).
+JOB_KEYS = ("seed",)
+
+
+def build_criterion(node, seed: int) -> "Criterion":
+    """The criterion `node` (conf/criterion/<name>.yaml) names, given the job's `seed` where its constructor takes
+    one; ValueError naming the key for a value its constructor rejects, or a `criterion.seed` set by hand."""
+    import importlib
+    import inspect
+
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    for key in JOB_KEYS:
+        if key in node:
+            raise ValueError(f"criterion.{key} is the job's {key}: set {key}=<n> instead")
+    module, _, attr = str(node["_target_"]).rpartition(".")
+    params = inspect.signature(getattr(importlib.import_module(module), attr)).parameters
+    try:
+        return instantiate(node, **({"seed": int(seed)} if "seed" in params else {}))
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ValueError):
+            raise err.__cause__ from None
+        raise
+
+
 class Criterion:
     name: str = "criterion"
 

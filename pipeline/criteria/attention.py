@@ -199,7 +199,7 @@ class AttentionCriterion(Criterion):
                 raise ValueError(f"criterion.{key} must be set for kind={kind}")
             if not uses[key] and value is not None:
                 raise ValueError(f"criterion.{key}={value} is not used by kind={kind}: set it to null")
-        for key, value, low in (("steps", steps, 0), ("calibration_batches", calibration_batches, 1),
+        for key, value, low in (("steps", steps, 1), ("calibration_batches", calibration_batches, 1),
                                 ("reduction", reduction, 1), ("grid", grid, 1)):
             if value is not None and int(value) < low:
                 raise ValueError(f"criterion.{key}={value}: expected >= {low}")

@@ -64,9 +64,12 @@ def device_name(device: torch.device) -> str:
 
 
 def time_calls(
-    fn: Callable[[], object], warmup: int = 5, runs: int = 30, max_seconds: float | None = None, min_runs: int = 3
+    fn: Callable[[], object], warmup: int, runs: int, max_seconds: float | None = None, min_runs: int = 3
 ) -> list[float]:
     """Milliseconds of each of `runs` timed calls of `fn` after `warmup` untimed ones (wall clock).
+
+    `warmup` and `runs` have no default here: the configured values (evaluate.latency_*, prune.timing_*,
+    scripts/bench.py's settings) are their one home, so a caller always passes them.
 
     `max_seconds`: stop early once the timed calls have taken that long (at least `min_runs` runs are
     kept), so one timing budget fits a 30 ms and a 3 s network alike."""
@@ -114,8 +117,8 @@ def cpu_threads(threads: int | None) -> Iterator[int]:
 def latency_times(
     model: nn.Module,
     input_shape: tuple[int, ...],
-    warmup: int = 5,
-    runs: int = 30,
+    warmup: int,
+    runs: int,
     threads: int | None = None,
     channels_last: bool = False,
     max_seconds: float | None = None,
