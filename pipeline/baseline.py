@@ -46,7 +46,7 @@ class BaselineError(RuntimeError):
 def baseline_key(cfg, data) -> str:
     """The cache key of the baseline this job's settings and data would train (see the module doc)."""
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
-    serving = set(getattr(type(data), "SERVING_KEYS", ()))
+    serving = set(type(data).SERVING_KEYS)
     train = OmegaConf.to_container(cfg.train, resolve=True)
     parts = {
         "dataset": {k: v for k, v in dataset.items() if k not in serving},

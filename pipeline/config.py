@@ -320,7 +320,7 @@ def validate_prune(p: DictConfig, stages: list[str]) -> None:
 def check_dims(data, reader_target: str, builder, model_keys: dict, model_target: str) -> None:
     """A 2D network on a 3D dataset (or the reverse) fails here, not in the first forward; a 3D patch must
     halve evenly at every level of the network (`model.depth` stride-2 steps)."""
-    data_dims, model_dims = int(getattr(data, "dims", 2)), int(getattr(builder, "spatial_dims", 2))
+    data_dims, model_dims = int(data.dims), int(getattr(builder, "spatial_dims", 2))
     if data_dims != model_dims:
         hint = ("a 3D model (model=unet3d, attention_unet3d) with a 3D dataset (dataset=brats3d, covid_ct3d)" if data_dims == 3 else
                 "a 2D model (e.g. model=unet_small) with a 2D dataset, or a 3D dataset (dataset=brats3d, covid_ct3d)")
@@ -388,7 +388,7 @@ def validate(cfg: DictConfig) -> None:
     except ValueError as err:
         raise ConfigError(str(err)) from err
     check_dims(data, reader["_target_"], builder, model_keys, str(cfg.model._target_))
-    if getattr(data, "dims", 2) == 3 and str(cfg.prune.schedule) == "latency_budget" and "prune" in cfg.stages:
+    if data.dims == 3 and str(cfg.prune.schedule) == "latency_budget" and "prune" in cfg.stages:
         raise ConfigError("prune=latency_budget times 2D convolutions only: expected another prune schedule for a 3D "
                           "network (e.g. prune=uniform, global)")
     for group in ("criterion", "optimizer", "loss"):

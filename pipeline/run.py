@@ -146,7 +146,7 @@ def execute(cfg: DictConfig) -> dict[str, float]:
                 journal.record(tracker.run_id, run_dir)
             if not interrupted:
                 record_inputs(tracker, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), choices, data, run_dir,
-                              choices.get("dataset", "dataset"), str(getattr(data, "root", "")), data.content_digest())
+                              choices.get("dataset", "dataset"), str(data.root or ""), data.content_digest())
                 hydra_dir = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir
                 for hydra_file in ("overrides.yaml", "hydra.yaml"):  # what the user typed, and Hydra's own settings
                     if (hydra_dir / hydra_file).exists():
