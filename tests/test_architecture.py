@@ -77,3 +77,19 @@ def test_config_enums_have_a_home_of_their_own():
     assert graph["pipeline.enums"] == set() and graph["pipeline.declared"] == set()
     for module in ("pipeline.precision", "pipeline.sparsity", "pipeline.distillation", "pipeline.quantization"):
         assert "pipeline.schedules" not in graph[module], module
+
+
+def test_every_reader_offers_what_the_stages_read_of_the_data():
+    """Context.data is typed by the DataSource protocol (pipeline/state.py): every allow-listed reader has each of
+    its members, so the stages read them directly instead of probing with getattr."""
+    import typing
+
+    from data.readers import READERS, reader_class
+    from pipeline.state import DataSource
+
+    members = [m for m in typing.get_type_hints(DataSource)] + [
+        m for m, v in vars(DataSource).items() if callable(v) and not m.startswith("_") or isinstance(v, property)]
+    assert {"dims", "regions", "dataset", "case_spacing", "original_mask", "input_size"} <= set(members)
+    for name in READERS:  # in_channels and num_classes are set by each reader's constructor
+        missing = [m for m in members if not hasattr(reader_class(name), m) and m not in ("in_channels", "num_classes")]
+        assert not missing, f"{name} lacks {missing}"
