@@ -69,7 +69,7 @@ def test_a_distillation_loss_outside_its_enum_fails_at_compose_time_naming_the_k
     """finetune.distill.loss is typed DistillLoss (its values: LOSSES, one home): no check of its own in validate."""
     from hydra.errors import ConfigCompositionException
 
-    from pipeline.run import one_line
+    from pipeline.shell import one_line
 
     with pytest.raises(ConfigCompositionException) as err:
         compose_config("finetune.distill.loss=l1")

@@ -68,7 +68,7 @@ def test_a_calibration_outside_its_enum_fails_at_compose_time_naming_the_key():
     """quantize.calibration is typed Calibration (its values: CALIBRATION_METHODS, one home)."""
     from hydra.errors import ConfigCompositionException
 
-    from pipeline.run import one_line
+    from pipeline.shell import one_line
 
     with pytest.raises(ConfigCompositionException) as err:
         compose_config("quantize.calibration=kl")
