@@ -354,16 +354,6 @@ def onnx_max_abs_diff(model: nn.Module, session, input_shape: tuple[int, ...], s
     return float(np.abs(onnx_run(session, x) - reference).max())
 
 
-def time_onnx(
-    session, input_shape: tuple[int, ...], warmup: int, runs: int, max_seconds: Optional[float] = None, min_runs: int = 3,
-    shrink_arena: bool = False,
-) -> list[float]:
-    """Per-run milliseconds of `session` on a random input of `input_shape` (see profiling.time_calls)."""
-    from pipeline.measure.profiling import time_calls
-
-    return time_calls(onnx_call(session, input_shape, shrink_arena), warmup, runs, max_seconds, min_runs)
-
-
 def onnx_call(session, input_shape: tuple[int, ...], shrink_arena: bool = False):
     """One run of `session` on a fixed random input of `input_shape`, as a callable to time.
 
@@ -379,21 +369,6 @@ def onnx_call(session, input_shape: tuple[int, ...], shrink_arena: bool = False)
     options = ort.RunOptions()
     options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
     return lambda: session.run(None, feed, options)
-
-
-def measure_onnx_latency(
-    session_or_path, input_shape: tuple[int, ...], warmup: int, runs: int, threads: Optional[int] = None
-) -> dict[str, float | int]:
-    """Median/p90 ONNX Runtime latency (ms) of a session, or of the model at a path (a session with
-    `threads` intra-op threads is made for it)."""
-    from pipeline.measure.profiling import summarize
-
-    session = session_or_path
-    if isinstance(session_or_path, (str, Path)):
-        session = onnx_session(session_or_path, threads)
-    stats = summarize(time_onnx(session, input_shape, warmup, runs))
-    return {"latency_ms": stats["median_ms"], "latency_p90_ms": stats["p90_ms"], "latency_runs": stats["runs"],
-            "latency_threads": session_threads(session)}
 
 
 def session_threads(session) -> int:

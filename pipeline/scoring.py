@@ -15,7 +15,7 @@ from models.io import load_tensors, read_json, save_tensors
 from pipeline.criteria import ScoringContext, build_criterion
 from pipeline.pruning import prunable_layers
 from pipeline.state import Context
-from pipeline.training import make_loader
+from data.loader import make_loader
 
 
 def compute(ctx: Context, model) -> tuple[dict[str, torch.Tensor], str]:

@@ -21,15 +21,15 @@ from typing import Callable, Optional
 import torch
 from hydra.utils import instantiate
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from data.files import read_csv, write_csv
+from data.loader import make_loader
 from pipeline.checkpoint import Checkpoint, epoch_seed
-from pipeline.inference import windowed
-from pipeline.measure.metrics import SegmentationMeter
-from pipeline.precision import autocast_dtype
+from pipeline.measure.casewise import split_metrics
 from pipeline.measure.profiling import cpu_threads
+from pipeline.precision import autocast_dtype
 from pipeline.state import seed_everything
 
 log = logging.getLogger(__name__)
@@ -100,37 +100,6 @@ class Recipe:
                 for _ in range(start):
                     scheduler.step()
         return optimizer, scheduler
-
-
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int, device: torch.device) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    if getattr(dataset, "window", None) is not None:
-        batch_size = 1  # whole volumes (3D val / test): each its own size, each inferred window by window
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=num_workers,
-        generator=generator,
-        pin_memory=device.type == "cuda",
-        # New workers every epoch: their seeds then come from the loader's generator, which fit reseeds
-        # per epoch, so an epoch's augmentations do not depend on the epochs before it (resume).
-        persistent_workers=False,
-        # training drops a last partial batch: a batch of one breaks BatchNorm (e.g. DeepLabV3+'s ASPP pooling)
-        drop_last=shuffle and len(dataset) > batch_size,
-    )
-
-
-@torch.no_grad()
-def split_metrics(model: nn.Module, loader: DataLoader, device: torch.device, threshold: float = 0.5) -> dict[str, float]:
-    """Per-image Dice/IoU; also per-case 3D Dice when the dataset carries `cases` (slices of volumes). Whole
-    volumes (3D data) are inferred window by window (inference.windowed): their Dice is per case."""
-    model.eval()
-    meter = SegmentationMeter(threshold, getattr(loader.dataset, "cases", None))
-    infer = windowed(model, loader.dataset)
-    for images, masks in loader:
-        meter.update(infer(images.to(device, non_blocking=True)), masks.to(device, non_blocking=True))
-    return meter.compute()
 
 
 @dataclass

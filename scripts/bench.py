@@ -61,7 +61,7 @@ from torch import nn  # noqa: E402
 from models import build_model  # noqa: E402  (models/__init__ runs the torchvision compatibility shim first)
 from pipeline import inference, precision  # noqa: E402
 from pipeline.measure import runtimes  # noqa: E402
-from pipeline.measure.profiling import count_flops, count_params, latency_times, machine_info, machine_peak, summarize, time_calls  # noqa: E402
+from pipeline.measure.profiling import count_flops, count_params, latency_times, machine_info, machine_peak, summarize, time_calls, time_onnx  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -288,7 +288,7 @@ class Runner:
         if self.session is not None:
             # a batch would leave each network's session holding the batch's activations: with a session per
             # network the full bench ran out of 24 GB in its batch-8 round
-            return inference.time_onnx(self.session, shape, warmup, runs, shrink_arena=batch > 1)
+            return time_onnx(self.session, shape, warmup, runs, shrink_arena=batch > 1)
         return latency_times(self.model, shape, warmup, runs, self.threads, channels_last=self.channels_last)
 
 
@@ -524,7 +524,7 @@ def _sync(device: torch.device) -> None:
 def bare_loop(model: nn.Module, train_set, batch: int, workers: int, seed: int, device: torch.device, epochs: int,
               lr: float, loss_fn: nn.Module) -> list[float]:
     """A hand-written PyTorch loop: same loader, loss and optimiser as fit, nothing else. Images/s per epoch."""
-    from pipeline.training import make_loader
+    from data.loader import make_loader
 
     model.to(device)
     loader = make_loader(train_set, batch, True, workers, seed, device)
@@ -553,7 +553,9 @@ def fit_loop(model: nn.Module, train_set, val_set, settings, recipe, device: tor
     between two calls is one training epoch + one validation (of a 1-batch val set here) + fit's
     bookkeeping (best-weights copy, logging). The validation time, measured separately on the same
     batch, is subtracted; the bookkeeping stays in (it is fit's cost)."""
-    from pipeline.training import fit, make_loader, split_metrics
+    from data.loader import make_loader
+    from pipeline.measure.casewise import split_metrics
+    from pipeline.training import fit
 
     stamps: list[float] = []
     fit(model, train_set, val_set, settings, recipe, device, seed,
@@ -571,7 +573,8 @@ def bench_training(s: Settings, device: torch.device, work: Path, data_root: Pat
     from data import build_data
     from data.isic import TRAIN_DIRS, load_pair, scan_folder
     from data.synthetic import ensure_generated
-    from pipeline.training import Recipe, make_loader
+    from data.loader import make_loader
+    from pipeline.training import Recipe
 
     root = data_root / f"isic_{s.train_images}x{s.train_min_side}-{s.train_max_side}"
     _progress(f"training: synthetic ISIC set {root} ({s.train_images} JPEGs of {s.train_min_side}-{s.train_max_side} px)")

@@ -16,6 +16,7 @@ from helpers import conf, model_from_conf
 from models.unet import UNet
 from pipeline import inference
 from pipeline.criteria.magnitude import MagnitudeCriterion
+from pipeline.measure import profiling
 from pipeline.measure.profiling import measure_latency, summarize, time_calls
 from pipeline.pruning import prunable_layers, prune
 
@@ -139,12 +140,12 @@ def test_onnx_export_runs_in_onnx_runtime_with_a_dynamic_batch(tmp_path):
     out = inference.onnx_run(session, X)  # batch 2 through a graph exported at batch 1
     with torch.no_grad():
         np.testing.assert_allclose(out, model(X).numpy(), atol=1e-4)
-    result = inference.measure_onnx_latency(session, (1, 3, 32, 32), warmup=1, runs=3)
+    result = profiling.measure_onnx_latency(session, (1, 3, 32, 32), warmup=1, runs=3)
     assert result["latency_ms"] > 0 and result["latency_p90_ms"] >= result["latency_ms"] and result["latency_runs"] == 3
     # a batch run that gives the session's memory arena back computes the same (the bench's throughput runs)
     np.testing.assert_array_equal(inference.onnx_call(session, (4, 3, 32, 32), shrink_arena=True)()[0],
                                   inference.onnx_call(session, (4, 3, 32, 32))()[0])
-    assert len(inference.time_onnx(session, (4, 3, 32, 32), warmup=0, runs=2, shrink_arena=True)) == 2
+    assert len(profiling.time_onnx(session, (4, 3, 32, 32), warmup=0, runs=2, shrink_arena=True)) == 2
 
 
 def test_timing_helpers_stop_at_the_time_budget_and_time_channels_last_inputs():

@@ -41,8 +41,8 @@ def test_time_calls_stops_at_its_time_budget_but_keeps_the_minimum(monkeypatch):
     assert len(time_calls(clock.call, warmup=0, runs=10, max_seconds=0.5, min_runs=3)) == 3
 
 
-@pytest.mark.parametrize("fn", ["pipeline.profiling.time_calls", "pipeline.profiling.latency_times",
-                                "pipeline.inference.time_onnx", "pipeline.inference.measure_onnx_latency"])
+@pytest.mark.parametrize("fn", ["pipeline.measure.profiling.time_calls", "pipeline.measure.profiling.latency_times",
+                                "pipeline.measure.profiling.time_onnx", "pipeline.measure.profiling.measure_onnx_latency"])
 def test_timing_counts_have_no_default_of_their_own(fn):
     """warmup and runs live in the config (evaluate.latency_*, prune.timing_*) alone: no second default here."""
     import importlib

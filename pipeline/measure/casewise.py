@@ -21,11 +21,12 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
+from data.loader import make_loader
 from pipeline.inference import windowed
 from pipeline.measure.metrics import CASE_METRICS, CaseRules, SegmentationMeter, binarize, case_metrics, summarize_cases
-from pipeline.training import make_loader
 
 
 @dataclass
@@ -217,3 +218,15 @@ def headline(results: CaseResults, volumetric: bool) -> dict[str, float]:
     out["pred_foreground_fraction"] = results.pred_foreground_fraction
     out["true_foreground_fraction"] = results.true_foreground_fraction
     return out
+
+
+@torch.no_grad()
+def split_metrics(model: nn.Module, loader: DataLoader, device: torch.device, threshold: float = 0.5) -> dict[str, float]:
+    """Per-image Dice/IoU; also per-case 3D Dice when the dataset carries `cases` (slices of volumes). Whole
+    volumes (3D data) are inferred window by window (inference.windowed): their Dice is per case."""
+    model.eval()
+    meter = SegmentationMeter(threshold, getattr(loader.dataset, "cases", None))
+    infer = windowed(model, loader.dataset)
+    for images, masks in loader:
+        meter.update(infer(images.to(device, non_blocking=True)), masks.to(device, non_blocking=True))
+    return meter.compute()

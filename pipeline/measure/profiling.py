@@ -22,11 +22,14 @@ import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from pathlib import Path
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from pipeline import inference
 
 
 def count_params(model: nn.Module) -> int:
@@ -341,3 +344,24 @@ def machine_info(device: torch.device | None = None) -> dict[str, object]:
     if device.type == "cuda":
         info["cuda"] = torch.version.cuda
     return info
+
+
+def time_onnx(
+    session, input_shape: tuple[int, ...], warmup: int, runs: int, max_seconds: Optional[float] = None, min_runs: int = 3,
+    shrink_arena: bool = False,
+) -> list[float]:
+    """Per-run milliseconds of an ONNX Runtime `session` on a random input of `input_shape` (see time_calls)."""
+    return time_calls(inference.onnx_call(session, input_shape, shrink_arena), warmup, runs, max_seconds, min_runs)
+
+
+def measure_onnx_latency(
+    session_or_path, input_shape: tuple[int, ...], warmup: int, runs: int, threads: Optional[int] = None
+) -> dict[str, float | int]:
+    """Median/p90 ONNX Runtime latency (ms) of a session, or of the model at a path (a session with
+    `threads` intra-op threads is made for it)."""
+    session = session_or_path
+    if isinstance(session_or_path, (str, Path)):
+        session = inference.onnx_session(session_or_path, threads)
+    stats = summarize(time_onnx(session, input_shape, warmup, runs))
+    return {"latency_ms": stats["median_ms"], "latency_p90_ms": stats["p90_ms"], "latency_runs": stats["runs"],
+            "latency_threads": inference.session_threads(session)}

@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from data.files import write_csv
+from data.loader import make_loader
 from models.io import load_model, model_size_mb
 from pipeline import inference
 from pipeline.measure import casewise, runtimes
@@ -24,7 +25,6 @@ from pipeline.measure.metrics import CaseRules, binarize, dice_iou
 from pipeline.measure.profiling import count_flops, count_params
 from pipeline.pruning import prunable_layers
 from pipeline.state import DataSource
-from pipeline.training import make_loader, split_metrics
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def network(split: TestSplit, model_dir: str, name: str, input_shape: tuple[int,
     extra = {}
     for other in e.extra_splits:
         loader = make_loader(split.data.dataset(other), e.batch_size, False, 0, split.seed, split.device)
-        m = split_metrics(model, loader, split.device, e.threshold)
+        m = casewise.split_metrics(model, loader, split.device, e.threshold)
         extra.update({f"{other}_dice": m["dice"], f"{other}_iou": m["iou"]})
     if reduced:  # the torch deployed form in that type, on the same test split: what the precision costs
         folded = inference.prepare_for_inference(model, input_shape, fold_bn=bool(e.fold_bn)).model

@@ -26,7 +26,7 @@ from pipeline.measure.profiling import count_flops
 from pipeline.pruning import in_scope, prunable_layers, prune
 from pipeline.scoring import compute as compute_scores
 from pipeline.state import Context, RunState
-from pipeline.training import make_loader
+from data.loader import make_loader
 
 log = logging.getLogger(__name__)
 
