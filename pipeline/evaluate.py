@@ -76,6 +76,8 @@ def arguments(cfg: DictConfig, given: list[str]) -> tuple[str, dict[str, Any]]:
     overrides: dict[str, Any] = {}
     for key in dict.fromkeys(k for k in given if k != "run"):
         value = OmegaConf.select(OmegaConf.create(args), key)
+        if OmegaConf.is_config(value):  # a list or mapping (evaluate.runtimes=[...]): plain values, as logged
+            value = OmegaConf.to_container(value)
         value = None if value == "" else value  # `key=`: null, as YAML reads it
         if key == "dataset.test_root" and value is not None:
             value = str(Path(str(value)).expanduser().resolve())

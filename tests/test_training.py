@@ -207,7 +207,7 @@ def _fit_with_val(keep: str, val_dice: list[float], monkeypatch):
     import pipeline.training as training
 
     scripted = iter(val_dice)
-    monkeypatch.setattr(training, "evaluate", lambda *a, **k: {"dice": next(scripted), "iou": 0.0})
+    monkeypatch.setattr(training, "split_metrics", lambda *a, **k: {"dice": next(scripted), "iou": 0.0})
     torch.manual_seed(0)
     model = UNet(3, 1, width=4, depth=2)
     recipe, settings = recipe_and_settings(f"train.epochs={len(val_dice) - 1}", f"train.keep={keep}")
