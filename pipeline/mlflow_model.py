@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.io import load_model
 from pipeline.inference import export_onnx
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,22 @@ def register(client, name: str, run_id: str, artifact_path: str, metrics: dict[s
     version = client.create_model_version(name, source, run_id=run_id, tags={k: f"{v:.6g}" for k, v in metrics.items()})
     log.info("Registered runs:/%s/%s as version %s of model %r", run_id, artifact_path, version.version, name)
     return version.version
+
+
+def log_networks(tracker, networks: dict[str, str], threshold: float, example: torch.Tensor,
+                 register_as: str | None, metrics: dict[str, float]) -> None:
+    """The final network (and the baseline, when `networks` has it: in the run that trained it) as MLflow models
+    (`final_mlflow_model`, `baseline_mlflow_model`); the final one registered as a version of `register_as`
+    with the run's headline metrics (`metrics`: <network>/<result>)."""
+    logged = {}
+    for name in ("final", "baseline"):
+        if networks.get(name):
+            logged[name] = log_model(tracker, load_model(networks[name]), threshold, example, f"{name}_mlflow_model")
+    if register_as and "final" in logged:
+        headline = {k: v for k, v in metrics.items() if k.startswith("final/") and k.rsplit("/", 1)[1] in
+                    ("dice", "iou", "params_m", "flops_g", "latency_ms")}
+        version = register(tracker.client, register_as, tracker.run_id, "final_mlflow_model", headline)
+        tracker.set_tags({"medprune.registered_model": f"{register_as}/{version}"})
 
 
 def predict_masks(model_uri: str, images: np.ndarray) -> np.ndarray:

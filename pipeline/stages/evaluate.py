@@ -115,7 +115,11 @@ def _run(ctx: Context, state: RunState) -> RunState:
     (folder / "results.md").write_text(results_table(results) + "\n")
     _plots(split, state, sources)
     ctx.tracker.log_artifact(folder, "evaluate")
-    _log_models(ctx, state, sources, flat)
+    if ctx.cfg.tracking.log_models:  # an input the logged networks take as they are: a test image, a 3D training patch
+        example = ctx.data.dataset("train" if ctx.data.dims == 3 else "test")[0][0].unsqueeze(0)
+        trained_here = {name: path for name, path in sources.items()
+                        if path and (name != "baseline" or state.baseline_run_id == ctx.tracker.run_id)}
+        mlflow_model.log_networks(ctx.tracker, trained_here, e.threshold, example, ctx.cfg.tracking.register_as, flat)
     return replace(state, metrics={**state.metrics, **flat})
 
 
@@ -172,24 +176,3 @@ def _plots(split: quality.TestSplit, state: RunState, sources: dict) -> None:
     if split.settings.mask_examples > 0:
         models = {LABELS[name]: load_model(sources[name]).to(split.device).eval() for name in ("baseline", "final") if sources[name]}
         plots.masks_before_after(*quality.examples(split, models, int(split.settings.mask_examples)), split.folder / "masks.png")
-
-
-def _log_models(ctx: Context, state: RunState, sources: dict, metrics: dict) -> None:
-    """The final network (and the baseline, in the run that trained it) as MLflow models; the final one
-    registered when `tracking.register_as` names a model (pipeline/mlflow_model.py)."""
-    if not ctx.cfg.tracking.log_models:
-        return
-    # an input the logged network takes as it is: a test image (2D), a training patch (3D: a window's size)
-    example = ctx.data.dataset("train" if ctx.data.dims == 3 else "test")[0][0].unsqueeze(0)
-    threshold = ctx.cfg.evaluate.threshold
-    logged = {}
-    for row, artifact in (("final", "final_mlflow_model"), ("baseline", "baseline_mlflow_model")):
-        if not sources[row] or (row == "baseline" and state.baseline_run_id != ctx.tracker.run_id):
-            continue
-        logged[row] = mlflow_model.log_model(ctx.tracker, load_model(sources[row]), threshold, example, artifact)
-    if ctx.cfg.tracking.register_as and "final" in logged:
-        headline = {k: v for k, v in metrics.items() if k.startswith("final/") and k.rsplit("/", 1)[1] in
-                    ("dice", "iou", "params_m", "flops_g", "latency_ms")}
-        version = mlflow_model.register(ctx.tracker.client, ctx.cfg.tracking.register_as, ctx.tracker.run_id,
-                                        "final_mlflow_model", headline)
-        ctx.tracker.set_tags({"medprune.registered_model": f"{ctx.cfg.tracking.register_as}/{version}"})
