@@ -6,25 +6,33 @@ with it. The graph is the network with its output turned into the mask the pipel
 (sigmoid, > `evaluate.threshold`), with a dynamic batch: images [N, C, H, W] float32, normalised as the
 dataset serves them, give masks [N, K, H, W] uint8 in {0, 1}, as the output named `mask`.
 
-`tracking.register_as=<name>` registers the final network in the model registry as a new version of
-`<name>`, tagged with the run's headline metrics.
+Each network is an MLflow 3 logged model bound to the run (`client.search_logged_models` finds it, its
+headline metrics linked to it; `models:/<model id>` loads it) and carries its model card (MODEL_CARD.md,
+model_card.json: pipeline/model_card.py). `tracking.register_as=<name>` registers the final network in the
+model registry as a new version of `<name>` made from that logged model, tagged with the run's headline
+metrics, its description the card.
 """
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
+import time
 from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from models.io import load_model
+from pipeline import model_card
 from pipeline.inference import export_onnx
 
 log = logging.getLogger(__name__)
 
 OUTPUT = "mask"  # the graph's output: predict() gives {"mask": masks}
+HEADLINE = ("dice", "iou", "hd95", "params_m", "flops_g", "size_mb", "latency_ms")  # linked to the logged model
 
 
 class MaskHead(nn.Module):
@@ -56,42 +64,96 @@ def save(network: nn.Module, threshold: float, example: torch.Tensor, folder: Pa
     return folder
 
 
-def log_model(tracker, network: nn.Module, threshold: float, example: torch.Tensor, artifact_path: str) -> str:
-    """Logs the MLflow model under `artifact_path` of the tracker's run; returns its `runs:/` URI."""
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = save(network, threshold, example, Path(tmp) / artifact_path)
-        tracker.log_artifact(folder, artifact_path)
-    return f"runs:/{tracker.run_id}/{artifact_path}"
+def log_model(tracker, network: nn.Module, threshold: float, example: torch.Tensor, name: str,
+              card: Callable[[str], dict] | None = None, metrics: Mapping[str, float] | None = None) -> str:
+    """Logs the network as an MLflow 3 logged model `name` bound to the tracker's run (what the UI's "Logged
+    models" and `search_logged_models` show), with `metrics` (<network>/<result>) linked to it and, from
+    `card(model_id)`, MODEL_CARD.md and model_card.json in its folder; returns its model id (load it by
+    `models:/<model id>`, or by `runs:/<run id>/<name>`, which MLflow 3 resolves to the same model)."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
+
+    client = tracker.client
+    experiment_id = client.get_run(tracker.run_id).info.experiment_id
+    model = client.create_logged_model(experiment_id, name=name, source_run_id=tracker.run_id, model_type="onnx",
+                                       params={"threshold": f"{threshold:g}", "input_shape": json.dumps(list(example.shape))})
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = save(network, threshold, example, Path(tmp) / name)
+            if card is not None:
+                facts = card(model.model_id)
+                model_card.write(folder, facts)
+                client.set_logged_model_tags(model.model_id, {"medprune.card": model_card.CARD_MD})
+            client.log_model_artifacts(model.model_id, str(folder))
+    except BaseException:
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+        raise
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    client.log_outputs(tracker.run_id, [LoggedModelOutput(model.model_id, step=0)])
+    if metrics:  # the same names and values the run has, linked to the model (its metrics in the UI and search)
+        now = int(time.time() * 1000)
+        client.log_batch(tracker.run_id, metrics=[Metric(k, float(v), now, 0, model_id=model.model_id) for k, v in metrics.items()])
+    log.info("Logged %s as MLflow model models:/%s (run %s)", name, model.model_id, tracker.run_id)
+    return model.model_id
 
 
-def register(client, name: str, run_id: str, artifact_path: str, metrics: dict[str, float]) -> str:
-    """A new version of registered model `name` from the run's `artifact_path`, tagged with `metrics`."""
+def register(client, name: str, run_id: str, model_id: str, metrics: dict[str, float], description: str | None = None,
+             tracking_uri: str | None = None) -> str:
+    """A new version of registered model `name` made from logged model `model_id` (source `models:/<model id>`),
+    tagged with `metrics`, its description the model card. A local (SQLite) registry looks the logged model up
+    in MLflow's global tracking URI, not the client's (MLflow's own TODO), so `tracking_uri` is made that for
+    the one call."""
+    import contextlib
+
     from mlflow.exceptions import MlflowException
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
     try:
         client.create_registered_model(name)
     except MlflowException:  # it exists already: add a version
         pass
-    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
-    version = client.create_model_version(name, source, run_id=run_id, tags={k: f"{v:.6g}" for k, v in metrics.items()})
-    log.info("Registered runs:/%s/%s as version %s of model %r", run_id, artifact_path, version.version, name)
+    with _use_tracking_uri(tracking_uri) if tracking_uri else contextlib.nullcontext():
+        version = client.create_model_version(name, f"models:/{model_id}", run_id=run_id, model_id=model_id,
+                                              tags={k: f"{v:.6g}" for k, v in metrics.items()}, description=description)
+    log.info("Registered models:/%s (run %s) as version %s of model %r", model_id, run_id, version.version, name)
     return version.version
 
 
+def headline(metrics: Mapping[str, Any], network: str) -> dict[str, float]:
+    """The network's headline results (<network>/<result>, numbers only): what its logged model and its
+    registered version carry."""
+    return {k: float(v) for k, v in metrics.items() if k.startswith(f"{network}/") and k.rsplit("/", 1)[1] in HEADLINE
+            and isinstance(v, (int, float, np.number)) and not isinstance(v, bool)}
+
+
 def log_networks(tracker, networks: dict[str, str], threshold: float, example: torch.Tensor,
-                 register_as: str | None, metrics: dict[str, float]) -> None:
-    """The final network (and the baseline, when `networks` has it: in the run that trained it) as MLflow models
-    (`final_mlflow_model`, `baseline_mlflow_model`); the final one registered as a version of `register_as`
-    with the run's headline metrics (`metrics`: <network>/<result>)."""
-    logged = {}
-    for name in ("final", "baseline"):
-        if networks.get(name):
-            logged[name] = log_model(tracker, load_model(networks[name]), threshold, example, f"{name}_mlflow_model")
+                 register_as: str | None, metrics: dict[str, float], regions: Sequence[str] | None = None,
+                 cases: Path | None = None) -> dict[str, str]:
+    """The final network (and the baseline, when `networks` has it: in the run that trained it) as MLflow logged
+    models (`final_mlflow_model`, `baseline_mlflow_model`) with their model cards; the final one registered as
+    a version of `register_as` with the run's headline metrics (`metrics`: <network>/<result>) and its card as
+    the description. `regions` names the output channels (None: one foreground), `cases` is the folder of the
+    per-case CSVs (cases_<network>.csv) the card's intervals come from. Returns network -> model id."""
+    run = tracker.client.get_run(tracker.run_id)
+    datasets = list(run.inputs.dataset_inputs) if run.inputs else []
+    logged, cards = {}, {}
+    for network in ("final", "baseline"):
+        if not networks.get(network):
+            continue
+        name = f"{network}_mlflow_model"
+        results = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(f"{network}/")}
+
+        def card(model_id: str, network=network, name=name, results=results) -> dict:
+            cards[network] = model_card.build(run, datasets, network, results, threshold, tuple(example.shape), regions,
+                                              Path(cases) / f"cases_{network}.csv" if cases else None, model_id, name)
+            return cards[network]
+
+        logged[network] = log_model(tracker, load_model(networks[network]), threshold, example, name, card,
+                                    headline(metrics, network))
     if register_as and "final" in logged:
-        headline = {k: v for k, v in metrics.items() if k.startswith("final/") and k.rsplit("/", 1)[1] in
-                    ("dice", "iou", "params_m", "flops_g", "latency_ms")}
-        version = register(tracker.client, register_as, tracker.run_id, "final_mlflow_model", headline)
+        version = register(tracker.client, register_as, tracker.run_id, logged["final"], headline(metrics, "final"),
+                           model_card.markdown(cards["final"]), tracker.uri)
         tracker.set_tags({"medprune.registered_model": f"{register_as}/{version}"})
+    return logged
 
 
 def predict_masks(model_uri: str, images: np.ndarray) -> np.ndarray:

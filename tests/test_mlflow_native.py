@@ -2,6 +2,7 @@
 through MLflow, dataset inputs, source tags, params vs metrics, the installed `medprune` command."""
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def test_a_report_refuses_rows_that_mix_settings(tmp_path):
         report_sweep(client, parent, tmp_path / "report", log=False)
 
 
-def test_a_job_logs_its_models_datasets_sources_and_only_measurements_as_metrics(tmp_path):
+def test_a_job_logs_its_models_datasets_sources_and_only_measurements_as_metrics(tmp_path, monkeypatch):
     from models.io import load_model
     from pipeline.measure.metrics import binarize
     from pipeline.mlflow_model import predict_masks
@@ -97,9 +98,34 @@ def test_a_job_logs_its_models_datasets_sources_and_only_measurements_as_metrics
     contexts = {i.tags[0].value for i in inputs}
     assert contexts == {"train", "val", "test"} and {i.dataset.name for i in inputs} == {"synthetic_isic"}
 
-    # the final network loads back through MLflow (no unpickling) and gives the pipeline's masks
-    local = client.download_artifacts(run.info.run_id, "final_mlflow_model", str(tmp_path / "download"))
+    # the final network is an MLflow 3 logged model bound to the run, its headline metrics linked to it
+    experiment = run.info.experiment_id
+    models = {m.name: m for m in client.search_logged_models(experiment_ids=[experiment])}
+    assert set(models) == {"final_mlflow_model", "baseline_mlflow_model"}  # the baseline was trained here
+    final = models["final_mlflow_model"]
+    assert final.source_run_id == run.info.run_id and str(final.status) in ("READY", "LoggedModelStatus.READY")
+    linked = {m.key: m.value for m in final.metrics}
+    assert linked["final/dice"] == pytest.approx(metrics["final/dice"]) and linked["final/flops_g"] == pytest.approx(metrics["final/flops_g"])
+    assert final.model_id in {o.model_id for o in client.get_run(run.info.run_id).outputs.model_outputs}
+
+    # it loads back through MLflow (no unpickling) and gives the pipeline's masks
+    import mlflow.artifacts
+
+    uri = f"sqlite:///{outputs / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # what models:/ and runs:/ URIs are looked up in
+    local = mlflow.artifacts.download_artifacts(f"models:/{final.model_id}", dst_path=str(tmp_path / "download"))
     assert (Path(local) / "MLmodel").exists() and not list(Path(local).rglob("*.pkl"))
+    # its model card: the run's Dice (with an interval over the test cases), FLOPs, the data and how to load it
+    card = json.loads((Path(local) / "model_card.json").read_text())
+    text = (Path(local) / "MODEL_CARD.md").read_text()
+    assert card["model_id"] == final.model_id and card["run_id"] == run.info.run_id
+    assert card["metrics"]["dice"]["value"] == pytest.approx(metrics["final/dice"])
+    low, high = card["metrics"]["dice"]["ci95"]
+    assert low <= card["metrics"]["dice"]["case_mean"] <= high
+    assert card["cost"]["flops_g"] == pytest.approx(metrics["final/flops_g"])
+    assert card["training_data"]["dataset"] == "synthetic_isic" and card["training_data"]["splits"]["test"]["cases"] > 0
+    assert card["task"]["labels"] == ["foreground"] and card["output"]["dtype"] == "uint8"
+    assert f"{metrics['final/dice']:.4g}" in text and f"models:/{final.model_id}" in text and "CC0" in text
     run_dir = Path(tags["medprune.run_dir"])
     from helpers import compose_config  # the same test images the evaluate stage scored
     from data import build_data
@@ -111,6 +137,9 @@ def test_a_job_logs_its_models_datasets_sources_and_only_measurements_as_metrics
         expected = binarize(load_model(run_dir / "final" / "model").eval()(images), cfg.evaluate.threshold).numpy()
     masks = predict_masks(local, images.numpy())
     assert masks.shape == expected.shape and np.array_equal(masks.astype(bool), expected.astype(bool))
+    # models:/<id> and the run's URI (MLflow 3 resolves runs:/<run>/<name> to the logged model) load the same model
+    for model_uri in (f"models:/{final.model_id}", f"runs:/{run.info.run_id}/final_mlflow_model"):
+        assert np.array_equal(predict_masks(model_uri, images.numpy()), masks)
 
 
 def test_register_as_adds_a_model_version_with_the_runs_metrics(tmp_path):
@@ -121,6 +150,11 @@ def test_register_as_adds_a_model_version_with_the_runs_metrics(tmp_path):
     (version,) = client.search_model_versions("name='tiny-unet'")
     assert version.run_id == run.info.run_id and float(version.tags["final/dice"]) == pytest.approx(run.data.metrics["final/dice"], rel=1e-5)
     assert run.data.tags["medprune.registered_model"] == f"tiny-unet/{version.version}"
+    # made from the run's logged model, its description the model card
+    (final,) = [m for m in client.search_logged_models(experiment_ids=[run.info.experiment_id]) if m.name == "final_mlflow_model"]
+    assert version.source == f"models:/{final.model_id}"
+    assert version.description.startswith("# final_mlflow_model") and f"models:/{final.model_id}" in version.description
+    assert "## Metrics (test split)" in version.description and "FLOPs" in version.description
 
 
 def test_the_installed_medprune_command_works_from_any_folder_and_has_its_own_help(tmp_path):

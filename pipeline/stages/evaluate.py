@@ -119,7 +119,8 @@ def _run(ctx: Context, state: RunState) -> RunState:
         example = ctx.data.dataset("train" if ctx.data.dims == 3 else "test")[0][0].unsqueeze(0)
         trained_here = {name: path for name, path in sources.items()
                         if path and (name != "baseline" or state.baseline_run_id == ctx.tracker.run_id)}
-        mlflow_model.log_networks(ctx.tracker, trained_here, e.threshold, example, ctx.cfg.tracking.register_as, flat)
+        mlflow_model.log_networks(ctx.tracker, trained_here, e.threshold, example, ctx.cfg.tracking.register_as, flat,
+                                  regions=ctx.data.regions, cases=folder)  # the model card's labels and intervals
     return replace(state, metrics={**state.metrics, **flat})
 
 
