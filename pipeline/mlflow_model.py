@@ -71,6 +71,7 @@ def log_model(tracker, network: nn.Module, threshold: float, example: torch.Tens
     `card(model_id)`, MODEL_CARD.md and model_card.json in its folder; returns its model id (load it by
     `models:/<model id>`, or by `runs:/<run id>/<name>`, which MLflow 3 resolves to the same model)."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
+    from mlflow.models import Model
 
     client = tracker.client
     experiment_id = client.get_run(tracker.run_id).info.experiment_id
@@ -79,6 +80,9 @@ def log_model(tracker, network: nn.Module, threshold: float, example: torch.Tens
     try:
         with tempfile.TemporaryDirectory() as tmp:
             folder = save(network, threshold, example, Path(tmp) / name)
+            mlmodel = Model.load(str(folder))  # as MLflow's own log_model writes it: the MLmodel names its logged model
+            mlmodel.model_id = model.model_id
+            mlmodel.save(str(folder / "MLmodel"))
             if card is not None:
                 facts = card(model.model_id)
                 model_card.write(folder, facts)

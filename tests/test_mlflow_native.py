@@ -114,7 +114,7 @@ def test_a_job_logs_its_models_datasets_sources_and_only_measurements_as_metrics
     uri = f"sqlite:///{outputs / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # what models:/ and runs:/ URIs are looked up in
     local = mlflow.artifacts.download_artifacts(f"models:/{final.model_id}", dst_path=str(tmp_path / "download"))
-    assert (Path(local) / "MLmodel").exists() and not list(Path(local).rglob("*.pkl"))
+    assert f"model_id: {final.model_id}" in (Path(local) / "MLmodel").read_text() and not list(Path(local).rglob("*.pkl"))
     # its model card: the run's Dice (with an interval over the test cases), FLOPs, the data and how to load it
     card = json.loads((Path(local) / "model_card.json").read_text())
     text = (Path(local) / "MODEL_CARD.md").read_text()
