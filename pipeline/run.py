@@ -28,7 +28,8 @@ from pipeline.journal import JOB_KEY_TAG, Journal, job_key
 from pipeline.report import results_table
 from pipeline.state import Context, RunState, keep_baseline, pick_device, seed_everything
 from pipeline.sweep import ENDING, finished_job
-from pipeline.tracking import PARENT_TAG, SWEEP_TAG, Terminated, flatten, resolve_uri, start_run, sweep_of
+from pipeline.tracking import (PARENT_TAG, SWEEP_TAG, Terminated, flatten, resolve_uri, start_run, sweep_of,
+                               where_to_look)
 
 log = logging.getLogger("medprune")
 
@@ -174,7 +175,7 @@ def execute(cfg: DictConfig) -> dict[str, float]:
                 table = results_table(results)
                 print("\n" + table + "\n")
             print(f"MLflow run {tracker.run_id} ('{name}') in experiment '{cfg.tracking.experiment}' at {uri}")
-            print(f"Run folder: {run_dir}   UI: make ui  (http://127.0.0.1:5000)")
+            print(f"Run folder: {run_dir}   UI: {where_to_look(uri, tracker.client.get_run(tracker.run_id).info.experiment_id, tracker.run_id)}")
         finished = True
     except (Terminated, KeyboardInterrupt, StorageFull):
         raise  # the journal entry stays: the same command resumes

@@ -40,6 +40,17 @@ def resolve_uri(configured: str | None, outputs: Path | None = None) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(outputs)
 
 
+UI_PORT = 5000  # `make ui` (python -m pipeline.tracking ui --port)
+
+
+def where_to_look(uri: str, experiment_id: str, run_id: str) -> str:
+    """Where a finished run is seen: its page on a tracking server (http[s] URI), else `make ui` on this
+    machine's store."""
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"make ui  (http://127.0.0.1:{UI_PORT})"
+
+
 def _sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
@@ -423,7 +434,7 @@ def stop_server(proc: subprocess.Popen, grace: float = 30.0) -> None:
 def ui(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.tracking ui", description=__doc__)
     parser.add_argument("command", choices=["ui", "uri"])
-    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--port", type=int, default=UI_PORT)
     parser.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or outputs/mlflow.db)")
     args = parser.parse_args(argv)
     uri = resolve_uri(args.uri)

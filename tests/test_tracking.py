@@ -79,3 +79,10 @@ def test_interrupt_marks_the_run_killed(tmp_path):
         with tracking.start_run(uri, "exp", "interrupted", {}) as tracker:
             raise KeyboardInterrupt
     assert MlflowClient(uri).get_run(tracker.run_id).info.status == "KILLED"
+
+
+def test_a_finished_job_points_to_its_run_on_a_tracking_server_or_to_make_ui_locally():
+    from pipeline.tracking import where_to_look
+
+    assert where_to_look("http://mlflow.lab:5000/", "7", "abc") == "http://mlflow.lab:5000/#/experiments/7/runs/abc"
+    assert where_to_look("sqlite:////tmp/x/mlflow.db", "7", "abc") == "make ui  (http://127.0.0.1:5000)"
