@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from data.files import write_csv
 from data.loader import make_loader
-from models.io import load_model, model_size_mb
+from models.io import model_size_mb
 from pipeline import inference
 from pipeline.measure import casewise, runtimes
 from pipeline.measure.metrics import CaseRules, binarize, dice_iou
@@ -71,12 +71,13 @@ def aligned_fraction(model: torch.nn.Module, multiple: int = 8) -> float:
     return sum(c % multiple == 0 for c in counts) / len(counts) if counts else 1.0
 
 
-def network(split: TestSplit, model_dir: str, name: str, input_shape: tuple[int, ...], reduced: Optional[str] = None,
-            windows: Optional[int] = None) -> dict:
-    """Quality (also in the `reduced` precision, when given), size, parameters and FLOPs of one network; with
-    `windows` (3D data: the windows that tile the reference volume), its FLOPs per volume too."""
+def network(split: TestSplit, model: torch.nn.Module, model_dir: str, name: str, input_shape: tuple[int, ...],
+            reduced: Optional[str] = None, windows: Optional[int] = None) -> dict:
+    """Quality (also in the `reduced` precision, when given), size, parameters and FLOPs of one network (`model`,
+    loaded from `model_dir`, on the split's device); with `windows` (3D data: the windows that tile the reference
+    volume), its FLOPs per volume too."""
     e = split.settings
-    model = load_model(model_dir).to(split.device).eval()
+    model = model.eval()
     quality = score(split, model, name)
     extra = {}
     for other in e.extra_splits:

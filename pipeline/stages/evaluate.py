@@ -84,8 +84,8 @@ def _run(ctx: Context, state: RunState) -> RunState:
     models: dict[str, torch.nn.Module] = {}
     for name in measured:
         log.info("Evaluating the %s network on the test split", name)
-        results[name] = quality.network(split, sources[name], name, ctx.input_shape, reduced, windows)
-        models[name] = load_model(sources[name]).to(ctx.device).eval()
+        models[name] = load_model(sources[name]).to(ctx.device).eval()  # read (and its checksum verified) once
+        results[name] = quality.network(split, models[name], sources[name], name, ctx.input_shape, reduced, windows)
     int8 = quantized_files(state.quantized) if state.quantized else {}
     if int8:  # made from the last network of the chain (quantize stage), compared with it
         reference = measured[-1]
@@ -113,7 +113,8 @@ def _run(ctx: Context, state: RunState) -> RunState:
     flat = _log_results(ctx, results, peak, timed, unsettled)
     (folder / "metrics.json").write_text(json.dumps(results, indent=2))
     (folder / "results.md").write_text(results_table(results) + "\n")
-    _plots(split, state, sources)
+    _plots(split, state, {name: models[next(n for n in measured if sources[n] == sources[name])]
+                          for name in ("baseline", "final") if sources[name]})
     ctx.tracker.log_artifact(folder, "evaluate")
     if ctx.cfg.tracking.log_models:  # an input the logged networks take as they are: a test image, a 3D training patch
         example = ctx.data.dataset("train" if ctx.data.dims == 3 else "test")[0][0].unsqueeze(0)
@@ -166,14 +167,14 @@ def _log_results(ctx: Context, results: dict[str, dict], peak: dict, timed, unse
     return flat
 
 
-def _plots(split: quality.TestSplit, state: RunState, sources: dict) -> None:
+def _plots(split: quality.TestSplit, state: RunState, networks: dict[str, torch.nn.Module]) -> None:
     """Training curves (the baseline folder holds its history; a fine-tuned model folder has it one level up)
-    and the before/after masks of the first test images."""
+    and the before/after masks of the first test images by `networks` (baseline, final)."""
     histories = {"train": read_history(Path(state.baseline) / "history.csv") if state.baseline else [],
                  "finetune": read_history(Path(state.final).parent / "history.csv") if state.final else []}
     histories = {k: v for k, v in histories.items() if v}
     if histories:
         plots.curves(histories, split.folder / "curves.png")
     if split.settings.mask_examples > 0:
-        models = {LABELS[name]: load_model(sources[name]).to(split.device).eval() for name in ("baseline", "final") if sources[name]}
-        plots.masks_before_after(*quality.examples(split, models, int(split.settings.mask_examples)), split.folder / "masks.png")
+        labelled = {LABELS[name]: model for name, model in networks.items()}
+        plots.masks_before_after(*quality.examples(split, labelled, int(split.settings.mask_examples)), split.folder / "masks.png")
