@@ -74,8 +74,7 @@ def log_model(tracker, network: nn.Module, threshold: float, example: torch.Tens
     from mlflow.models import Model
 
     client = tracker.client
-    experiment_id = client.get_run(tracker.run_id).info.experiment_id
-    model = client.create_logged_model(experiment_id, name=name, source_run_id=tracker.run_id, model_type="onnx",
+    model = client.create_logged_model(tracker.experiment_id, name=name, source_run_id=tracker.run_id, model_type="onnx",
                                        params={"threshold": f"{threshold:g}", "input_shape": json.dumps(list(example.shape))})
     try:
         with tempfile.TemporaryDirectory() as tmp:

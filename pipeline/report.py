@@ -532,7 +532,7 @@ def report_sweep(client, parent, out: Path | None = None, runs: list | None = No
     if log:
         from pipeline.tracking import Tracker
 
-        tracker = Tracker(client, parent.info.run_id, client.tracking_uri, "")
+        tracker = Tracker(client, parent.info.run_id, client.tracking_uri, "", parent.info.experiment_id)
         for f in files:
             tracker.log_artifact(f, "report")
         headline = {f"row/{r.label.replace(' / ', '_')}/{m}": statistics.fmean(r.ours[m])

@@ -175,7 +175,7 @@ def execute(cfg: DictConfig) -> dict[str, float]:
                 table = results_table(results)
                 print("\n" + table + "\n")
             print(f"MLflow run {tracker.run_id} ('{name}') in experiment '{cfg.tracking.experiment}' at {uri}")
-            print(f"Run folder: {run_dir}   UI: {where_to_look(uri, tracker.client.get_run(tracker.run_id).info.experiment_id, tracker.run_id)}")
+            print(f"Run folder: {run_dir}   UI: {where_to_look(tracker)}")
         finished = True
     except (Terminated, KeyboardInterrupt, StorageFull):
         raise  # the journal entry stays: the same command resumes

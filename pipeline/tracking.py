@@ -43,11 +43,11 @@ def resolve_uri(configured: str | None, outputs: Path | None = None) -> str:
 UI_PORT = 5000  # `make ui` (python -m pipeline.tracking ui --port)
 
 
-def where_to_look(uri: str, experiment_id: str, run_id: str) -> str:
+def where_to_look(tracker: "Tracker") -> str:
     """Where a finished run is seen: its page on a tracking server (http[s] URI), else `make ui` on this
     machine's store."""
-    if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    if tracker.uri.startswith(("http://", "https://")):
+        return f"{tracker.uri.rstrip('/')}/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}"
     return f"make ui  (http://127.0.0.1:{UI_PORT})"
 
 
@@ -158,8 +158,9 @@ def flatten(node: Any, prefix: str = "") -> dict[str, str]:
 class Tracker:
     """Thin wrapper around one MLflow run (explicit run id, no global active run)."""
 
-    def __init__(self, client: MlflowClient, run_id: str, uri: str, experiment: str):
-        self.client, self.run_id, self.uri, self.experiment = client, run_id, uri, experiment
+    def __init__(self, client: MlflowClient, run_id: str, uri: str, experiment: str, experiment_id: str):
+        self.client, self.run_id, self.uri = client, run_id, uri
+        self.experiment, self.experiment_id = experiment, experiment_id  # its name, and its id (UI pages, logged models)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         items = [Param(k, str(v)) for k, v in params.items()]
@@ -348,7 +349,7 @@ def start_run(
         reopen_run(client, run, tags)
     else:
         run = _retry(client.create_run, experiment_id, run_name=run_name, tags=tags)
-    tracker = Tracker(client, run.info.run_id, uri, experiment)
+    tracker = Tracker(client, run.info.run_id, uri, experiment, run.info.experiment_id)
     monitor = None
     if system_metrics:  # CPU, memory, disk, network (and GPU) as system/* metrics, sampled every 10 s
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor

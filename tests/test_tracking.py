@@ -84,5 +84,9 @@ def test_interrupt_marks_the_run_killed(tmp_path):
 def test_a_finished_job_points_to_its_run_on_a_tracking_server_or_to_make_ui_locally():
     from pipeline.tracking import where_to_look
 
-    assert where_to_look("http://mlflow.lab:5000/", "7", "abc") == "http://mlflow.lab:5000/#/experiments/7/runs/abc"
-    assert where_to_look("sqlite:////tmp/x/mlflow.db", "7", "abc") == "make ui  (http://127.0.0.1:5000)"
+    from pipeline.tracking import Tracker
+
+    remote = Tracker(None, "abc", "http://mlflow.lab:5000/", "medprune", "7")
+    assert where_to_look(remote) == "http://mlflow.lab:5000/#/experiments/7/runs/abc"
+    local = Tracker(None, "abc", "sqlite:////tmp/x/mlflow.db", "medprune", "7")
+    assert where_to_look(local) == "make ui  (http://127.0.0.1:5000)"
