@@ -7,11 +7,12 @@ the run did not record is written as "not recorded", never guessed.
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
+
+from data.files import read_csv
 
 NOT_RECORDED = "not recorded"
 CARD_MD, CARD_JSON = "MODEL_CARD.md", "model_card.json"
@@ -40,8 +41,7 @@ def case_intervals(csv_path: Optional[Path], seed: int = INTERVAL_SEED) -> dict[
 
     if csv_path is None or not Path(csv_path).exists():
         return {}
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv(csv_path)
     out = {}
     for metric in HEADLINE:
         values = [v for v in (_number(r.get(metric)) for r in rows) if v is not None and math.isfinite(v)]
