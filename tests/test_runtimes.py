@@ -109,10 +109,10 @@ def test_cpu_capabilities_name_the_simd_level_the_flags_and_openvinos_view():
 
 def test_which_runtime_has_which_precision():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert all(runtimes.supports(r, "fp32", cpu) for r in runtimes.RUNTIMES)
-    assert {r for r in runtimes.RUNTIMES if runtimes.supports(r, "bf16", cpu)} == {"torch", "compile", "openvino"}
-    assert not any(runtimes.supports(r, "fp16", cpu) for r in runtimes.RUNTIMES)
-    assert {r for r in runtimes.RUNTIMES if runtimes.supports(r, "fp16", cuda)} == {"torch"}
+    assert all(runtimes.REGISTRY[r].supports("fp32", cpu) for r in runtimes.RUNTIMES)
+    assert {r for r in runtimes.RUNTIMES if runtimes.REGISTRY[r].supports("bf16", cpu)} == {"torch", "compile", "openvino"}
+    assert not any(runtimes.REGISTRY[r].supports("fp16", cpu) for r in runtimes.RUNTIMES)
+    assert {r for r in runtimes.RUNTIMES if runtimes.REGISTRY[r].supports("fp16", cuda)} == {"torch"}
 
 
 def test_a_deployed_form_scores_like_a_module(networks):

@@ -340,11 +340,6 @@ def openvino_capabilities() -> list[str] | None:
         return None
 
 
-def supports(runtime: str, precision: str, device: torch.device) -> bool:
-    """Whether `runtime` has `precision` kernels for networks on `device` (REGISTRY's precisions)."""
-    return REGISTRY[runtime].supports(precision, device)
-
-
 class AsModule(nn.Module):
     """A deployed form as a module (float32 logits on the input's device), for code that scores modules."""
 
