@@ -452,7 +452,7 @@ def validate(cfg: DictConfig) -> None:
         device = pick_device(str(cfg.device))
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    for key in ("train.precision", "finetune.precision"):
-        value = str(OmegaConf.select(cfg, key))
+    for name in ("train.precision", "finetune.precision"):
+        value = str(OmegaConf.select(cfg, name))
         if value == "fp16" and supported(value, device):
-            raise ConfigError(f"{key}=fp16: {supported(value, device)}")
+            raise ConfigError(f"{name}=fp16: {supported(value, device)}")

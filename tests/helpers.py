@@ -44,7 +44,9 @@ def conf(group: str, name: str, outputs="/tmp/medprune-test-outputs", **override
     where every default lives, so tests build datasets, models and criteria from it, as the pipeline does."""
     from omegaconf import OmegaConf
 
-    import pipeline.paths  # noqa: F401  (resolvers)
+    from pipeline import shell
+
+    shell.start()  # the resolvers the YAML uses (idempotent)
 
     node = OmegaConf.load(ROOT / "conf" / group / f"{name}.yaml")
     if "defaults" in node:
@@ -78,7 +80,6 @@ FAST_CRITERION = {"steps": 3, "calibration_batches": 2}
 
 def fast_criterion(name: str):
     """conf/criterion/<name>.yaml built with FAST_CRITERION's keys where it has them."""
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from pipeline.criteria import build_criterion

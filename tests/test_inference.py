@@ -164,10 +164,10 @@ def _settings(**evaluate):
     return OmegaConf.create(conf("evaluate", "default", **{**values, **evaluate}))
 
 
-def _time(settings, models, reduced=None, **kw):
+def _time(settings, networks, reduced=None, **kw):
     from pipeline.measure import cost
 
-    return cost.time_networks(settings, models, (1, 3, 32, 32), torch.device("cpu"), reduced, **kw)
+    return cost.time_networks(settings, networks, (1, 3, 32, 32), torch.device("cpu"), reduced, **kw)
 
 
 def _reduced(settings):

@@ -260,11 +260,13 @@ def test_baseline_key_follows_content_not_paths_or_serving_keys(tmp_path):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    import pipeline.run  # noqa: F401
     from data import build_data
     from data.synthetic import write_synthetic_isic
+    from pipeline import shell
     from pipeline.baseline import baseline_key
     from pipeline.paths import CONF_DIR
+
+    shell.start()  # the schema and resolvers the composed config needs
 
     write_synthetic_isic(tmp_path / "a", count=8, seed=0, min_side=40, max_side=50)
     shutil.copytree(tmp_path / "a", tmp_path / "copy")
