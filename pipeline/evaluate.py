@@ -74,8 +74,9 @@ def arguments(cfg: DictConfig, given: list[str]) -> tuple[str, dict[str, Any]]:
     if ref == "???" or not ref:
         raise ConfigError("run= is missing: expected run=<MLflow run id | run folder | sweep parent run id>")
     overrides: dict[str, Any] = {}
+    resolved = OmegaConf.create(args)
     for key in dict.fromkeys(k for k in given if k != "run"):
-        value = OmegaConf.select(OmegaConf.create(args), key)
+        value = OmegaConf.select(resolved, key)
         if OmegaConf.is_config(value):  # a list or mapping (evaluate.runtimes=[...]): plain values, as logged
             value = OmegaConf.to_container(value)
         value = None if value == "" else value  # `key=`: null, as YAML reads it
