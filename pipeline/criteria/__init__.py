@@ -47,17 +47,15 @@ JOB_KEYS = ("seed",)
 def build_criterion(node, seed: int) -> "Criterion":
     """The criterion `node` (conf/criterion/<name>.yaml) names, given the job's `seed` where its constructor takes
     one; ValueError naming the key for a value its constructor rejects, or a `criterion.seed` set by hand."""
-    import importlib
     import inspect
 
     from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
+    from hydra.utils import get_object, instantiate
 
     for key in JOB_KEYS:
         if key in node:
             raise ValueError(f"criterion.{key} is the job's {key}: set {key}=<n> instead")
-    module, _, attr = str(node["_target_"]).rpartition(".")
-    params = inspect.signature(getattr(importlib.import_module(module), attr)).parameters
+    params = inspect.signature(get_object(str(node["_target_"]))).parameters
     try:
         return instantiate(node, **({"seed": int(seed)} if "seed" in params else {}))
     except InstantiationException as err:
