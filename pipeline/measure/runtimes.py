@@ -24,6 +24,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -159,8 +160,9 @@ class _Cast(nn.Module):
         return self.net(x.to(self.dtype)).float()
 
 
-def _torch_form(model: nn.Module, input_shape: tuple[int, ...], precision: str, channels_last: bool, compile: bool):
-    """Eager (or inductor-compiled) module in channels_last, with weights in bf16/fp16 behind a `_Cast`.
+def _build_torch(model: nn.Module, input_shape: tuple[int, ...], precision: str, threads, work_dir, channels_last: bool,
+                 export, compile: bool = False):
+    """Eager (or inductor-compiled, `compile`) module in channels_last, with weights in bf16/fp16 behind a `_Cast`.
 
     Compiling happens at the first call, so it is done here (warm-up), under inference_mode as every
     later call: a change of grad mode or input strides would recompile. With `dynamic=False` another
@@ -184,17 +186,7 @@ def _torch_form(model: nn.Module, input_shape: tuple[int, ...], precision: str, 
         with torch.inference_mode():
             return net(prepared.input(x.to(device))).float().cpu()
 
-    return forward_call(net, input_shape, prepared.channels_last), predict, note, net
-
-
-def _build_torch(model, input_shape, precision, threads, work_dir, channels_last, export):
-    call, predict, note, net = _torch_form(model, input_shape, precision, channels_last, compile=False)
-    return call, predict, note, net, None
-
-
-def _build_compile(model, input_shape, precision, threads, work_dir, channels_last, export):
-    call, predict, note, net = _torch_form(model, input_shape, precision, channels_last, compile=True)
-    return call, predict, note, net, None
+    return forward_call(net, input_shape, prepared.channels_last), predict, note, net, None
 
 
 def _compiled(net: nn.Module, input_shape: tuple[int, ...], channels_last: bool) -> nn.Module:
@@ -322,7 +314,7 @@ REGISTRY: dict[str, Runtime] = {r.name: r for r in (
             cpu_precisions=("fp32", "bf16"), cuda_precisions=("fp32",), build=_build_openvino, needs_work_dir=True),
     # torch.compile runs on torch's own threads: it shares torch's pass
     Runtime("compile", "compile_latency", "torch.compile", "compile", timing_pass="torch",
-            cpu_precisions=("fp32", "bf16"), cuda_precisions=("fp32",), build=_build_compile),
+            cpu_precisions=("fp32", "bf16"), cuda_precisions=("fp32",), build=partial(_build_torch, compile=True)),
 )}
 RUNTIMES = tuple(REGISTRY)
 OPTIONAL = tuple(name for name in REGISTRY if name != "torch")  # what evaluate.runtimes may list
