@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -147,12 +148,32 @@ class ArrayDataset(Dataset):
         return self.transform(self.images[row], self.masks[row])
 
 
+@dataclass(frozen=True)
+class ImageInput:
+    """How a 2D image reader turns an image file's pixels (uint8, channels last, any size) into a network input:
+    resized to `size` x `size` with PIL's bilinear filter, then albumentations' Normalize(mean, std). What a
+    deployed graph repeats (pipeline/deploy_graph.py)."""
+
+    size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
 class MaskFiles:
-    """For a 2D reader that keeps each split's mask files (`_mask_files`, read with its `mask_threshold`):
-    a mask at its image's original resolution (SegmentationData.original_mask)."""
+    """For a 2D reader of image and mask files (ISIC, slice folders), which keeps each split's mask files
+    (`_mask_files`, read with its `mask_threshold`): a mask at its image's original resolution
+    (SegmentationData.original_mask), and how an image file becomes a network input (`image_input`)."""
 
     _mask_files: dict[str, list[Path]]
     mask_threshold: Optional[int]
+    in_channels: int
+    image_size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+
+    def image_input(self) -> ImageInput:
+        return ImageInput(int(self.image_size), int(self.in_channels), tuple(map(float, self.mean)), tuple(map(float, self.std)))
 
     def original_mask(self, split: str, index: int) -> np.ndarray:
         self._check_read(split)
@@ -324,6 +345,11 @@ class SegmentationData(abc.ABC):
         """One image as the reader stores its items (H x W x C, at image_size) -> the network's input [C, H, W],
         exactly as `dataset(split)` serves a test item: how `pipeline.predict` prepares new data."""
         return self.transform(augment=False)(image, np.zeros(np.shape(image)[:2], np.uint8))[0]
+
+    def image_input(self) -> Optional[ImageInput]:
+        """How an image file becomes a network input, for readers of image files (MaskFiles); None: the reader's
+        items are not images as a file holds them (volumes, CT crops)."""
+        return None
 
     def case_spacing(self, case_id: str) -> Optional[tuple[float, ...]]:
         """A case's voxel spacing in mm (volumes read from NIfTI); None: distances are in pixels."""

@@ -81,13 +81,16 @@ def scan_folder(input_dir: Path, mask_dir: Path) -> tuple[list[Pair], list[str],
     return pairs, ignored, problems
 
 
-def load_image(path: Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+def load_image(path: Path, size: int, draft: bool = True) -> tuple[np.ndarray, tuple[int, int]]:
     """Decodes one image and resizes it: (uint8 [size,size,3], its original (width, height)); raises _Problem.
-    The one way an image becomes a network input's pixels, for the splits and for `pipeline.predict`."""
+    The one way an image becomes a network input's pixels, for the splits and for `pipeline.predict`.
+    `draft`: a large JPEG is decoded at a reduced DCT scale (the splits: far faster); else at full scale, as a
+    user's own code reads it and a logged model is given it (`read_image`)."""
     try:
         with Image.open(path) as im:
             original = im.size
-            im.draft("RGB", (size, size))  # JPEG decodes at 1/2..1/8 scale, still >= size: far faster
+            if draft:
+                im.draft("RGB", (size, size))  # JPEG decodes at 1/2..1/8 scale, still >= size
             rgb = im.convert("RGB").resize((size, size), Image.BILINEAR)
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         raise _Problem(f"image {path} cannot be read ({type(err).__name__}: {err}); expected a complete RGB JPEG")
@@ -355,10 +358,11 @@ class ISIC2018(MaskFiles, SegmentationData):
     # -- serving -----------------------------------------------------------------------------------
 
     def read_image(self, path: Path) -> tuple[np.ndarray, tuple[int, int]]:
-        """A new image (no mask) as the splits hold theirs: (uint8 [S, S, 3], its original (height, width)); a file
-        that cannot be read is a DatasetError naming it."""
+        """A new image (no mask) as the splits hold theirs, decoded at full scale (as the logged model's graph is
+        given it: the same pixels): (uint8 [S, S, 3], its original (height, width)); a file that cannot be read
+        is a DatasetError naming it."""
         try:
-            rgb, (width, height) = load_image(Path(path), self.image_size)
+            rgb, (width, height) = load_image(Path(path), self.image_size, draft=False)
         except _Problem as problem:
             raise DatasetError(str(problem)) from None
         return rgb, (height, width)

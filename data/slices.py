@@ -146,23 +146,26 @@ class SliceFolders(MaskFiles, SegmentationData):
             )
         return pairs, ignored, problems
 
-    def _load_image(self, path: Path) -> tuple[np.ndarray, tuple[int, int]]:
-        """(uint8 [size, size, channels], original (width, height)); raises _Problem."""
+    def _load_image(self, path: Path, draft: bool = True) -> tuple[np.ndarray, tuple[int, int]]:
+        """(uint8 [size, size, channels], original (width, height)); raises _Problem. `draft`: a large JPEG is
+        decoded at a reduced DCT scale (the splits: faster); else at full scale (`read_image`)."""
         size, mode = self.image_size, "L" if self.in_channels == 1 else "RGB"
         try:
             with Image.open(path) as im:
                 original = im.size
-                im.draft(mode, (size, size))
+                if draft:
+                    im.draft(mode, (size, size))
                 pixels = np.asarray(im.convert(mode).resize((size, size), Image.BILINEAR), dtype=np.uint8)
         except Exception as err:
             raise _Problem(f"image {path} cannot be read ({type(err).__name__}: {err}); expected a complete image file")
         return (pixels[..., None] if pixels.ndim == 2 else pixels), original
 
     def read_image(self, path: Path) -> tuple[np.ndarray, tuple[int, int]]:
-        """A new image (no mask) as the splits hold theirs: (uint8 [S, S, channels], its original (height, width));
-        a file that cannot be read is a DatasetError naming it."""
+        """A new image (no mask) as the splits hold theirs, decoded at full scale (as the logged model's graph is
+        given it: the same pixels): (uint8 [S, S, channels], its original (height, width)); a file that cannot be
+        read is a DatasetError naming it."""
         try:
-            pixels, (width, height) = self._load_image(Path(path))
+            pixels, (width, height) = self._load_image(Path(path), draft=False)
         except _Problem as problem:
             raise DatasetError(str(problem)) from None
         return pixels, (height, width)

@@ -281,12 +281,15 @@ def quiet(*loggers: str) -> Iterator[None]:
 
 def export_onnx(
     model: nn.Module, path: str | Path, input_shape: tuple[int, ...], opset: int = 18, dynamo: bool = False,
-    dynamic_batch: bool = True, output_name: str = OUTPUT_NAME,
+    dynamic_batch: bool = True, output_name: str = OUTPUT_NAME, example: Optional[torch.Tensor] = None,
+    dynamic_sizes: bool = False,
 ) -> Path:
     """Exports `model` (eval mode, on CPU) for inputs shaped like `input_shape` to `path`.
 
-    The batch dimension is dynamic (`dynamic_batch`); height and width are fixed to the input's. The
-    graph's input is named `image`, its output `output_name`.
+    The batch dimension is dynamic (`dynamic_batch`); height and width are fixed to the input's, unless
+    `dynamic_sizes` (every dimension but the last varies: images [N, H, W, C] of any size; torch.export only).
+    `example` is the sample input (default: float32 noise of `input_shape`). The graph's input is named
+    `image`, its output `output_name`.
     `dynamo=False` is torch's TorchScript-based exporter; `dynamo=True` the torch.export-based one. Both
     give the same graph once ONNX Runtime has optimised it (same fused Conv / layout-reorder nodes);
     the TorchScript one has no fixed start-up cost (0.4 s instead of 4 s for a tiny UNet), which keeps
@@ -294,9 +297,14 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).cpu().eval().to(memory_format=torch.contiguous_format)
-    x = torch.randn(input_shape)
+    x = torch.randn(input_shape) if example is None else example.cpu()
     kwargs: dict = dict(input_names=[INPUT_NAME], output_names=[output_name], opset_version=opset, dynamo=dynamo)
-    if dynamic_batch and dynamo:
+    if dynamic_sizes and dynamo:
+        kwargs["dynamic_shapes"] = ({d: torch.export.Dim(f"d{d}", min=1) for d in range(x.dim() - 1)},)
+    elif dynamic_sizes:
+        kwargs["dynamic_axes"] = {INPUT_NAME: {d: f"d{d}" for d in range(x.dim() - 1)},
+                                  output_name: {0: "d0", 2: "d1", 3: "d2"}}
+    elif dynamic_batch and dynamo:
         kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch")},)
     elif dynamic_batch:
         kwargs["dynamic_axes"] = {INPUT_NAME: {0: "batch"}, output_name: {0: "batch"}}

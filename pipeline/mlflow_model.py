@@ -2,9 +2,12 @@
 
 The model is logged in MLflow's ONNX flavour (an MLmodel file, an .onnx graph, the signature and an
 input example): loading it reads the graph with ONNX Runtime and unpickles nothing, and no code travels
-with it. The graph is the network with its output turned into the mask the pipeline scores
-(sigmoid, > `evaluate.threshold`), with a dynamic batch: images [N, C, H, W] float32, normalised as the
-dataset serves them, give masks [N, K, H, W] uint8 in {0, 1}, as the output named `mask`.
+with it. For 2D image data the graph takes what a user has, uint8 images [N, H, W, C] of any size as
+read from files, and does the reader's preprocessing, the network and the way back inside
+(pipeline/deploy_graph.py): masks [N, K, H, W] uint8 in {0, 1} at the images' size, as the output named
+`mask`, the same masks `pipeline.predict` writes. Other data (3D volumes, whose sliding window stays
+outside; CT crops) is taken preprocessed, at the network's input size; the signature and the MLmodel's
+metadata (`medprune`: input, output) say what, and an input of another shape or dtype is refused.
 
 Each network is an MLflow 3 logged model bound to the run (`client.search_logged_models` finds it, its
 headline metrics linked to it; `models:/<model id>` loads it) and carries its model card (MODEL_CARD.md,
@@ -27,6 +30,7 @@ from torch import nn
 
 from models.io import load_model
 from pipeline import model_card
+from pipeline.deploy_graph import ImageInput, ImageMasks, example_images, io_spec
 from pipeline.inference import export_onnx
 
 log = logging.getLogger(__name__)
@@ -46,28 +50,39 @@ class MaskHead(nn.Module):
         return (torch.sigmoid(self.network(images)) > self.threshold).to(torch.uint8)
 
 
-def save(network: nn.Module, threshold: float, example: torch.Tensor, folder: Path) -> Path:
-    """Writes the MLflow model of `network` into `folder` (which must not exist); returns it."""
+def save(network: nn.Module, threshold: float, example: torch.Tensor, folder: Path, spec: dict,
+         image: ImageInput | None = None) -> Path:
+    """Writes the MLflow model of `network` into `folder` (which must not exist); returns it. With `image` (2D
+    image data) the graph is `deploy_graph.ImageMasks`: uint8 images of any size in, masks at their size out;
+    otherwise it takes inputs preprocessed and shaped like `example` (3D patches, CT crops). `spec` (what
+    `deploy_graph.io_spec` says of the input and output) goes into the MLmodel's metadata."""
     import mlflow.onnx
     import onnx
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
 
+    network = network.cpu().eval()
+    if image is not None:
+        graph, sample = ImageMasks(network, image, threshold).eval(), example_images(image, (1, 48, 64))
+    else:
+        graph, sample = MaskHead(network, threshold).eval(), example.cpu()
+    inputs, outputs = spec["input"], spec["output"]
+    signature = ModelSignature(Schema([TensorSpec(np.dtype(inputs["dtype"]), tuple(inputs["shape"]), inputs["name"])]),
+                               Schema([TensorSpec(np.dtype(outputs["dtype"]), tuple(outputs["shape"]), OUTPUT)]))
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_onnx(MaskHead(network, threshold).eval(), Path(tmp) / "model.onnx", tuple(example.shape),
-                           output_name=OUTPUT)
-        graph = onnx.load(str(path))
-        with torch.no_grad():
-            masks = MaskHead(network.cpu().eval(), threshold)(example.cpu()).numpy()
-        signature = infer_signature(example.numpy(), masks)
-        mlflow.onnx.save_model(graph, str(folder), signature=signature, input_example=example.numpy(),
-                               save_as_external_data=False)
+        path = export_onnx(graph, Path(tmp) / "model.onnx", tuple(sample.shape), output_name=OUTPUT, example=sample,
+                           dynamic_sizes=image is not None)
+        mlflow.onnx.save_model(onnx.load(str(path)), str(folder), signature=signature, input_example=sample.numpy(),
+                               save_as_external_data=False, metadata={"medprune": spec},
+                               onnx_execution_providers=["CPUExecutionProvider"])
     return folder
 
 
-def log_model(tracker, network: nn.Module, threshold: float, example: torch.Tensor, name: str,
-              card: Callable[[str], dict] | None = None, metrics: Mapping[str, float] | None = None) -> str:
+def log_model(tracker, network: nn.Module, threshold: float, example: torch.Tensor, name: str, spec: dict,
+              image: ImageInput | None = None, card: Callable[[str], dict] | None = None,
+              metrics: Mapping[str, float] | None = None) -> str:
     """Logs the network as an MLflow 3 logged model `name` bound to the tracker's run (what the UI's "Logged
-    models" and `search_logged_models` show), with `metrics` (<network>/<result>) linked to it and, from
+    models" and `search_logged_models` show; `save` says what the graph takes), with `metrics` (<network>/<result>) linked to it and, from
     `card(model_id)`, MODEL_CARD.md and model_card.json in its folder; returns its model id (load it by
     `models:/<model id>`, or by `runs:/<run id>/<name>`, which MLflow 3 resolves to the same model)."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
@@ -75,10 +90,11 @@ def log_model(tracker, network: nn.Module, threshold: float, example: torch.Tens
 
     client = tracker.client
     model = client.create_logged_model(tracker.experiment_id, name=name, source_run_id=tracker.run_id, model_type="onnx",
-                                       params={"threshold": f"{threshold:g}", "input_shape": json.dumps(list(example.shape))})
+                                       params={"threshold": f"{threshold:g}", "input_shape": json.dumps(spec["input"]["shape"]),
+                                               "input_dtype": spec["input"]["dtype"]})
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            folder = save(network, threshold, example, Path(tmp) / name)
+            folder = save(network, threshold, example, Path(tmp) / name, spec, image)
             mlmodel = Model.load(str(folder))  # as MLflow's own log_model writes it: the MLmodel names its logged model
             mlmodel.model_id = model.model_id
             mlmodel.save(str(folder / "MLmodel"))
@@ -129,15 +145,19 @@ def headline(metrics: Mapping[str, Any], network: str) -> dict[str, float]:
 
 
 def log_networks(tracker, networks: dict[str, str], threshold: float, example: torch.Tensor,
-                 register_as: str | None, metrics: dict[str, float], regions: Sequence[str] | None = None,
-                 cases: Path | None = None) -> dict[str, str]:
+                 register_as: str | None, metrics: dict[str, float], image: ImageInput | None = None,
+                 regions: Sequence[str] | None = None, cases: Path | None = None) -> dict[str, str]:
     """The final network (and the baseline, when `networks` has it: in the run that trained it) as MLflow logged
     models (`final_mlflow_model`, `baseline_mlflow_model`) with their model cards; the final one registered as
     a version of `register_as` with the run's headline metrics (`metrics`: <network>/<result>) and its card as
-    the description. `regions` names the output channels (None: one foreground), `cases` is the folder of the
-    per-case CSVs (cases_<network>.csv) the card's intervals come from. Returns network -> model id."""
+    the description. `image`: the 2D reader's preprocessing, put into the graph (None: the graph takes inputs
+    preprocessed and shaped like `example`); `regions` names the output channels (None: one foreground),
+    `cases` is the folder of the per-case CSVs (cases_<network>.csv) the card's intervals come from. Returns
+    network -> model id."""
     run = tracker.client.get_run(tracker.run_id)
     datasets = list(run.inputs.dataset_inputs) if run.inputs else []
+    labels = list(regions) if regions else ["foreground"]
+    spec = io_spec(image, tuple(example.shape), labels, threshold, model_card.normalisation(run.data.params))
     logged, cards = {}, {}
     for network in ("final", "baseline"):
         if not networks.get(network):
@@ -146,11 +166,11 @@ def log_networks(tracker, networks: dict[str, str], threshold: float, example: t
         results = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(f"{network}/")}
 
         def card(model_id: str, network=network, name=name, results=results) -> dict:
-            cards[network] = model_card.build(run, datasets, network, results, threshold, tuple(example.shape), regions,
+            cards[network] = model_card.build(run, datasets, network, results, spec, labels,
                                               Path(cases) / f"cases_{network}.csv" if cases else None, model_id, name)
             return cards[network]
 
-        logged[network] = log_model(tracker, load_model(networks[network]), threshold, example, name, card,
+        logged[network] = log_model(tracker, load_model(networks[network]), threshold, example, name, spec, image, card,
                                     headline(metrics, network))
     if register_as and "final" in logged:
         version = register(tracker.client, register_as, tracker.run_id, logged["final"], headline(metrics, "final"),
@@ -160,8 +180,9 @@ def log_networks(tracker, networks: dict[str, str], threshold: float, example: t
 
 
 def predict_masks(model_uri: str, images: np.ndarray) -> np.ndarray:
-    """Masks of a logged model (what `mlflow.pyfunc.load_model(uri).predict(images)` returns, as an array)."""
+    """Masks of a logged model (what `mlflow.pyfunc.load_model(uri).predict(images)` returns, as an array):
+    `images` as its signature says (2D image data: uint8 [N, H, W, C] as read from files)."""
     import mlflow.pyfunc
 
-    out = mlflow.pyfunc.load_model(model_uri).predict(images.astype(np.float32))
+    out = mlflow.pyfunc.load_model(model_uri).predict(images)
     return np.asarray(out[OUTPUT] if isinstance(out, dict) else out)

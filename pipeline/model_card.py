@@ -51,11 +51,22 @@ def case_intervals(csv_path: Optional[Path], seed: int = INTERVAL_SEED) -> dict[
     return out
 
 
-def build(run, datasets: Sequence, network: str, results: Mapping[str, Any], threshold: float,
-          input_shape: Sequence[int], regions: Optional[Sequence[str]], cases_csv: Optional[Path],
-          model_id: str, name: str) -> dict:
+def normalisation(params: Mapping[str, str]) -> str:
+    """What the run's reader does to intensities, from its params."""
+    mean, std = params.get("dataset.mean"), params.get("dataset.std")
+    if mean and std:
+        return f"per channel (x / 255 - mean) / std, mean {mean}, std {std}"
+    if params.get("dataset.already_normalized") is not None:
+        return ("intensities z-scored inside the brain by the dataset reader" if params.get("dataset.already_normalized") == "False"
+                else "intensities already z-scored in the files")
+    return NOT_RECORDED
+
+
+def build(run, datasets: Sequence, network: str, results: Mapping[str, Any], spec: Mapping[str, Any],
+          labels: Sequence[str], cases_csv: Optional[Path], model_id: str, name: str) -> dict:
     """The card's facts as plain JSON: `run` is the MLflow run (params, tags), `datasets` its dataset inputs,
-    `results` the network's results (<result> -> value), `input_shape` one input (batch 1)."""
+    `results` the network's results (<result> -> value), `spec` the graph's input and output
+    (deploy_graph.io_spec), `labels` the output channels' names."""
     params, tags = run.data.params, run.data.tags
 
     def param(key: str) -> str:
@@ -66,17 +77,6 @@ def build(run, datasets: Sequence, network: str, results: Mapping[str, Any], thr
         value = results.get(key)
         return NOT_RECORDED if value is None else value
 
-    channels, spatial = int(input_shape[1]), [int(s) for s in input_shape[2:]]
-    layout = "NCDHW" if len(spatial) == 3 else "NCHW"
-    labels = list(regions) if regions else ["foreground"]
-    mean, std = params.get("dataset.mean"), params.get("dataset.std")
-    if mean and std:
-        normalisation = f"per channel (x / 255 - mean) / std, mean {mean}, std {std}"
-    elif params.get("dataset.already_normalized") is not None:
-        normalisation = ("intensities z-scored inside the brain by the dataset reader" if params.get("dataset.already_normalized") == "False"
-                         else "intensities already z-scored in the files")
-    else:
-        normalisation = NOT_RECORDED
     splits = {}
     for d in datasets:
         context = next((t.value for t in d.tags if t.key == "mlflow.data.context"), None)
@@ -102,13 +102,9 @@ def build(run, datasets: Sequence, network: str, results: Mapping[str, Any], thr
         "name": name, "network": network, "model_id": model_id, "model_uri": uri, "run_id": run.info.run_id,
         "format": "MLflow model, ONNX flavour (no pickled objects, no code)",
         "task": {"type": "multi-region segmentation" if len(labels) > 1 else "binary segmentation",
-                 "dims": len(spatial), "labels": labels},
-        "input": {"name": "images", "shape": [-1, channels, *spatial], "dtype": "float32", "layout": layout,
-                  "channels": channels, "normalisation": normalisation,
-                  "note": (f"the graph expects preprocessed float32 images of the training size ({'x'.join(map(str, spatial))}), "
-                           f"{layout}, normalised as above; resizing and normalisation are not in the graph yet")},
-        "output": {"name": "mask", "shape": [-1, len(labels), *spatial], "dtype": "uint8", "values": "{0, 1}",
-                   "rule": f"sigmoid(logits) > {threshold:g}, one channel per label", "threshold": float(threshold)},
+                 "dims": len(spec["input"]["layout"]) - 2, "labels": list(labels)},
+        "input": dict(spec["input"]),
+        "output": dict(spec["output"]),
         "training_data": {"dataset": dataset, "root": param("dataset.root"), "splits": splits or NOT_RECORDED,
                           "split_seed": param("dataset.split_seed"),
                           "licence": LICENCES.get(dataset, "see the dataset's own licence")},
@@ -125,7 +121,8 @@ def build(run, datasets: Sequence, network: str, results: Mapping[str, Any], thr
                  "cpu_capability": tags.get("medprune.cpu_capability", NOT_RECORDED)},
         "how_to_load": ("import mlflow\n"
                         f"model = mlflow.pyfunc.load_model(\"{uri}\")\n"
-                        "masks = model.predict(images)[\"mask\"]  # images: float32 " + layout + ", preprocessed as above"),
+                        f"masks = model.predict(images)[\"mask\"]  # images: {spec['input']['dtype']} "
+                        f"{spec['input']['layout']}, as described under Input"),
     }
 
 
@@ -141,8 +138,8 @@ def markdown(card: Mapping[str, Any]) -> str:
              f"{card['format']}. Model `{card['model_uri']}`, logged by run `{card['run_id']}`.", "",
              "## Task", f"- {t['type']} ({t['dims']}D), labels: {', '.join(t['labels'])}", "",
              "## Input", f"- `{i['name']}`: {i['dtype']} {i['layout']} {i['shape']} ({i['channels']} channels)",
-             f"- normalisation: {i['normalisation']}", f"- {i['note']}", "",
-             "## Output", f"- `{o['name']}`: {o['dtype']} {o['shape']}, values {o['values']}: {o['rule']}", "",
+             f"- {i['note']}", f"- preprocessing {i['preprocessing']}", "",
+             "## Output", f"- `{o['name']}`: {o['dtype']} {o['layout']} {o['shape']}, values {o['values']}: {o['rule']}", "",
              "## Training data", f"- dataset: {d['dataset']} (root {d['root']}, split seed {d['split_seed']})"]
     if isinstance(d["splits"], dict):
         lines += [f"- {split}: {s['cases']} cases, digest `{s['digest']}`" for split, s in d["splits"].items()]

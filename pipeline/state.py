@@ -17,7 +17,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import TYPE_CHECKING, Optional, Protocol
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from torch.utils.data import Dataset
 
 from data.files import atomic_write
 from pipeline.tracking import Tracker
+
+if TYPE_CHECKING:
+    from data.base import ImageInput
 
 
 # The networks a run holds, in the order the stages make them: each is a model folder in the state, a row of
@@ -171,6 +174,8 @@ class DataSource(Protocol):
     def dataset(self, split: str, augment: bool = False) -> Dataset: ...
 
     def case_spacing(self, case_id: str) -> Optional[tuple[float, ...]]: ...  # voxel spacing in mm; None: pixels
+
+    def image_input(self) -> Optional[ImageInput]: ...  # how an image file becomes an input; None: not image files
 
     def original_mask(self, split: str, index: int) -> Optional[np.ndarray]: ...  # 2D: the mask at its file's size
 

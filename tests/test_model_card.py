@@ -6,7 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from data.base import ImageInput
 from pipeline import model_card
+from pipeline.deploy_graph import io_spec
 
 
 def fake_run(params: dict, tags: dict):
@@ -25,11 +27,14 @@ def test_the_card_says_what_the_run_recorded_and_nothing_else(tmp_path):
                     "dataset.std": "[0.229, 0.224, 0.225]", "final.latency_threads": "4", "train.epochs": "100"},
                    {"medprune.latency_device": "Some CPU"})
     results = {"dice": 0.65, "iou": 0.55, "flops_g": 1.5, "params_m": 2.0, "latency_ms": 7.0}
-    card = model_card.build(run, [dataset_input("train", 70, "abc"), dataset_input("test", 15, "def")], "final", results, 0.5,
-                            (1, 3, 64, 64), None, cases, "m-1", "final_mlflow_model")
+    spec = io_spec(ImageInput(64, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), (1, 3, 64, 64), ["foreground"], 0.5,
+                   model_card.normalisation(run.data.params))
+    card = model_card.build(run, [dataset_input("train", 70, "abc"), dataset_input("test", 15, "def")], "final", results, spec,
+                            ["foreground"], cases, "m-1", "final_mlflow_model")
     assert card["task"] == {"type": "binary segmentation", "dims": 2, "labels": ["foreground"]}
-    assert card["input"]["shape"] == [-1, 3, 64, 64] and card["input"]["dtype"] == "float32" and "0.485" in card["input"]["normalisation"]
-    assert card["output"]["dtype"] == "uint8" and card["output"]["threshold"] == 0.5
+    assert card["input"]["shape"] == [-1, -1, -1, 3] and card["input"]["dtype"] == "uint8" and card["input"]["layout"] == "NHWC"
+    assert "0.485" in card["input"]["preprocessing"] and "64x64" in card["input"]["preprocessing"]
+    assert card["output"]["dtype"] == "uint8" and card["output"]["threshold"] == 0.5 and card["output"]["shape"] == [-1, 1, -1, -1]
     assert card["training_data"]["splits"]["test"] == {"cases": 15, "digest": "def"} and "CC-BY-NC" in card["training_data"]["licence"]
     dice = card["metrics"]["dice"]
     assert dice["value"] == 0.65 and dice["cases"] == 10 and dice["ci95"][0] <= dice["case_mean"] <= dice["ci95"][1]
@@ -46,9 +51,13 @@ def test_the_card_says_what_the_run_recorded_and_nothing_else(tmp_path):
 
 def test_regions_make_a_multi_region_card_and_an_unknown_dataset_points_to_its_own_licence():
     run = fake_run({"choice.dataset": "brats3d"}, {})
-    card = model_card.build(run, [], "final", {}, 0.5, (1, 4, 32, 32, 32), ("WT", "TC", "ET"), None, "m-2", "final_mlflow_model")
+    labels = ["WT", "TC", "ET"]
+    spec = io_spec(None, (1, 4, 32, 32, 32), labels, 0.5, model_card.normalisation(run.data.params))
+    card = model_card.build(run, [], "final", {}, spec, labels, None, "m-2", "final_mlflow_model")
     assert card["task"]["type"] == "multi-region segmentation" and card["output"]["shape"] == [-1, 3, 32, 32, 32]
-    assert card["input"]["layout"] == "NCDHW" and card["input"]["normalisation"] == model_card.NOT_RECORDED
+    assert card["input"]["layout"] == "NCDHW" and card["input"]["dtype"] == "float32" and card["task"]["dims"] == 3
+    assert model_card.NOT_RECORDED in card["input"]["preprocessing"] and "sliding" not in card["input"]["preprocessing"]
+    assert "windows of this size outside the graph" in card["input"]["note"]
     assert card["training_data"]["licence"] == "see the dataset's own licence" and card["metrics"] == {}
     assert "- not recorded" in model_card.markdown(card)
 

@@ -20,7 +20,11 @@ from data.synthetic_volumes import stored
 from pipeline.measure.metrics import CaseRules, case_metrics
 
 # Long enough that the tiny network segments (Dice about 0.9, not collapsed): equal masks then mean something.
-ISIC_JOB = [*TINY, "train.epochs=6", "train.lr=0.01", "prune.ratio=0.25", "finetune.lr=0.003"]
+# Images under twice the 32 px training size: the reader decodes them at full scale for its splits too (a larger
+# JPEG it decodes at reduced scale, which predict and the logged model do not: docs/PREDICT.md), so predict's
+# masks are exactly the evaluate stage's.
+ISIC_JOB = [*TINY, "train.epochs=6", "train.lr=0.01", "prune.ratio=0.25", "finetune.lr=0.003",
+            "+dataset.synthetic.min_side=40", "+dataset.synthetic.max_side=60"]
 SCORED = ("dice", "iou", "hd95", "nsd")
 
 
@@ -79,6 +83,22 @@ def test_predicting_the_test_split_gives_the_masks_the_evaluate_stage_scored(isi
             scores = case_metrics(pred[None], truth, rules, None, None)
             for metric in SCORED:
                 assert scores[metric] == pytest.approx(float(row[f"{metric}_orig"]), rel=1e-9, abs=1e-12), (network, row["case"], metric)
+
+
+@pytest.mark.integration
+def test_the_logged_model_gives_predicts_masks_for_the_image_files_as_read(isic_job, monkeypatch):
+    """The run's logged model, given each test image as a user reads it (uint8 RGB at its own size), returns the
+    masks predict wrote for that file: the preprocessing and the way back are in its graph."""
+    from pipeline.mlflow_model import predict_masks
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{isic_job['outputs'] / 'mlflow.db'}")
+    for path in sorted(isic_job["inputs"].iterdir()):
+        with Image.open(path) as image:
+            rgb = np.asarray(image.convert("RGB"))
+        masks = predict_masks(f"runs:/{isic_job['run'].info.run_id}/final_mlflow_model", rgb[None])
+        expected = read_png(isic_job["predicted"] / f"{path.stem}.png")
+        assert masks.shape == (1, 1, *expected.shape)
+        assert (masks[0, 0].astype(bool) == expected).mean() > 0.999, path  # ONNX Runtime's sums may flip a boundary pixel
 
 
 @pytest.mark.integration

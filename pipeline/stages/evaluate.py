@@ -116,12 +116,12 @@ def _run(ctx: Context, state: RunState) -> RunState:
     _plots(split, state, {name: models[next(n for n in measured if sources[n] == sources[name])]
                           for name in ("baseline", "final") if sources[name]})
     ctx.tracker.log_artifact(folder, "evaluate")
-    if ctx.cfg.tracking.log_models:  # an input the logged networks take as they are: a test image, a 3D training patch
+    if ctx.cfg.tracking.log_models:  # 2D image files: preprocessing in the graph; else inputs as served (a 3D patch)
         example = ctx.data.dataset("train" if ctx.data.dims == 3 else "test")[0][0].unsqueeze(0)
         trained_here = {name: path for name, path in sources.items()
                         if path and (name != "baseline" or state.baseline_run_id == ctx.tracker.run_id)}
         mlflow_model.log_networks(ctx.tracker, trained_here, e.threshold, example, ctx.cfg.tracking.register_as, flat,
-                                  regions=ctx.data.regions, cases=folder)  # the model card's labels and intervals
+                                  image=ctx.data.image_input(), regions=ctx.data.regions, cases=folder)  # the model card's labels and intervals
     return replace(state, metrics={**state.metrics, **flat})
 
 
