@@ -9,7 +9,9 @@ normalisation, modality order and canonical orientation its test split went thro
 batches of the run's `evaluate.batch_size` with its `evaluate.threads`, and thresholded at
 `evaluate.threshold` after the logits are resized back to the input's own grid (bilinear), which is how
 the evaluate stage scores a prediction at original resolution: predicting a run's test images gives
-exactly the masks its evaluate stage scored.
+the masks its evaluate stage scored, and the run's logged model gives the same masks for the same file
+(images are decoded at full scale, as the logged model is given them; the splits decode a JPEG of twice
+the training size at reduced scale, which changes a few boundary pixels: docs/PREDICT.md).
 
 - 2D data (ISIC, slice folders): a 0/255 PNG per image at its original size, `<name>.png`
   (`<name>_<k>.png` per output channel when the network has several).
