@@ -32,11 +32,11 @@ from models.io import load_model
 from pipeline import model_card
 from pipeline.deploy_graph import ImageInput, ImageMasks, example_images, io_spec
 from pipeline.inference import export_onnx
+from pipeline.tracking import is_compared
 
 log = logging.getLogger(__name__)
 
 OUTPUT = "mask"  # the graph's output: predict() gives {"mask": masks}
-HEADLINE = ("dice", "iou", "hd95", "params_m", "flops_g", "size_mb", "latency_ms")  # linked to the logged model
 
 
 class MaskHead(nn.Module):
@@ -138,9 +138,9 @@ def register(client, name: str, run_id: str, model_id: str, metrics: dict[str, f
 
 
 def headline(metrics: Mapping[str, Any], network: str) -> dict[str, float]:
-    """The network's headline results (<network>/<result>, numbers only): what its logged model and its
-    registered version carry."""
-    return {k: float(v) for k, v in metrics.items() if k.startswith(f"{network}/") and k.rsplit("/", 1)[1] in HEADLINE
+    """The network's results a user compares (<network>/<result>, numbers only; the run's metrics of it):
+    what its logged model and its registered version carry."""
+    return {k: float(v) for k, v in metrics.items() if k.startswith(f"{network}/") and is_compared(k)
             and isinstance(v, (int, float, np.number)) and not isinstance(v, bool)}
 
 

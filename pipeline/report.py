@@ -143,10 +143,30 @@ class Row:
     network: str = ""  # the network the row reports ("": the paper's metric_prefix; a row with `source:` its own)
 
 
-def build_rows(runs: list, paper: dict) -> list[Row]:
-    """Groups runs into the paper's rows (in the paper's order, then any extra keys we ran)."""
+def run_results(client, runs: list, paper: dict) -> dict[str, dict[str, float]]:
+    """run id -> its results: the MLflow metrics, and its results.json where the table needs more (a column that
+    is not a metric, a diagnostic such as latency_settled: tracking.COMPARED says which results are metrics)."""
+    from pipeline.tracking import Tracker
+
+    wanted = [f"{source}/{m}" for source in {paper["metric_prefix"], *(str(v.get("source")) for v in (paper.get("rows") or {}).values()
+                                                                       if isinstance(v, dict) and v.get("source"))}
+              for m in paper["columns"]]
+    out = {}
+    for run in runs:
+        values = dict(run.data.metrics)
+        if client is not None and (f"{paper['metric_prefix']}.latency_settled" not in run.data.params
+                                   or any(w not in values for w in wanted)):  # a run logged before results.json has none
+            values = {**Tracker.read_results(client, run.info.run_id), **values}
+        out[run.info.run_id] = values
+    return out
+
+
+def build_rows(runs: list, paper: dict, results: dict[str, dict[str, float]] | None = None) -> list[Row]:
+    """Groups runs into the paper's rows (in the paper's order, then any extra keys we ran); `results` (run id ->
+    its results: `run_results`) default to the runs' metrics."""
     rows_by, prefix, scale = paper["rows_by"], paper["metric_prefix"], paper.get("scale", {})
     columns = list(paper["columns"])
+    results = results or {run.info.run_id: dict(run.data.metrics) for run in runs}
     spec = {str(k): dict(v) for k, v in (paper.get("rows") or {}).items()}
     rows: dict[str, Row] = {}
     for label, values in spec.items():
@@ -156,7 +176,7 @@ def build_rows(runs: list, paper: dict) -> list[Row]:
             network="" if source == prefix else source,
         )
     for run in runs:
-        params, metrics = run.data.params, run.data.metrics
+        params, metrics = run.data.params, results[run.info.run_id]
         parts = [params.get(k.strip()) for k in rows_by.split(",")]
         if any(p is None for p in parts):
             continue
@@ -166,7 +186,7 @@ def build_rows(runs: list, paper: dict) -> list[Row]:
         row.runs.append(run.info.run_id)
         row.folds[run.info.run_id] = _fold(params)
         row.collapsed[run.info.run_id] = params.get(f"{prefix}.collapsed", "no")
-        if params.get(f"{prefix}.latency_settled") == "0":
+        if metrics.get(f"{prefix}/latency_settled", params.get(f"{prefix}.latency_settled")) in (0, "0"):  # results.json; params before
             row.unsettled.add(run.info.run_id)
         for m in columns:
             if f"{prefix}/{m}" in metrics:
@@ -185,8 +205,8 @@ def build_rows(runs: list, paper: dict) -> list[Row]:
                 row.folds[run.info.run_id] = _fold(run.data.params)
                 row.collapsed[run.info.run_id] = run.data.params.get(f"{source}.collapsed", "no")
                 for m in columns:
-                    if f"{source}/{m}" in run.data.metrics:
-                        row.ours.setdefault(m, []).append(run.data.metrics[f"{source}/{m}"] * scale.get(m, 1.0))
+                    if f"{source}/{m}" in results[run.info.run_id]:
+                        row.ours.setdefault(m, []).append(results[run.info.run_id][f"{source}/{m}"] * scale.get(m, 1.0))
     return list(rows.values())
 
 
@@ -484,7 +504,7 @@ def report_sweep(client, parent, out: Path | None = None, runs: list | None = No
         parent, runs, paper = _with_children(client, parent, _sweep_paper(client, parent))
     paper = {**asdict(PaperConfig()), **(paper or {})}
     paper["columns"] = paper["columns"] or GENERIC_COLUMNS
-    rows = build_rows(runs, paper)
+    rows = build_rows(runs, paper, run_results(client, runs, paper))
     check_rows(rows, {r.info.run_id: r for r in runs})
     rows = [r for r in rows if r.runs or r.paper]
     rows.sort(key=_sort_key)

@@ -31,6 +31,7 @@ def start() -> None:
     if _STARTED:
         return
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # before anything imports albumentations (data/)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in job logs (artifact downloads)
     check_packages()  # done at `import pipeline` already; here for a caller that cleared sys.modules
     from models import compat
 

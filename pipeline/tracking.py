@@ -155,12 +155,64 @@ def flatten(node: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
+# What a job logs as MLflow metrics: what a user compares across runs (about 25 per job, so that the UI's
+# runs table, compare view and charts show the trade-off). Per network (<network>/<result>): its quality
+# (a BraTS network's Dice per region too: dice_WT ...) and its cost; and the training curves. Every other
+# result (measurement diagnostics: runs, CV, settled, peak, load; secondary scores) goes into the run's
+# results.json artifact, which `pipeline.report` reads for a column that is not a metric, and every curve
+# is in the history.csv beside its model.
+COMPARED = ("dice", "iou", "hd95", "flops_g", "params_m", "size_mb", "latency_ms")
+CURVES = ("train/loss", "train/val_dice", "finetune/loss", "finetune/val_dice")
+RESULTS_FILE = "results.json"
+
+
+def is_compared(key: str) -> bool:
+    """Whether a result (<prefix>/<name>) is an MLflow metric of the job (COMPARED, CURVES)."""
+    prefix, _, name = key.partition("/")
+    return key in CURVES or ("/" not in name and (name in COMPARED or (name.startswith("dice_") and name != "dice_orig")))
+
+
 class Tracker:
     """Thin wrapper around one MLflow run (explicit run id, no global active run)."""
 
     def __init__(self, client: MlflowClient, run_id: str, uri: str, experiment: str, experiment_id: str):
         self.client, self.run_id, self.uri = client, run_id, uri
         self.experiment, self.experiment_id = experiment, experiment_id  # its name, and its id (UI pages, logged models)
+        self._results: dict[str, float] | None = None  # results.json as logged so far (read back on a resumed run)
+
+    def log_results(self, results: Mapping[str, float], metrics: bool = True) -> None:
+        """A job's results: all into the run's results.json artifact, those a user compares (`is_compared`) also
+        as MLflow metrics (none with `metrics=False`)."""
+        if self._results is None:
+            self._results = self.read_results(self.client, self.run_id)
+        self._results.update({k: float(v) for k, v in results.items()})
+        if metrics:
+            self.log_metrics({k: v for k, v in results.items() if is_compared(k)})
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / RESULTS_FILE
+            path.write_text(json.dumps(dict(sorted(self._results.items())), indent=1) + "\n")
+            _retry(self.client.log_artifact, self.run_id, str(path))
+
+    def log_curve(self, points: Mapping[str, float], step: int) -> None:
+        """One step of a training curve: the compared curves (CURVES) as MLflow metrics; the others are in the
+        history.csv beside the model."""
+        self.log_metrics({k: v for k, v in points.items() if k in CURVES}, step)
+
+    @staticmethod
+    def read_results(client: MlflowClient, run_id: str) -> dict[str, float]:
+        """A run's results.json ({} where it has none: a run logged before it existed holds them as metrics)."""
+        import tempfile
+
+        from mlflow.exceptions import MlflowException
+
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = client.download_artifacts(run_id, RESULTS_FILE, tmp)
+            except (MlflowException, OSError):
+                return {}
+            return json.loads(Path(path).read_text())
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         items = [Param(k, str(v)) for k, v in params.items()]

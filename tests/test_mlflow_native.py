@@ -64,7 +64,12 @@ def test_a_joblib_sweep_is_one_parent_run_and_its_report_ignores_other_runs(tmp_
     # another network's metrics: the jobs share one baseline, so every row shows its Dice
     baseline = run_pipeline(outputs, parent.info.run_id, "--no-log", "--network", "baseline", module="pipeline.report")
     assert "Ours: baseline/<metric>" in baseline
-    assert {line.split("|")[3].strip() for line in table_rows(baseline)} == {f"{children[0].data.metrics['baseline/dice']:.4f}"}
+    (trained,) = [r for r in runs if r not in children and r != parent]  # the job outside the sweep trained the baseline
+    assert {line.split("|")[3].strip() for line in table_rows(baseline)} == {f"{trained.data.metrics['baseline/dice']:.4f}"}
+    # the baseline's metrics are on the run that trained it; the sweep's jobs chart their own networks (its results
+    # in their results.json, where the report found them)
+    assert not [k for r in children for k in r.data.metrics if k.startswith("baseline/")]
+    assert {"final/dice", "final/latency_ms", "final/flops_g"} <= set(children[0].data.metrics)
 
 
 def test_a_report_refuses_rows_that_mix_settings(tmp_path):
@@ -96,6 +101,13 @@ def test_a_job_logs_its_models_datasets_sources_and_only_measurements_as_metrics
     assert "final.latency_threads" in params and "data.n_train" in params
     assert not [k for k in metrics if k.startswith(("data/", "score/")) or k.endswith(("latency_threads", "test_images"))]
     assert {"final/dice", "final/iou", "final/params_m", "final/flops_g", "final/size_mb", "final/latency_ms"} <= set(metrics)
+    # metrics are what a user compares (the UI's charts and compare view open on the trade-off); the rest is in results.json
+    assert len(metrics) <= 30 and not [k for k in metrics if k.endswith(("_cv", "_runs", "p90_ms")) or k.startswith("evaluate/")]
+    from pipeline.tracking import Tracker
+
+    results = Tracker.read_results(client, run.info.run_id)
+    assert {"final/latency_cv", "evaluate/peak_gflops", "final/dice_orig", "baseline/val_dice"} <= set(results)
+    assert all(results[k] == pytest.approx(v) for k, v in metrics.items() if "/" in k and not k.startswith(("train/", "finetune/")))
     # what the user typed and Hydra's settings, beside the resolved config
     assert {"hydra/overrides.yaml", "hydra/hydra.yaml"} <= {a.path for a in client.list_artifacts(run.info.run_id, "hydra")}
     # the data as MLflow dataset inputs, one per split

@@ -6,8 +6,9 @@ means, a collapse flag, size, parameters, FLOPs; the int8 networks of the quanti
 Runtime), then every deployed form of every network timed in one interleaved pass per runtime
 (`cost.time_networks`: latency_ms as deployed, latency_eager_ms as trained, one form per runtime of
 `evaluate.runtimes` and per `evaluate.precision`), then each network's share of the machine's peak and its
-fastest form. The final network's ONNX graph is kept (final.onnx). Measurements are logged as metrics, how
-they were taken (runs, settled, threads, flags) as params; a form that did not settle is warned about,
+fastest form. The final network's ONNX graph is kept (final.onnx). Measurements are logged as results (the
+run's results.json; those a user compares also as metrics: tracking.COMPARED), how they were taken (runs,
+settled, threads, flags) as params; a form that did not settle is warned about,
 tagged (`medprune.latency_unsettled`) and starred in the results table.
 """
 from __future__ import annotations
@@ -32,11 +33,10 @@ from pipeline.training import read_history
 log = logging.getLogger(__name__)
 
 FINAL_ONNX = "final.onnx"
-# Results that describe how a measurement was taken (counts, flags, thread counts): MLflow params
-# (`final.latency_threads`), not metrics, so the compare view shows the measurements themselves.
-DESCRIPTIVE = ("latency_threads", "latency_bn_folded", "latency_channels_last", "channels_aligned8", "test_images",
-               "test_cases", "cases_ignored_empty", "collapsed", "windows_per_volume", "kept_start",
-               *(f"{form}_{what}" for form in cost.FORMS for what in ("runs", "settled")),
+# Results that say what was measured (thread counts, flags, counts, verdicts): MLflow params (`final.latency_threads`),
+# not metrics. How each timing went (runs, settled: diagnostics) is a result like the others: in results.json.
+DESCRIPTIVE = ("latency_threads", "latency_bn_folded", "latency_channels_last", "test_images", "test_cases",
+               "cases_ignored_empty", "collapsed", "windows_per_volume", "kept_start",
                *(f"fastest{s}_form" for s in ("", *(f"_{p}" for p in precision.REDUCED))))
 
 
@@ -110,7 +110,7 @@ def _run(ctx: Context, state: RunState) -> RunState:
                     "evaluate.latency_max_runs / latency_max_seconds", ", ".join(f"{k} ({v})" for k, v in unsettled.items()),
                     e.latency_runs, e.latency_target_cv, e.latency_max_runs, e.latency_max_seconds, timed.load_before,
                     timed.load_after)
-    flat = _log_results(ctx, results, peak, timed, unsettled)
+    flat = _log_results(ctx, state, results, peak, timed, unsettled)
     (folder / "metrics.json").write_text(json.dumps(results, indent=2))
     (folder / "results.md").write_text(results_table(results) + "\n")
     _plots(split, state, {name: models[next(n for n in measured if sources[n] == sources[name])]
@@ -138,15 +138,24 @@ def _add_training_facts(results: dict[str, dict], state: RunState) -> None:
         results["final"]["kept_start"] = "yes"
 
 
-def _log_results(ctx: Context, results: dict[str, dict], peak: dict, timed, unsettled: dict) -> dict:
+def baseline_trained_here(ctx: Context, state: RunState) -> bool:
+    return state.baseline_run_id in (None, ctx.tracker.run_id)
+
+
+def _log_results(ctx: Context, state: RunState, results: dict[str, dict], peak: dict, timed, unsettled: dict) -> dict:
     """Measurements as metrics (<network>/<result>), how they were taken as params (<network>.<result>), and
     tags naming the devices, the deployed form, collapsed networks, the CPU and unsettled latencies."""
     load = {f"evaluate/load_average_{when}": v for when, v in (("before", timed.load_before), ("after", timed.load_after))
             if v is not None}
-    ctx.tracker.log_metrics({**load, **{f"evaluate/{k}": v for k, v in peak.items()}})  # metrics, not evaluate.* params:
-    # those are settings, alike in a report row
     flat = {f"{name}/{k}": v for name, metrics in results.items() for k, v in metrics.items()}
-    ctx.tracker.log_metrics({k: v for k, v in flat.items() if k.rsplit("/", 1)[1] not in DESCRIPTIVE})
+    measured = {k: v for k, v in flat.items() if k.rsplit("/", 1)[1] not in DESCRIPTIVE}
+    # results (not evaluate.* params: those are settings, alike in a report row); the compared ones become metrics,
+    # but a baseline's only in the run that trained it: a sweep's jobs then chart their own networks first
+    here = baseline_trained_here(ctx, state)
+    ctx.tracker.log_results({**load, **{f"evaluate/{k}": v for k, v in peak.items()},
+                             **{k: v for k, v in measured.items() if here or not k.startswith("baseline/")}})
+    if not here:
+        ctx.tracker.log_results({k: v for k, v in measured.items() if k.startswith("baseline/")}, metrics=False)
     ctx.tracker.log_params({k.replace("/", "."): v for k, v in flat.items() if k.rsplit("/", 1)[1] in DESCRIPTIVE})
     e = ctx.cfg.evaluate
     form = "+".join(p for p, on in (("bn-folded", e.fold_bn), ("channels-last", e.channels_last)) if on) or "eager"

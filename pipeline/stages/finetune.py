@@ -38,7 +38,7 @@ def _distiller(ctx: Context, state: RunState, student) -> Optional[Distiller]:
                           str(d.loss), float(d.feature_weight))
     log.info("Distilling from the baseline (%.2f MB of weights, inference mode): alpha %g, %s at T=%g%s", distiller.teacher_mb,
              d.alpha, d.loss, d.temperature, f", decoder features x {d.feature_weight:g}" if d.feature_weight > 0 else "")
-    ctx.tracker.log_metrics({"finetune/teacher_mb": distiller.teacher_mb})
+    ctx.tracker.log_results({"finetune/teacher_mb": distiller.teacher_mb})
     return distiller
 
 
@@ -63,7 +63,7 @@ def run(ctx: Context, state: RunState) -> RunState:
     try:
         fitted = fit(
             model, data.dataset("train", augment=True), data.dataset("val"), cfg.finetune, Recipe.from_config(cfg), ctx.device,
-            cfg.seed, log_metrics=ctx.tracker.log_metrics, desc="finetune", checkpoint=checkpoint, distiller=distiller,
+            cfg.seed, log_metrics=ctx.tracker.log_curve, desc="finetune", checkpoint=checkpoint, distiller=distiller,
         )
     finally:
         if distiller is not None:
@@ -71,7 +71,7 @@ def run(ctx: Context, state: RunState) -> RunState:
     save_model(model.cpu(), cfg.model, data.in_channels, data.num_classes, folder / "model")
     write_history(fitted.history, folder / "history.csv")
     shutil.rmtree(checkpoint, ignore_errors=True)
-    ctx.tracker.log_metrics({"finetune/best_val_dice": fitted.best_dice, "finetune/kept_epoch": fitted.kept_epoch})
+    ctx.tracker.log_results({"finetune/best_val_dice": fitted.best_dice, "finetune/kept_epoch": fitted.kept_epoch})
     kept_start = fitted.kept_epoch == 0 and bool(fitted.history)
     if kept_start:
         log.warning("Recovery kept its starting weights: no epoch of %d beat the pruned network's validation Dice "
@@ -79,7 +79,7 @@ def run(ctx: Context, state: RunState) -> RunState:
                     "or last keeps a trained epoch)", len(fitted.history), fitted.best_dice, cfg.finetune.keep)
         ctx.tracker.set_tags({"medprune.recovery_kept_start": "true"})
     if distiller is not None:
-        ctx.tracker.log_metrics({"finetune/teacher_total_s": distiller.teacher_seconds})
+        ctx.tracker.log_results({"finetune/teacher_total_s": distiller.teacher_seconds})
     ctx.tracker.log_artifact(folder / "model", MODEL_ARTIFACTS["final"])
     budget = {**state.budget, "recovery": fitted.images, **({"teacher": fitted.images} if distiller is not None else {}),
               **({"from_scratch": 1} if scratch else {})}

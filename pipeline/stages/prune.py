@@ -88,7 +88,7 @@ def run(ctx: Context, state: RunState) -> RunState:
                 f"rounding explains: {shown}{more} (pruned/channels.csv)")
         log.warning("%s", note)
         ctx.tracker.set_tags({"medprune.prune_shortfall": note[:5000]})
-    ctx.tracker.log_metrics(metrics)
+    ctx.tracker.log_results(metrics)
     for path in (table, plot, norms, rates_file, *(folder / name for name in applied.get("files", []))):
         ctx.tracker.log_artifact(path, "pruning")
     ctx.tracker.log_artifact(folder / "model", MODEL_ARTIFACTS["pruned"])
@@ -107,7 +107,7 @@ def _finetune_between(ctx: Context, model, step: int) -> int:
     settings = OmegaConf.merge(ctx.cfg.finetune, {"epochs": epochs, "steps": None})  # epochs_between is the budget
     fitted = fit(
         model, ctx.data.dataset("train", augment=True), ctx.data.dataset("val"), settings, Recipe.from_config(ctx.cfg),
-        ctx.device, ctx.cfg.seed, log_metrics=ctx.tracker.log_metrics, desc=f"prune_step{step}",
+        ctx.device, ctx.cfg.seed, log_metrics=ctx.tracker.log_curve, desc=f"prune_step{step}",
     )
     model.cpu().eval()
     return fitted.images

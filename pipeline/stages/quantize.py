@@ -64,7 +64,7 @@ def run(ctx: Context, state: RunState) -> RunState:
         done = quantization.quantize_dynamic(float_path, folder / FILES["dynamic"])
         manifest["dynamic"] = {**done, "file": FILES["dynamic"], "sha256": sha256_file(folder / FILES["dynamic"])}
     atomic_write(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    ctx.tracker.log_metrics({"quantize/calibration_images": manifest["static"]["calibration_images"],
+    ctx.tracker.log_results({"quantize/calibration_images": manifest["static"]["calibration_images"],
                              "quantize/seconds": manifest["static"]["seconds"]})
     ctx.tracker.log_artifact(folder, "quantize")
     return replace(state, quantized=str(folder))

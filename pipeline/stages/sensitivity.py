@@ -127,7 +127,7 @@ def run(ctx: Context, state: RunState) -> RunState:
         f"# predicted validation Dice loss {predicted_loss:.4f}. Use with: prune=per_layer and these keys.\n"
         + yaml.safe_dump(config, sort_keys=False)
     )
-    ctx.tracker.log_metrics({
+    ctx.tracker.log_results({
         "sensitivity/base_val_dice": base_dice, "sensitivity/flops_kept": kept,
         "sensitivity/predicted_dice_loss": predicted_loss, "sensitivity/layers_pruned": len(rates),
     })

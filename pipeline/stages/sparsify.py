@@ -48,7 +48,7 @@ def run(ctx: Context, state: RunState) -> RunState:
             log.info("Reusing the sparse network %s (sparsity.method=%s, trained by MLflow run %s)", key, s.method, meta["run_id"])
         else:
             meta = _train(ctx, state, key, target)
-    ctx.tracker.log_metrics({"sparsify/near_zero_channels": meta["near_zero_channels"]})
+    ctx.tracker.log_results({"sparsify/near_zero_channels": meta["near_zero_channels"]})
     ctx.tracker.set_tags({"medprune.sparse_key": key})
     return replace(state, sparse=str(target), budget={**state.budget, "sparse": meta["images"]})
 
@@ -69,7 +69,7 @@ def _train(ctx: Context, state: RunState, key: str, target: Path) -> dict:
              f", growth {s.growth:g}" if method == "growing_reg" else "", s.epochs, s.lr)
     checkpoint = target.parent / f".{key}.checkpoint"
     fitted = fit(model, data.dataset("train", augment=True), data.dataset("val"), settings, Recipe.from_config(cfg), ctx.device,
-                 cfg.seed, log_metrics=ctx.tracker.log_metrics, desc="sparsify", checkpoint=checkpoint,
+                 cfg.seed, log_metrics=ctx.tracker.log_curve, desc="sparsify", checkpoint=checkpoint,
                  penalty=penalty)
     after = sparsity.near_zero_fraction(model.cpu(), str(cfg.prune.scope))
     log.info("Sparse training: %.1f%% of the in-scope channels near zero (below 1%% of their layer's largest norm), "

@@ -38,7 +38,7 @@ def run(ctx: Context, state: RunState) -> RunState:
     ctx.tracker.set_tags(
         {"medprune.baseline_key": key, "medprune.baseline_run_id": meta["run_id"], "medprune.baseline_reused": str(reused).lower()}
     )
-    ctx.tracker.log_metrics({"baseline/val_dice": meta["best_val_dice"]})
+    ctx.tracker.log_results({"baseline/val_dice": meta["best_val_dice"]})
     if not reused:
         ctx.tracker.log_artifact(target, MODEL_ARTIFACTS["baseline"])
     budget = {**state.budget, "train": meta["images"]} if "images" in meta else dict(state.budget)
@@ -56,7 +56,7 @@ def _train(ctx: Context, key: str, target) -> dict:
         ctx.tracker.set_tags({"medprune.train_threads": thread_count(cfg.train.threads)})
     fitted = fit(
         model, data.dataset("train", augment=True), data.dataset("val"), cfg.train, Recipe.from_config(cfg), ctx.device, cfg.seed,
-        log_metrics=ctx.tracker.log_metrics, desc="train", checkpoint=checkpoint,
+        log_metrics=ctx.tracker.log_curve, desc="train", checkpoint=checkpoint,
     )
     meta = {"key": key, "run_id": ctx.tracker.run_id, "epochs": len(fitted.history), "best_val_dice": fitted.best_dice,
             "kept_epoch": fitted.kept_epoch, "images": fitted.images}
