@@ -12,6 +12,14 @@ same key wait for the first instead of training it again.
 Every cached model is verified (sha256 recorded in its model.json) before it is reused: a damaged
 entry is moved aside as `<key>.corrupt-<time>` and trained again.
 
+The cache is this machine's; the MLflow store may be another (a team's tracking server). So each cached
+baseline remembers which run holds it on each store it was used with (`stores.json`: store URI -> run
+id), and a job tags the run on its own store: the one that trained the baseline or logged it there. A
+cached baseline that no run of the store in use holds is logged there by the job that reuses it (its
+`baseline` artifact, metrics and logged model); a key this machine has not trained is first looked for on
+the store (a run tagged `medprune.baseline_holder` with that key, FINISHED: another machine's job) and
+downloaded into the cache, verified, instead of being trained again.
+
 `baseline=<ref>` starts from an earlier run instead: a model folder, a run folder (its state.json), or
 an MLflow run id (its run folder if it is on this machine, else its logged baseline artifact); a
 damaged model there is an error naming the file.
@@ -34,6 +42,8 @@ log = logging.getLogger(__name__)
 
 MODEL_FILES = ("model.json", "model.safetensors")
 BASELINE_META = "baseline.json"
+STORES = ".stores.json"  # <key>.stores.json beside a cached baseline: store URI -> the run holding it there
+HOLDER_TAG = "medprune.baseline_holder"  # "true" on the run whose `baseline` artifact is the baseline of its key
 # Train keys that do not change the trained weights (threads: at most in the last float bits, from the order
 # of parallel sums; a cached baseline stays valid on a machine with other cores).
 TRAIN_SERVING_KEYS = ("num_workers", "checkpoint_every", "threads")
@@ -68,6 +78,78 @@ def cached(outputs: Path, key: str) -> dict | None:
     """The cached baseline's metadata once its model is verified, or None when no usable baseline has
     this key. A damaged entry (weights or json not as written) is moved aside, with a warning."""
     return verified_entry(cache_dir(outputs, key), BASELINE_META, "baseline")
+
+
+def _exists(client: MlflowClient, run_id: str | None) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return False
+    try:
+        return client.get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException:
+        return False
+
+
+def holder_on_store(folder: Path, meta: dict, client: MlflowClient, uri: str) -> str | None:
+    """The run that holds the cached baseline in `folder` on the store `uri` (it trained or logged it there),
+    or None when no run of that store does."""
+    stores = _stores(folder)
+    for run_id in (stores.get(uri), meta.get("run_id")):  # a cache written before stores.json: its trainer's run
+        if _exists(client, run_id):
+            return run_id
+    return None
+
+
+def _stores(folder: Path) -> dict[str, str]:
+    """Beside the entry, not in it: the entry is what a holder logs as its `baseline` artifact."""
+    path = folder.parent / f"{folder.name}{STORES}"
+    try:
+        stores = json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError:
+        return {}
+    return {str(k): str(v) for k, v in stores.items()} if isinstance(stores, dict) else {}
+
+
+def record_holder(folder: Path, uri: str, run_id: str, fresh: bool = False) -> None:
+    """Remembers that `run_id` holds the cached baseline in `folder` on the store `uri`; `fresh`: the entry was
+    just written (trained, downloaded), so no other store's run holds these weights (call with the key's lock)."""
+    from data.files import atomic_write
+
+    stores = {} if fresh else _stores(folder)
+    atomic_write(folder.parent / f"{folder.name}{STORES}", json.dumps({**stores, uri: run_id}, indent=2, sort_keys=True))
+
+
+def download_from_store(client: MlflowClient, key: str, target: Path) -> str | None:
+    """The baseline of `key` from the store (the first FINISHED run that holds it), verified, as the cache
+    entry `target`; returns that run's id, or None when the store has none (call with the key's lock)."""
+    import shutil
+    import tempfile
+
+    from data.files import atomic_folder
+
+    query = f"tags.`medprune.baseline_key` = '{key}' and tags.`{HOLDER_TAG}` = 'true' and attributes.status = 'FINISHED'"
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    found = client.search_runs(experiments, query, order_by=["attributes.start_time ASC"], max_results=1) if experiments else []
+    if not found:
+        return None
+    run_id = found[0].info.run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(client.download_artifacts(run_id, "baseline", tmp))
+            verify_model(local)
+            meta = read_json(local / BASELINE_META, "baseline cache file")
+        except Exception as err:  # a run whose artifact is missing or damaged: trained here instead
+            log.warning("The baseline %s of run %s on the store cannot be used (%s: %s): it is trained here", key,
+                        run_id, type(err).__name__, err)
+            return None
+        if meta.get("key") != key:
+            log.warning("Run %s holds the baseline %s, not %s: it is trained here", run_id, meta.get("key"), key)
+            return None
+        with atomic_folder(target) as folder:
+            shutil.copytree(local, folder, dirs_exist_ok=True)
+    log.info("Baseline %s found on the store (run %s): downloaded to %s", key, run_id, target)
+    return run_id
 
 
 def verified_entry(folder: Path, meta_file: str, what: str) -> dict | None:

@@ -439,13 +439,15 @@ def _die_with_parent() -> None:
 
 
 def start_server(uri: str, port: int, artifacts: Path | None = None, timeout: float = 120) -> subprocess.Popen:
-    """`mlflow server` on 127.0.0.1 (its own process group), returned once /health answers."""
+    """`mlflow server` on 127.0.0.1 (its own process group), returned once /health answers. It serves the
+    artifacts itself (`--serve-artifacts`, kept in `artifacts`): an experiment created through it stores them at
+    `mlflow-artifacts:/...`, which clients upload to and download from over HTTP, as a team's server does."""
     import urllib.request
 
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
-           "--port", str(port), "--workers", "1"]
+           "--port", str(port), "--workers", "1", "--serve-artifacts"]
     if artifacts is not None:
-        cmd += ["--default-artifact-root", str(artifacts)]
+        cmd += ["--artifacts-destination", str(artifacts)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             preexec_fn=_die_with_parent)
     deadline = time.time() + timeout

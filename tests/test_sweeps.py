@@ -49,6 +49,12 @@ class Server:
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.load(r)
 
+    def rest_get(self, path: str, query: dict) -> dict:
+        from urllib.parse import urlencode
+
+        with urllib.request.urlopen(f"{self.url}/api/2.0/mlflow/{path}?{urlencode(query)}", timeout=30) as r:
+            return json.load(r)
+
     def stop(self) -> None:
         stop_server(self.proc)
 
@@ -70,26 +76,49 @@ def test_four_parallel_jobs_repeatedly(tmp_path, attempt):
     test_four_parallel_joblib_jobs_are_all_recorded_in_one_sqlite_store(tmp_path)
 
 
-def test_submitit_jobs_log_to_a_tracking_server_found_through_its_rest_api(tmp_path):
+def test_a_team_server_is_a_first_class_store_for_submitit_jobs_their_artifacts_and_the_baseline(tmp_path):
+    """A real `mlflow server` on 127.0.0.1 serving its artifacts, and a two-job submitit sweep against it, after
+    a job on this machine's own store trained the baseline into the local cache: the jobs nest under the sweep,
+    upload their artifacts through the server (`mlflow-artifacts:`), tag a baseline run that exists on the
+    server (the first job logs the cached baseline there), and print the server's run page. Then a job from
+    another outputs folder (another machine: no cache) finds that baseline on the server instead of training."""
+    medprune(tmp_path, *TINY, "prune.ratio=0.25")  # the local store: trains the baseline into outputs/baselines
     server = Server(tmp_path / "server")
     try:
-        medprune(tmp_path, "-m", "hydra/launcher=submitit_local", f"tracking.uri={server.url}", *TINY,
-                 "prune.ratio=0.25,0.5")
+        out = medprune(tmp_path, "-m", "hydra/launcher=submitit_local", f"tracking.uri={server.url}", *TINY,
+                       "prune.ratio=0.25,0.5")
         exps = server.rest("experiments/search", {"max_results": 10})["experiments"]
-        exp_id = next(e["experiment_id"] for e in exps if e["name"] == "medprune")
-        every = server.rest("runs/search", {"experiment_ids": [exp_id], "max_results": 10})["runs"]
+        experiment = next(e for e in exps if e["name"] == "medprune")
+        assert experiment["artifact_location"].startswith("mlflow-artifacts:")  # uploaded through the server
+        every = server.rest("runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 10})["runs"]
         tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in every]
         (parent,) = [r for r, t in zip(every, tags) if t.get("medprune.kind") == "sweep"]
-        found = [r for r, t in zip(every, tags) if t.get("mlflow.parentRunId") == parent["info"]["run_id"]]
+        found = [(r, t) for r, t in zip(every, tags) if t.get("mlflow.parentRunId") == parent["info"]["run_id"]]
         assert len(found) == 2 and parent["info"]["status"] == "FINISHED"  # the SLURM-style jobs nest under the sweep
-        assert all(r["info"]["status"] == "FINISHED" for r in found)
-        ratios = sorted(p["value"] for r in found for p in r["data"]["params"] if p["key"] == "prune.ratio")
+        assert all(r["info"]["status"] == "FINISHED" for r, _ in found)
+        ratios = sorted(p["value"] for r, _ in found for p in r["data"]["params"] if p["key"] == "prune.ratio")
         assert ratios == ["0.25", "0.5"]
-        names = sorted(r["info"]["run_name"] for r in found)
+        names = sorted(r["info"]["run_name"] for r, _ in found)
         assert names == ["unet_tiny-synthetic_isic-l1-r0.25-s0", "unet_tiny-synthetic_isic-l1-r0.5-s0"]
-        metrics = [{m["key"] for m in r["data"]["metrics"]} for r in found]
+        metrics = [{m["key"] for m in r["data"]["metrics"]} for r, _ in found]
         assert all({"final/dice", "final/flops_g", "final/latency_ms"} <= m for m in metrics)
-        assert sum("baseline/dice" in m for m in metrics) == 1  # on the job that trained the baseline
+        # the baseline: reused from this machine's cache (not trained again), held by a run of the server
+        assert all(t["medprune.baseline_reused"] == "true" for _, t in found)
+        (holder,) = [(r, t) for r, t in found if t.get("medprune.baseline_holder") == "true"]
+        assert {t["medprune.baseline_run_id"] for _, t in found} == {holder[0]["info"]["run_id"]}
+        assert "baseline/dice" in {m["key"] for m in holder[0]["data"]["metrics"]}
+        listed = server.rest_get("artifacts/list", {"run_id": holder[0]["info"]["run_id"]})
+        assert {"baseline", "results.json", "evaluate"} <= {f["path"] for f in listed.get("files", [])}
+        assert f"{server.url}/#/experiments/{experiment['experiment_id']}/runs/" in out and "make ui" not in out
+
+        # another machine (its own outputs, no cache) finds the baseline on the server
+        elsewhere = tmp_path / "elsewhere"
+        text = medprune(elsewhere, f"tracking.uri={server.url}", *TINY, "prune.ratio=0.5")
+        assert "found on the store" in text and "Training baseline" not in text
+        client = MlflowClient(server.url)
+        (latest,) = client.search_runs([experiment["experiment_id"]], order_by=["attributes.start_time DESC"], max_results=1)
+        assert latest.data.tags["medprune.baseline_run_id"] == holder[0]["info"]["run_id"]
+        assert latest.data.tags["medprune.baseline_reused"] == "true" and "medprune.baseline_holder" not in latest.data.tags
     finally:
         server.stop()
 

@@ -1,4 +1,5 @@
-"""Train the baseline, or reuse the one already trained with the same key (verified before reuse).
+"""Train the baseline, or reuse the one already trained with the same key (verified before reuse): from this
+machine's cache, or from the MLflow store in use (pipeline/baseline.py), and held by a run of that store.
 
 Training checkpoints go to `outputs/baselines/.<key>.checkpoint/` under the key's lock, so any later
 job with the same key (a rerun of a killed job, or another job of its sweep) continues the interrupted
@@ -23,26 +24,38 @@ log = logging.getLogger(__name__)
 
 
 def run(ctx: Context, state: RunState) -> RunState:
-    cfg = ctx.cfg
+    cfg, tracker = ctx.cfg, ctx.tracker
     key = baselines.baseline_key(cfg, ctx.data)
     target = baselines.cache_dir(ctx.outputs, key)
     with file_lock(target.parent / f"{key}.lock"):
         meta = baselines.cached(ctx.outputs, key)
-        if meta is not None:
-            log.info("Reusing baseline %s (trained by MLflow run %s): %s", key, meta["run_id"], target)
-            reused = True
-        else:
+        holder = baselines.holder_on_store(target, meta, tracker.client, tracker.uri) if meta is not None else None
+        if meta is None:
+            holder = baselines.download_from_store(tracker.client, key, target)  # another machine's, on this store
+            meta = baselines.cached(ctx.outputs, key) if holder else None
+            if holder:
+                baselines.record_holder(target, tracker.uri, holder, fresh=True)
+        reused = meta is not None
+        if meta is None:
             log.info("Training baseline %s", key)
             meta = _train(ctx, key, target)
-            reused = False
-    ctx.tracker.set_tags(
-        {"medprune.baseline_key": key, "medprune.baseline_run_id": meta["run_id"], "medprune.baseline_reused": str(reused).lower()}
-    )
-    ctx.tracker.log_results({"baseline/val_dice": meta["best_val_dice"]})
-    if not reused:
-        ctx.tracker.log_artifact(target, MODEL_ARTIFACTS["baseline"])
+            holder = tracker.run_id
+            baselines.record_holder(target, tracker.uri, holder, fresh=True)
+        elif holder is None:  # trained for another store (this machine's own, another server): logged on this one
+            log.info("Reusing baseline %s (trained by MLflow run %s on another store): logged on %s by this run", key,
+                     meta["run_id"], tracker.uri)
+            holder = tracker.run_id
+            baselines.record_holder(target, tracker.uri, holder)
+        else:
+            log.info("Reusing baseline %s (held by MLflow run %s): %s", key, holder, target)
+    tags = {"medprune.baseline_key": key, "medprune.baseline_run_id": holder, "medprune.baseline_reused": str(reused).lower()}
+    if holder == tracker.run_id:  # this run holds the baseline on its store: the artifact others download
+        tracker.log_artifact(target, MODEL_ARTIFACTS["baseline"])
+        tags[baselines.HOLDER_TAG] = "true"
+    tracker.set_tags(tags)
+    tracker.log_results({"baseline/val_dice": meta["best_val_dice"]})
     budget = {**state.budget, "train": meta["images"]} if "images" in meta else dict(state.budget)
-    return replace(state, baseline=str(target), baseline_key=key, baseline_run_id=meta["run_id"], budget=budget,
+    return replace(state, baseline=str(target), baseline_key=key, baseline_run_id=holder, budget=budget,
                    val_dice={**state.val_dice, "baseline": meta["best_val_dice"]})
 
 
