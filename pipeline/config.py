@@ -162,7 +162,7 @@ class EvaluateConfig:
     latency_runs: int = key(ge=2)  # the window (>= 2 runs): stable when the CV of each form's last latency_runs timings is low
     latency_max_runs: int = key(ge=1)  # timed rounds at most
     latency_target_cv: float = key(ge=0.0)  # stdev / mean a window must reach to count as settled
-    latency_max_seconds: float = key(gt=0.0)  # time budget of the timed rounds (each form still gets 3 runs)
+    latency_max_seconds: float = key(gt=0.0)  # time budget of all the timed rounds (each form still gets 3 runs)
 
 
 @dataclass

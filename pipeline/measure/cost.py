@@ -129,11 +129,13 @@ def _time_per_pass(e, fns: dict[str, tuple[str, Callable]]) -> InterleavedTimes:
     passes = {p: group for p, group in passes.items() if group}
     log.info("Timing %d forms, interleaved per runtime (evaluate.latency_*)", len(fns))
     results = []
+    budget = float(e.latency_max_seconds)  # for all the passes: what is left is shared by the passes still to run
     with cpu_threads(e.threads):
-        for group in passes.values():
+        for i, group in enumerate(passes.values()):
+            left = max(budget - sum(r.seconds for r in results), 0.0) / (len(passes) - i)
             results.append(time_interleaved(
                 group, warmup=int(e.latency_warmup), runs=int(e.latency_runs), max_runs=int(e.latency_max_runs),
-                target_cv=float(e.latency_target_cv), max_seconds=float(e.latency_max_seconds)))
+                target_cv=float(e.latency_target_cv), max_seconds=left))
     return InterleavedTimes(
         timings={k: v for r in results for k, v in r.timings.items()}, rounds=sum(r.rounds for r in results),
         seconds=sum(r.seconds for r in results), stopped_by=", ".join(f"{p}: {r.stopped_by}" for p, r in zip(passes, results)),
