@@ -204,6 +204,7 @@ class SegmentationData(abc.ABC):
     image_size: int
     dims = 2  # 2: items are images [C, H, W]; 3: volumes and patches [C, D, H, W] (data/volumes3d.py)
     regions: Optional[tuple[str, ...]] = None  # the output channels' names (BraTS regions); None: one foreground
+    challenge: Optional[str] = None  # the challenge whose scoring rules apply to the data (ISIC 2018's thresholded Jaccard)
     # Constructor keys that change where or how fast the data is read, never what a network trains on
     # (the content is keyed by `content_digest`): left out of the baseline cache key.
     SERVING_KEYS: tuple[str, ...] = ("root", "test_root", "workers")

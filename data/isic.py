@@ -151,6 +151,7 @@ class ISIC2018(MaskFiles, SegmentationData):
 
     in_channels = 3
     num_classes = 1
+    challenge = "isic2018"  # its challenge's rules apply (the thresholded Jaccard)
 
     ROOT_EXPECTED = "the folder holding ISIC2018_Task1-2_Training_Input"
 

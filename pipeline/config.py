@@ -143,7 +143,7 @@ class EvaluateConfig:
     # Per-case results (pipeline/measure/casewise.py, evaluate/cases_<network>.csv)
     ignore_empty: bool = MISSING  # MONAI's ignore_empty: cases with an empty true mask are left out of the means
     nsd_tolerance: float = key(gt=0.0)  # normalised surface Dice tolerance, mm (volumes with spacing) or pixels (2D)
-    jaccard_threshold: Optional[float] = key(ge=0.0, le=1.0)  # ISIC 2018's thresholded Jaccard (IoU below it counts 0); null: off
+    jaccard_threshold: Optional[float] = key(ge=0.0, le=1.0)  # ISIC 2018's thresholded Jaccard (IoU below it counts 0), on ISIC data; null: off
     collapse_tolerance: float = key(ge=0.0, lt=0.5)  # flag a network predicting >= 1 - tol of the pixels, or <= tol x the truth's
     collapse_margin: float = key(ge=0.0, lt=1.0)  # ... or whose Dice is within this of a trivial predictor's (all fore-/background)
     export_masks: int = key(ge=0)  # predicted masks written for the first N test cases (evaluate/masks/<network>/)

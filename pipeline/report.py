@@ -10,7 +10,8 @@ or experiment name its latest sweep. The jobs are grouped into the rows of the p
 jobs of one row that differ in any other setting make the report refuse, naming the keys. Rows are
 sorted by their key. It prints the table (the paper's numbers and our difference beside them when the
 preset has them), writes Markdown, CSV and LaTeX plus Dice-vs-FLOPs and Dice-vs-latency plots (Pareto
-front marked) to outputs/reports/<sweep id>/, and logs them onto the sweep's parent run.
+front marked) to outputs/reports/<sweep id>/ (another table of it, --columns / --network, into a folder inside),
+and logs them onto the sweep's parent run.
 """
 from __future__ import annotations
 
@@ -465,7 +466,15 @@ def find_sweep(client, target: str | None, experiment: str | None = None):
         if run.data.tags.get(KIND_TAG) == "sweep":
             return _with_children(client, run, _sweep_paper(client, run))
         return run, [run], load_preset(run.data.tags.get("medprune.choice.experiment", ""))[0]
-    name = experiment or ("medprune" if target == "latest" else target)
+    if target == "latest" and experiment is None:  # the latest sweep of the store, whichever experiment it went to
+        ids = [e.experiment_id for e in client.search_experiments()]
+        latest = client.search_runs(ids, f"tags.`{KIND_TAG}` = 'sweep'", order_by=["attributes.start_time DESC"],
+                                    max_results=1) if ids else []
+        if not latest:
+            raise ReportError(f"no sweep in {client.tracking_uri} yet: run `python -m pipeline.run -m ...`, or pass a run id")
+        return _with_children(client, latest[0], _sweep_paper(client, latest[0])
+                              or load_preset(client.get_experiment(latest[0].info.experiment_id).name)[0])
+    name = experiment or target
     paper, name = load_preset(name)
     exp = client.get_experiment_by_name(name)
     if exp is None:
@@ -495,7 +504,7 @@ def _with_children(client, parent, paper):
 
 
 def report_sweep(client, parent, out: Path | None = None, runs: list | None = None, paper: dict | None = None,
-                 log: bool = True) -> tuple[str, Path, int]:
+                 log: bool = True, variant: str = "") -> tuple[str, Path, int]:
     """Tables and plots of `runs` (default: the finished jobs of the sweep `parent`), logged onto `parent`."""
     from pipeline import plots
     from pipeline.config import GENERIC_COLUMNS, PaperConfig
@@ -503,7 +512,11 @@ def report_sweep(client, parent, out: Path | None = None, runs: list | None = No
     if runs is None:
         parent, runs, paper = _with_children(client, parent, _sweep_paper(client, parent))
     paper = {**asdict(PaperConfig()), **(paper or {})}
-    paper["columns"] = paper["columns"] or GENERIC_COLUMNS
+    paper["columns"] = dict(paper["columns"] or GENERIC_COLUMNS)
+    units = {r.data.params.get("data.distance_unit") for r in runs} - {None}  # HD95: mm (volumes) or px (images)
+    for m, title in paper["columns"].items():
+        if base_metric(m).startswith("hd95") and "(" not in title and units:
+            paper["columns"][m] = f"{title} ({'/'.join(sorted(units))})"
     rows = build_rows(runs, paper, run_results(client, runs, paper))
     check_rows(rows, {r.info.run_id: r for r in runs})
     rows = [r for r in rows if r.runs or r.paper]
@@ -533,7 +546,12 @@ def report_sweep(client, parent, out: Path | None = None, runs: list | None = No
 
     from pipeline.paths import outputs_dir
 
-    out = Path(out or outputs_dir() / "reports" / parent.info.run_id)
+    from pipeline.tracking import SWEEP_TAG
+
+    # outputs/reports/<sweep id> (a single job's: <run id>); another table of the same sweep (--columns, --network)
+    # in a folder of its own inside it, and under report/<variant>/ on the parent run, so it replaces nothing
+    folder = outputs_dir() / "reports" / parent.data.tags.get(SWEEP_TAG, parent.info.run_id)
+    out = Path(out or (folder / variant if variant else folder))
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(text)
     write_csv([dict(zip(header, c)) for c in cells] or [{h: "" for h in header}], out / "report.csv")
@@ -554,12 +572,13 @@ def report_sweep(client, parent, out: Path | None = None, runs: list | None = No
 
         tracker = Tracker(client, parent.info.run_id, client.tracking_uri, "", parent.info.experiment_id)
         for f in files:
-            tracker.log_artifact(f, "report")
-        headline = {f"row/{r.label.replace(' / ', '_')}/{m}": statistics.fmean(r.ours[m])
-                    for r in rows for m in ("dice", "flops_g", "latency_ms") if r.ours.get(m)}
-        if points:
-            headline["best_final_dice"] = max(p["dice"] for p in points)
-        tracker.log_metrics({k: v for k, v in headline.items() if _METRIC_NAME.match(k)})
+            tracker.log_artifact(f, f"report/{variant}" if variant else "report")
+        if not variant:  # the sweep's headline metrics are its own table's (another network's would replace them)
+            headline = {f"row/{r.label.replace(' / ', '_')}/{m}": statistics.fmean(r.ours[m])
+                        for r in rows for m in ("dice", "flops_g", "latency_ms") if r.ours.get(m)}
+            if points:
+                headline["best_final_dice"] = max(p["dice"] for p in points)
+            tracker.log_metrics({k: v for k, v in headline.items() if _METRIC_NAME.match(k)})
     return text, out, len(runs)
 
 
@@ -592,7 +611,9 @@ def report(target: str | None = None, uri: str | None = None, out: Path | None =
                 scale[m] = percent
         paper["scale"] = scale
         paper["columns"] = {m: known.get(m, m + (" (%)" if scale.get(m, 1.0) == 100 else "")) for m in columns}
-    text, out, n = report_sweep(client, parent, out, runs, paper, log)
+    variant = "_".join(part for part in (f"network-{network}" if network else "",
+                                         f"columns-{'-'.join(columns)}" if columns else "") if part)
+    text, out, n = report_sweep(client, parent, out, runs, paper, log, variant)
     print(text)
     kind = "sweep" if parent.data.tags.get("medprune.kind") == "sweep" else "job"
     print(f"Written to {out} ({n} runs of {kind} run {parent.info.run_id} in {uri})")
@@ -608,9 +629,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep", nargs="?", default="latest",
                         help="latest (default), a sweep's parent run id or a job's run id, a multirun folder, or an "
                              "experiment preset / MLflow experiment name (its latest sweep)")
-    parser.add_argument("--experiment", help="for `latest`: the MLflow experiment (default: medprune)")
+    parser.add_argument("--experiment", help="for `latest`: the MLflow experiment to look in (default: every experiment "
+                                             "of the store, so the latest sweep wherever tracking.experiment sent it)")
     parser.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or outputs/mlflow.db)")
-    parser.add_argument("--out", type=Path, help="folder for the files (default outputs/reports/<run id>)")
+    parser.add_argument("--out", type=Path, help="folder for the files (default outputs/reports/<sweep id> for a sweep, "
+                                                 "<run id> for a job; with --columns / --network a folder inside it)")
     parser.add_argument("--no-log", action="store_true", help="do not log the report onto the sweep's parent run")
     parser.add_argument("--columns", help="comma-separated metrics to tabulate instead of the preset's, e.g. "
                                           "dice,dice_orig,hd95,thresholded_jaccard_orig,latency_ms")

@@ -70,6 +70,8 @@ def record_inputs(tracker, resolved: dict, choices: dict[str, str], data, run_di
     (run_dir / "splits.json").write_text(json.dumps(splits, indent=1))
     tracker.log_artifact(run_dir / "splits.json", "data")
     log_data_stats(tracker, data.stats(), run_dir)
+    first = next((ids[0] for ids in splits.values() if ids), None)  # HD95's unit: a volume's voxel spacing, else pixels
+    tracker.log_params({"data.distance_unit": "mm" if first is not None and data.case_spacing(first) is not None else "px"})
     ignored = data.ignored_files()
     if ignored:  # every entry the reader passed over, named (the log names the first few)
         (run_dir / "ignored_files.txt").write_text("\n".join(ignored) + "\n")

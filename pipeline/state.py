@@ -167,6 +167,7 @@ class DataSource(Protocol):
     num_classes: int
     dims: int  # 2: items are images [C, H, W]; 3: volumes, trained on as patches [C, D, H, W]
     regions: Optional[tuple[str, ...]]  # the output channels' names (BraTS regions); None: one foreground class
+    challenge: Optional[str]  # whose scoring rules apply ("isic2018": the thresholded Jaccard); None: none
 
     @property
     def input_size(self) -> tuple[int, ...]: ...  # one network input's spatial size (3D: the training patch)

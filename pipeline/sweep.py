@@ -160,7 +160,7 @@ class SweepCallback(Callback):
         except Exception as err:  # a continued sweep whose first attempt was killed after logging them
             log.warning("sweep %s: job counts not logged as params (%s)", info["sweep_id"], str(err).splitlines()[0])
         try:
-            report_sweep(client, parent, Path(config.paths.outputs) / "reports" / info["sweep_id"])
+            report_sweep(client, parent, Path(config.paths.outputs) / "reports" / info["sweep_id"])  # = report_sweep's default
         except ReportError as err:  # a sweep that cannot be tabulated still ends; the log says why
             log.warning("no report for sweep %s: %s", info["sweep_id"], err)
         status = "FINISHED" if counts["FINISHED"] == len(children) and children else "FAILED"

@@ -150,9 +150,13 @@ def _reset_logging() -> None:
         logging.getLogger().removeHandler(handler)
 
 
-def mlflow_runs(outputs: Path, experiment: str | None = None, **tags: str) -> list:
-    """The runs of the SQLite store in `outputs` (of one experiment, or all), newest first, filtered by tags."""
+def mlflow_runs(outputs: Path, experiment: str | None = None, results: bool = True, **tags: str) -> list:
+    """The runs of the SQLite store in `outputs` (of one experiment, or all), newest first, filtered by tags. With
+    `results`, each run's `data.metrics` also holds the results of its results.json that are not MLflow metrics
+    (pipeline.tracking.COMPARED says which are), as the tests read them; else the MLflow metrics alone."""
     from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import Tracker
 
     if not (outputs / "mlflow.db").exists():
         return []
@@ -161,7 +165,12 @@ def mlflow_runs(outputs: Path, experiment: str | None = None, **tags: str) -> li
     if not experiments:
         return []
     found = client.search_runs([e.experiment_id for e in experiments], order_by=["attributes.start_time DESC"], max_results=1000)
-    return [r for r in found if all(r.data.tags.get(k) == v for k, v in tags.items())]
+    found = [r for r in found if all(r.data.tags.get(k) == v for k, v in tags.items())]
+    if results:
+        for run in found:
+            metrics = run.data.metrics  # RunData's own dict
+            metrics.update({k: v for k, v in Tracker.read_results(client, run.info.run_id).items() if k not in metrics})
+    return found
 
 
 def requires_real(path: Path):

@@ -29,7 +29,7 @@ def test_a_joblib_sweep_is_one_parent_run_and_its_report_ignores_other_runs(tmp_
     run_pipeline(outputs, *TINY, "prune.ratio=0.5", "evaluate.runtimes=[]")  # a job outside the sweep, before it
     run_cli(outputs, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=3", *TINY, "evaluate.runtimes=[]",
             "prune.ratio=0.25,0.5,0.75", timeout=900)
-    runs = mlflow_runs(outputs)
+    runs = mlflow_runs(outputs, results=False)
     (parent,) = [r for r in runs if r.data.tags.get("medprune.kind") == "sweep"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
@@ -91,7 +91,7 @@ def test_a_job_logs_its_models_datasets_sources_and_only_measurements_as_metrics
 
     outputs = tmp_path / "out"
     run_pipeline(outputs, *TINY, "evaluate.runtimes=[]")
-    (run,) = mlflow_runs(outputs)
+    (run,) = mlflow_runs(outputs, results=False)
     client = client_of(outputs)
     tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
     for tag in ("mlflow.user", "mlflow.source.name", "mlflow.source.git.commit", "medprune.git_dirty", "mlflow.note.content"):

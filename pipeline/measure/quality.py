@@ -46,8 +46,8 @@ def score(split: TestSplit, model: torch.nn.Module, network: str, export: bool =
     that collapsed to all foreground / all background is flagged (`collapsed`)."""
     e = split.settings
     dataset = split.data.dataset("test")
-    rules = CaseRules(ignore_empty=bool(e.ignore_empty), nsd_tolerance=float(e.nsd_tolerance),
-                      jaccard_threshold=e.jaccard_threshold)
+    rules = CaseRules(ignore_empty=bool(e.ignore_empty), nsd_tolerance=float(e.nsd_tolerance),  # ISIC's rule on ISIC only
+                      jaccard_threshold=e.jaccard_threshold if split.data.challenge == "isic2018" else None)
     results = casewise.score_cases(
         model, dataset, split.device, e.batch_size, e.threshold, rules, names=split.data.regions,
         spacing_of=split.data.case_spacing, export=int(e.export_masks) if export else 0,
