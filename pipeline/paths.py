@@ -49,3 +49,19 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("mul", lambda a, b: float(a) * float(b))
     if not OmegaConf.has_resolver("round"):
         OmegaConf.register_new_resolver("round", lambda x: int(round(float(x))))
+    if not OmegaConf.has_resolver("medprune.groups"):
+        OmegaConf.register_new_resolver("medprune.groups", config_groups)
+
+
+INTERNAL_GROUPS = ("hydra", "schema", "shared")  # conf/ folders a user never picks from (Hydra's, schemas, shared parts)
+
+
+def config_groups() -> str:
+    """`medprune --help`'s list of the config groups a user picks from, each with its choices (conf/<group>/*.yaml),
+    read from conf/ (Hydra's own $APP_CONFIG_GROUPS also lists the internal folders)."""
+    lines = []
+    for group in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in INTERNAL_GROUPS):
+        choices = sorted(f.stem for f in group.glob("*.yaml"))
+        if choices:
+            lines.append(f"{group.name}: {', '.join(choices)}")
+    return "\n".join(lines)

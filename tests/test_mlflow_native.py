@@ -193,3 +193,4 @@ def test_the_installed_medprune_command_works_from_any_folder_and_has_its_own_he
     for text in ("train -> [sensitivity] -> score -> prune -> finetune -> [quantize] -> evaluate", "prune: budget", "experiment:",
                  "python -m pipeline.report"):
         assert text in proc.stdout, text
+    assert "schema/" not in proc.stdout and "\nshared:" not in proc.stdout  # internal folders of conf/ are not choices
