@@ -95,11 +95,7 @@ def network(split: TestSplit, model: torch.nn.Module, model_dir: str, name: str,
     flops = count_flops(model, input_shape)
     if windows is not None:  # 3D: FLOPs above are per window (patch); a whole volume runs that many windows
         extra.update(windows_per_volume=windows, volume_flops_g=windows * flops / 1e9)
-    aligned = aligned_fraction(model)
-    if aligned < 1:
-        log.info("%.0f%% of the prunable layers of %s have channel counts that are multiples of 8; CPU and GPU "
-                 "convolution kernels run fastest on such counts (prune.round_to=8, docs/PERFORMANCE.md)",
-                 100 * aligned, model_dir)
+    aligned = aligned_fraction(model)  # the prune stage says what rounding would change (exact rates only)
     return {**quality, **extra, "params_m": count_params(model) / 1e6, "flops_g": flops / 1e9, "macs_g": flops / 2e9,
             "size_mb": model_size_mb(model_dir), "channels_aligned8": aligned}
 

@@ -19,6 +19,7 @@ from models.io import load_model, save_model
 from pipeline import plots, scoring
 from pipeline.criteria.magnitude import filter_norms
 from pipeline.measure.profiling import count_flops, count_params
+from pipeline.measure.quality import aligned_fraction
 from pipeline.pruning import in_scope, prunable_layers
 from pipeline.schedules import SCHEDULES, Inputs
 from pipeline.state import MODEL_ARTIFACTS, Context, RunState, seed_everything
@@ -93,6 +94,11 @@ def run(ctx: Context, state: RunState) -> RunState:
         ctx.tracker.log_artifact(path, "pruning")
     ctx.tracker.log_artifact(folder / "model", MODEL_ARTIFACTS["pruned"])
     log.info("Pruned %s -> %s parameters (%.1f%% kept)", f"{before:,}", f"{after:,}", 100 * after / before)
+    aligned = aligned_fraction(result.model)
+    if p.round_to is None and aligned < 1 and max(r["before"] for r in result.channels) >= 64:  # not a tiny network
+        log.info("Exact rates (prune.round_to=null) left %.0f%% of the prunable layers at multiples of 8 channels; CPU "
+                 "and GPU convolution kernels run fastest on such counts (prune.round_to=8, docs/PERFORMANCE.md)",
+                 100 * aligned)
     budget = {**state.budget, "between_steps": sum(between)} if between else dict(state.budget)
     return replace(state, scores=str(scores_dir), pruned=str(folder / "model"), budget=budget)
 
