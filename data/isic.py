@@ -352,7 +352,7 @@ class ISIC2018(MaskFiles, SegmentationData):
         stats.update(self._test_root_stats(len(test_pairs), "pairs"))
         self._stats = stats
         log.info(
-            "ISIC 2018: %d train / %d val / %d test pairs at %dpx in %.1fs (%d files ignored)",
+            "ISIC 2018: %d train / %d val / %d test pairs at %dpx in %.1fs (%d files ignored, named in the run's data/ignored_files.txt)",
             stats["n_train"], stats["n_val"], stats["n_test"], self.image_size, stats["load_seconds"], stats["files_ignored"],
         )
 

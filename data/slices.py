@@ -295,7 +295,7 @@ class SliceFolders(MaskFiles, SegmentationData):
         if self.group_regex is not None:
             self._stats["groups"] = len({self._group(i) for i in ids})
         log.info(
-            "%s: %d train / %d val / %d test pairs at %dpx (%d files ignored, %d empty masks)",
+            "%s: %d train / %d val / %d test pairs at %dpx (%d files ignored, named in the run's data/ignored_files.txt; %d empty masks)",
             self._describe(), self._stats["n_train"], self._stats["n_val"], self._stats["n_test"], self.image_size, ignored, empty,
         )
 
