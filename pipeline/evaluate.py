@@ -59,6 +59,11 @@ def check_keys(given: list[str]) -> None:
     """Only `run`, `dataset.test_root`, `evaluate.*` and `device` may be given: anything else would no longer
     describe how the networks were trained."""
     for key in given:
+        if key.startswith("hydra."):
+            raise ConfigError(
+                f"{key}: pipeline.evaluate does not take Hydra's settings: an evaluate-only job writes its folder to "
+                f"<outputs>/evaluations/<date>/<time> ({outputs_dir()} here; set MEDPRUNE_OUTPUTS to choose the outputs "
+                f"folder) and logs to the source run's MLflow store")
         if key != "run" and not (key.startswith(OVERRIDABLE) or key in OVERRIDABLE):
             raise ConfigError(
                 f"{key} cannot be changed for an evaluate-only job (only dataset.test_root, evaluate.* and device): "

@@ -277,6 +277,12 @@ def main() -> float | None:
     except shell.ShadowedPackage as err:
         print(f"medprune: installation error: {err}", file=sys.stderr)
         sys.exit(2)
+    flags = set(sys.argv[1:])
+    if flags & {"-m", "--multirun"} and (flags & {"-c", "--cfg"} or any(a.startswith("--cfg=") for a in flags)):
+        # Hydra would raise a ValueError traceback: one line instead
+        print("medprune: configuration error: --cfg prints one job's configuration and -m starts a sweep: drop -m "
+              "and give one value per swept key to see a job's configuration", file=sys.stderr)
+        sys.exit(2)
     return job()
 
 

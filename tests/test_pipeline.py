@@ -216,6 +216,9 @@ def test_an_evaluate_only_job_scores_a_finished_run_on_a_test_set_with_its_setti
     out = run_pipeline(outputs, f"run={source.info.run_id}", f"dataset.test_root={holdout}", "prune.ratio=0.3", ok=False,
                        module="pipeline.evaluate")
     assert "prune.ratio cannot be changed for an evaluate-only job" in out
+    out = run_pipeline(outputs, f"run={source.info.run_id}", f"dataset.test_root={holdout}", "hydra.run.dir=/tmp/x", ok=False,
+                       module="pipeline.evaluate")
+    assert "an evaluate-only job writes its folder to <outputs>/evaluations/" in out and "MEDPRUNE_OUTPUTS" in out
 
 
 def test_an_evaluate_only_job_over_a_sweep_is_a_reportable_sweep_of_its_own(outputs, tmp_path):

@@ -82,6 +82,8 @@ def test_the_commands_run_from_a_folder_holding_data_and_models(researcher):
     assert proc.returncode == 0, proc.stderr[-3000:]
     cfg = yaml.safe_load(proc.stdout)
     assert cfg["model"]["_target_"] and cfg["stages"] and "DatasetError" not in proc.stderr
+    swept = run_py(["-m", "pipeline.run", "-m", "prune.ratio=0.2,0.4", "--cfg", "job"], researcher)  # Hydra: a traceback
+    assert swept.returncode == 2 and swept.stderr.strip().count("\n") == 0 and "--cfg prints one job's" in swept.stderr
     evaluate = run_py(["-m", "pipeline.evaluate", "--cfg", "job", "run=0123e45", "dataset.test_root=data/images",
                        "evaluate.batch_size=2"], researcher)
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
