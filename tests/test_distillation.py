@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,7 +89,10 @@ def test_a_job_with_distillation_logs_the_teacher_overhead(tmp_path):
     run_pipeline(tmp_path, *TINY, "finetune.distill.enabled=true", "finetune.distill.feature_weight=0.1")
     (run,) = mlflow_runs(tmp_path)
     m = run.data.metrics
-    assert {"finetune/distill_loss", "finetune/teacher_s", "finetune/teacher_fraction", "finetune/teacher_mb",
-            "finetune/teacher_total_s"} <= set(m)
+    assert {"finetune/teacher_mb", "finetune/teacher_total_s"} <= set(m)  # results (results.json)
+    from data.files import read_csv  # the per-epoch curves: the fine-tuning's history.csv
+
+    history = read_csv(Path(run.data.tags["medprune.run_dir"]) / "final" / "history.csv")
+    assert {"distill_loss", "teacher_s", "teacher_fraction"} <= set(history[0])
     assert m["finetune/teacher_mb"] == pytest.approx(4 * run.data.metrics["baseline/params_m"], rel=0.01)
     assert run.data.params["finetune.distill.enabled"] == "True"
