@@ -48,7 +48,11 @@ log = logging.getLogger("medprune.evaluate")
 
 EVALUATION = "evaluation"  # KIND_TAG of an evaluate-only run
 SOURCE_TAG = "medprune.source_run_id"
-OVERRIDABLE = ("dataset.test_root", "evaluate.", "device")
+# A test set in another layout than the source run's (2D image files): read by one of these readers with the source
+# run's preprocessing (size, channels, normalisation); the layout keys are the reader's own (conf/dataset/<reader>.yaml).
+TEST_READERS = ("slice_folders",)
+LAYOUT_KEYS = ("image_dir", "mask_dir", "image_pattern", "mask_pattern", "mask_threshold")
+OVERRIDABLE = ("dataset.test_root", "evaluate.", "device", "dataset.reader", *(f"dataset.{k}" for k in LAYOUT_KEYS))
 
 
 class SourceError(ValueError):
@@ -66,8 +70,9 @@ def check_keys(given: list[str]) -> None:
                 f"folder) and logs to the source run's MLflow store")
         if key != "run" and not (key.startswith(OVERRIDABLE) or key in OVERRIDABLE):
             raise ConfigError(
-                f"{key} cannot be changed for an evaluate-only job (only dataset.test_root, evaluate.* and device): "
-                f"the networks were trained with the source run's settings"
+                f"{key} cannot be changed for an evaluate-only job (only dataset.test_root, its layout with "
+                f"dataset.reader={'|'.join(TEST_READERS)}, evaluate.* and device): it describes how the networks were "
+                f"trained, which the source run's settings say"
             )
 
 
@@ -99,6 +104,14 @@ def build_config(source: dict, overrides: dict[str, Any], outputs: Optional[Path
     current = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "evaluate" / "default.yaml"), resolve=False)
     evaluate = {**current, **{k: v for k, v in (source.get("evaluate") or {}).items() if k in current}}
     cfg = OmegaConf.create({**source, "evaluate": evaluate})  # no `${...}` is left in a checked config
+    overrides = dict(overrides)
+    reader = overrides.pop("dataset.reader", None)
+    layout = {k: overrides.pop(f"dataset.{k}") for k in LAYOUT_KEYS if f"dataset.{k}" in overrides}
+    if reader is not None:
+        cfg.dataset = test_reader_config(source.get("dataset") or {}, str(reader), layout)
+    elif layout:
+        raise ConfigError(f"{', '.join(f'dataset.{k}' for k in layout)}: the layout of a test set read by another reader: "
+                          f"expected dataset.reader={'|'.join(TEST_READERS)} with it (the source run's reader keeps its own)")
     for key, value in overrides.items():
         try:
             OmegaConf.update(cfg, key, value, force_add=key == "dataset.test_root")
@@ -114,6 +127,29 @@ def build_config(source: dict, overrides: dict[str, Any], outputs: Optional[Path
     if not cfg.dataset.get("test_root"):
         raise ConfigError("dataset.test_root is not set: expected the folder holding the test set to evaluate on")
     return cfg
+
+
+def test_reader_config(dataset: dict, reader: str, layout: dict[str, Any]) -> DictConfig:
+    """The dataset config of a test set in another layout: `reader`'s (conf/dataset/<reader>.yaml) with the layout
+    keys given, and the source run's image preprocessing (size, channels, mean, std), so the networks get their
+    inputs as in training. Only for a source trained on 2D image files."""
+    from data import ReaderSettingsError, build_reader
+
+    if reader not in TEST_READERS:
+        raise ConfigError(f"dataset.reader={reader}: expected one of {', '.join(TEST_READERS)} (a test set of 2D image files "
+                          f"in another layout)")
+    try:
+        image = build_reader(dataset).image_input()  # the source's reader, nothing read
+    except ReaderSettingsError as err:
+        raise SourceError(f"the source run's dataset config: {err}") from err
+    if image is None:
+        raise ConfigError(f"dataset.reader={reader}: the source run's data ({dataset.get('_target_')}) is not 2D image files; "
+                          f"its test set must be in its own reader's layout")
+    settings = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "dataset" / f"{reader}.yaml"), resolve=False)
+    settings.update({k: v for k, v in layout.items() if v is not None}, image_size=image.size, channels=image.channels,
+                    mean=list(image.mean), std=list(image.std), root=dataset.get("root") or "unused",
+                    test_root=dataset.get("test_root"))
+    return OmegaConf.create(settings)
 
 
 # -- finding the source ---------------------------------------------------------------------------------

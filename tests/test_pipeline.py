@@ -220,6 +220,30 @@ def test_an_evaluate_only_job_scores_a_finished_run_on_a_test_set_with_its_setti
                        module="pipeline.evaluate")
     assert "an evaluate-only job writes its folder to <outputs>/evaluations/" in out and "MEDPRUNE_OUTPUTS" in out
 
+    # the same test set in another layout (images/ + masks/<id>_segmentation.png), read by the slice-folder reader
+    # with the source run's preprocessing: the same per-case scores, no symlink tree in the ISIC layout
+    import shutil
+
+    other = tmp_path / "other"
+    (other / "images").mkdir(parents=True)
+    (other / "masks").mkdir()
+    for image in (holdout / "ISIC2018_Task1-2_Training_Input").glob("*.jpg"):
+        shutil.copy(image, other / "images" / image.name)
+        shutil.copy(holdout / "ISIC2018_Task1_Training_GroundTruth" / f"{image.stem}_segmentation.png",
+                    other / "masks" / f"{image.stem}_segmentation.png")
+    layout = ["dataset.reader=slice_folders", "dataset.image_dir=images", "dataset.mask_dir=masks",
+              "dataset.image_pattern={id}.jpg", "dataset.mask_pattern={id}_segmentation.png"]
+    run_pipeline(outputs, f"run={source.info.run_id}", f"dataset.test_root={other}", "evaluate.runtimes=[]", *layout,
+                 module="pipeline.evaluate")
+    latest = mlflow_runs(outputs, **{"medprune.kind": "evaluation"})[0]
+    assert latest.data.params["dataset._target_"] == "data.slices.SliceFolders" and latest.data.params["dataset.channels"] == "3"
+    again = _artifact_csv(outputs, latest.info.run_id, "evaluate/cases_final.csv")
+    assert [(r["case"], r["dice"], r["hd95"], r["dice_orig"]) for r in again] == [
+        (r["case"], r["dice"], r["hd95"], r["dice_orig"]) for r in rows]
+    out = run_pipeline(outputs, f"run={source.info.run_id}", f"dataset.test_root={other}", "dataset.image_dir=images", ok=False,
+                       module="pipeline.evaluate")
+    assert "expected dataset.reader=slice_folders with it" in out
+
 
 def test_an_evaluate_only_job_over_a_sweep_is_a_reportable_sweep_of_its_own(outputs, tmp_path):
     from data.synthetic import write_synthetic_isic
