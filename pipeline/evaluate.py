@@ -356,7 +356,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
 
     return shell.command("evaluate", __doc__, "evaluate_only", argv, body, {SourceError: "source run error"},
-                         check=check_keys, as_typed_keys=("run", "dataset.test_root"))
+                         check=check_keys, as_typed_keys=("run", "dataset.test_root", "dataset.reader",
+                                                          *(f"dataset.{k}" for k in LAYOUT_KEYS if k != "mask_threshold")))
 
 
 if __name__ == "__main__":

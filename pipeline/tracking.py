@@ -41,6 +41,7 @@ def resolve_uri(configured: str | None, outputs: Path | None = None) -> str:
 
 
 UI_PORT = 5000  # `make ui` (python -m pipeline.tracking ui --port)
+CLASSIC_KIND = "custom_model_development"  # mlflow.experimentKind: the UI's classic ML pages (runs, charts, compare)
 
 
 def where_to_look(tracker: "Tracker") -> str:
@@ -261,8 +262,7 @@ def get_or_create_experiment(client: MlflowClient, name: str, uri: str) -> str:
             return exp.experiment_id
         location = (db.parent / "mlartifacts" / name).as_uri() if db else None
         # The UI then opens on the runs table (model training), not on the GenAI trace overview.
-        return client.create_experiment(name, artifact_location=location,
-                                        tags={"mlflow.experimentKind": "custom_model_development"})
+        return client.create_experiment(name, artifact_location=location, tags={"mlflow.experimentKind": CLASSIC_KIND})
 
 
 def client_for(uri: str) -> MlflowClient:
@@ -496,7 +496,10 @@ def ui(argv: list[str] | None = None) -> int:
     if args.command == "uri":
         print(uri)
         return 0
-    client_for(uri)  # create the store if it does not exist yet, so the UI has something to open
+    client = client_for(uri)  # create the store if it does not exist yet, so the UI has something to open
+    for experiment in client.search_experiments():  # the UI opens an experiment of no kind on its GenAI pages
+        if "mlflow.experimentKind" not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind", CLASSIC_KIND)
     db = _sqlite_path(uri)
     proc = start_server(uri, args.port, (db.parent / "mlartifacts") if db else None)  # one worker; waits for /health
     print(f"MLflow UI for {uri}: http://127.0.0.1:{args.port}  (Ctrl-C stops it)", flush=True)

@@ -103,11 +103,18 @@ def test_a_corrupted_cache_is_retrained_and_a_corrupted_baseline_folder_is_an_er
     data = bytearray(weights.read_bytes())
     data[len(data) // 2: len(data) // 2 + 2000] = bytes(2000)
     weights.write_bytes(bytes(data))
-    out = run_pipeline(outputs, *TINY)
-    assert "is damaged" in out and "Training baseline" in out
+    first = mlflow_runs(outputs)[0]
+    out = run_pipeline(outputs, *TINY)  # the store holds the baseline (the first run's artifact): restored from it
+    assert "is damaged" in out and "found on the store" in out and "Training baseline" not in out
     assert list((outputs / "baselines").glob(f"{cached.name}.corrupt-*"))
     latest = max(mlflow_runs(outputs), key=lambda r: r.info.start_time)
-    assert latest.info.status == "FINISHED" and latest.data.tags["medprune.baseline_reused"] == "false"
+    assert latest.info.status == "FINISHED" and latest.data.tags["medprune.baseline_run_id"] == first.info.run_id
+    assert latest.data.tags["medprune.baseline_reused"] == "true"
+
+    # damaged again, and no run of the store holds it (another store): trained again
+    weights.write_bytes(bytes(data))
+    out = run_pipeline(outputs, *TINY, f"tracking.uri=sqlite:///{tmp_path / 'other.db'}")
+    assert "is damaged" in out and "Training baseline" in out
 
     # the same damage in a folder given by baseline=: an error naming the file, before a run is opened
     weights.write_bytes(weights.read_bytes()[:5000])  # truncated this time

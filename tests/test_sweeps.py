@@ -135,7 +135,7 @@ def test_a_paper_preset_sweeps_and_reports_in_the_papers_shape(tmp_path):
     assert cells[1] == "2"  # two seeds in one row
     assert "±" in cells[2] and cells[3] == "88.3"  # mean ± std over seeds, the paper's Dice beside it
     (parent,) = mlflow_runs(tmp_path, "lwunet_table5", **{"medprune.kind": "sweep"})
-    report_dir = tmp_path / "reports" / parent.info.run_id
+    report_dir = tmp_path / "reports" / parent.data.tags["medprune.sweep_id"]
     for name in ("report.md", "report.csv", "report.tex", "dice_vs_flops.png", "dice_vs_latency.png"):
         assert (report_dir / name).exists(), name
     assert r"\begin{tabular}" in (report_dir / "report.tex").read_text()

@@ -23,7 +23,7 @@ from pipeline.measure.quality import aligned_fraction
 from pipeline.pruning import in_scope, prunable_layers
 from pipeline.schedules import SCHEDULES, Inputs
 from pipeline.state import MODEL_ARTIFACTS, Context, RunState, seed_everything
-from pipeline.training import Recipe, fit
+from pipeline.training import Recipe, fit, write_history
 
 log = logging.getLogger(__name__)
 
@@ -115,5 +115,8 @@ def _finetune_between(ctx: Context, model, step: int) -> int:
         model, ctx.data.dataset("train", augment=True), ctx.data.dataset("val"), settings, Recipe.from_config(ctx.cfg),
         ctx.device, ctx.cfg.seed, log_metrics=ctx.tracker.log_curve, desc=f"prune_step{step}",
     )
+    history = ctx.stage_dir("pruned") / f"step{step}_history.csv"  # its curve (not an MLflow metric)
+    write_history(fitted.history, history)
+    ctx.tracker.log_artifact(history, "pruning")
     model.cpu().eval()
     return fitted.images
