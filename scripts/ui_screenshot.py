@@ -7,8 +7,8 @@ Starts `mlflow server` on 127.0.0.1 against the store, opens the pages in headle
 and writes PNGs:
 
     .venv/bin/python scripts/ui_screenshot.py --experiment real_isic_mini --out docs/img/mlflow_ui.png
-    .venv/bin/python scripts/ui_screenshot.py --experiment real_isic_mini --views runs,sweep,compare --out docs/img/mlflow.png
-      # -> docs/img/mlflow_runs.png, mlflow_sweep.png, mlflow_compare.png
+    .venv/bin/python scripts/ui_screenshot.py --experiment real_isic_mini --views runs,charts,sweep,compare,tradeoff \
+        --out docs/img/mlflow.png   # -> docs/img/mlflow_runs.png, mlflow_charts.png, mlflow_sweep.png, ...
 """
 from __future__ import annotations
 
@@ -51,8 +51,8 @@ def _urls(port: int, experiment: str, views: list[str]) -> dict[str, str]:
         raise SystemExit(f"no experiment {experiment!r}; there are: {', '.join(exps)}")
     exp_id = exps[experiment]
     base = f"http://127.0.0.1:{port}/#/experiments/{exp_id}"
-    urls = {"runs": f"{base}/runs"}
-    if {"sweep", "compare"} & set(views):
+    urls = {"runs": f"{base}/runs", "charts": f"{base}/runs?compareRunsMode=CHART"}
+    if {"sweep", "compare", "tradeoff"} & set(views):
         sweeps = _rest(port, "runs/search", {"experiment_ids": [exp_id], "filter": "tags.`medprune.kind` = 'sweep'",
                                              "order_by": ["attributes.start_time DESC"], "max_results": 1}).get("runs", [])
         if not sweeps:
@@ -61,6 +61,7 @@ def _urls(port: int, experiment: str, views: list[str]) -> dict[str, str]:
         jobs = _rest(port, "runs/search", {"experiment_ids": [exp_id], "filter": f"tags.`mlflow.parentRunId` = '{parent}'",
                                            "max_results": 50}).get("runs", [])
         urls["sweep"] = f"{base}/runs/{parent}"
+        urls["tradeoff"] = f"{base}/runs/{parent}/artifacts/report/dice_vs_latency.png"
         ids = urllib.parse.quote(json.dumps([r["info"]["run_id"] for r in jobs]))
         urls["compare"] = f"http://127.0.0.1:{port}/#/compare-runs?runs={ids}&experiments={urllib.parse.quote(json.dumps([exp_id]))}"
     return {v: urls[v] for v in views}
@@ -101,8 +102,9 @@ def main() -> int:
     parser.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or outputs/mlflow.db)")
     parser.add_argument("--experiment", default="medprune")
     parser.add_argument("--out", type=Path, default=Path("outputs/mlflow_ui.png"))
-    parser.add_argument("--views", default="runs", help="comma-separated: runs, sweep (the latest sweep's parent run), "
-                                                        "compare (the compare view of its jobs)")
+    parser.add_argument("--views", default="runs", help="comma-separated: runs, charts (the runs' chart view), sweep (the "
+                                                        "latest sweep's parent run), compare (the compare view of its "
+                                                        "jobs), tradeoff (the parent's Dice-vs-latency plot)")
     args = parser.parse_args()
     screenshot(resolve_uri(args.uri), args.experiment, args.out, [v.strip() for v in args.views.split(",")])
     return 0
