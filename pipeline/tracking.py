@@ -42,14 +42,15 @@ def resolve_uri(configured: str | None, outputs: Path | None = None) -> str:
 
 UI_PORT = 5000  # `make ui` (python -m pipeline.tracking ui --port)
 CLASSIC_KIND = "custom_model_development"  # mlflow.experimentKind: the UI's classic ML pages (runs, charts, compare)
+CLASSIC_VIEW = "workflowType=machine_learning"  # MLflow 3's UI opens in its GenAI mode; this query opens the classic one
 
 
 def where_to_look(tracker: "Tracker") -> str:
     """Where a finished run is seen: its page on a tracking server (http[s] URI), else `make ui` on this
     machine's store."""
     if tracker.uri.startswith(("http://", "https://")):
-        return f"{tracker.uri.rstrip('/')}/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}"
-    return f"make ui  (http://127.0.0.1:{UI_PORT})"
+        return f"{tracker.uri.rstrip('/')}/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}?{CLASSIC_VIEW}"
+    return f"make ui  (http://127.0.0.1:{UI_PORT}/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}?{CLASSIC_VIEW})"
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -186,9 +187,9 @@ class Tracker:
         as MLflow metrics (none with `metrics=False`)."""
         if self._results is None:
             self._results = self.read_results(self.client, self.run_id)
-        self._results.update({k: float(v) for k, v in results.items()})
+        self._results.update({k: v if isinstance(v, str) else float(v) for k, v in results.items()})  # a form's name too
         if metrics:
-            self.log_metrics({k: v for k, v in results.items() if is_compared(k)})
+            self.log_metrics({k: v for k, v in results.items() if is_compared(k) and not isinstance(v, str)})
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -202,7 +203,7 @@ class Tracker:
         self.log_metrics({k: v for k, v in points.items() if k in CURVES}, step)
 
     @staticmethod
-    def read_results(client: MlflowClient, run_id: str) -> dict[str, float]:
+    def read_results(client: MlflowClient, run_id: str) -> dict[str, float | str]:
         """A run's results.json ({} where it has none: a run logged before it existed holds them as metrics)."""
         import tempfile
 
@@ -502,7 +503,7 @@ def ui(argv: list[str] | None = None) -> int:
             client.set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind", CLASSIC_KIND)
     db = _sqlite_path(uri)
     proc = start_server(uri, args.port, (db.parent / "mlartifacts") if db else None)  # one worker; waits for /health
-    print(f"MLflow UI for {uri}: http://127.0.0.1:{args.port}  (Ctrl-C stops it)", flush=True)
+    print(f"MLflow UI for {uri}: http://127.0.0.1:{args.port}/#/experiments?{CLASSIC_VIEW}  (Ctrl-C stops it)", flush=True)
     try:
         with terminate_on_sigterm():  # `kill`, or make forwarding a SIGTERM: the server and its workers go too
             return proc.wait()

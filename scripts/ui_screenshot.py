@@ -64,7 +64,9 @@ def _urls(port: int, experiment: str, views: list[str]) -> dict[str, str]:
         urls["tradeoff"] = f"{base}/runs/{parent}/artifacts/report/dice_vs_latency.png"
         ids = urllib.parse.quote(json.dumps([r["info"]["run_id"] for r in jobs]))
         urls["compare"] = f"http://127.0.0.1:{port}/#/compare-runs?runs={ids}&experiments={urllib.parse.quote(json.dumps([exp_id]))}"
-    return {v: urls[v] for v in views}
+    from pipeline.tracking import CLASSIC_VIEW  # the UI's classic (model training) pages, not its GenAI ones
+
+    return {v: urls[v] + ("&" if "?" in urls[v] else "?") + CLASSIC_VIEW for v in views}
 
 
 def screenshot(uri: str, experiment: str, out: Path, views: list[str] = ("runs",), width: int = 1900, height: int = 1000,

@@ -87,6 +87,6 @@ def test_a_finished_job_points_to_its_run_on_a_tracking_server_or_to_make_ui_loc
     from pipeline.tracking import Tracker
 
     remote = Tracker(None, "abc", "http://mlflow.lab:5000/", "medprune", "7")
-    assert where_to_look(remote) == "http://mlflow.lab:5000/#/experiments/7/runs/abc"
+    assert where_to_look(remote) == "http://mlflow.lab:5000/#/experiments/7/runs/abc?workflowType=machine_learning"
     local = Tracker(None, "abc", "sqlite:////tmp/x/mlflow.db", "medprune", "7")
-    assert where_to_look(local) == "make ui  (http://127.0.0.1:5000)"
+    assert where_to_look(local) == "make ui  (http://127.0.0.1:5000/#/experiments/7/runs/abc?workflowType=machine_learning)"

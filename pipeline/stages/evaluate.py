@@ -33,11 +33,12 @@ from pipeline.training import read_history
 log = logging.getLogger(__name__)
 
 FINAL_ONNX = "final.onnx"
-# Results that say what was measured (thread counts, flags, counts, verdicts): MLflow params (`final.latency_threads`),
-# not metrics. How each timing went (runs, settled: diagnostics) is a result like the others: in results.json.
+# Results that say what was measured (thread counts, flags, counts, the collapse verdict): MLflow params
+# (`final.latency_threads`), not metrics. How each timing went (runs, settled, which runtime was fastest:
+# diagnostics) is a result like the others, in results.json: params that differ between a sweep's jobs are what
+# the MLflow compare view opens on, and these would crowd out the swept settings.
 DESCRIPTIVE = ("latency_threads", "latency_bn_folded", "latency_channels_last", "test_images", "test_cases",
-               "cases_ignored_empty", "collapsed", "windows_per_volume", "kept_start",
-               *(f"fastest{s}_form" for s in ("", *(f"_{p}" for p in precision.REDUCED))))
+               "cases_ignored_empty", "collapsed", "windows_per_volume", "kept_start")
 
 
 def reduced_precision(ctx: Context) -> Optional[str]:
