@@ -169,9 +169,12 @@ RESULTS_FILE = "results.json"
 
 
 def is_compared(key: str) -> bool:
-    """Whether a result (<prefix>/<name>) is an MLflow metric of the job (COMPARED, CURVES)."""
+    """Whether a result (<prefix>/<name>) is an MLflow metric of the job (COMPARED, CURVES, a region's Dice)."""
+    from pipeline.precision import REDUCED
+
     prefix, _, name = key.partition("/")
-    return key in CURVES or ("/" not in name and (name in COMPARED or (name.startswith("dice_") and name != "dice_orig")))
+    region = name.startswith("dice_") and name[len("dice_"):] not in ("orig", "3d", *REDUCED)  # dice_WT, not dice_bf16
+    return key in CURVES or ("/" not in name and (name in COMPARED or region))
 
 
 class Tracker:

@@ -90,3 +90,13 @@ def test_a_finished_job_points_to_its_run_on_a_tracking_server_or_to_make_ui_loc
     assert where_to_look(remote) == "http://mlflow.lab:5000/#/experiments/7/runs/abc?workflowType=machine_learning"
     local = Tracker(None, "abc", "sqlite:////tmp/x/mlflow.db", "medprune", "7")
     assert where_to_look(local) == "make ui  (http://127.0.0.1:5000/#/experiments/7/runs/abc?workflowType=machine_learning)"
+
+
+def test_the_metrics_are_what_a_user_compares_and_the_rest_are_results():
+    from pipeline.tracking import is_compared
+
+    compared = ["final/dice", "pruned/latency_ms", "baseline/flops_g", "final/hd95", "final/dice_whole_tumor", "train/loss",
+                "finetune/val_dice", "quantized/dice"]
+    results = ["final/dice_orig", "final/dice_bf16", "final/dice_3d", "final/latency_cv", "final/onnx_latency_ms",
+               "baseline/val_dice", "evaluate/peak_gflops", "prune/channels_kept", "train/lr", "prune_step1/loss"]
+    assert [k for k in compared if not is_compared(k)] == [] and [k for k in results if is_compared(k)] == []
