@@ -36,11 +36,12 @@ def _weights(in_size: int | torch.SymInt, out_size: int) -> torch.Tensor:
     """PIL's bilinear resampling of `in_size` samples to `out_size` as a dense [out, in] float64 matrix of
     fixed-point weights (integers; libImaging/Resample.c: precompute_coeffs, normalize_coeffs_8bpc)."""
     source = torch.arange(in_size, dtype=torch.float64)
-    scale = torch.full((), 1.0, dtype=torch.float64) * in_size / out_size
+    length = torch.full((), 1.0, dtype=torch.float64) * in_size  # a tensor: the size may be a dynamic axis of the graph
+    scale = length / out_size
     support = torch.clamp(scale, min=1.0)  # the triangle's half width, in input samples (1 when enlarging)
     center = (torch.arange(out_size, dtype=torch.float64) + 0.5) * scale
     first = torch.clamp(torch.floor(center - support + 0.5), min=0)
-    last = torch.minimum(torch.floor(center + support + 0.5), torch.full((), 1.0, dtype=torch.float64) * in_size)
+    last = torch.minimum(torch.floor(center + support + 0.5), length)
     taps = torch.clamp(1 - torch.abs((source[None, :] - center[:, None] + 0.5) / support), min=0)
     inside = (source[None, :] >= first[:, None]) & (source[None, :] < last[:, None])
     taps = torch.where(inside, taps, torch.zeros_like(taps))
@@ -113,8 +114,8 @@ def io_spec(image: ImageInput | None, input_shape: Sequence[int], labels: Sequen
         }
     channels, spatial = int(input_shape[1]), [int(s) for s in input_shape[2:]]
     layout = "NCDHW" if len(spatial) == 3 else "NCHW"
-    window = (f"; a whole volume is tiled by windows of this size outside the graph (pipeline.predict does it: "
-              f"inference.SlidingWindow)" if len(spatial) == 3 else "")
+    window = ("; a whole volume is tiled by windows of this size outside the graph (pipeline.predict does it: "
+              "inference.SlidingWindow)" if len(spatial) == 3 else "")
     return {
         "input": {"name": "image", "dtype": "float32", "shape": [-1, channels, *spatial], "layout": layout,
                   "channels": channels, "preprocessing": f"not in the graph: {normalisation}",

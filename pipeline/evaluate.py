@@ -147,8 +147,7 @@ def test_reader_config(dataset: dict, reader: str, layout: dict[str, Any]) -> Di
                           f"its test set must be in its own reader's layout")
     settings = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "dataset" / f"{reader}.yaml"), resolve=False)
     settings.update({k: v for k, v in layout.items() if v is not None}, image_size=image.size, channels=image.channels,
-                    mean=list(image.mean), std=list(image.std), root=dataset.get("root") or "unused",
-                    test_root=dataset.get("test_root"))
+                    mean=list(image.mean), std=list(image.std), root=None)  # test_root alone is read (dataset.test_root)
     return OmegaConf.create(settings)
 
 

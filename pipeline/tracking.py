@@ -21,7 +21,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
@@ -41,7 +41,8 @@ def resolve_uri(configured: str | None, outputs: Path | None = None) -> str:
 
 
 UI_PORT = 5000  # `make ui` (python -m pipeline.tracking ui --port)
-CLASSIC_KIND = "custom_model_development"  # mlflow.experimentKind: the UI's classic ML pages (runs, charts, compare)
+EXPERIMENT_KIND = "mlflow.experimentKind"  # an experiment tag MLflow's UI reads
+CLASSIC_KIND = "custom_model_development"  # its value for the UI's classic ML pages (runs, charts, compare)
 CLASSIC_VIEW = "workflowType=machine_learning"  # MLflow 3's UI opens in its GenAI mode; this query opens the classic one
 
 
@@ -185,14 +186,13 @@ class Tracker:
         self.experiment, self.experiment_id = experiment, experiment_id  # its name, and its id (UI pages, logged models)
         self._results: dict[str, float] | None = None  # results.json as logged so far (read back on a resumed run)
 
-    def log_results(self, results: Mapping[str, float], metrics: bool = True) -> None:
-        """A job's results: all into the run's results.json artifact, those a user compares (`is_compared`) also
-        as MLflow metrics (none with `metrics=False`)."""
+    def log_results(self, results: Mapping[str, float | str], compared: Callable[[str], bool] = is_compared) -> None:
+        """A job's results: all into the run's results.json artifact, those a user compares (`compared`, by default
+        `is_compared`) also as MLflow metrics."""
         if self._results is None:
             self._results = self.read_results(self.client, self.run_id)
         self._results.update({k: v if isinstance(v, str) else float(v) for k, v in results.items()})  # a form's name too
-        if metrics:
-            self.log_metrics({k: v for k, v in results.items() if is_compared(k) and not isinstance(v, str)})
+        self.log_metrics({k: v for k, v in results.items() if compared(k) and not isinstance(v, str)})
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -266,7 +266,7 @@ def get_or_create_experiment(client: MlflowClient, name: str, uri: str) -> str:
             return exp.experiment_id
         location = (db.parent / "mlartifacts" / name).as_uri() if db else None
         # The UI then opens on the runs table (model training), not on the GenAI trace overview.
-        return client.create_experiment(name, artifact_location=location, tags={"mlflow.experimentKind": CLASSIC_KIND})
+        return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND: CLASSIC_KIND})
 
 
 def client_for(uri: str) -> MlflowClient:
@@ -502,8 +502,8 @@ def ui(argv: list[str] | None = None) -> int:
         return 0
     client = client_for(uri)  # create the store if it does not exist yet, so the UI has something to open
     for experiment in client.search_experiments():  # the UI opens an experiment of no kind on its GenAI pages
-        if "mlflow.experimentKind" not in experiment.tags:
-            client.set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind", CLASSIC_KIND)
+        if EXPERIMENT_KIND not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, CLASSIC_KIND)
     db = _sqlite_path(uri)
     proc = start_server(uri, args.port, (db.parent / "mlartifacts") if db else None)  # one worker; waits for /health
     print(f"MLflow UI for {uri}: http://127.0.0.1:{args.port}/#/experiments?{CLASSIC_VIEW}  (Ctrl-C stops it)", flush=True)

@@ -3,7 +3,6 @@ Normalize), the way back to each image's size, and a 3D model that states its in
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data.loader import make_loader
 from pipeline.inference import windowed
-from pipeline.measure.metrics import CASE_METRICS, CaseRules, SegmentationMeter, binarize, case_metrics, summarize_cases
+from pipeline.measure.metrics import CaseRules, SegmentationMeter, binarize, case_metrics, summarize_cases
 
 
 @dataclass

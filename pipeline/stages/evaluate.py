@@ -28,6 +28,7 @@ from pipeline.measure.profiling import cpu_name, cpu_threads, device_name
 from pipeline.quantization import quantized_files
 from pipeline.report import LABELS, results_table
 from pipeline.state import INT8_NETWORKS, NETWORKS, Context, RunState
+from pipeline.tracking import is_compared
 from pipeline.training import read_history
 
 log = logging.getLogger(__name__)
@@ -153,10 +154,8 @@ def _log_results(ctx: Context, state: RunState, results: dict[str, dict], peak: 
     # results (not evaluate.* params: those are settings, alike in a report row); the compared ones become metrics,
     # but a baseline's only in the run that trained it: a sweep's jobs then chart their own networks first
     here = baseline_trained_here(ctx, state)
-    ctx.tracker.log_results({**load, **{f"evaluate/{k}": v for k, v in peak.items()},
-                             **{k: v for k, v in measured.items() if here or not k.startswith("baseline/")}})
-    if not here:
-        ctx.tracker.log_results({k: v for k, v in measured.items() if k.startswith("baseline/")}, metrics=False)
+    ctx.tracker.log_results({**load, **{f"evaluate/{k}": v for k, v in peak.items()}, **measured},
+                            compared=lambda k: is_compared(k) and (here or not k.startswith("baseline/")))
     ctx.tracker.log_params({k.replace("/", "."): v for k, v in flat.items() if k.rsplit("/", 1)[1] in DESCRIPTIVE})
     e = ctx.cfg.evaluate
     form = "+".join(p for p, on in (("bn-folded", e.fold_bn), ("channels-last", e.channels_last)) if on) or "eager"

@@ -29,11 +29,12 @@ def run(ctx: Context, state: RunState) -> RunState:
     target = baselines.cache_dir(ctx.outputs, key)
     with file_lock(target.parent / f"{key}.lock"):
         meta = baselines.cached(ctx.outputs, key)
-        holder = baselines.holder_on_store(target, meta, tracker.client, tracker.uri) if meta is not None else None
-        if meta is None:
+        if meta is not None:
+            holder = baselines.holder_on_store(target, meta, tracker.client, tracker.uri)
+        else:
             holder = baselines.download_from_store(tracker.client, key, target)  # another machine's, on this store
-            meta = baselines.cached(ctx.outputs, key) if holder else None
             if holder:
+                meta = baselines.cached(ctx.outputs, key)
                 baselines.record_holder(target, tracker.uri, holder, fresh=True)
         reused = meta is not None
         if meta is None:
