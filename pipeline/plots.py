@@ -111,3 +111,25 @@ def pareto_front(points: list[dict], x: str, y: str) -> list[dict]:
     """Points not dominated by another (one with x <= and y >=, better in one), sorted by x."""
     front = [p for p in points if not any(q[x] <= p[x] and q[y] >= p[y] and (q[x] < p[x] or q[y] > p[y]) for q in points)]
     return sorted(front, key=lambda p: p[x])
+
+
+def search_front(points: list[dict], xlabel: str, path: Path) -> Path:
+    """A search's trials (x: cost; val: validation Dice, what the search maximised; test: test Dice), the front
+    (chosen on validation) and the uniform-L1 ladder (`reference`: its ratio), validation left, test right."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharex=True)
+    for ax, y, title in ((axes[0], "val", "validation Dice (searched)"), (axes[1], "test", "test Dice (reported)")):
+        others = [p for p in points if not p["front"] and p["reference"] is None]
+        ax.scatter([p["x"] for p in others], [p[y] for p in others], color="#9aa5b1", s=18, label="trials")
+        front = sorted((p for p in points if p["front"]), key=lambda p: p["x"])
+        ax.plot([p["x"] for p in front], [p[y] for p in front], color="#d1495b", marker="o", label="Pareto front (validation)")
+        ladder = sorted((p for p in points if p["reference"] is not None), key=lambda p: p["x"])
+        ax.plot([p["x"] for p in ladder], [p[y] for p in ladder], color="#2f6690", marker="s", linestyle=":",
+                label="uniform L1 ladder")
+        for p in ladder:
+            ax.annotate(f"{p['reference']:g}", (p["x"], p[y]), fontsize=7, xytext=(3, -9), textcoords="offset points")
+        for p in front:
+            ax.annotate(p["label"], (p["x"], p[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(title)
+    axes[0].legend(fontsize=8)
+    return _save(fig, path)

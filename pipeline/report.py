@@ -599,6 +599,18 @@ def report(target: str | None = None, uri: str | None = None, out: Path | None =
     uri = resolve_uri(uri)
     client = client_for(uri)
     parent, runs, paper = find_sweep(client, target, experiment)
+    from pipeline.paths import outputs_dir
+    from pipeline.search import STUDY_TAG
+    from pipeline.tracking import SWEEP_TAG
+
+    if STUDY_TAG in parent.data.tags and not (network or columns):  # a search: its study's Pareto front
+        from pipeline.front import report_front
+
+        out = Path(out or outputs_dir() / "reports" / parent.data.tags.get(SWEEP_TAG, parent.info.run_id))
+        text = report_front(client, parent, out, log_to_parent=log)
+        print(text)
+        print(f"Written to {out} (search {parent.data.tags[STUDY_TAG]}, sweep run {parent.info.run_id} in {uri})")
+        return text
     if network:
         paper = {**(paper or {}), "metric_prefix": network}
     if columns:

@@ -111,7 +111,9 @@ def execute(cfg: DictConfig) -> dict[str, float]:
     if done is not None:  # a sweep continued after a kill: this job finished in it
         log.info("Job %s finished before the sweep was interrupted (MLflow run %s): skipped", name, done.info.run_id)
         print(f"Skipped {name}: finished before the sweep was interrupted (MLflow run {done.info.run_id})")
-        return dict(done.data.metrics)
+        from pipeline.tracking import Tracker, client_for
+
+        return {**Tracker.read_results(client_for(sweep["uri"]), done.info.run_id), **done.data.metrics}
 
     # Everything that can be checked is checked before a run is opened or anything trained.
     data = build_data(cfg.dataset, cfg.seed)  # reads and checks every file
@@ -264,10 +266,22 @@ def _killed() -> None:
 
 
 @hydra.main(version_base="1.3", config_path=str(paths.CONF_DIR), config_name="config")  # absolute: works from any folder and as the installed `medprune` script
-def job(cfg: DictConfig) -> float | None:
-    """One Hydra job (a sweep runs one per setting): the stages, in medprune's shell (pipeline/shell.py)."""
-    metrics = shell.guarded("medprune", lambda: execute(cfg), resumable=True, on_stop=_killed)
-    return metrics.get("final/dice")  # the value an Optuna sweeper would optimise
+def job(cfg: DictConfig) -> float | list[float] | None:
+    """One Hydra job (a sweep runs one per setting): the stages, in medprune's shell (pipeline/shell.py). Returns
+    what the sweeper optimises: a trial of the search (hydra/sweeper=search) its objectives, [validation Dice,
+    latency or FLOPs] (None for a collapsed network), any other job its test Dice."""
+    from pipeline import search
+
+    trial = search.settings_of(HydraConfig.get()) if HydraConfig.initialized() else None
+    try:
+        metrics = shell.guarded("medprune", lambda: execute(cfg), resumable=True, on_stop=_killed)
+    except SystemExit as stop:
+        if trial is not None and stop.code == 2:  # a user error (printed): this trial fails, the search goes on
+            raise search.TrialFailed("the job stopped on a configuration or data error (its log says which)") from None
+        raise
+    if trial is not None:
+        return search.objectives(metrics, str(trial.cost))
+    return metrics.get("final/dice")
 
 
 def main() -> float | None:

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.files import atomic_write
 from pipeline.journal import JOB_KEY_TAG, Journal, sweep_key
+from pipeline.search import STUDY_TAG
 from pipeline.tracking import KIND_TAG, SWEEP_FILE, SWEEP_TAG, sweep_children, sweep_of
 
 log = logging.getLogger(__name__)
@@ -160,10 +161,18 @@ class SweepCallback(Callback):
         except Exception as err:  # a continued sweep whose first attempt was killed after logging them
             log.warning("sweep %s: job counts not logged as params (%s)", info["sweep_id"], str(err).splitlines()[0])
         try:
-            report_sweep(client, parent, Path(config.paths.outputs) / "reports" / info["sweep_id"])  # = report_sweep's default
+            folder = Path(config.paths.outputs) / "reports" / info["sweep_id"]  # = report_sweep's default
+            if STUDY_TAG in parent.data.tags:  # a search (pipeline/search.py): its study's Pareto front
+                from pipeline.front import report_front
+
+                report_front(client, parent, folder)
+            else:
+                report_sweep(client, parent, folder)
         except ReportError as err:  # a sweep that cannot be tabulated still ends; the log says why
             log.warning("no report for sweep %s: %s", info["sweep_id"], err)
-        status = "FINISHED" if counts["FINISHED"] == len(children) and children else "FAILED"
+        # a search ends FINISHED when it reached its budget: its failed trials were told Optuna, they are results
+        searched = STUDY_TAG in parent.data.tags
+        status = "FINISHED" if (searched or counts["FINISHED"] == len(children)) and children else "FAILED"
         client.set_terminated(parent.info.run_id, status)
         self._open = None
         if self._journal is not None:
