@@ -116,6 +116,7 @@ def _pct(v: float) -> str:
 
 def markdown(parent, trials: list[Trial], best: list[Trial], ladder: list[Trial], cost: str,
              ps: dict[str, dict[str, Optional[float]]]) -> str:
+    from pipeline.report import UNSETTLED_MARK, UNSETTLED_NOTE
     from pipeline.report import markdown as md_table
 
     keys = searched_keys(parent)
@@ -127,7 +128,8 @@ def markdown(parent, trials: list[Trial], best: list[Trial], ladder: list[Trial]
     def row(t: Trial, label: str) -> list[str]:
         lo, hi = t.ci
         return [label, *[t.settings.get(k, "?") for k in keys], _pct(t.value(DICE)), _pct(t.value("final/dice")),
-                "–" if math.isnan(lo) else f"[{100 * lo:.2f}, {100 * hi:.2f}]", f"{t.value('final/latency_ms'):.2f}",
+                "–" if math.isnan(lo) else f"[{100 * lo:.2f}, {100 * hi:.2f}]",
+                f"{t.value('final/latency_ms'):.2f}" + (UNSETTLED_MARK if t.results.get("final/latency_settled") in (0, "0") else ""),
                 f"{t.value('final/flops_g'):.3f}",
                 *[_p(ps.get(t.run_id, {}).get(r)) for r in rungs], ", ".join(t.dominates) or "–"]
 
@@ -146,6 +148,8 @@ def markdown(parent, trials: list[Trial], best: list[Trial], ladder: list[Trial]
             f" (higher test Dice, paired Wilcoxon p < {P_BEYOND}, at no more latency)." if winners else
             f"no front network dominates it (none has a higher test Dice with paired p < {P_BEYOND} at no more latency).")
             + "\n")
+    if any(t.results.get("final/latency_settled") in (0, "0") for t in [*best, *ladder]):
+        text += f"\n{UNSETTLED_NOTE}.\n"
     text += ("\nThe front is chosen on validation Dice; test Dice is reported, never optimised. Test 95% CI: bootstrap "
              "interval of the mean over the test cases; p: two-sided Wilcoxon signed-rank test over the same test "
              "cases against the ladder rung. Latencies of different trials were measured at different times "

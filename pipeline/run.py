@@ -273,11 +273,20 @@ def job(cfg: DictConfig) -> float | list[float] | None:
     from pipeline import search
 
     trial = search.settings_of(HydraConfig.get()) if HydraConfig.initialized() else None
+    error: list[str] = []
+
+    def body():
+        try:
+            return execute(cfg)
+        except tuple(shell.user_errors()) as err:  # its line, for the trial's record too
+            error.append(shell.one_line(err))
+            raise
+
     try:
-        metrics = shell.guarded("medprune", lambda: execute(cfg), resumable=True, on_stop=_killed)
+        metrics = shell.guarded("medprune", body, resumable=True, on_stop=_killed)
     except SystemExit as stop:
         if trial is not None and stop.code == 2:  # a user error (printed): this trial fails, the search goes on
-            raise search.TrialFailed("the job stopped on a configuration or data error (its log says which)") from None
+            raise search.TrialFailed(error[0] if error else "a configuration or data error") from None
         raise
     if trial is not None:
         return search.objectives(metrics, str(trial.cost))

@@ -18,6 +18,7 @@ processes (SLURM jobs, machines) work on one study.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -87,6 +88,10 @@ def trial_overrides(params: dict[str, Any]) -> list[str]:
     return [f"{name}={value}" for name, value in out.items()]
 
 
+def _plain(node: Any) -> dict:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node or {})
+
+
 def _value(value: Any) -> str:
     return "null" if value is None else str(value)
 
@@ -112,6 +117,18 @@ def distribution(override):
     raise SearchError(f"{name}: a search dimension is choices (a,b), interval(lo,hi) or range(lo,hi,step); got {override.input_line}")
 
 
+@contextlib.contextmanager
+def _quiet_optuna():
+    """Optuna's heartbeat is marked experimental (since 2.9) and warns when used outside study.optimize, which a
+    sweeper's ask/tell loop is by design (_Heartbeat beats for it): those two warnings, not others."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+        yield
+
+
 def _enqueue_again(study, trial) -> None:
     """A trial whose process was killed: its settings (and a ladder trial's mark) enqueued for the next ask."""
     attrs = {k: v for k, v in trial.user_attrs.items() if k == REFERENCE_ATTR}
@@ -129,8 +146,8 @@ class Search:
             raise SearchError(f"hydra.sweeper.n_trials={n_trials}, n_jobs={n_jobs}: expected at least 1 each")
         self.sampler, self.cost, self.n_trials, self.n_jobs = sampler, str(cost), int(n_trials), int(n_jobs)
         self.study_name, self.storage_url = str(study_name), str(storage)
-        self.reference = OmegaConf.to_container(reference, resolve=True) if reference else {}
-        self.params = OmegaConf.to_container(params, resolve=True) if params else {}
+        self.reference = _plain(reference)
+        self.params = _plain(params)
         self.launcher = self.config = None
         self.job_idx = 0
 
@@ -168,8 +185,9 @@ class Search:
         if self.storage_url.startswith("sqlite:///"):
             Path(self.storage_url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         kwargs = {"connect_args": {"timeout": 120}} if self.storage_url.startswith("sqlite") else {}
-        return optuna.storages.RDBStorage(self.storage_url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
-                                          grace_period=GRACE_S, heartbeat_stale_trial_callback=_enqueue_again)
+        with _quiet_optuna():
+            return optuna.storages.RDBStorage(self.storage_url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
+                                              grace_period=GRACE_S, heartbeat_stale_trial_callback=_enqueue_again)
 
     def open_study(self, storage, distributions):
         """The study, made (and its ladder enqueued) by the first process, loaded by the others; refused when it
@@ -181,6 +199,9 @@ class Search:
             study = optuna.create_study(storage=storage, study_name=self.study_name, sampler=self.sampler,
                                         directions=DIRECTIONS)
         except optuna.exceptions.DuplicatedStudyError:
+            # a process joining (or resuming) the study draws its own random numbers: with the configured seed it
+            # would propose the very settings the first process proposed
+            self.sampler.reseed_rng()
             study = optuna.load_study(study_name=self.study_name, storage=storage, sampler=self.sampler)
             made = study.user_attrs.get("medprune.signature")
             if made is not None and made != signature:
@@ -271,8 +292,7 @@ class Search:
                 if t.user_attrs.get("medprune.host") == here
                 and not _alive(int(t.user_attrs.get("medprune.pid", 0)), str(t.user_attrs.get("medprune.pid_start", "")))]
         self.give_back(study, dead, "its process on this host is gone")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # stable since 2.9, still so marked
+        with _quiet_optuna():
             optuna.storages.fail_stale_trials(study)
 
     # -- the loop ------------------------------------------------------------------------------------------
@@ -293,7 +313,8 @@ class Search:
             batch = min(self.n_jobs, self.n_trials - self.counted(study))
             if batch <= 0:
                 break
-            trials = [study.ask() for _ in range(batch)]
+            with _quiet_optuna():
+                trials = [study.ask() for _ in range(batch)]
             overrides = []
             for trial in trials:
                 for name, value in mine.items():

@@ -172,7 +172,7 @@ class SweepCallback(Callback):
             log.warning("no report for sweep %s: %s", info["sweep_id"], err)
         # a search ends FINISHED when it reached its budget: its failed trials were told Optuna, they are results
         searched = STUDY_TAG in parent.data.tags
-        status = "FINISHED" if (searched or counts["FINISHED"] == len(children)) and children else "FAILED"
+        status = "FINISHED" if searched or (counts["FINISHED"] == len(children) and children) else "FAILED"
         client.set_terminated(parent.info.run_id, status)
         self._open = None
         if self._journal is not None:
