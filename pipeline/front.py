@@ -48,7 +48,7 @@ def searched_keys(parent) -> list[str]:
 
 def trials_of(client, parent) -> list[Trial]:
     """Every trial run of the parent's study in its experiment (every process's, every status)."""
-    from pipeline.report import case_dice
+    from pipeline.tables import case_dice
     from pipeline.tracking import KIND_TAG, Tracker
 
     study = parent.data.tags[STUDY_TAG]
@@ -116,8 +116,9 @@ def _pct(v: float) -> str:
 
 def markdown(parent, trials: list[Trial], best: list[Trial], ladder: list[Trial], cost: str,
              ps: dict[str, dict[str, Optional[float]]]) -> str:
-    from pipeline.report import UNSETTLED_MARK, UNSETTLED_NOTE
-    from pipeline.report import markdown as md_table
+    from pipeline.tables import UNSETTLED_MARK, UNSETTLED_NOTE
+    from pipeline.tables import markdown as md_table
+    from pipeline.tables import p_text
 
     keys = searched_keys(parent)
     counts = {o: sum(t.outcome == o for t in trials) for o in ("complete", "collapsed", "failed")}
@@ -131,7 +132,7 @@ def markdown(parent, trials: list[Trial], best: list[Trial], ladder: list[Trial]
                 "–" if math.isnan(lo) else f"[{100 * lo:.2f}, {100 * hi:.2f}]",
                 f"{t.value('final/latency_ms'):.2f}" + (UNSETTLED_MARK if t.results.get("final/latency_settled") in (0, "0") else ""),
                 f"{t.value('final/flops_g'):.3f}",
-                *[_p(ps.get(t.run_id, {}).get(r)) for r in rungs], ", ".join(t.dominates) or "–"]
+                *[p_text(ps.get(t.run_id, {}).get(r)) for r in rungs], ", ".join(t.dominates) or "–"]
 
     cells = [row(t, f"{t.number}" + (f" (L1 {t.reference:g})" if t.reference is not None else "")) for t in best]
     cells += [row(t, f"{t.number} (L1 {t.reference:g})") for t in ladder if t not in best]
@@ -155,12 +156,6 @@ def markdown(parent, trials: list[Trial], best: list[Trial], ladder: list[Trial]
              "cases against the ladder rung. Latencies of different trials were measured at different times "
              "(evaluate.latency_*; a busy machine moves them); FLOPs are counted.\n")
     return text
-
-
-def _p(value: Optional[float]) -> str:
-    if value is None:
-        return "–"
-    return "<0.001" if value < 0.001 else f"{value:.3f}"
 
 
 def report_front(client, parent, out: Path, log_to_parent: bool = True) -> str:

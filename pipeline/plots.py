@@ -121,7 +121,8 @@ def search_front(points: list[dict], xlabel: str, path: Path) -> Path:
         others = [p for p in points if not p["front"] and p["reference"] is None]
         ax.scatter([p["x"] for p in others], [p[y] for p in others], color="#9aa5b1", s=18, label="trials")
         front = sorted((p for p in points if p["front"]), key=lambda p: p["x"])
-        ax.plot([p["x"] for p in front], [p[y] for p in front], color="#d1495b", marker="o", label="Pareto front (validation)")
+        ax.plot([p["x"] for p in front], [p[y] for p in front], color="#d1495b", marker="o", label="Pareto front (validation)",
+                linestyle="-" if y == "val" else "none")  # a front in validation Dice; on test, where its networks land
         ladder = sorted((p for p in points if p["reference"] is not None), key=lambda p: p["x"])
         ax.plot([p["x"] for p in ladder], [p[y] for p in ladder], color="#2f6690", marker="s", linestyle=":",
                 label="uniform L1 ladder")

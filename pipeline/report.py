@@ -28,6 +28,9 @@ from typing import Any
 from data.files import write_csv
 from pipeline.precision import REDUCED
 from pipeline.state import INT8_NETWORKS, NETWORKS
+from pipeline.tables import UNSETTLED_MARK, UNSETTLED_NOTE, case_dice, latex, markdown
+from pipeline.tables import artifact_text as _artifact_text
+from pipeline.tables import p_text as _p
 
 # A results table's rows, in order: the run's networks (pipeline.state), the fine-tuned one by what made it
 LABELS = {**{name: name for name in NETWORKS}, "final": "fine-tuned",
@@ -43,9 +46,6 @@ COLUMNS = [
 ]
 BUDGET_COLUMN = ("Budget (k images)", "budget_images", "{:,.1f}")  # what each network's training cost
 KEPT_START_NOTE = "= the recovery kept its starting weights: the fine-tuned network is the pruned one (finetune.keep)"
-# A latency cell whose timing window did not settle (pipeline/measure/cost.py) gets this mark and the note.
-UNSETTLED_MARK = "*"
-UNSETTLED_NOTE = "* latency did not settle (CV > evaluate.latency_target_cv): not a reliable figure"
 
 
 def results_table(results: dict[str, dict]) -> str:
@@ -261,31 +261,6 @@ def table_rows(rows: list[Row], paper: dict) -> tuple[list[str], list[list[str]]
 
 # -- uncertainty: per-case results of the runs (evaluate/cases_<network>.csv, pipeline/measure/stats.py) ---------
 
-def _artifact_text(client, run_id: str, path: str) -> str | None:
-    """The text of one artifact of a run; None where the run has none (an older run, another stage list)."""
-    import os
-    import tempfile
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            return Path(client.download_artifacts(run_id, path, tmp)).read_text()
-        except Exception:
-            return None
-
-
-def case_dice(client, run_id: str, network: str, cache: dict) -> dict[str, float] | None:
-    """case -> Dice of `network` in run `run_id`, from its per-case artifact; None for a run without one."""
-    import csv
-    import io
-
-    if (run_id, network) not in cache:
-        text = _artifact_text(client, run_id, f"evaluate/cases_{network}.csv")
-        cache[(run_id, network)] = None if text is None else {
-            r["case"]: float(r["dice"]) for r in csv.DictReader(io.StringIO(text))}
-    return cache[(run_id, network)]
-
-
 def uncertainty(client, rows: list[Row], paper: dict) -> dict[str, dict]:
     """Per row (by label): the bootstrap interval of the mean Dice over test cases and the Wilcoxon p-values
     against the runs' baseline and against the reference row (`paper.reference`), see pipeline/measure/stats.py."""
@@ -321,12 +296,6 @@ def uncertainty(client, rows: list[Row], paper: dict) -> dict[str, dict]:
     return out
 
 
-def _p(value) -> str:
-    if value is None:
-        return "–"
-    return "<0.001" if value < 0.001 else f"{value:.3f}"
-
-
 def add_uncertainty(header: list[str], cells: list[list[str]], rows: list[Row], found: dict[str, dict],
                     paper: dict) -> tuple[list[str], list[list[str]]]:
     """The interval and p-value columns, after the metric columns."""
@@ -355,22 +324,6 @@ def add_collapsed(header: list[str], cells: list[list[str]], rows: list[Row]) ->
         flags = [row.collapsed.get(run_id) for run_id in dict.fromkeys(row.runs)]
         counts.append((sum(1 for f in flags if f and f != "no"), len(flags)))
     return header + ["⚠ collapsed"], [line + [f"{bad}/{n}" if bad else "–"] for line, (bad, n) in zip(cells, counts)]
-
-
-def markdown(header: list[str], cells: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(c) + " |" for c in cells]
-    return "\n".join(lines)
-
-
-def latex(header: list[str], cells: list[list[str]], caption: str) -> str:
-    esc = lambda s: s.replace("_", r"\_").replace("%", r"\%").replace("±", r"$\pm$").replace("Δ", r"$\Delta$")  # noqa: E731
-    lines = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{" + "l" * 2 + "r" * (len(header) - 2) + "}", r"\toprule"]
-    lines.append(" & ".join(esc(h) for h in header) + r" \\")
-    lines.append(r"\midrule")
-    lines += [" & ".join(esc(c) for c in row) + r" \\" for row in cells]
-    lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{esc(caption)}}}", r"\end{table}"]
-    return "\n".join(lines)
 
 
 def load_preset(name: str) -> tuple[dict | None, str]:
