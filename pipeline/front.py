@@ -31,11 +31,16 @@ class Trial:
     reference: Optional[float] = None
     cases: Optional[dict[str, float]] = None  # test case -> Dice of the final network
     ci: tuple[float, float] = (math.nan, math.nan)
-    dominates: list[str] = field(default_factory=list)  # ladder rungs it dominates (test Dice beyond chance, cost)
+    dominates: list[str] = field(default_factory=list)  # ladder rungs it dominates (test Dice beyond chance, latency)
+    retimed: dict[str, float] = field(default_factory=dict)  # latency_ms, latency_settled: timed with the others (`retime`)
 
     def value(self, key: str) -> float:
         v = self.results.get(key)
         return float(v) if isinstance(v, (int, float)) else math.nan
+
+    def latency(self) -> float:
+        """The latency the front is judged by: retimed with the others when it was, else the trial's own."""
+        return self.retimed["latency_ms"] if "latency_ms" in self.retimed else self.value("final/latency_ms")
 
 
 def searched_keys(parent) -> list[str]:
@@ -105,9 +110,54 @@ def compare(best: list[Trial], ladder: list[Trial]) -> dict[str, dict[str, Optio
             p = stats.paired_p(t.cases, rung.cases)
             table[t.run_id][f"{rung.reference:g}"] = p
             if (p is not None and p < P_BEYOND and t.value("final/dice") > rung.value("final/dice")
-                    and t.value("final/latency_ms") <= rung.value("final/latency_ms")):
+                    and t.latency() <= rung.latency()):
                 t.dominates.append(f"{rung.reference:g}")
     return table
+
+
+def retime(client, trials: list[Trial]) -> str:
+    """Times the trials' final networks together, in one interleaved pass of the evaluate stage's deployed form
+    (their first run's evaluate settings, torch only): each trial's own latency was measured when it ran, and
+    a machine busy at one time and idle at another moves those more than the networks differ. Sets each
+    trial's `retimed`; returns the line that says how (or why not) for the report."""
+    import torch
+
+    from models.io import load_model
+    from pipeline import stored_config
+    from pipeline.measure.cost import time_networks
+    from pipeline.measure.profiling import cpu_name, thread_count
+
+    if not trials:
+        return ""
+    first = client.get_run(trials[0].run_id)
+    device = first.data.tags.get("medprune.device", "cpu")
+    shape = json.loads(first.data.params["data.input_shape"]) if "data.input_shape" in first.data.params else None
+    if not device.startswith("cpu") and not torch.cuda.is_available():
+        return f"Latency: as each trial measured it (they ran on {device}, which this machine lacks)."
+    with tempfile.TemporaryDirectory(prefix="medprune-front-") as tmp:
+        try:
+            config = stored_config.read(Path(client.download_artifacts(first.info.run_id, "config.yaml", tmp)))
+            models = {f"trial{t.number}": load_model(client.download_artifacts(t.run_id, "final_model", f"{tmp}/{t.number}")).eval()
+                      for t in trials}
+        except Exception as err:  # a run without its networks' artifacts (tracking.log_models or an old run)
+            return f"Latency: as each trial measured it (not retimed: {type(err).__name__}: {str(err).splitlines()[0]})."
+        if shape is None:  # runs before data.input_shape was logged: a 2D square image
+            conv = next(m for m in next(iter(models.values())).modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)))
+            size = first.data.params.get("data.image_size")
+            if not isinstance(conv, torch.nn.Conv2d) or size is None:
+                return "Latency: as each trial measured it (the runs do not say their input shape)."
+            shape = [1, conv.in_channels, int(size), int(size)]
+        from omegaconf import OmegaConf
+
+        settings = OmegaConf.create({**config["evaluate"], "runtimes": [], "latency_eager": False})
+        results, timed = time_networks(settings, models, tuple(shape), torch.device(device.split(" ")[0]))
+    for t in trials:
+        r = results.get(f"trial{t.number}", {})
+        if "latency_ms" in r:
+            t.retimed = {"latency_ms": r["latency_ms"], "latency_settled": r.get("latency_settled", 0)}
+    return (f"Retimed (ms): the front's and the ladder's networks timed together in one interleaved pass when this "
+            f"report was made ({timed.rounds} rounds, {thread_count(settings.threads)} thread(s), {cpu_name()}, "
+            f"{device}); the dominance test uses it. Latency (ms): each trial's own measurement, when it ran.")
 
 
 def _pct(v: float) -> str:
@@ -115,7 +165,7 @@ def _pct(v: float) -> str:
 
 
 def markdown(parent, trials: list[Trial], best: list[Trial], ladder: list[Trial], cost: str,
-             ps: dict[str, dict[str, Optional[float]]]) -> str:
+             ps: dict[str, dict[str, Optional[float]]], timing: str = "") -> str:
     from pipeline.tables import UNSETTLED_MARK, UNSETTLED_NOTE
     from pipeline.tables import markdown as md_table
     from pipeline.tables import p_text
@@ -123,7 +173,7 @@ def markdown(parent, trials: list[Trial], best: list[Trial], ladder: list[Trial]
     keys = searched_keys(parent)
     counts = {o: sum(t.outcome == o for t in trials) for o in ("complete", "collapsed", "failed")}
     rungs = [f"{r.reference:g}" for r in ladder]
-    header = ["Trial", *keys, "Val Dice (%)", "Test Dice (%)", "Test 95% CI", "Latency (ms)", "FLOPs (G)",
+    header = ["Trial", *keys, "Val Dice (%)", "Test Dice (%)", "Test 95% CI", "Latency (ms)", "Retimed (ms)", "FLOPs (G)",
               *[f"p vs L1 {r}" for r in rungs], "Dominates L1"]
 
     def row(t: Trial, label: str) -> list[str]:
@@ -131,6 +181,8 @@ def markdown(parent, trials: list[Trial], best: list[Trial], ladder: list[Trial]
         return [label, *[t.settings.get(k, "?") for k in keys], _pct(t.value(DICE)), _pct(t.value("final/dice")),
                 "–" if math.isnan(lo) else f"[{100 * lo:.2f}, {100 * hi:.2f}]",
                 f"{t.value('final/latency_ms'):.2f}" + (UNSETTLED_MARK if t.results.get("final/latency_settled") in (0, "0") else ""),
+                f"{t.retimed['latency_ms']:.2f}" + (UNSETTLED_MARK if not t.retimed.get("latency_settled") else "")
+                if t.retimed else "–",
                 f"{t.value('final/flops_g'):.3f}",
                 *[p_text(ps.get(t.run_id, {}).get(r)) for r in rungs], ", ".join(t.dominates) or "–"]
 
@@ -149,7 +201,10 @@ def markdown(parent, trials: list[Trial], best: list[Trial], ladder: list[Trial]
             f" (higher test Dice, paired Wilcoxon p < {P_BEYOND}, at no more latency)." if winners else
             f"no front network dominates it (none has a higher test Dice with paired p < {P_BEYOND} at no more latency).")
             + "\n")
-    if any(t.results.get("final/latency_settled") in (0, "0") for t in [*best, *ladder]):
+    if timing:
+        text += f"\n{timing}\n"
+    if any(t.results.get("final/latency_settled") in (0, "0") or (t.retimed and not t.retimed.get("latency_settled"))
+           for t in [*best, *ladder]):
         text += f"\n{UNSETTLED_NOTE}.\n"
     text += ("\nThe front is chosen on validation Dice; test Dice is reported, never optimised. Test 95% CI: bootstrap "
              "interval of the mean over the test cases; p: two-sided Wilcoxon signed-rank test over the same test "
@@ -172,13 +227,15 @@ def report_front(client, parent, out: Path, log_to_parent: bool = True) -> str:
     for t in {*best, *ladder}:
         if t.cases:
             t.ci = stats.bootstrap_ci(list(t.cases.values()))
+    timing = retime(client, list(dict.fromkeys([*best, *ladder])))
     ps = compare(best, ladder)
-    text = markdown(parent, trials, best, ladder, cost, ps)
+    text = markdown(parent, trials, best, ladder, cost, ps, timing)
     out.mkdir(parents=True, exist_ok=True)
     (out / "search.md").write_text(text)
     rows = [{"trial": t.number, "outcome": t.outcome, "front": t in best, "reference": t.reference, **t.settings,
              "val_dice": t.value(DICE), "dice": t.value("final/dice"), "ci_low": t.ci[0], "ci_high": t.ci[1],
-             "latency_ms": t.value("final/latency_ms"), "flops_g": t.value("final/flops_g"), "run_id": t.run_id}
+             "latency_ms": t.value("final/latency_ms"), "retimed_ms": t.retimed.get("latency_ms", math.nan),
+             "flops_g": t.value("final/flops_g"), "run_id": t.run_id}
             for t in trials]
     write_csv(rows or [{"trial": ""}], out / "search.csv")
     files = [out / "search.md", out / "search.csv"]

@@ -71,7 +71,8 @@ def record_inputs(tracker, resolved: dict, choices: dict[str, str], data, run_di
     tracker.log_artifact(run_dir / "splits.json", "data")
     log_data_stats(tracker, data.stats(), run_dir)
     first = next((ids[0] for ids in splits.values() if ids), None)  # HD95's unit: a volume's voxel spacing, else pixels
-    tracker.log_params({"data.distance_unit": "mm" if first is not None and data.case_spacing(first) is not None else "px"})
+    tracker.log_params({"data.distance_unit": "mm" if first is not None and data.case_spacing(first) is not None else "px",
+                        "data.input_shape": json.dumps([1, data.in_channels, *data.input_size])})  # what latency is of
     ignored = data.ignored_files()
     if ignored:  # every entry the reader passed over, named (the log names the first few)
         (run_dir / "ignored_files.txt").write_text("\n".join(ignored) + "\n")
@@ -272,7 +273,8 @@ def job(cfg: DictConfig) -> float | list[float] | None:
     latency or FLOPs] (None for a collapsed network), any other job its test Dice."""
     from pipeline import search
 
-    trial = search.settings_of(HydraConfig.get()) if HydraConfig.initialized() else None
+    searching = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    trial = search.settings_of(HydraConfig.get()) if searching else None
     error: list[str] = []
 
     def body():

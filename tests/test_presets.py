@@ -45,9 +45,11 @@ PRESETS = {
     "real_isic_base": ["dataset.limit=16"] + TINY_UNET,
     "recovery_isic": ["dataset.limit=24", "dataset.fold=1", "recovery=sparse_rewind", "sparsity.epochs=1"] + TINY_UNET,
     "recovery_covid": ["dataset.fold=2", "recovery=scratch"] + TINY_UNET,
+    "search_isic": ["dataset.limit=24", "prune=global", "prune.ratio=0.5", "recovery=distill_rewind",
+                    "finetune.epochs=1"] + TINY_UNET,  # one trial's job (the search: tests/test_search.py)
 }
 READS_REAL_ISIC = ("real_isic_mini", "real_isic_small", "real_isic_base", "criteria_isic", "precision_isic",
-                   "rounding_unetpp_isic", "quantize_isic", "distill_ablation", "recovery_isic")
+                   "rounding_unetpp_isic", "quantize_isic", "distill_ablation", "recovery_isic", "search_isic")
 
 
 def test_every_preset_is_covered():
@@ -84,7 +86,7 @@ def test_preset_runs_end_to_end_and_reports(preset, tmp_path):
     text = medprune(tmp_path, run.info.run_id, "--no-log", module="pipeline.report")  # a single job's report
     if preset not in ("lwunet_isic", "real_isic_small", "real_isic_base", "criteria_isic", "precision_isic",
                       "rounding_unetpp_isic", "quantize_isic", "distill_ablation", "brats3d_prune", "recovery_isic",
-                      "recovery_covid"):  # no published numbers
+                      "recovery_covid", "search_isic"):  # no published numbers
         assert "(paper)" in text or preset == "channel_attention"
     # our run is the row of its setting, with its own Dice (in the paper's unit)
     from dataclasses import asdict
