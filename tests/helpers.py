@@ -1,9 +1,12 @@
 """What the test modules share: the real composed config, and the pipeline run as a user runs it."""
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,3 +182,19 @@ def requires_real(path: Path):
 
     return lambda test: pytest.mark.realdata(pytest.mark.skipif(
         not path.exists(), reason=f"real data not found at {path} (../shared/realdata is beside the dev checkout only)")(test))
+
+
+def kill_when(outputs: Path, args: list[str], pattern: str, epoch: int) -> None:
+    """Runs the command and SIGKILLs it once a checkpoint matching `pattern` has reached `epoch`."""
+    proc = launch(outputs, *args)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        for meta in outputs.glob(pattern):
+            try:
+                if json.loads(meta.read_text())["epoch"] >= epoch:
+                    proc.send_signal(signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+        time.sleep(0.02)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the job ended before it could be killed"

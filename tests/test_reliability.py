@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import TINY as HELPER_TINY
-from helpers import conf, mlflow_runs, run_pipeline
+from helpers import conf, kill_when, mlflow_runs, run_pipeline
 from helpers import launch as launch_merged
 from models import build_model
 from models.io import ModelFileError, load_model, save_model
@@ -299,22 +299,6 @@ def test_baseline_key_follows_content_not_paths_or_serving_keys(tmp_path):
 
 
 # -- resume after SIGKILL --------------------------------------------------------------------------
-
-
-def kill_when(outputs: Path, args: list[str], pattern: str, epoch: int) -> None:
-    """Runs the command and SIGKILLs it once a checkpoint matching `pattern` has reached `epoch`."""
-    proc = launch(outputs, *args)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        for meta in outputs.glob(pattern):
-            try:
-                if json.loads(meta.read_text())["epoch"] >= epoch:
-                    proc.send_signal(signal.SIGKILL)
-            except (OSError, ValueError):
-                pass
-        time.sleep(0.02)
-    proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the job ended before it could be killed"
 
 
 def _weights(outputs: Path, pattern: str) -> dict[str, torch.Tensor]:

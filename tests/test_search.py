@@ -2,8 +2,6 @@
 study end to end, resumption after a kill, and two processes on one study."""
 from __future__ import annotations
 
-import json
-import signal
 import time
 from pathlib import Path
 
@@ -13,7 +11,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from helpers import TINY, launch, mlflow_runs, run_pipeline
+from helpers import TINY, kill_when, launch, mlflow_runs, run_pipeline
 from pipeline import front, search
 
 # debug=tiny on the small UNet (its networks segment; TINY's tiny UNet on 24 images collapses, which one test uses)
@@ -165,18 +163,7 @@ def test_a_collapsed_network_is_told_pruned_not_scored(tmp_path):
 @pytest.mark.integration
 def test_a_killed_search_resumes_the_killed_trial_and_keeps_its_budget(tmp_path):
     args = [*SEARCH, "hydra.sweeper.n_trials=2", "finetune.epochs=8"]
-    proc = launch(tmp_path, *args)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # SIGKILL in the second trial's fine-tuning
-        for meta in tmp_path.glob("multirun/*/*/1/final/checkpoint/checkpoint.json"):
-            try:
-                if json.loads(meta.read_text())["epoch"] >= 2:
-                    proc.send_signal(signal.SIGKILL)
-            except (OSError, ValueError):
-                pass
-        time.sleep(0.05)
-    proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the search ended before it could be killed"
+    kill_when(tmp_path, args, "multirun/*/*/1/final/checkpoint/checkpoint.json", 2)  # in the second trial's fine-tuning
     killed = study_of(tmp_path).get_trials(deepcopy=False)
     assert [t.state for t in killed] == [TrialState.COMPLETE, TrialState.RUNNING]
 
