@@ -42,6 +42,10 @@ class Trial:
         """The latency the front is judged by: retimed with the others when it was, else the trial's own."""
         return self.retimed["latency_ms"] if "latency_ms" in self.retimed else self.value("final/latency_ms")
 
+    def cost(self, cost: str) -> float:
+        """The search's second objective as the front judges it (a latency: `latency()`)."""
+        return self.latency() if cost == COSTS["latency"] else self.value(cost)
+
 
 def searched_keys(parent) -> list[str]:
     """The search space's dimensions, as the sweeper tagged the parent."""
@@ -88,12 +92,13 @@ def _setting(params: dict[str, str], key: str) -> str:
 
 
 def front(trials: list[Trial], cost: str) -> list[Trial]:
-    """The complete trials no other complete trial beats on both objectives, cheapest first."""
-    done = [t for t in trials if t.outcome == "complete" and not math.isnan(t.value(DICE)) and not math.isnan(t.value(cost))]
+    """The complete trials no other complete trial beats on both objectives (validation Dice, `Trial.cost`),
+    cheapest first."""
+    done = [t for t in trials if t.outcome == "complete" and not math.isnan(t.value(DICE)) and not math.isnan(t.cost(cost))]
     best = [t for t in done if not any(
-        o.value(cost) <= t.value(cost) and o.value(DICE) >= t.value(DICE)
-        and (o.value(cost) < t.value(cost) or o.value(DICE) > t.value(DICE)) for o in done)]
-    return sorted(best, key=lambda t: t.value(cost))
+        o.cost(cost) <= t.cost(cost) and o.value(DICE) >= t.value(DICE)
+        and (o.cost(cost) < t.cost(cost) or o.value(DICE) > t.value(DICE)) for o in done)]
+    return sorted(best, key=lambda t: t.cost(cost))
 
 
 def compare(best: list[Trial], ladder: list[Trial]) -> dict[str, dict[str, Optional[float]]]:
@@ -118,8 +123,8 @@ def compare(best: list[Trial], ladder: list[Trial]) -> dict[str, dict[str, Optio
 def retime(client, trials: list[Trial]) -> str:
     """Times the trials' final networks together, in one interleaved pass of the evaluate stage's deployed form
     (their first run's evaluate settings, torch only): each trial's own latency was measured when it ran, and
-    a machine busy at one time and idle at another moves those more than the networks differ. Sets each
-    trial's `retimed`; returns the line that says how (or why not) for the report."""
+    a machine busy at one time and idle at another moves those more than the networks differ, so the front is
+    judged on these. Sets each trial's `retimed`; returns the line that says how (or why not) for the report."""
     import torch
 
     from models.io import load_model
@@ -155,9 +160,11 @@ def retime(client, trials: list[Trial]) -> str:
         r = results.get(f"trial{t.number}", {})
         if "latency_ms" in r:
             t.retimed = {"latency_ms": r["latency_ms"], "latency_settled": r.get("latency_settled", 0)}
-    return (f"Retimed (ms): the front's and the ladder's networks timed together in one interleaved pass when this "
-            f"report was made ({timed.rounds} rounds, {thread_count(settings.threads)} thread(s), {cpu_name()}, "
-            f"{device}); the dominance test uses it. Latency (ms): each trial's own measurement, when it ran.")
+    settled = sum(bool(t.retimed.get("latency_settled")) for t in trials)
+    return (f"Retimed (ms): every complete trial's network timed together in one interleaved pass when this report "
+            f"was made ({len(trials)} networks, {timed.rounds} rounds in {timed.seconds:.0f} s, {settled} settled; "
+            f"{thread_count(settings.threads)} thread(s), {cpu_name()}, {device}): the front and the dominance test "
+            f"use it. Latency (ms): each trial's own measurement, when it ran (what Optuna was told).")
 
 
 def _pct(v: float) -> str:
@@ -222,12 +229,12 @@ def report_front(client, parent, out: Path, log_to_parent: bool = True) -> str:
 
     cost = COSTS[parent.data.tags.get("medprune.search.cost", "latency")]
     trials = trials_of(client, parent)
+    timing = retime(client, [t for t in trials if t.outcome == "complete"])  # before the front: it is judged on them
     best = front(trials, cost)
     ladder = sorted((t for t in trials if t.reference is not None and t.outcome == "complete"), key=lambda t: t.reference)
     for t in {*best, *ladder}:
         if t.cases:
             t.ci = stats.bootstrap_ci(list(t.cases.values()))
-    timing = retime(client, list(dict.fromkeys([*best, *ladder])))
     ps = compare(best, ladder)
     text = markdown(parent, trials, best, ladder, cost, ps, timing)
     out.mkdir(parents=True, exist_ok=True)
@@ -242,9 +249,10 @@ def report_front(client, parent, out: Path, log_to_parent: bool = True) -> str:
     done = [t for t in trials if t.outcome == "complete"]
     if done:
         files.append(plots.search_front(
-            [{"x": t.value(cost), "val": t.value(DICE), "test": t.value("final/dice"), "front": t in best,
+            [{"x": t.cost(cost), "val": t.value(DICE), "test": t.value("final/dice"), "front": t in best,
               "reference": t.reference, "label": str(t.number)} for t in done],
-            "latency (ms)" if cost.endswith("latency_ms") else "FLOPs (G)", out / "search.png"))
+            ("latency (ms, retimed together)" if any(t.retimed for t in done) else "latency (ms)")
+            if cost == COSTS["latency"] else "FLOPs (G)", out / "search.png"))
     if log_to_parent:
         from pipeline.tracking import Tracker
 
