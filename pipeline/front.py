@@ -19,6 +19,8 @@ from pipeline.search import COSTS, DICE, OUTCOME_TAG, REFERENCE_TAG, SPACE_TAG, 
 log = logging.getLogger(__name__)
 
 P_BEYOND = 0.05  # a test-Dice difference is beyond chance when the paired Wilcoxon p is below this
+RETIME_REPEAT = 5  # calls per timing when the trials are retimed together: each network warm, not after 40 others
+RETIME_SECONDS_PER_NETWORK = 3.0  # the retiming's budget grows with the networks (at least evaluate.latency_max_seconds)
 
 
 @dataclass(eq=False)  # one per run: identity, and hashable
@@ -81,8 +83,11 @@ def trials_of(client, parent) -> list[Trial]:
 
 def _setting(params: dict[str, str], key: str) -> str:
     """A searched key's value in a run's params (a group choice is logged as choice.<group>; a ratio to 3
-    decimals; "–" where the trial's schedule has no such key, e.g. prune.ratio under prune=sensitivity)."""
+    decimals; a sensitivity trial's ratio from its FLOPs target, as pipeline.search.trial_overrides set it;
+    "–" where the trial has no such key)."""
     value = params.get(f"choice.{key}", params.get(key))
+    if value is None and key == "prune.ratio" and "sensitivity.target_flops" in params:
+        value = str(1.0 - float(params["sensitivity.target_flops"]) ** 0.5)
     if value is None:
         return "–"
     try:
@@ -154,15 +159,19 @@ def retime(client, trials: list[Trial]) -> str:
             shape = [1, conv.in_channels, int(size), int(size)]
         from omegaconf import OmegaConf
 
-        settings = OmegaConf.create({**config["evaluate"], "runtimes": [], "latency_eager": False})
-        results, timed = time_networks(settings, models, tuple(shape), torch.device(device.split(" ")[0]))
+        budget = max(float(config["evaluate"]["latency_max_seconds"]), RETIME_SECONDS_PER_NETWORK * len(models))
+        settings = OmegaConf.create({**config["evaluate"], "runtimes": [], "latency_eager": False,
+                                     "latency_max_seconds": budget})
+        results, timed = time_networks(settings, models, tuple(shape), torch.device(device.split(" ")[0]),
+                                       repeat=RETIME_REPEAT)
     for t in trials:
         r = results.get(f"trial{t.number}", {})
         if "latency_ms" in r:
             t.retimed = {"latency_ms": r["latency_ms"], "latency_settled": r.get("latency_settled", 0)}
     settled = sum(bool(t.retimed.get("latency_settled")) for t in trials)
     return (f"Retimed (ms): every complete trial's network timed together in one interleaved pass when this report "
-            f"was made ({len(trials)} networks, {timed.rounds} rounds in {timed.seconds:.0f} s, {settled} settled; "
+            f"was made ({len(trials)} networks, {timed.rounds} rounds of {RETIME_REPEAT} calls each in "
+            f"{timed.seconds:.0f} s, {settled} settled; "
             f"{thread_count(settings.threads)} thread(s), {cpu_name()}, {device}): the front and the dominance test "
             f"use it. Latency (ms): each trial's own measurement, when it ran (what Optuna was told).")
 
@@ -273,7 +282,13 @@ def log_front_models(client, parent, best: list[Trial]) -> None:
     from mlflow.models import Model
 
     exp = parent.info.experiment_id
-    have = {m.name for m in client.search_logged_models([exp], filter_string=f"source_run_id = '{parent.info.run_id}'")}
+    logged = client.search_logged_models([exp], filter_string=f"source_run_id = '{parent.info.run_id}'")
+    names = {f"front_trial_{t.number}" for t in best}
+    for m in logged:  # a trial no longer on the front (a later report, retimed, or a study that grew)
+        if m.name.startswith("front_trial_") and m.name not in names:
+            client.delete_logged_model(m.model_id)
+            log.info("%s is no longer on the front: its logged model on the sweep's parent deleted", m.name)
+    have = {m.name for m in logged if m.name in names}
     for t in best:
         name = f"front_trial_{t.number}"
         if name in have:

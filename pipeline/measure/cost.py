@@ -59,14 +59,16 @@ def volume_call(model: torch.nn.Module, volume: Volume) -> Callable[[], object]:
 def time_networks(settings, models: dict[str, torch.nn.Module], input_shape: tuple[int, ...], device: torch.device,
                   reduced: Optional[str] = None, volume: Optional[Volume] = None,
                   keep_graphs: Optional[dict[str, Path]] = None,
-                  graph_only: Optional[dict[str, Path]] = None) -> tuple[dict[str, dict], InterleavedTimes]:
+                  graph_only: Optional[dict[str, Path]] = None, repeat: int = 1) -> tuple[dict[str, dict], InterleavedTimes]:
     """Latency of every network (by name) in every form, per network a dict of results.
 
     `settings`: the evaluate block (fold_bn, channels_last, latency_eager, runtimes, onnx_opset, onnx_dynamo,
     threads and the latency_* timing settings). `reduced`: a precision the device runs natively (or None).
     `keep_graphs` {network: path}: where the ONNX graph that ONNX Runtime ran is kept (the final network's
     final.onnx). `graph_only` {network: ONNX file}: networks that exist only as ONNX (the int8 rows), timed
-    in ONNX Runtime's pass. A runtime that cannot take a network costs only that form's results (a warning)."""
+    in ONNX Runtime's pass. A runtime that cannot take a network costs only that form's results (a warning).
+    `repeat`: calls per timing (the figures are per call): a round over many networks otherwise runs each one
+    with caches its predecessors filled (a search's front, pipeline/front.py)."""
     import tempfile
 
     e = settings
@@ -109,15 +111,25 @@ def time_networks(settings, models: dict[str, torch.nn.Module], input_shape: tup
                 fns[f"{name}/{form}"] = (spec.timing_pass, deployed.call)
                 if volume is not None and spec.volume_prefix and precision == "fp32":
                     fns[f"{name}/{spec.volume_prefix}"] = (spec.timing_pass, volume_call(deployed.as_module(), volume))
+        if repeat > 1:
+            fns = {k: (p, _repeated(fn, repeat)) for k, (p, fn) in fns.items()}
         timed = _time_per_pass(e, fns)
     for key, t in timed.timings.items():
         name, form = key.split("/")
-        out[name].update({f"{form}_ms": t.median_ms, f"{form}_p90_ms": t.p90_ms, f"{form}_cv": t.cv,
+        out[name].update({f"{form}_ms": t.median_ms / repeat, f"{form}_p90_ms": t.p90_ms / repeat, f"{form}_cv": t.cv,
                           f"{form}_runs": t.runs, f"{form}_settled": int(t.settled)})
     load = "/".join("?" if v is None else f"{v:.2f}" for v in (timed.load_before, timed.load_after))
     log.info("Latency: %d rounds in %.1f s, stopped by %s; 1-minute load average %s (before/after)",
              timed.rounds, timed.seconds, timed.stopped_by, load)
     return out, timed
+
+
+def _repeated(fn: Callable, times: int) -> Callable[[], object]:
+    def call():
+        for _ in range(times):
+            out = fn()
+        return out
+    return call
 
 
 def _time_per_pass(e, fns: dict[str, tuple[str, Callable]]) -> InterleavedTimes:
