@@ -64,6 +64,17 @@ def settings_of(hydra_cfg) -> Optional[DictConfig]:
     return sweeper
 
 
+def preflight(config: DictConfig) -> None:
+    """The search's settings checked before the sweep's parent run is opened (pipeline/sweep.py): the cost,
+    the budget, the space (hydra.sweeper.params and the command line) and the ladder against it; a SearchError
+    names the key."""
+    sweeper = config.hydra.sweeper
+    search = Search(None, sweeper.cost, sweeper.n_trials, sweeper.n_jobs, sweeper.study_name, sweeper.storage,
+                    sweeper.get("reference"), sweeper.get("params"))
+    distributions, _ = search.space(list(config.hydra.overrides.task))
+    search.ladder(distributions)
+
+
 def objectives(metrics: dict[str, Any], cost: str) -> Optional[list[float]]:
     """A trial's return value: [validation Dice, cost], or None for a network that collapsed (all foreground or
     all background: its Dice is no segmentation result) or lacks either value; the sweeper tells Optuna PRUNED."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import sys
 import uuid
 from pathlib import Path
 from typing import Any, Optional
@@ -25,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.files import atomic_write
 from pipeline.journal import JOB_KEY_TAG, Journal, sweep_key
-from pipeline.search import STUDY_TAG
+from pipeline.search import STUDY_TAG, SearchError, preflight, settings_of
 from pipeline.tracking import KIND_TAG, SWEEP_FILE, SWEEP_TAG, sweep_children, sweep_of
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,12 @@ class SweepCallback(Callback):
         from pipeline.tracking import client_for, get_or_create_experiment, git_tags, owner_tags, reopen_run, resolve_uri
 
         ENDING["status"] = "FAILED"
+        if settings_of(config.hydra) is not None:  # a search: its settings, before a parent run is opened
+            try:
+                preflight(config)
+            except SearchError as err:
+                print(f"medprune: configuration error: {err}", file=sys.stderr)
+                raise SystemExit(2)
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         outputs = Path(config.paths.outputs)

@@ -94,6 +94,16 @@ def test_the_preset_composes_a_search_of_the_issues_space():
     assert cfg.dataset.folds == 5 and cfg.finetune.schedule_epochs == cfg.finetune.epochs
 
 
+@pytest.mark.integration
+def test_bad_search_settings_are_one_line_before_anything_is_opened(tmp_path):
+    for bad, says in ((["hydra.sweeper.cost=speed"], "hydra.sweeper.cost='speed': expected one of latency, flops"),
+                      (["hydra.sweeper.reference={ratios:[0.9],params:{criterion:l1}}"],
+                       "hydra.sweeper.reference: prune.ratio=0.9 is outside its range")):
+        out = run_pipeline(tmp_path, *SEARCH, *bad, ok=False)
+        assert f"medprune: configuration error: {says}" in out and "Traceback" not in out
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "search").exists()
+
+
 # -- a study end to end ---------------------------------------------------------------------------------
 
 
