@@ -31,7 +31,7 @@ class Trial:
     settings: dict[str, str]
     results: dict[str, Any]
     reference: Optional[float] = None
-    cases: Optional[dict[str, float]] = None  # test case -> Dice of the final network
+    cases: Optional[dict[str, float]] = None  # test case -> Dice of the final network (front and ladder: report_front)
     ci: tuple[float, float] = (math.nan, math.nan)
     dominates: list[str] = field(default_factory=list)  # ladder rungs it dominates (test Dice beyond chance, latency)
     retimed: dict[str, float] = field(default_factory=dict)  # latency_ms, latency_settled: timed with the others (`retime`)
@@ -59,13 +59,12 @@ def searched_keys(parent) -> list[str]:
 
 def trials_of(client, parent) -> list[Trial]:
     """Every trial run of the parent's study in its experiment (every process's, every status)."""
-    from pipeline.tables import case_dice
     from pipeline.tracking import KIND_TAG, Tracker
 
     study = parent.data.tags[STUDY_TAG]
     runs = client.search_runs([parent.info.experiment_id], f"tags.`{STUDY_TAG}` = '{study}'", max_results=5000)
     keys = searched_keys(parent)
-    out, cache = [], {}
+    out = []
     for run in runs:
         tags = run.data.tags
         if tags.get(KIND_TAG) == "sweep" or TRIAL_TAG not in tags:
@@ -73,11 +72,8 @@ def trials_of(client, parent) -> list[Trial]:
         outcome = tags.get(OUTCOME_TAG, "failed") if run.info.status == "FINISHED" else "failed"
         results = {**Tracker.read_results(client, run.info.run_id), **run.data.metrics} if outcome == "complete" else {}
         settings = {k: _setting(run.data.params, k) for k in keys}
-        trial = Trial(run.info.run_id, int(tags[TRIAL_TAG]), outcome, settings, results,
-                      float(tags[REFERENCE_TAG]) if REFERENCE_TAG in tags else None)
-        if outcome == "complete":
-            trial.cases = case_dice(client, run.info.run_id, "final", cache)
-        out.append(trial)
+        out.append(Trial(run.info.run_id, int(tags[TRIAL_TAG]), outcome, settings, results,
+                         float(tags[REFERENCE_TAG]) if REFERENCE_TAG in tags else None))
     return sorted(out, key=lambda t: t.number)
 
 
@@ -235,13 +231,16 @@ def report_front(client, parent, out: Path, log_to_parent: bool = True) -> str:
     from data.files import write_csv
     from pipeline import plots
     from pipeline.measure import stats
+    from pipeline.tables import case_dice
 
     cost = COSTS[parent.data.tags.get("medprune.search.cost", "latency")]
     trials = trials_of(client, parent)
     timing = retime(client, [t for t in trials if t.outcome == "complete"])  # before the front: it is judged on them
     best = front(trials, cost)
     ladder = sorted((t for t in trials if t.reference is not None and t.outcome == "complete"), key=lambda t: t.reference)
-    for t in {*best, *ladder}:
+    cache: dict = {}
+    for t in {*best, *ladder}:  # per-case Dice only where the table uses it (intervals, paired tests)
+        t.cases = case_dice(client, t.run_id, "final", cache)
         if t.cases:
             t.ci = stats.bootstrap_ci(list(t.cases.values()))
     ps = compare(best, ladder)
