@@ -156,6 +156,7 @@ class EvaluateConfig:
     precision: Precision = MISSING  # fp32 | bf16 | fp16: also time every form in this type and score Dice in it
     onnx_opset: int = MISSING
     onnx_dynamo: bool = MISSING  # torch.export-based exporter instead of the TorchScript one
+    machine_peak: bool = MISSING  # time the machine's peak (pipeline/measure/peak.py) and each network's share of it
     threads: Optional[int] = key(ge=1)  # CPU threads of the whole stage (quality and timing); null: all cores
     # Timing (profiling.time_interleaved): every form of every network in one round-robin pass
     latency_warmup: int = key(ge=0)  # untimed rounds

@@ -8,8 +8,8 @@ its FLOPs allow on a CPU (measured by `scripts/bench.py`, explained in docs/PERF
   fuse_conv_bn_eval`) and replaced by `nn.Identity`. One memory-bound pass per BatchNorm disappears;
   after pruning those passes are a larger share of the time (they scale with the channels, the
   convolutions with the square of the channels).
-- **Memory format**: `channels_last` (NHWC) lets oneDNN run convolutions without re-ordering the
-  tensors (`prepare_for_inference(..., channels_last=...)`).
+- **Memory format**: `channels_last` (NHWC; NDHWC for volumes) lets oneDNN run convolutions without
+  re-ordering the tensors (`prepare_for_inference(..., channels_last=...)`).
 - **ONNX Runtime**: the folded network exported with `torch.onnx.export` and run by an
   `onnxruntime.InferenceSession` with a fixed number of intra-op threads; ONNX Runtime fuses
   Conv + activation and runs convolutions in its own blocked layout.
@@ -161,6 +161,11 @@ def _device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+# The channels-last memory layout of an input of each rank: NHWC for images, NDHWC for volumes (oneDNN's convolutions
+# run on it without reordering; on a pruned 3D UNet a third faster than NCDHW, docs/PERFORMANCE.md)
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 @dataclass
 class Prepared:
     """A network ready for timing or deployment, and how it was prepared."""
@@ -170,13 +175,13 @@ class Prepared:
     channels_last: bool
 
     def input(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+        return x.contiguous(memory_format=CHANNELS_LAST[x.dim()]) if self.channels_last and x.dim() in CHANNELS_LAST else x
 
 
 def prepare_for_inference(
     model: nn.Module, input_shape: tuple[int, ...], fold_bn: bool = True, channels_last: bool = False
 ) -> Prepared:
-    """Eval-mode copy with BatchNorm folded (`fold_bn`) and in `channels_last` layout (4-D inputs).
+    """Eval-mode copy with BatchNorm folded (`fold_bn`) and in `channels_last` layout (NHWC, or NDHWC for volumes).
 
     A fold that fails its check is logged and skipped: the unfolded network is still correct."""
     model = copy.deepcopy(model).eval()
@@ -187,17 +192,18 @@ def prepare_for_inference(
             model, folded = fold_batchnorm(model, example)
         except FoldError as err:
             log.warning("BatchNorm folding skipped: %s", err)
-    channels_last = bool(channels_last) and len(input_shape) == 4
+    channels_last = bool(channels_last) and len(input_shape) in CHANNELS_LAST
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=CHANNELS_LAST[len(input_shape)])
     return Prepared(model, folded, channels_last)
 
 
 def with_channels_last(prepared: Prepared) -> Prepared:
-    """A channels_last copy of a prepared (e.g. folded) network; unchanged for non-4-D models."""
-    if prepared.channels_last or any(isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)) for m in prepared.model.modules()):
+    """A channels-last copy of a prepared (e.g. folded) network: NHWC, or NDHWC for a 3D network."""
+    if prepared.channels_last:
         return prepared
-    model = copy.deepcopy(prepared.model).to(memory_format=torch.channels_last)
+    volumes = any(isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)) for m in prepared.model.modules())
+    model = copy.deepcopy(prepared.model).to(memory_format=CHANNELS_LAST[5 if volumes else 4])
     return Prepared(model, prepared.folded_bn, True)
 
 

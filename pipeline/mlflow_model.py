@@ -50,6 +50,16 @@ class MaskHead(nn.Module):
         return (torch.sigmoid(self.network(images)) > self.threshold).to(torch.uint8)
 
 
+def requirements() -> list[str]:
+    """What serving the model needs, pinned to the versions it was made with: MLflow, numpy and its ONNX flavour's
+    own (onnx, onnxruntime): what MLflow infers for it, given outright because MLflow infers it by importing the
+    model's loader in a subprocess (1.8 s per logged model)."""
+    import mlflow
+    import mlflow.onnx
+
+    return sorted([f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}", *mlflow.onnx.get_default_pip_requirements()])
+
+
 def save(network: nn.Module, threshold: float, example: torch.Tensor, folder: Path, spec: dict,
          image: ImageInput | None = None) -> Path:
     """Writes the MLflow model of `network` into `folder` (which must not exist); returns it. With `image` (2D
@@ -74,7 +84,7 @@ def save(network: nn.Module, threshold: float, example: torch.Tensor, folder: Pa
                            dynamic_sizes=image is not None)
         mlflow.onnx.save_model(onnx.load(str(path)), str(folder), signature=signature, input_example=sample.numpy(),
                                save_as_external_data=False, metadata={"medprune": spec},
-                               onnx_execution_providers=["CPUExecutionProvider"])
+                               onnx_execution_providers=["CPUExecutionProvider"], pip_requirements=requirements())
     return folder
 
 

@@ -59,6 +59,8 @@ def results_table(results: dict[str, dict]) -> str:
         columns.append(("Latency / volume (ms)", "volume_latency_ms", "{:.0f}"))
         if any("onnx_volume_latency_ms" in r for r in results.values()):
             columns.append(("ONNX Runtime / volume (ms)", "onnx_volume_latency_ms", "{:.0f}"))
+        if any("openvino_volume_latency_ms" in r for r in results.values()):
+            columns.append(("OpenVINO / volume (ms)", "openvino_volume_latency_ms", "{:.0f}"))
     # reduced precision (evaluate.precision) and the fastest deployed form per precision (evaluate.runtimes)
     results = {row: {**r, **{f"fastest{s}": f"{r[f'fastest{s}_ms']:.2f} ({r[f'fastest{s}_form']})"
                               for s in PRECISION_SUFFIXES if f"fastest{s}_form" in r}} for row, r in results.items()}
@@ -111,7 +113,7 @@ def results_table(results: dict[str, dict]) -> str:
 
 def _timed_form(r: dict, column: str) -> str:
     """The timed form a table column shows (latency_ms: `latency`; a fastest column: its runtime's form)."""
-    if column in ("latency_ms", "volume_latency_ms", "onnx_volume_latency_ms"):
+    if column in ("latency_ms", "volume_latency_ms", "onnx_volume_latency_ms", "openvino_volume_latency_ms"):
         return column[: -len("_ms")]
     if column.startswith("fastest") and f"{column}_form" in r:
         from pipeline.measure.runtimes import REGISTRY

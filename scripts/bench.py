@@ -23,9 +23,9 @@ Rows (see docs/PERFORMANCE.md for a measured table and what it means):
             over 32 calibration images
   volumes   slice-cache build of a synthetic BraTS-like set of 10 cases, and the second run (cache hit)
   cuda      (CUDA only) training throughput fp32 vs bf16 / fp16 autocast vs channels_last
-  volume3d  the 3D UNet (conf/model/unet3d.yaml) unpruned and 60% pruned: eager latency per 64^3 patch and per
-            whole BraTS-sized volume (sliding window), FLOPs per patch and per volume, speed-up and efficiency;
-            and the volume under ONNX Runtime
+  volume3d  the 3D UNet (conf/model/unet3d.yaml, width 32) unpruned and 60% pruned (default rounding, exact rates)
+            per whole BraTS-sized volume through the sliding window, in torch eager (NCDHW), torch channels_last_3d,
+            ONNX Runtime and OpenVINO: FLOPs per patch and per volume, speed-up, efficiency, the fastest form
 
 Runs on CUDA when present (`--device auto`), else on CPU; ONNX Runtime and OpenVINO always run on CPU. Writes
 outputs/bench/bench.md and bench.json (the machine, the settings, every number), plus a timestamped
@@ -61,7 +61,8 @@ from torch import nn  # noqa: E402
 from models import build_model  # noqa: E402  (models/__init__ runs the torchvision compatibility shim first)
 from pipeline import inference, precision  # noqa: E402
 from pipeline.measure import runtimes  # noqa: E402
-from pipeline.measure.profiling import count_flops, count_params, latency_times, machine_info, machine_peak, summarize, time_calls, time_onnx  # noqa: E402
+from pipeline.measure.peak import machine_peak  # noqa: E402
+from pipeline.measure.profiling import count_flops, count_params, latency_times, machine_info, summarize, time_calls, time_onnx  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -74,7 +75,9 @@ RUNTIME_VARIANTS = {(r.bench_name if p == "fp32" else f"{r.bench_name} {p}"): (r
                     for p in runtimes.PRECISIONS for r in runtimes.REGISTRY.values()
                     if p in r.cpu_precisions and not (p == "fp32" and r.name in ("torch", "onnxruntime"))}
 INT8 = "onnxruntime int8"  # the quantize stage's form: ONNX Runtime static int8 (pipeline/quantization.py)
-VARIANTS = ("eager", "channels_last", "folded", "folded+cl", "onnxruntime", INT8, *RUNTIME_VARIANTS)
+OV_INT8 = "openvino int8"  # the same int8 file compiled by OpenVINO (runtimes.openvino_graph)
+INT8_VARIANTS = (INT8, OV_INT8)
+VARIANTS = ("eager", "channels_last", "folded", "folded+cl", "onnxruntime", INT8, OV_INT8, *RUNTIME_VARIANTS)
 DEPLOYED_VARIANTS = tuple(r.bench_name for r in runtimes.REGISTRY.values())  # fp32 forms a network is deployed in
 BF16_VARIANTS = tuple(v for v, (_, p) in RUNTIME_VARIANTS.items() if p == "bf16")
 # A rounding is None (exact rates), an int (prune.round_to) or "R/H" (prune.round_to=R, round_to_high_res=H).
@@ -107,6 +110,9 @@ def _rounding_key(rounding) -> tuple:
 # latency_ms is DEPLOYED_TORCH (BatchNorm folded + channels_last), onnx_latency_ms is DEPLOYED (the
 # exported, BatchNorm-folded ONNX model under ONNX Runtime). Both are also timed at the batch size.
 DEPLOYED = "onnxruntime"
+# the runtimes the yardstick is measured in: every runtime a form of the speed row runs in (torch.compile calls torch's
+# convolutions, so the peak is not timed in it: compiling each shape costs ~5 s)
+PEAK_RUNTIMES = ("torch", "onnxruntime", "openvino")
 DEPLOYED_TORCH = "folded+cl"
 
 
@@ -153,6 +159,10 @@ class Settings:
     batch_rounds: int = 2  # one timed batch per round (no warm-up: a batch takes seconds); the best counts
     pair_rounds: int = 20  # the bf16 target's pair (unpruned eager fp32, fastest bf16 form at the top ratio), alternated
     prune_example: int = 64  # the dependency graph is traced at this size (the graph does not depend on it)
+    # the yardstick (pipeline/measure/peak.py): its convolution shapes (None: peak.SHAPES) and seconds per shape
+    peak_shapes: Optional[tuple[tuple[int, int, int], ...]] = None
+    peak_warmup_s: float = 0.2
+    peak_measure_s: float = 0.4
     onnx_dynamo: bool = False
     # training
     train_model: dict = field(default_factory=lambda: model_config("unet_small"))
@@ -187,8 +197,9 @@ class Settings:
     volume3d_shape: tuple[int, int, int] = (140, 96, 96)
     volume3d_patch: int = 64
     volume3d_overlap: float = 0.5
-    volume3d_window_batch: int = 2  # windows per forward pass (dataset.window_batch); batch 1 is timed beside it
-    volume3d_ratios: tuple[float, ...] = (0.0, 0.6)
+    volume3d_window_batch: int = 2  # windows per forward pass (dataset.window_batch)
+    volume3d_ratio: float = 0.6  # pruned at the default rounding and at exact rates, beside the unpruned network
+    volume3d_rounds: int = 3  # one volume per form and network per round (the unpruned width-32 network: 8-20 s each)
 
 
 def full_settings() -> Settings:
@@ -198,7 +209,7 @@ def full_settings() -> Settings:
         NetSpec("unet", model_config("unet"), 256,
                 throughput=("eager", DEPLOYED_TORCH, DEPLOYED)),
         NetSpec("unetplusplus", model_config("smp_unetplusplus"), 256,
-                variants=("eager", "channels_last", "folded+cl", "onnxruntime", INT8, "openvino", "compile",
+                variants=("eager", "channels_last", "folded+cl", "onnxruntime", INT8, OV_INT8, "openvino", "compile",
                           "folded+cl bf16", "openvino bf16", "compile bf16"), throughput=("eager", DEPLOYED),
                 round_to=(None, 8, DEFAULT_ROUND_TO)),
         NetSpec("attention_unet", model_config("attention_unet"), 256, variants=others, throughput=(), round_to=(DEFAULT_ROUND_TO,)),
@@ -216,6 +227,7 @@ def quick_settings() -> Settings:
                                                  decoder_channels=[32, 16, 8]), 32,
                     variants=("eager", "folded+cl", "onnxruntime", "openvino", "folded+cl bf16", "openvino bf16")),
         ],
+        peak_shapes=((8, 8, 32), (16, 8, 16)), peak_warmup_s=0.01, peak_measure_s=0.05,
         ratios=(0.0, 0.5), round_to=(None, 4, "4/8"), warmup=1, rounds=2, runs_per_round=2, batch=2, batch_rounds=1, pair_rounds=3, prune_example=32,
         train_model=model_config("unet_tiny"), train_images=12, train_min_side=48,
         train_max_side=64, train_size=32, train_batch=4, train_steps=2, train_epochs=2, train_repeats=1,
@@ -223,6 +235,7 @@ def quick_settings() -> Settings:
         calibration_batch=2, volume_cases=3, volume_shape=(24, 24, 12), volume_size=16,
         cuda_model=model_config("unet", width=8, depth=2), cuda_size=32, cuda_batch=2, cuda_steps=2,
         volume3d_model=model_config("unet3d", width=4, depth=2), volume3d_shape=(20, 24, 24), volume3d_patch=16,
+        volume3d_rounds=2,
     )
 
 
@@ -271,6 +284,9 @@ class Runner:
         self.session, self.model, self.channels_last, self.deployed = None, None, False, None
         if variant in ("onnxruntime", INT8):
             self.session = session
+        elif variant == OV_INT8:  # `session` is the int8 file here
+            call, predict, _ = runtimes.openvino_graph(session, shape, "fp32", threads)
+            self.deployed = runtimes.Deployed("openvino", "int8", call, predict, float("nan"))
         elif variant in RUNTIME_VARIANTS:
             runtime, dtype = RUNTIME_VARIANTS[variant]
             folded = inference.prepare_for_inference(model, shape, fold_bn=True, channels_last=False).model.to(device)
@@ -356,15 +372,17 @@ def bench_speed(s: Settings, device: torch.device, work: Path, rows: set[str], m
                            "params_m": count_params(net) / 1e6, "macs_g": flops / 2e9, "flops_g": flops / 1e9,
                            "prune_s": prune_s, "channels": _channel_summary(net)}
                 export_row = session = None
-                if "onnxruntime" in variants or INT8 in variants or "export" in rows:
+                if "onnxruntime" in variants or set(INT8_VARIANTS) & set(variants) or "export" in rows:
                     export_row, session = _export(net, spec, round_to, ratio, shape, work, threads, s)
                 runners = {}
                 for v in variants:
-                    if v.startswith("onnxruntime") and session is None:
+                    if (v.startswith("onnxruntime") or v in INT8_VARIANTS) and session is None:
                         continue
+                    graph = {INT8: lambda: inference.onnx_session(_int8_file(spec, round_to, ratio, shape, work), threads),
+                             OV_INT8: lambda: _int8_file(spec, round_to, ratio, shape, work)}.get(v, lambda: session)
                     try:
                         runners[v] = Runner(v, net, shape, torch.device("cpu") if pool(v) != "torch" else device, threads,
-                                            _int8_session(spec, round_to, ratio, shape, work, threads) if v == INT8 else session, work / "deployed" / f"{spec.label}-r{ratio:g}-round{str(round_to or 0).replace('/', '-')}-{v}")
+                                            graph(), work / "deployed" / f"{spec.label}-r{ratio:g}-round{str(round_to or 0).replace('/', '-')}-{v}")
                     except Exception as err:  # noqa: BLE001  (a runtime that cannot take this network: say so, go on)
                         _progress(f"  {spec.label} ratio={ratio:g} {v}: not built ({type(err).__name__}: {err})")
                 order.append((round_to, ratio, len(entries)))
@@ -482,17 +500,19 @@ def _export(net, spec: NetSpec, round_to, ratio, shape, work: Path, threads: int
     return row, session
 
 
-def _int8_session(spec: NetSpec, round_to, ratio, shape, work: Path, threads: int):
-    """The exported network (`_export`'s file) quantized to int8 as the quantize stage does, calibrated on 8
+def _int8_file(spec: NetSpec, round_to, ratio, shape, work: Path) -> Path:
+    """The exported network (`_export`'s file) quantized to int8 as the quantize stage does (once), calibrated on 8
     random images (the networks have random weights: this measures speed, not accuracy)."""
     from pipeline import quantization
 
     path = _onnx_path(spec, round_to, ratio, work)
-    generator = np.random.default_rng(0)
-    batches = (generator.standard_normal((2, *shape[1:]), dtype=np.float32) for _ in range(4))
-    int8 = quantization.quantize_static(path, path.with_name(path.stem + "-int8.onnx"), batches)
-    _progress(f"  {spec.label} ratio={ratio:g}: int8 in {int8['seconds']:.1f} s")
-    return inference.onnx_session(path.with_name(path.stem + "-int8.onnx"), threads)
+    out = path.with_name(path.stem + "-int8.onnx")
+    if not out.exists():
+        generator = np.random.default_rng(0)
+        batches = (generator.standard_normal((2, *shape[1:]), dtype=np.float32) for _ in range(4))
+        int8 = quantization.quantize_static(path, out, batches)
+        _progress(f"  {spec.label} ratio={ratio:g}: int8 in {int8['seconds']:.1f} s")
+    return out
 
 
 def _add_speedups(networks: list[dict], latency: list[dict]) -> None:
@@ -817,12 +837,15 @@ def _inference_call(module: nn.Module, x: torch.Tensor, device: torch.device):
     return call
 
 
+VOLUME3D_FORMS = ("eager", "channels_last", "onnxruntime", "openvino")  # torch NCDHW, torch NDHWC, the graph runtimes
+
+
 def bench_volume3d(s: Settings, device: torch.device) -> dict:
     """What pruning buys a 3D network where it is used: per whole volume, through the sliding window, whose
     overlapping windows, Gaussian blending and padding a per-patch number leaves out. Uniform L1 over encoder and
-    decoder at exact rates (round_to=None): width-8 levels rounded to multiples of 8 would not be pruned at all.
-    Every form of every network is timed once per round, rounds interleaved (as the speed row), torch forms
-    first, then ONNX Runtime's (its spinning threads would slow torch's)."""
+    decoder at `volume3d_ratio`, at the pipeline's default rounding and at exact rates. Forms: torch eager (NCDHW),
+    torch in channels_last_3d (NDHWC), ONNX Runtime and OpenVINO (the exported network; `window_batch` windows
+    per call). One pass per thread pool (torch, ONNX Runtime, OpenVINO), the networks interleaved in rounds."""
     from data.volumes3d import Window
     from pipeline.pruning import prune
     from pipeline.measure.profiling import cpu_threads
@@ -830,69 +853,73 @@ def bench_volume3d(s: Settings, device: torch.device) -> dict:
     threads = s.threads or os.cpu_count() or 1
     p = s.volume3d_patch
     patch_shape = (1, VOLUME3D_IN_CHANNELS, p, p, p)
+    window_shape = (s.volume3d_window_batch, VOLUME3D_IN_CHANNELS, p, p, p)  # what each call of a form gets
     volume_shape = (1, VOLUME3D_IN_CHANNELS, *s.volume3d_shape)
     window = Window(size=(p, p, p), overlap=s.volume3d_overlap, batch=s.volume3d_window_batch)
-    one_by_one = Window(size=(p, p, p), overlap=s.volume3d_overlap, batch=1)
     windows = inference.window_count(volume_shape, window)
-    generator = torch.Generator().manual_seed(0)
-    volume = torch.randn(volume_shape, generator=generator)  # one fixed volume and patch for every form
-    patch = torch.randn(patch_shape, generator=generator)
+    volume = torch.randn(volume_shape, generator=torch.Generator().manual_seed(0))  # one fixed volume for every form
     torch.manual_seed(0)
     base = build_model(s.volume3d_model, VOLUME3D_IN_CHANNELS, VOLUME3D_CLASSES).eval()
     scores = l1_scores(base)
+    example = torch.randn(patch_shape)
     out: dict[str, Any] = {"model": s.volume3d_model, "in_channels": VOLUME3D_IN_CHANNELS, "classes": VOLUME3D_CLASSES,
                            "shape": list(s.volume3d_shape), "patch": p, "overlap": s.volume3d_overlap, "windows": windows,
-                           "window_batch": s.volume3d_window_batch,
-                           "round_to": None, "threads": threads, "networks": [], "latency": [], "onnx_error": None}
-    calls: dict[tuple[str, float, str], Any] = {}  # (form, ratio, "patch" | "volume") -> callable
+                           "window_batch": s.volume3d_window_batch, "threads": threads, "networks": [], "latency": [],
+                           "errors": {}}
+    plans = [("-", 0.0)] + [(rounding, s.volume3d_ratio) for rounding in (DEFAULT_ROUND_TO, None)]
+    calls: dict[tuple[str, int], Any] = {}  # (form, network index) -> one volume through the sliding window
     with tempfile.TemporaryDirectory(prefix="medprune-bench3d-") as work:
-        for ratio in s.volume3d_ratios:
-            _progress(f"volume3d: preparing ratio={ratio:g}")
-            net = base if ratio == 0 else prune(base, scores, patch, ratio, round_to=None).model.eval()
+        for index, (rounding, ratio) in enumerate(plans):
+            _progress(f"volume3d: preparing ratio={ratio:g} round_to={rounding or '-'}")
+            net = base if ratio == 0 else prune(base, scores, example, ratio, **rounding_plan(rounding)).model.eval()
             flops = count_flops(net, patch_shape)
-            out["networks"].append({"ratio": ratio, "params_m": count_params(net) / 1e6, "flops_patch_g": flops / 1e9,
-                                    "flops_volume_g": windows * flops / 1e9, "channels": _channel_summary(net)})
-            if out["onnx_error"] is None:
+            out["networks"].append({"ratio": ratio, "round_to": rounding if ratio else None, "params_m": count_params(net) / 1e6,
+                                    "flops_patch_g": flops / 1e9, "flops_volume_g": windows * flops / 1e9,
+                                    "channels": _channel_summary(net), "max_abs_diff": {}})
+            for form in VOLUME3D_FORMS:
                 try:
-                    path = inference.export_onnx(net, Path(work) / f"unet3d-r{ratio:g}.onnx", patch_shape, dynamo=s.onnx_dynamo)
-                    session = inference.onnx_session(path, threads)
-                    out["networks"][-1]["onnx_max_abs_diff"] = inference.onnx_max_abs_diff(net, session, patch_shape)
-                    onnx = inference.OnnxModule(session)
-                    calls[("onnxruntime", ratio, "patch")] = _inference_call(onnx, patch, torch.device("cpu"))
-                    calls[("onnxruntime", ratio, "volume")] = _inference_call(inference.SlidingWindow(onnx, window), volume, torch.device("cpu"))
-                except Exception as err:  # noqa: BLE001  (the eager numbers stand without it: say why, go on)
-                    out["onnx_error"] = f"{type(err).__name__}: {err}"
-                    calls = {key: call for key, call in calls.items() if key[0] != "onnxruntime"}
-                    _progress(f"  volume3d: no ONNX Runtime form ({out['onnx_error']})")
-            net = copy.deepcopy(net).to(device)
-            calls[("eager", ratio, "patch")] = _inference_call(net, patch.to(device), device)
-            calls[("eager", ratio, "volume")] = _inference_call(inference.SlidingWindow(net, window), volume.to(device), device)
-            if s.volume3d_window_batch != 1:  # what one window per pass costs (torch's slow 3D kernel, SlidingWindow)
-                calls[("eager", ratio, "volume_1")] = _inference_call(inference.SlidingWindow(net, one_by_one), volume.to(device), device)
-        times: dict[tuple[str, float, str], list[float]] = {key: [] for key in calls}
+                    if form in ("eager", "channels_last"):
+                        module = inference.prepare_for_inference(net, window_shape, fold_bn=False,
+                                                                 channels_last=form == "channels_last").model.to(device)
+                    else:
+                        deployed = runtimes.deploy(net, window_shape, form, threads=threads, reference=net,
+                                                   work_dir=Path(work) / f"{index}-{form}")
+                        out["networks"][-1]["max_abs_diff"][form] = deployed.max_abs_diff
+                        module = deployed.as_module()
+                except Exception as err:  # noqa: BLE001  (a runtime that cannot take it: say why, time the others)
+                    out["errors"][f"{form} {index}"] = f"{type(err).__name__}: {err}"
+                    _progress(f"  volume3d: no {form} form ({out['errors'][f'{form} {index}']})")
+                    continue
+                x = volume.to(device if form in ("eager", "channels_last") else torch.device("cpu"))
+                calls[(form, index)] = _inference_call(inference.SlidingWindow(module, window), x, x.device)
+        times: dict[tuple[str, int], list[float]] = {key: [] for key in calls}
         with cpu_threads(threads):
-            for form in ("eager", "onnxruntime"):
-                for round_index in range(s.rounds):
-                    _progress(f"volume3d: {form} round {round_index + 1}/{s.rounds}")
+            for pass_forms in (("eager", "channels_last"), ("onnxruntime",), ("openvino",)):
+                for round_index in range(s.volume3d_rounds):
+                    _progress(f"volume3d: {'/'.join(pass_forms)} round {round_index + 1}/{s.volume3d_rounds}")
                     for key, call in calls.items():
-                        if key[0] == form:
-                            times[key].extend(time_calls(call, s.warmup if round_index == 0 else 0, s.runs_per_round))
-    flops = {n["ratio"]: n["flops_patch_g"] for n in out["networks"]}
+                        if key[0] in pass_forms:
+                            times[key].extend(time_calls(call, 1 if round_index == 0 else 0, 1))
     medians = {key: statistics.median(t) for key, t in times.items()}
-    for form, ratio in [(form, ratio) for form in ("eager", "onnxruntime") for ratio in s.volume3d_ratios
-                        if (form, ratio, "patch") in calls]:
-        row: dict[str, Any] = {"form": form, "ratio": ratio, "device": device.type if form == "eager" else "cpu",
-                               "flops_reduction": flops[0.0] / flops[ratio]}
-        for what in ("patch", "volume"):
-            stats = summarize(times[(form, ratio, what)])
-            speedup = medians[(form, 0.0, what)] / stats["median_ms"]
-            row.update({f"{what}_ms": stats["median_ms"], f"{what}_p90_ms": stats["p90_ms"], f"{what}_runs": stats["runs"],
-                        f"speedup_{what}": speedup, f"efficiency_{what}": speedup / row["flops_reduction"]})
-        if (form, ratio, "volume_1") in times:
-            row["volume_1_window_ms"] = statistics.median(times[(form, ratio, "volume_1")])
-        out["latency"].append(row)
-        _progress(f"  volume3d {form:11s} ratio={ratio:g}: {row['patch_ms']:.1f} ms/patch, {row['volume_ms']:.1f} ms/volume "
-                  f"({row['speedup_volume']:.2f}x)")
+    flops = [n["flops_volume_g"] for n in out["networks"]]
+    for (form, index), t in times.items():
+        stats = summarize(t)
+        reduction = flops[0] / flops[index]
+        speedup = medians[(form, 0)] / stats["median_ms"] if (form, 0) in medians else float("nan")
+        out["latency"].append({"form": form, "network": index, "ratio": plans[index][1], "round_to": out["networks"][index]["round_to"],
+                               "volume_ms": stats["median_ms"], "min_ms": min(t), "runs": stats["runs"],
+                               "flops_reduction": reduction, "speedup": speedup, "efficiency": speedup / reduction,
+                               "gflops_per_s": flops[index] / (stats["median_ms"] / 1e3)})
+    fastest_base = min((medians[k] for k in medians if k[1] == 0), default=None)
+    for index, net in enumerate(out["networks"]):  # the fastest form of each network against the fastest unpruned one
+        mine = {k[0]: v for k, v in medians.items() if k[1] == index}
+        if mine and fastest_base:
+            form = min(mine, key=mine.get)
+            speedup = fastest_base / mine[form]
+            net["fastest"] = {"form": form, "volume_ms": mine[form], "speedup": speedup,
+                              "efficiency": speedup / (flops[0] / flops[index])}
+            _progress(f"  volume3d ratio={net['ratio']:g} round_to={net['round_to'] or '-'}: fastest {form} "
+                      f"{mine[form]:.0f} ms/volume, {speedup:.2f}x, efficiency {net['fastest']['efficiency']:.2f}")
     return out
 
 
@@ -936,6 +963,25 @@ def targets(results: dict) -> list[dict]:
                 out.append({"target": f"{model}: the fastest fp32 form of every pruned network >= 50% of the fp32 peak",
                             "value": f"min {100 * worst['fp32']['peak_share']:.0f}% ({worst['fp32']['variant']}, ratio {worst['ratio']:g})",
                             "met": worst["fp32"]["peak_share"] >= 0.5})
+        int8 = [r for r in lat if r["model"] == "unet" and r["round_to"] == DEFAULT_ROUND_TO and r["variant"] in INT8_VARIANTS]
+        if int8:
+            top = max(r["ratio"] for r in int8)
+            best = min((r for r in int8 if r["ratio"] == top), key=lambda r: r["median_ms"])
+            out.append({"target": f"unet {top:g} (round_to={DEFAULT_ROUND_TO}), fastest int8 form >= 15x the unpruned eager fp32 "
+                                  "network (Dice within 1 point of the float network: docs/PERFORMANCE.md, real ISIC)",
+                        "value": f"{best['speedup_vs_eager']:.1f}x ({best['variant']}, {best['median_ms']:.2f} ms; int8 efficiency "
+                                 f"{_f(best['efficiency'])})", "met": best["speedup_vs_eager"] >= 15})
+        shares = peak_shares(results)
+        if shares:
+            top = max(shares, key=lambda r: r["share"])
+            out.append({"target": "the yardstick bounds every form: no network in any form above 100% of the peak in its precision",
+                        "value": f"max {100 * top['share']:.0f}% ({top['model']} {top['variant']}, ratio {top['ratio']:g})",
+                        "met": top["share"] <= 1.0})
+        plain = [r for r in fastest if r["model"] == "unet" and r["ratio"] == 0 and r.get("fp32", {}).get("peak_share")]
+        if plain:
+            share = plain[0]["fp32"]["peak_share"]
+            out.append({"target": "unet unpruned: the fastest fp32 form at 70-100% of the fp32 peak",
+                        "value": f"{100 * share:.0f}% ({plain[0]['fp32']['variant']})", "met": 0.7 <= share <= 1.0})
         bf16 = [r for r in fastest if r["model"] == "unet" and r["round_to"] == DEFAULT_ROUND_TO and r.get("bf16")]
         pair = speed.get("bf16_pair")
         if bf16:
@@ -950,6 +996,17 @@ def targets(results: dict) -> list[dict]:
             else:
                 out.append({"target": target, "value": f"{top['bf16']['vs_eager_fp32']:.1f}x ({top['bf16']['variant']})",
                             "met": top["bf16"]["vs_eager_fp32"] >= 20})
+    v3 = results.get("volume3d")
+    if v3:
+        width = v3["model"].get("width")
+        pruned = next((n for n in v3["networks"] if n["ratio"] > 0 and n["round_to"] == DEFAULT_ROUND_TO and n.get("fastest")), None)
+        if pruned:
+            out.append({"target": f"unet3d (width {width}, >= 16), {pruned['ratio']:g} at the default rounding: the fastest form "
+                                  "per volume at efficiency >= 0.6",
+                        "value": f"{pruned['fastest']['efficiency']:.2f} ({pruned['fastest']['form']}, "
+                                 f"{pruned['fastest']['speedup']:.2f}x for {v3['networks'][0]['flops_volume_g'] / pruned['flops_volume_g']:.2f}x "
+                                 "fewer FLOPs)",
+                        "met": bool(width and width >= 16 and pruned["fastest"]["efficiency"] >= 0.6)})
     exports = (results.get("speed") or {}).get("export") or []
     if exports:
         worst = max(e["max_abs_diff"] for e in exports)
@@ -969,10 +1026,23 @@ def targets(results: dict) -> list[dict]:
 
 def _peak_for(results: dict, variant: str) -> Optional[float]:
     """The yardstick of a form: the machine's peak in the form's precision."""
-    if variant == INT8:
+    if variant in INT8_VARIANTS:
         return None  # no int8 yardstick is measured
     peak = results.get("peak_bf16" if variant in BF16_VARIANTS else "peak")
     return peak["peak_gflops"] if peak else None
+
+
+def peak_shares(results: dict) -> list[dict]:
+    """Every timed form of every network with a yardstick: its achieved GFLOP/s over the peak in its precision."""
+    speed = results.get("speed") or {}
+    flops = {(n["model"], n["round_to"], n["ratio"]): n["flops_g"] for n in speed.get("networks", [])}
+    out = []
+    for r in speed.get("latency", []):
+        yardstick = _peak_for(results, r["variant"])
+        if yardstick:
+            share = flops[(r["model"], r["round_to"], r["ratio"])] / (r["median_ms"] / 1e3) / yardstick
+            out.append({"model": r["model"], "round_to": r["round_to"], "ratio": r["ratio"], "variant": r["variant"], "share": share})
+    return out
 
 
 def fastest_forms(results: dict) -> list[dict]:
@@ -1002,6 +1072,25 @@ def fastest_forms(results: dict) -> list[dict]:
                           if base_best and key[2] > 0 else None}
         out.append(row)
     return out
+
+
+def _int8_section(results: dict) -> list[str]:
+    rows = [r for r in (results.get("speed") or {}).get("latency", []) if r["variant"] in INT8_VARIANTS]
+    if not rows:
+        return []
+    fastest = {(r["model"], r["round_to"], r["ratio"]): r.get("fp32") or {} for r in fastest_forms(results)}
+    lines = ["### int8", "",
+             "The quantize stage's int8 file (static QDQ, per-channel int8 weights, uint8 activations calibrated here on random "
+             "images: speed only; Dice on real data: docs/PERFORMANCE.md) run by ONNX Runtime and by OpenVINO. `speed-up` and "
+             "`efficiency` against the same int8 form unpruned; `vs fastest fp32` against this network's fastest fp32 form.", "",
+             "| model | round_to | ratio | int8 form | ms | vs eager fp32 | speed-up | efficiency | vs fastest fp32 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        fp32 = fastest.get((r["model"], r["round_to"], r["ratio"]), {})
+        lines.append(f"| {r['model']} | {r['round_to'] or '-'} | {r['ratio']:g} | {r['variant']} | {r['median_ms']:.2f} | "
+                     f"{_f(r['speedup_vs_eager'], '{:.1f}x')} | {_f(r['speedup'])}x | {_f(r['efficiency'])} | "
+                     f"{_f(fp32.get('ms') and fp32['ms'] / r['median_ms'])}x |")
+    return lines + [""]
 
 
 def _fastest_section(results: dict) -> list[str]:
@@ -1039,11 +1128,13 @@ def render(results: dict) -> str:
     peak = results.get("peak")
     if peak:
         low = results.get("peak_bf16")
-        lines += [f"Machine peak at {results['threads']} threads: {peak['peak_matmul_gflops']:.0f} GFLOP/s (float32 matmul 1024³), "
-                  f"{peak['peak_conv_gflops']:.0f} GFLOP/s (3x3 convolution 64→64 at 128², channels_last, FLOPs counted as "
-                  f"direct convolution)"
-                  + (f"; in bf16 {low['peak_matmul_gflops']:.0f} and {low['peak_conv_gflops']:.0f} GFLOP/s" if low else "")
-                  + ". `% peak` below is a network's achieved GFLOP/s over the larger of the two, in the form's own precision. "
+        low = results.get("peak_bf16")
+        each = lambda p: ", ".join(f"{k[5:-7]} {v:.0f}" for k, v in p.items() if k.endswith("_gflops") and k != "peak_gflops")  # noqa: E731
+        lines += [f"Machine peak at {results['threads']} threads: **{peak['peak_gflops']:.0f} GFLOP/s** ({peak['peak_form']}; best per "
+                  f"runtime: {each(peak)})" + (f"; in bf16 {low['peak_gflops']:.0f} GFLOP/s ({low['peak_form']})" if low else "")
+                  + ": the fastest run of 3x3 convolutions with bias and ReLU at a UNet's levels at 256² (64 channels at 256² "
+                  "... 1024 at 16², c -> c and 2c -> c), each shape in each runtime after a warm-up (pipeline/measure/peak.py), FLOPs counted as "
+                  "direct convolution. `% peak` below is a network's achieved GFLOP/s over it, in the form's own precision. "
                   f"CPU: {m.get('cpu_flags') or '-'} (bf16 {m.get('cpu_bf16', '-')}); OpenVINO sees {m.get('openvino_capabilities') or '-'}.", ""]
     speed = results.get("speed")
     if speed and speed["networks"]:
@@ -1071,6 +1162,7 @@ def render(results: dict) -> str:
                          f"{_f(r['efficiency'])} | {_f(r['speedup_vs_eager'])}x | {achieved:.0f} | {share} |")
         lines.append("")
         lines += _fastest_section(results)
+        lines += _int8_section(results)
     if speed and speed.get("export"):
         lines += ["## 2. ONNX export (BatchNorm folded)", "",
                   "max abs diff: ONNX Runtime output against the original (unfolded, eager) torch output on one random input; "
@@ -1149,35 +1241,31 @@ def render(results: dict) -> str:
         lines += ["## 3D: UNet3D per volume", "",
                   f"{_model_name(v3['model'])}, {v3['in_channels']} input channels, {v3['classes']} classes, random weights. "
                   f"A volume of {'x'.join(map(str, v3['shape']))} voxels tiled by `SlidingWindow`: {v3['patch']}³ windows "
-                  f"overlapping by {v3['overlap']:g}, Gaussian-blended ({v3['windows']} windows, {v3.get('window_batch', 1)} per "
-                  "forward pass); FLOPs per volume = windows x "
-                  "FLOPs per patch (the blending is not counted, the latency includes it). L1 scores, uniform ratio over encoder "
-                  "and decoder at exact rates (round_to=None: rounded to multiples of 8, the width-8 levels would stay whole). "
-                  f"Median latency (ms) at batch 1, inference mode, {v3['threads']} threads, after a warm-up, the networks and "
-                  "forms interleaved in rounds. Speed-up and efficiency (= speed-up / FLOPs reduction) against the same form "
-                  "unpruned.", "",
-                  "| form | ratio | params (M) | FLOPs/patch (G) | windows | FLOPs/volume (G) | ms/patch | ms/volume | "
-                  "speed-up volume | speed-up patch | efficiency volume | efficiency patch |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        nets = {n["ratio"]: n for n in v3["networks"]}
+                  f"overlapping by {v3['overlap']:g}, Gaussian-blended ({v3['windows']} windows, {v3['window_batch']} per "
+                  "forward pass); FLOPs per volume = windows x FLOPs per patch (the blending is not counted, the latency "
+                  "includes it). L1 scores, uniform ratio over encoder and decoder, at the default rounding and at exact "
+                  f"rates. Median ms per volume, {v3['threads']} threads, after a warm-up, the networks interleaved in rounds, "
+                  "one pass per runtime. Speed-up and efficiency (= speed-up / FLOPs reduction) against the same form "
+                  "unpruned; `fastest` compares the fastest form of each network with the fastest unpruned form.", "",
+                  "| form | ratio | round_to | params (M) | FLOPs/patch (G) | FLOPs/volume (G) | ms/volume | min ms | GFLOP/s | "
+                  "speed-up | efficiency |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        nets = v3["networks"]
         for r in v3["latency"]:
-            n = nets[r["ratio"]]
-            form = r["form"] + (f" ({r['device']})" if r["device"] != m["device_type"] else "")
-            lines.append(f"| {form} | {r['ratio']:g} | {n['params_m']:.3f} | {n['flops_patch_g']:.3f} | {v3['windows']} | "
-                         f"{n['flops_volume_g']:.2f} | {r['patch_ms']:.2f} | {r['volume_ms']:.1f} | {r['speedup_volume']:.2f}x | "
-                         f"{r['speedup_patch']:.2f}x | {r['efficiency_volume']:.2f} | {r['efficiency_patch']:.2f} |")
+            n = nets[r["network"]]
+            lines.append(f"| {r['form']} | {r['ratio']:g} | {n['round_to'] or '-'} | {n['params_m']:.3f} | {n['flops_patch_g']:.2f} | "
+                         f"{n['flops_volume_g']:.1f} | {r['volume_ms']:.0f} | {r['min_ms']:.0f} | {r['gflops_per_s']:.0f} | "
+                         f"{_f(r['speedup'])}x | {_f(r['efficiency'])} |")
+        lines += ["", "| ratio | round_to | FLOPs ÷ | fastest form | ms/volume | speed-up | efficiency | encoder channels |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for n in nets:
+            f = n.get("fastest") or {}
+            lines.append(f"| {n['ratio']:g} | {n['round_to'] or '-'} | {nets[0]['flops_volume_g'] / n['flops_volume_g']:.2f} | "
+                         f"{f.get('form', '-')} | {_f(f.get('volume_ms'), '{:.0f}')} | {_f(f.get('speedup'))}x | "
+                         f"{_f(f.get('efficiency'))} | {n['channels']} |")
         lines.append("")
-        single = [r for r in v3["latency"] if "volume_1_window_ms" in r]
-        if single:
-            lines.append("One window per forward pass instead (torch eager; its CPU Conv3d takes the slow reference kernel "
-                         "for most layers of a batch-1 window): " + ", ".join(
-                             f"ratio {r['ratio']:g}: {r['volume_1_window_ms']:.0f} ms/volume ({r['volume_1_window_ms'] / r['volume_ms']:.1f}x "
-                             "slower)" for r in single) + ".")
-            lines.append("")
-        lines.append("Encoder channels: " + "; ".join(f"ratio {n['ratio']:g}: {n['channels']}" for n in v3["networks"]) + ". "
-                     + (f"ONNX Runtime: not run ({v3['onnx_error']})." if v3["onnx_error"] else
-                        "ONNX Runtime max |torch - ORT| per patch: "
-                        + ", ".join(f"{n['onnx_max_abs_diff']:.1e} (ratio {n['ratio']:g})" for n in v3["networks"]) + "."))
+        diffs = [f"{form} {d:.1e} (ratio {n['ratio']:g}, round_to {n['round_to'] or '-'})" for n in nets for form, d in n["max_abs_diff"].items()]
+        lines.append("max |torch - runtime| per window batch: " + (", ".join(diffs) or "-") + "."
+                     + ("".join(f" Not run: {k} ({v})." for k, v in v3["errors"].items())))
         lines.append("")
     tg = results.get("targets")
     if tg:
@@ -1247,11 +1335,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         "command": " ".join(["scripts/bench.py", *(argv if argv is not None else sys.argv[1:])]).strip(),
         "started": datetime.now().isoformat(timespec="seconds"),
         "machine": machine_info(device), "threads": threads, "settings": _settings_dict(s),
-        "peak": machine_peak(device, threads),  # the yardstick: a large matmul's and a large conv's GFLOP/s
     }
     results["machine"].update({**precision.cpu_capabilities(), "openvino_capabilities": runtimes.openvino_capabilities()})
-    if bf16_available(device) is None:  # bf16 forms are compared with the bf16 peak
-        results["peak_bf16"] = machine_peak(device, threads, dtype=torch.bfloat16)
+    if rows & {"speed", "export"}:  # the yardstick of `% peak`, in every runtime the forms run in, before anything else
+        _progress("peak: the best of torch, ONNX Runtime and OpenVINO on a UNet's 3x3 convolutions")
+        peak = dict(device=device, threads=threads, runtimes=PEAK_RUNTIMES, shapes=s.peak_shapes,
+                    warmup_s=s.peak_warmup_s, measure_s=s.peak_measure_s)
+        results["peak"] = machine_peak(**peak)
+        if bf16_available(device) is None:  # bf16 forms are compared with the bf16 peak
+            results["peak_bf16"] = machine_peak(**peak, precision="bf16")
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="medprune-bench-"))
     try:

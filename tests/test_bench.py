@@ -57,6 +57,24 @@ def test_quick_bench_writes_every_row(tmp_path):
     assert {(r["model"], r["ratio"]) for r in fastest} == {(n["model"], n["ratio"]) for n in speed["networks"]}
     assert all(r["fp32"]["variant"] in bench.DEPLOYED_VARIANTS and 0 < r["fp32"]["peak_share"] for r in fastest)
     assert "### Fastest form per network" in table
+    # int8: the quantize stage's file in ONNX Runtime and in OpenVINO, against eager fp32 and its own unpruned int8
+    assert {("unet", bench.INT8), ("unet", bench.OV_INT8)} <= variants and "### int8" in table
+    relabel = lambda rows: [{**r, "round_to": bench.DEFAULT_ROUND_TO if r["round_to"] == "4/8" else r["round_to"]} for r in rows]  # noqa: E731
+    as_default = {**results, "speed": {**speed, "latency": relabel(speed["latency"]), "networks": relabel(speed["networks"]),
+                                       "bf16_pair": None}}  # the quick run's 4/8 plays the default rounding
+    int8 = next(t for t in bench.targets(as_default) if "fastest int8 form" in t["target"])
+    best = min((r for r in as_default["speed"]["latency"] if r["model"] == "unet" and r["variant"] in bench.INT8_VARIANTS
+                and r["round_to"] == bench.DEFAULT_ROUND_TO and r["ratio"] == max(s.ratios)), key=lambda r: r["median_ms"])
+    assert int8["met"] == (best["speedup_vs_eager"] >= 15) and best["variant"] in int8["value"]
+    # the yardstick: the best of the runtimes the forms run in, and the target that it bounds every form
+    peak = results["peak"]
+    assert {f"peak_{r}_gflops" for r in bench.PEAK_RUNTIMES} <= set(peak)
+    assert peak["peak_gflops"] == max(peak[f"peak_{r}_gflops"] for r in bench.PEAK_RUNTIMES)
+    assert "Machine peak at 1 threads" in table and peak["peak_form"] in table
+    bound = next(t for t in results["targets"] if t["target"].startswith("the yardstick bounds every form"))
+    shares = bench.peak_shares(results)
+    assert shares and len(shares) == sum(bench._peak_for(results, r["variant"]) is not None for r in speed["latency"])
+    assert bound["met"] == (max(r["share"] for r in shares) <= 1.0)
 
     tr = results["training"]
     assert (tr["step_bf16_ips"] is not None) == cpu_bf16_native()
@@ -85,7 +103,7 @@ def test_rows_can_be_chosen_and_unknown_rows_fail(tmp_path, capsys):
     assert "unknown speedy" in capsys.readouterr().err
 
 
-def test_the_3d_row_times_the_unet3d_per_patch_and_per_volume(tmp_path):
+def test_the_3d_row_times_the_unet3d_per_volume_in_every_form(tmp_path):
     bench = load_bench()
     assert bench.main(["--quick", "--rows", "volume3d", "--out", str(tmp_path), "--threads", "1"]) == 0
     results = json.loads((tmp_path / "bench.json").read_text())
@@ -93,21 +111,26 @@ def test_the_3d_row_times_the_unet3d_per_patch_and_per_volume(tmp_path):
     v3 = results["volume3d"]
     s = bench.quick_settings()
     assert v3["shape"] == list(s.volume3d_shape) and v3["patch"] == s.volume3d_patch and v3["windows"] > 1
-    assert v3["onnx_error"] is None, v3["onnx_error"]
-    nets = {n["ratio"]: n for n in v3["networks"]}
-    assert set(nets) == {0.0, 0.6}
-    assert nets[0.6]["params_m"] < nets[0.0]["params_m"] and nets[0.6]["flops_patch_g"] < nets[0.0]["flops_patch_g"]
-    for n in nets.values():
-        assert abs(n["flops_volume_g"] - v3["windows"] * n["flops_patch_g"]) < 1e-9 and n["onnx_max_abs_diff"] < 1e-4
-    assert {(r["form"], r["ratio"]) for r in v3["latency"]} == {(f, r) for f in ("eager", "onnxruntime") for r in nets}
+    assert not v3["errors"], v3["errors"]
+    nets = v3["networks"]
+    assert [(n["ratio"], n["round_to"]) for n in nets] == [(0.0, None), (0.6, bench.DEFAULT_ROUND_TO), (0.6, None)]
+    assert nets[2]["params_m"] < nets[0]["params_m"] and nets[2]["flops_patch_g"] < nets[0]["flops_patch_g"]
+    for n in nets:
+        assert abs(n["flops_volume_g"] - v3["windows"] * n["flops_patch_g"]) < 1e-9
+        assert set(n["max_abs_diff"]) == {"onnxruntime", "openvino"} and max(n["max_abs_diff"].values()) < 1e-4
+        assert n["fastest"]["form"] in bench.VOLUME3D_FORMS
+    assert {(r["form"], r["network"]) for r in v3["latency"]} == {(f, i) for f in bench.VOLUME3D_FORMS for i in range(3)}
     for r in v3["latency"]:
-        assert 0 < r["patch_ms"] < r["volume_ms"]
+        assert r["volume_ms"] > 0 and r["runs"] == s.volume3d_rounds
         if r["ratio"] == 0:
-            assert r["speedup_volume"] == r["speedup_patch"] == r["efficiency_volume"] == 1
+            assert r["speedup"] == r["efficiency"] == 1
         else:
-            assert r["flops_reduction"] > 1 and r["efficiency_volume"] == r["speedup_volume"] / r["flops_reduction"]
+            assert r["efficiency"] == pytest.approx(r["speedup"] / r["flops_reduction"])
+    assert nets[0]["fastest"]["speedup"] == 1 and nets[0]["fastest"]["volume_ms"] == min(r["volume_ms"] for r in v3["latency"] if r["network"] == 0)
     table = (tmp_path / "bench.md").read_text()
-    assert "## 3D: UNet3D per volume" in table and "| eager | 0.6 |" in table and "| onnxruntime | 0 |" in table
+    assert "## 3D: UNet3D per volume" in table and "| channels_last | 0.6 | 8/16 |" in table and "| openvino | 0 | - |" in table
+    target = next(t for t in results["targets"] if t["target"].startswith("unet3d (width 4"))
+    assert not target["met"]  # width 4 < 16, whatever the speed
 
 
 def test_the_bench_checks_the_default_rounding():

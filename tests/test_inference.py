@@ -130,6 +130,22 @@ def test_prepared_channels_last_network_matches_and_reports_its_form():
     assert again.channels_last
 
 
+def test_a_3d_network_is_prepared_in_channels_last_3d_and_matches():
+    from models.unet3d import UNet3D
+
+    torch.manual_seed(0)
+    model = UNet3D(2, 3, width=4, depth=2, norm="instance", res_block=False).eval()
+    volume = torch.randn(2, 2, 16, 16, 16)
+    prepared = inference.prepare_for_inference(model, (2, 2, 16, 16, 16), channels_last=True)
+    conv = next(m for m in prepared.model.modules() if isinstance(m, nn.Conv3d))
+    assert prepared.channels_last and conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert prepared.input(volume).is_contiguous(memory_format=torch.channels_last_3d)
+    again = inference.with_channels_last(inference.prepare_for_inference(model, (2, 2, 16, 16, 16), channels_last=False))
+    assert next(m for m in again.model.modules() if isinstance(m, nn.Conv3d)).weight.is_contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        assert torch.allclose(prepared.model(prepared.input(volume)), model(volume), atol=1e-5)
+
+
 def test_onnx_export_runs_in_onnx_runtime_with_a_dynamic_batch(tmp_path):
     model = small_unet()
     folded = inference.prepare_for_inference(model, (1, 3, 32, 32)).model

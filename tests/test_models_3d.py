@@ -60,7 +60,7 @@ def test_shipped_config_builds_the_documented_network():
     models.model_kwargs_check(cfg)
     model = models.build_model(cfg, in_channels=2, num_classes=3)
     assert isinstance(model, UNet3D) and model.spatial_dims == 3
-    assert count_params(model) == 350_987  # the count conf/model/unet3d.yaml and the docstring give
+    assert count_params(model) == 5_601_827  # the count conf/model/unet3d.yaml and the docstring give
     assert [type(m).__name__ for m in model.encoder[0].modules() if "Norm" in type(m).__name__] == ["InstanceNorm3d"] * 2
     assert model.encoder[0].norm1.affine  # per-channel parameters, as DynUNet's default
     out = forward_backward(model, volumes(32))
@@ -72,8 +72,8 @@ def test_shipped_attention_config_builds_the_documented_network():
     models.model_kwargs_check(cfg)
     model = models.build_model(cfg, in_channels=2, num_classes=3)
     assert type(model) is AttentionUNet3D and model.spatial_dims == 3
-    assert count_params(model) == 352_477  # the count conf/model/attention_unet3d.yaml and the docstring give
-    assert count_flops(model, (1, 2, 64, 64, 64)) == pytest.approx(7.269e9, rel=1e-3)
+    assert count_params(model) == 5_623_897  # the count conf/model/attention_unet3d.yaml and the docstring give
+    assert count_flops(model, (1, 2, 64, 64, 64)) == pytest.approx(113.408e9, rel=1e-3)
     out = forward_backward(model, volumes(32))
     assert out.shape == (2, 3, 32, 32, 32)
 

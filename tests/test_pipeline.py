@@ -29,8 +29,11 @@ def outputs(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def default_run(outputs):
-    """One default job at ratio 0.5 (seed 0): its printed output and its MLflow run."""
-    out = run_pipeline(outputs, *TINY, "prune.ratio=0.5")
+    """One default job at ratio 0.5 (seed 0), with the machine's peak (one small convolution shape: its path, not
+    its seconds): its printed output and its MLflow run."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("pipeline.measure.peak.SHAPES", ((8, 8, 32),))
+        out = run_pipeline(outputs, *TINY, "prune.ratio=0.5", "evaluate.machine_peak=true")
     (run,) = [r for r in mlflow_runs(outputs) if r.data.params.get("seed") == "0" and r.data.params.get("prune.ratio") == "0.5"]
     return out, run
 

@@ -29,15 +29,18 @@ def latest(outputs: Path):
 
 
 def test_the_stage_chain_runs_in_3d_on_the_synthetic_brats_twin(outputs):
-    out = run_pipeline(outputs, *TINY_3D, "dataset=synthetic_brats3d", "dataset.region=[wt,tc,et]")
+    out = run_pipeline(outputs, *TINY_3D, "dataset=synthetic_brats3d", "dataset.region=[wt,tc,et]",
+                       "evaluate.runtimes=[onnxruntime,openvino]")
     client, r = latest(outputs)
     m, p = r.data.metrics, r.data.params
-    assert r.info.status == "FINISHED" and "Latency / volume (ms)" in out
+    assert r.info.status == "FINISHED" and "Latency / volume (ms)" in out and "OpenVINO / volume (ms)" in out
     for row in ("baseline", "final"):
         for region in REGIONS:
             assert 0.0 <= m[f"{row}/dice_{region}"] <= 1.0 and m[f"{row}/hd95_{region}"] >= 0.0
         assert m[f"{row}/volume_latency_ms"] > m[f"{row}/latency_ms"] > 0  # a volume runs several windows
         assert m[f"{row}/onnx_volume_latency_ms"] > m[f"{row}/onnx_latency_ms"] > 0
+        assert m[f"{row}/openvino_volume_latency_ms"] > m[f"{row}/openvino_latency_ms"] > 0
+        assert int(p[f"{row}.latency_channels_last"]) == 1  # NDHWC
         windows = int(p[f"{row}.windows_per_volume"])
         assert windows > 1 and m[f"{row}/volume_flops_g"] == pytest.approx(windows * m[f"{row}/flops_g"])
     assert m["final/params_m"] < 0.6 * m["baseline/params_m"] and m["final/flops_g"] < 0.6 * m["baseline/flops_g"]

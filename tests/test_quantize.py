@@ -88,7 +88,8 @@ def test_quantize_after_evaluate_is_out_of_order():
 
 @pytest.mark.integration
 def test_the_int8_network_is_scored_timed_and_kept(tmp_path):
-    out = run_pipeline(tmp_path, *TINY, STAGES, "quantize.dynamic=true", "quantize.calibration_images=6")
+    out = run_pipeline(tmp_path, *TINY, STAGES, "quantize.dynamic=true", "quantize.calibration_images=6",
+                       "evaluate.runtimes=[onnxruntime,openvino]")
     assert "| int8 (ONNX Runtime)" in out and "| int8 dynamic (ONNX Runtime)" in out  # "⚠" when collapsed
     (run,) = mlflow_runs(tmp_path)
     m = run.data.metrics
@@ -97,6 +98,8 @@ def test_the_int8_network_is_scored_timed_and_kept(tmp_path):
                                        "label_flip_fraction")} <= set(m), row
         assert abs(m[f"{row}/dice"] - m["final/dice"]) < 0.05
         assert 0 < m[f"{row}/prob_max_abs_diff"] < 0.2
+        # the same int8 file in OpenVINO: timed in its pass and scored (the runtimes compute int8 apart)
+        assert m[f"{row}/openvino_latency_ms"] > 0 and abs(m[f"{row}/openvino_dice"] - m[f"{row}/dice"]) < 0.05
     assert m["quantize/calibration_images"] == 6
     run_dir = Path(run.data.tags["medprune.run_dir"])
     manifest = json.loads((run_dir / "quantize" / "quantize.json").read_text())

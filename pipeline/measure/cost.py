@@ -22,10 +22,10 @@ from typing import Callable, Optional
 import torch
 
 from pipeline import inference
-from pipeline.measure.profiling import (InterleavedTimes, cpu_threads, forward_call, machine_peak, thread_count,
-                                        time_interleaved)
-from pipeline.measure.runtimes import REGISTRY, Export, deploy
-from pipeline.precision import DTYPES, REDUCED
+from pipeline.measure.peak import machine_peak
+from pipeline.measure.profiling import InterleavedTimes, cpu_threads, forward_call, thread_count, time_interleaved
+from pipeline.measure.runtimes import REGISTRY, Export, deploy, openvino_graph
+from pipeline.precision import REDUCED
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def time_networks(settings, models: dict[str, torch.nn.Module], input_shape: tup
     threads and the latency_* timing settings). `reduced`: a precision the device runs natively (or None).
     `keep_graphs` {network: path}: where the ONNX graph that ONNX Runtime ran is kept (the final network's
     final.onnx). `graph_only` {network: ONNX file}: networks that exist only as ONNX (the int8 rows), timed
-    in ONNX Runtime's pass. A runtime that cannot take a network costs only that form's results (a warning).
+    in ONNX Runtime's pass, and in OpenVINO's when evaluate.runtimes has it. A runtime that cannot take a network costs only that form's results (a warning).
     `repeat`: calls per timing (the figures are per call): a round over many networks otherwise runs each one
     with caches its predecessors filled (a search's front, pipeline/front.py)."""
     import tempfile
@@ -82,10 +82,17 @@ def time_networks(settings, models: dict[str, torch.nn.Module], input_shape: tup
         out[name] = {"latency_threads": thread_count(e.threads)}
         session = inference.onnx_session(path, e.threads, spinning=False)
         fns[f"{name}/{REGISTRY['onnxruntime'].form()}"] = ("onnxruntime", inference.onnx_call(session, input_shape))
+        if "openvino" in [str(r) for r in e.runtimes]:  # the same int8 file compiled by OpenVINO
+            try:
+                call, _, _ = openvino_graph(path, input_shape, "fp32", e.threads)
+                fns[f"{name}/{REGISTRY['openvino'].form()}"] = ("openvino", call)
+            except Exception as err:  # noqa: BLE001  (a graph OpenVINO cannot take costs only that form)
+                log.warning("OpenVINO could not compile the %s network (%s: %s); no openvino_latency results", name,
+                            type(err).__name__, err)
     with tempfile.TemporaryDirectory(prefix="medprune-runtimes-") as work:  # the exported graphs the runtimes read
         for name, model in models.items():
             folded = inference.prepare_for_inference(model, input_shape, fold_bn=bool(e.fold_bn), channels_last=False)
-            deployed_cl = bool(e.channels_last) and len(input_shape) == 4
+            deployed_cl = bool(e.channels_last) and len(input_shape) in inference.CHANNELS_LAST
             out[name] = {"latency_threads": thread_count(e.threads) if device.type == "cpu" else 0,
                          "latency_bn_folded": folded.folded_bn, "latency_channels_last": int(deployed_cl)}
             if (folded.folded_bn or deployed_cl) and e.latency_eager:
@@ -154,9 +161,10 @@ def _time_per_pass(e, fns: dict[str, tuple[str, Callable]]) -> InterleavedTimes:
         load_before=results[0].load_before if results else None, load_after=results[-1].load_after if results else None)
 
 
-def fastest(result: dict, peaks: dict[str, float]) -> dict:
-    """Per precision, the fastest deployed form of one network: its runtime (`fastest_form`), latency and
-    share of the machine's peak in that precision (`fastest_peak_fraction`; bf16 against the bf16 peak)."""
+def fastest(result: dict, peaks: dict[str, Optional[float]]) -> dict:
+    """Per precision, the fastest deployed form of one network: its runtime (`fastest_form`), latency and, where
+    the peak was measured, its share of the machine's peak in that precision (`fastest_peak_fraction`; bf16
+    against the bf16 peak)."""
     out = {}
     for precision, peak in peaks.items():
         suffix = "" if precision == "fp32" else f"_{precision}"
@@ -166,31 +174,37 @@ def fastest(result: dict, peaks: dict[str, float]) -> dict:
         runtime = min(timed, key=timed.get)
         out[f"fastest{suffix}_form"] = runtime
         out[f"fastest{suffix}_ms"] = timed[runtime]
-        out[f"fastest{suffix}_peak_fraction"] = result["flops_g"] / (timed[runtime] / 1e3) / peak
+        if peak:
+            out[f"fastest{suffix}_peak_fraction"] = result["flops_g"] / (timed[runtime] / 1e3) / peak
     return out
 
 
 def machine_use(results: dict[str, dict], device: torch.device, threads: Optional[int], reduced: Optional[str],
-                skip: tuple[str, ...] = ()) -> dict[str, float]:
-    """The machine's peak (fp32, and `reduced`) and, in each network's results (but `skip`'s: int8 has no
-    float yardstick), the GFLOP/s its deployed form reaches, its share of the peak and its fastest forms.
-    Returns the peak measurements (peak_*)."""
-    peak = machine_peak(device, threads)
-    peaks = {"fp32": peak["peak_gflops"]}
-    if reduced:
-        low = machine_peak(device, threads, dtype=DTYPES[reduced])
-        peak.update({k.replace("peak_", f"peak_{reduced}_"): v for k, v in low.items()})
-        peaks[reduced] = low["peak_gflops"]
+                runtimes: Optional[tuple[str, ...]], skip: tuple[str, ...] = ()) -> dict[str, object]:
+    """Each network's fastest forms and, when `runtimes` names the runtimes the networks were timed in, the
+    machine's peak in them (fp32, and `reduced`; pipeline/measure/peak.py) and in each network's results the
+    GFLOP/s its deployed form reaches and its share of the peak. `skip`'s networks (int8: no float yardstick)
+    are left alone. Returns the peak measurements (peak_*; {} without `runtimes`)."""
+    peak: dict[str, object] = {}
+    peaks: dict[str, Optional[float]] = {"fp32": None, **({reduced: None} if reduced else {})}
+    if runtimes:
+        peak = machine_peak(device, threads, runtimes)
+        peaks["fp32"] = peak["peak_gflops"]
+        if reduced:
+            low = machine_peak(device, threads, runtimes, precision=reduced)
+            peak.update({k.replace("peak_", f"peak_{reduced}_", 1): v for k, v in low.items()})
+            peaks[reduced] = low["peak_gflops"]
     for name, r in results.items():
         if name in skip:
             continue
-        if r.get("latency_ms"):
+        if r.get("latency_ms") and peaks["fp32"]:
             r["achieved_gflops"] = r["flops_g"] / (r["latency_ms"] / 1e3)
-            r["peak_fraction"] = r["achieved_gflops"] / peak["peak_gflops"]
+            r["peak_fraction"] = r["achieved_gflops"] / peaks["fp32"]
         r.update(fastest(r, peaks))
-    log.info("Machine peak at %s thread(s): %.1f GFLOP/s matmul, %.1f GFLOP/s convolution; the networks reach %s",
-             threads or "all", peak["peak_matmul_gflops"], peak["peak_conv_gflops"],
-             ", ".join(f"{name} {100 * r['peak_fraction']:.0f}%" for name, r in results.items() if "peak_fraction" in r))
+    if peak:
+        log.info("Machine peak at %s thread(s): %.1f GFLOP/s (%s); the networks reach %s", threads or "all",
+                 peak["peak_gflops"], peak["peak_form"],
+                 ", ".join(f"{name} {100 * r['peak_fraction']:.0f}%" for name, r in results.items() if "peak_fraction" in r))
     return peak
 
 

@@ -135,8 +135,8 @@ def latency_times(
     device = next(model.parameters()).device
     model.eval()
     x = torch.randn(input_shape, device=device)
-    if channels_last and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
+    if channels_last and x.dim() in inference.CHANNELS_LAST:
+        x = x.contiguous(memory_format=inference.CHANNELS_LAST[x.dim()])
     if device.type == "cuda":
         return _cuda_times(lambda: model(x), device, warmup, runs)
     with cpu_threads(threads):
@@ -267,8 +267,8 @@ def forward_call(model: nn.Module, input_shape: tuple[int, ...], channels_last: 
     device = next(model.parameters()).device
     model.eval()
     x = torch.randn(input_shape, device=device)
-    if channels_last and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
+    if channels_last and x.dim() in inference.CHANNELS_LAST:
+        x = x.contiguous(memory_format=inference.CHANNELS_LAST[x.dim()])
 
     def call():
         with torch.inference_mode():
@@ -286,35 +286,6 @@ def _load_1min() -> float | None:
 
 
 @torch.inference_mode()
-def machine_peak(device: torch.device, threads: int | None = None, matmul_size: int = 1024,
-                 conv_shape: tuple[int, int, int, int] = (1, 64, 128, 128), runs: int = 5,
-                 dtype: torch.dtype = torch.float32) -> dict[str, float]:
-    """What this machine can do at `threads`: GFLOP/s of a large matmul and of a large 3x3 convolution
-    (64 -> 64 channels, channels_last, as the deployed networks run) in `dtype`, best of `runs` after a
-    warm-up. A network's achieved GFLOP/s over this peak says how much of the machine it uses: a pruned
-    network that is fast but far below the peak leaves the machine idle (small, thin convolutions).
-    Reduced-precision forms are compared with the peak in their own type (bf16: AMX / AVX512-BF16)."""
-    def timed(fn) -> float:
-        def call():
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-        with cpu_threads(threads):
-            return min(time_calls(call, warmup=2, runs=runs)) / 1e3
-
-    a = torch.randn(matmul_size, matmul_size, device=device, dtype=dtype)
-    b = torch.randn(matmul_size, matmul_size, device=device, dtype=dtype)
-    matmul = 2 * matmul_size**3 / timed(lambda: a @ b) / 1e9
-    conv = nn.Conv2d(conv_shape[1], conv_shape[1], 3, padding=1, bias=False).to(device).eval()
-    flops = count_flops(conv, conv_shape)
-    conv = conv.to(dtype)
-    x = torch.randn(conv_shape, device=device, dtype=dtype)
-    if device.type == "cpu":
-        conv, x = conv.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    convolution = flops / timed(lambda: conv(x)) / 1e9
-    return {"peak_matmul_gflops": matmul, "peak_conv_gflops": convolution, "peak_gflops": max(matmul, convolution)}
-
-
 def load_average() -> tuple[float, float, float] | None:
     try:
         return os.getloadavg()

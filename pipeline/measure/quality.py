@@ -122,9 +122,11 @@ def probability_deviation(split: TestSplit, quantized: torch.nn.Module, referenc
 
 
 def int8_network(split: TestSplit, path: Path, name: str, reference: torch.nn.Module, reference_name: str,
-                 reference_results: dict) -> dict:
+                 reference_results: dict, openvino_shape: tuple[int, ...] | None = None) -> dict:
     """Quality of an int8 ONNX network under ONNX Runtime, its file's size and its deviation from the float
-    network it was made from (parameters and FLOPs are that network's: the same operations, in int8)."""
+    network it was made from (parameters and FLOPs are that network's: the same operations, in int8). With
+    `openvino_shape` (the network's input shape), also its Dice when OpenVINO runs the same file (`openvino_dice`,
+    per case in cases_<name>_openvino.csv): the two runtimes compute int8 differently, and either may be deployed."""
     module = inference.OnnxModule(inference.onnx_session(path, split.settings.threads))
     quality = score(split, module, name)
     deviation = probability_deviation(split, module, reference)
@@ -132,8 +134,26 @@ def int8_network(split: TestSplit, path: Path, name: str, reference: torch.nn.Mo
              "(mean %.5f), %.3f%% of the test pixels change label", name, quality["dice"], reference_name,
              reference_results["dice"], 100 * (quality["dice"] - reference_results["dice"]), deviation["prob_max_abs_diff"],
              deviation["prob_mean_abs_diff"], 100 * deviation["label_flip_fraction"])
-    return {**quality, **deviation, "size_mb": path.stat().st_size / 1e6,
-            **{k: reference_results[k] for k in ("params_m", "flops_g", "macs_g")}}
+    out = {**quality, **deviation, "size_mb": path.stat().st_size / 1e6,
+           **{k: reference_results[k] for k in ("params_m", "flops_g", "macs_g")}}
+    if openvino_shape:
+        from pipeline.measure.runtimes import openvino_graph
+
+        _, predict, _ = openvino_graph(path, openvino_shape, "fp32", split.settings.threads)
+        out["openvino_dice"] = score(split, _Predicting(predict), f"{name}_openvino", export=False)["dice"]
+        log.info("%s network (int8) in OpenVINO: Dice %.4f", name, out["openvino_dice"])
+    return out
+
+
+class _Predicting(torch.nn.Module):
+    """A deployed form's `predict` (float32 CPU logits) as a module on the input's device."""
+
+    def __init__(self, predict):
+        super().__init__()
+        self.predict = predict
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.predict(x).to(x.device)
 
 
 @torch.no_grad()

@@ -112,7 +112,7 @@ def deploy(
     are timed by the caller inside profiling.cpu_threads(threads), and `deploy` runs its own torch work
     (compilation, the comparison) at that count when it is given. `work_dir` (needed by the graph runtimes)
     receives the graph `export` makes, as model.onnx. `channels_last` applies to the torch forms with 4-D
-    inputs. A pair the runtime has no kernels for raises ValueError; a failed torch.compile RuntimeError."""
+    inputs (NDHWC for 5-D ones). A pair the runtime has no kernels for raises ValueError; a failed torch.compile RuntimeError."""
     if runtime not in REGISTRY:
         raise ValueError(f"unknown runtime {runtime!r}: expected one of {', '.join(REGISTRY)}")
     if precision not in PRECISIONS:
@@ -171,7 +171,7 @@ def _build_torch(model: nn.Module, input_shape: tuple[int, ...], precision: str,
     2-deep UNet at 32x32 14 s, the classic UNet at 256x256 11 s), later ones ~5 s; inductor's cache
     (/tmp/torchinductor_<user>) makes a repeat of the same graph take under a second."""
     prepared = inference.Prepared(model, 0, False)
-    if channels_last and len(input_shape) == 4:
+    if channels_last and len(input_shape) in inference.CHANNELS_LAST:
         prepared = inference.with_channels_last(prepared)  # a copy
     net = prepared.model
     if precision != "fp32":
@@ -261,11 +261,20 @@ def _build_openvino(model, input_shape, precision, threads, work_dir: Path, chan
     The graph's batch is dynamic; each batch size gets its own static-shape compiled model (static
     shapes give the CPU plugin its fastest kernels), made when first needed and kept.
     The CPU plugin's default inference precision is bf16 on a bf16 CPU, so fp32 asks for f32 outright."""
+    path = inference.export_onnx(model, work_dir / ONNX_NAME, input_shape, opset=export.opset, dynamo=export.dynamo)
+    call, predict, note = openvino_graph(path, input_shape, precision, threads)
+    return call, predict, note, None, path
+
+
+def openvino_graph(path: Path, input_shape: tuple[int, ...], precision: str = "fp32", threads: int | None = None):
+    """An ONNX file compiled by OpenVINO's CPU plugin: (call, predict, note), as `deploy`'s forms. `precision` is
+    the inference precision of the float operations; an int8 file (the quantize stage's QDQ graph) runs its
+    quantized convolutions in int8 (VNNI / AMX where the CPU has them) whatever it is, and fp32 keeps the rest
+    in float32 (the CPU plugin's default is bf16 on a bf16 CPU)."""
     ov = _openvino()
     import openvino.properties as props
     import openvino.properties.hint as hints
 
-    path = inference.export_onnx(model, work_dir / ONNX_NAME, input_shape, opset=export.opset, dynamo=export.dynamo)
     core = ov.Core()
     source = core.read_model(str(path))
     config = dict([
@@ -299,7 +308,7 @@ def _build_openvino(model, input_shape, precision, threads, work_dir: Path, chan
         data = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
         return torch.from_numpy(np.array(compiled_for(data.shape[0])(data)[0], dtype=np.float32))
 
-    return call, predict, note, None, path
+    return call, predict, note
 
 
 # -- the registry ---------------------------------------------------------------------------------
@@ -311,7 +320,8 @@ REGISTRY: dict[str, Runtime] = {r.name: r for r in (
             cpu_precisions=("fp32",), cuda_precisions=("fp32",), build=_build_onnxruntime,
             volume_prefix="onnx_volume_latency", file_result="onnx_size_mb", needs_work_dir=True),
     Runtime("openvino", "openvino_latency", "OpenVINO", "openvino", timing_pass="openvino",
-            cpu_precisions=("fp32", "bf16"), cuda_precisions=("fp32",), build=_build_openvino, needs_work_dir=True),
+            cpu_precisions=("fp32", "bf16"), cuda_precisions=("fp32",), build=_build_openvino,
+            volume_prefix="openvino_volume_latency", needs_work_dir=True),
     # torch.compile runs on torch's own threads: it shares torch's pass
     Runtime("compile", "compile_latency", "torch.compile", "compile", timing_pass="torch",
             cpu_precisions=("fp32", "bf16"), cuda_precisions=("fp32",), build=partial(_build_torch, compile=True)),

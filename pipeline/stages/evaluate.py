@@ -92,15 +92,18 @@ def _run(ctx: Context, state: RunState) -> RunState:
     if int8:  # made from the last network of the chain (quantize stage), compared with it
         reference = measured[-1]
         for name, path in int8.items():
-            log.info("Evaluating the %s network (int8, ONNX Runtime) on the test split", name)
-            results[name] = quality.int8_network(split, path, name, models[reference], reference, results[reference])
+            log.info("Evaluating the %s network (int8, ONNX Runtime%s) on the test split", name,
+                     " and OpenVINO" if "openvino" in [str(r) for r in e.runtimes] else "")
+            results[name] = quality.int8_network(split, path, name, models[reference], reference, results[reference],
+                                                 ctx.input_shape if "openvino" in [str(r) for r in e.runtimes] else None)
     # the final network's ONNX graph is kept (and logged with the evaluate folder); the others' are not
     kept = {name: folder / FINAL_ONNX for name in measured if sources["final"] and sources[name] == sources["final"]}
     latency, timed = cost.time_networks(e, models, ctx.input_shape, ctx.device, reduced, volume, keep_graphs=kept,
                                         graph_only=int8)
     for name, values in latency.items():
         results[name].update(values)
-    peak = cost.machine_use(results, ctx.device, e.threads, reduced, skip=INT8_NETWORKS)
+    peak = cost.machine_use(results, ctx.device, e.threads, reduced,
+                            ("torch", *(str(r) for r in e.runtimes)) if e.machine_peak else None, skip=INT8_NETWORKS)
     if shared:
         results["final"] = dict(results["pruned"])
     _add_training_facts(results, state)
