@@ -29,9 +29,14 @@ run: setup
 	$(BIN)/python -m pipeline.run $(ARGS)
 
 # Tiers (tests/conftest.py): unit (in-process, the bulk), integration (pipeline jobs on tiny settings),
-# slow (long runs), realdata (../shared/realdata, skipped when absent). `make test` = unit + integration.
+# slow (processes, signals, servers, every preset end to end), realdata (../shared/realdata, skipped when absent).
+# `make test` = unit + integration, one pytest worker per core (at most 4; pytest-xdist), a test file per worker
+# (its module fixtures are shared by its tests); `make test-slow` runs the slow tier alone, one test at a time (its
+# tests start processes and time kills).
+XDIST := -n auto --maxprocesses 4 --dist loadfile
+
 test: setup
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) $(ARGS)
 
 test-unit: setup
 	$(BIN)/python -m pytest -q -m unit $(ARGS)
@@ -40,7 +45,8 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -m slow $(ARGS)
 
 test-all: setup
-	$(BIN)/python -m pytest -q -m "unit or integration or slow" $(ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) -m "unit or integration" $(ARGS)
+	$(BIN)/python -m pytest -q -m slow $(ARGS)
 
 sweep: setup
 	$(BIN)/python -m pipeline.run -m $(if $(EXP),experiment=$(EXP)) $(ARGS)

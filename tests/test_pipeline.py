@@ -100,6 +100,7 @@ def test_a_later_stage_starts_from_an_earlier_run(outputs, default_run):
     assert r.data.metrics["baseline/dice"] == pytest.approx(source.data.metrics["baseline/dice"])
 
 
+@pytest.mark.slow  # processes, signals or servers: `make test-slow`
 def test_concurrent_jobs_with_one_key_train_it_once(outputs):
     procs = [launch(outputs, *TINY, "seed=2", f"prune.ratio={ratio}") for ratio in (0.3, 0.6)]
     outs = [p.communicate(timeout=600)[0] for p in procs]

@@ -1,4 +1,5 @@
-"""Every experiment preset composes, runs end to end on tiny settings and reports in the paper's shape.
+"""Every experiment preset composes and passes the pipeline's checks (`make test`), and runs end to end on tiny
+settings and reports in the paper's shape (a few in `make test`, every one in `make test-slow`).
 
 Each preset runs as one job (its sweep is exercised by tests/test_sweeps.py) on synthetic data in the
 preset's own dataset layout, with a tiny version of the preset's model.
@@ -48,6 +49,9 @@ PRESETS = {
     "search_isic": ["dataset.limit=24", "prune=global", "prune.ratio=0.5", "recovery=distill_rewind",
                     "finetune.epochs=1"] + TINY_UNET,  # one trial's job (the search: tests/test_search.py)
 }
+# Run end to end in `make test`: a published table's preset (synthetic data) and the real-data default recipe; the
+# others' features have tests of their own (sweeps, search, 3D, quantize, recovery), and all run in `make test-slow`
+FAST = ("lwunet_table2", "real_isic_base")
 READS_REAL_ISIC = ("real_isic_mini", "real_isic_small", "real_isic_base", "criteria_isic", "precision_isic",
                    "rounding_unetpp_isic", "quantize_isic", "distill_ablation", "recovery_isic", "search_isic")
 
@@ -56,12 +60,8 @@ def test_every_preset_is_covered():
     assert set(PRESETS) == {p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")}
 
 
-def medprune(tmp_path: Path, *args: str, module: str = "pipeline.run") -> str:
-    return run_pipeline(tmp_path, *args, module=module)
-
-
-@pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_preset_runs_end_to_end_and_reports(preset, tmp_path):
+def job_overrides(preset: str, tmp_path: Path) -> list[str]:
+    """The preset's tiny job: its overrides, the data it reads (skipped, saying why, where real data is absent)."""
     overrides = list(PRESETS[preset])
     if preset in READS_REAL_ISIC and not REAL_ISIC.is_dir():
         pytest.skip(f"real ISIC subset not found at {REAL_ISIC}")
@@ -70,12 +70,34 @@ def test_preset_runs_end_to_end_and_reports(preset, tmp_path):
     if preset == "recovery_covid" and not (REAL / "covid_semiseg_subset").is_dir():
         pytest.skip(f"real COVID-SemiSeg subset not found at {REAL / 'covid_semiseg_subset'}")
     if preset == "channel_attention":
-        from data.synthetic_volumes import write_synthetic_slices
-
-        write_synthetic_slices(tmp_path / "semiseg", count=24)
         overrides.append(f"dataset.root={tmp_path / 'semiseg'}")
     if overrides[0].startswith("dataset=synthetic"):
         overrides.append(f"dataset.root={tmp_path / 'data'}")
+    return overrides
+
+
+def medprune(tmp_path: Path, *args: str, module: str = "pipeline.run") -> str:
+    return run_pipeline(tmp_path, *args, module=module)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_composes_and_passes_the_checks_a_job_makes(preset, tmp_path):
+    from helpers import compose_config
+    from pipeline.config import validate
+
+    cfg = compose_config(f"experiment={preset}", *job_overrides(preset, tmp_path), *COMMON, f"paths.outputs={tmp_path}")
+    validate(cfg)
+    assert cfg.tracking.experiment and cfg.stages
+
+
+@pytest.mark.parametrize("preset", [p if p in FAST else pytest.param(p, marks=pytest.mark.slow) for p in sorted(PRESETS)])
+def test_preset_runs_end_to_end_and_reports(preset, tmp_path):
+    overrides = job_overrides(preset, tmp_path)
+    if preset == "channel_attention":
+        from data.synthetic_volumes import write_synthetic_slices
+
+        write_synthetic_slices(tmp_path / "semiseg", count=24)
     medprune(tmp_path, f"experiment={preset}", *overrides, *COMMON)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     names = [e.name for e in client.search_experiments() if e.name != "Default"]

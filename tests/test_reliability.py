@@ -95,6 +95,7 @@ def test_a_damaged_cached_baseline_is_moved_aside(tmp_path, caplog):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # processes, signals or servers: `make test-slow`
 def test_a_corrupted_cache_is_retrained_and_a_corrupted_baseline_folder_is_an_error(tmp_path):
     outputs = tmp_path / "out"
     run_pipeline(outputs, *TINY)
@@ -307,6 +308,7 @@ def _weights(outputs: Path, pattern: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # processes, signals or servers: `make test-slow`
 def test_a_job_killed_in_training_and_in_fine_tuning_resumes_to_the_same_weights(tmp_path):
     # fine-tuning at a rate that moves the pruned network: the kept weights are fine-tuning's, not the pruned ones
     args = [*TINY, "train.epochs=8", "finetune.epochs=6", "finetune.lr=0.01"]
@@ -340,6 +342,7 @@ def test_a_job_killed_in_training_and_in_fine_tuning_resumes_to_the_same_weights
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # processes, signals or servers: `make test-slow`
 def test_a_killed_sweep_rerun_skips_its_finished_jobs_and_resumes_the_killed_one(tmp_path):
     """SIGKILL in the second job of a two-job sweep, then the same command: the same parent run, the finished job
     skipped (not rerun, its folder untouched), the killed one resumed from its checkpoint; every job once."""
@@ -439,6 +442,7 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # processes, signals or servers: `make test-slow`
 def test_sigterm_to_the_ui_stops_its_mlflow_server_and_workers(tmp_path):
     import socket
 

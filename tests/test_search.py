@@ -178,6 +178,7 @@ def test_a_collapsed_network_is_told_pruned_not_scored(tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # processes, signals or servers: `make test-slow`
 def test_a_killed_search_resumes_the_killed_trial_and_keeps_its_budget(tmp_path):
     args = [*SEARCH, "hydra.sweeper.n_trials=2", "finetune.epochs=8"]
     kill_when(tmp_path, args, "multirun/*/*/1/final/checkpoint/checkpoint.json", 2)  # in the second trial's fine-tuning
@@ -195,6 +196,7 @@ def test_a_killed_search_resumes_the_killed_trial_and_keeps_its_budget(tmp_path)
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # processes, signals or servers: `make test-slow`
 def test_two_processes_share_one_study_and_its_budget(tmp_path):
     args = [*SEARCH, "hydra.sweeper.n_trials=4"]
     procs = [launch(tmp_path, *args)]

@@ -75,6 +75,7 @@ def test_importing_the_modules_sets_nothing_up_until_start():
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # processes, signals or servers: `make test-slow`
 def test_the_commands_run_from_a_folder_holding_data_and_models(researcher):
     assert "editable_mode=compat" in (ROOT / "Makefile").read_text()  # the install that puts the checkout on sys.path
     before = sorted(p.relative_to(researcher) for p in researcher.rglob("*"))
@@ -118,6 +119,7 @@ def _source_copy(to: Path) -> Path:
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # processes, signals or servers: `make test-slow`
 def test_a_wheel_ships_conf_and_composes_from_any_folder(tmp_path):
     source = _source_copy(tmp_path / "src")
     started = time.monotonic()

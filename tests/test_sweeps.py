@@ -76,6 +76,7 @@ def test_four_parallel_jobs_repeatedly(tmp_path, attempt):
     test_four_parallel_joblib_jobs_are_all_recorded_in_one_sqlite_store(tmp_path)
 
 
+@pytest.mark.slow  # processes, signals or servers: `make test-slow`
 def test_a_team_server_is_a_first_class_store_for_submitit_jobs_their_artifacts_and_the_baseline(tmp_path):
     """A real `mlflow server` on 127.0.0.1 serving its artifacts, and a two-job submitit sweep against it, after
     a job on this machine's own store trained the baseline into the local cache: the jobs nest under the sweep,
@@ -155,6 +156,7 @@ def test_the_mlflow_ui_shows_a_sweeps_runs_in_a_headless_browser(tmp_path):
     assert out.stat().st_size > 20_000  # a rendered page, not a blank one
 
 
+@pytest.mark.slow  # processes, signals or servers: `make test-slow`
 def test_two_sweeps_started_together_keep_their_own_folders_and_jobs(tmp_path):
     """Sweep folders are named to the microsecond: two sweeps launched in the same second once shared one
     folder, and with it the sweep file that tells each job its parent run, and the jobs' run folders."""

@@ -59,21 +59,32 @@ def _best_seconds(call, warmup_s: float, measure_s: float, device: torch.device)
     return best
 
 
+_MEASURED: dict[tuple, dict[str, object]] = {}  # one measurement per process and setting: the jobs of a sweep share it
+
+
 def machine_peak(device: torch.device, threads: int | None = None, runtimes: Sequence[str] = ("torch",),
                  precision: str = "fp32", shapes: Sequence[tuple[int, int, int]] | None = None,
                  warmup_s: float = 0.2, measure_s: float = 0.4) -> dict[str, object]:
-    """The best GFLOP/s of `shapes` (channels in, channels out, side; default SHAPES) in each of `runtimes` (pipeline.measure.runtimes names)
-    at `threads` and `precision`. A runtime that has no kernels for `precision` on `device`, or cannot take
+    """The best GFLOP/s of `shapes` (channels in, channels out, side; default SHAPES) in each of `runtimes`
+    (pipeline.measure.runtimes names) at `threads` and `precision`. A runtime that has no kernels for `precision` on `device`, or cannot take
     the layer, is left out (logged). On CUDA only torch runs on the device: the yardstick is torch's there.
 
     Returns peak_gflops (the yardstick), peak_form ("<runtime> <in>-><out>@<side>²", where it was reached) and
     peak_<runtime>_gflops for each runtime measured. About (warmup_s + measure_s) per shape and runtime, plus the
-    graph runtimes' export and compilation: ~7 s per runtime at the defaults."""
-    from pipeline.measure.runtimes import REGISTRY, deploy
-
+    graph runtimes' export and compilation: ~7 s per runtime at the defaults, once per process and setting (the
+    jobs a sweep runs in one process share the measurement)."""
     if device.type == "cuda":
         runtimes = ("torch",)
-    shapes = SHAPES if shapes is None else shapes
+    shapes = tuple(SHAPES if shapes is None else shapes)
+    key = (str(device), threads, tuple(runtimes), precision, shapes, warmup_s, measure_s)
+    if key not in _MEASURED:
+        _MEASURED[key] = _measure(device, threads, runtimes, precision, shapes, warmup_s, measure_s)
+    return dict(_MEASURED[key])
+
+
+def _measure(device, threads, runtimes, precision, shapes, warmup_s, measure_s) -> dict[str, object]:
+    from pipeline.measure.runtimes import REGISTRY, deploy
+
     best: dict[str, tuple[float, str]] = {}
     with tempfile.TemporaryDirectory(prefix="medprune-peak-") as work, cpu_threads(threads):
         for runtime in runtimes:
