@@ -205,6 +205,11 @@ def machine_use(results: dict[str, dict], device: torch.device, threads: Optiona
         log.info("Machine peak at %s thread(s): %.1f GFLOP/s (%s); the networks reach %s", threads or "all",
                  peak["peak_gflops"], peak["peak_form"],
                  ", ".join(f"{name} {100 * r['peak_fraction']:.0f}%" for name, r in results.items() if "peak_fraction" in r))
+        above = [f"{name} {key} {100 * r[key]:.0f}%" for name, r in results.items() for key in r
+                 if key.endswith("peak_fraction") and r[key] > 1.0]
+        if above:  # a yardstick that the measured thing exceeds (the peak was timed in a busy spell)
+            log.warning("Above the machine's peak: %s; the peak was measured once in this process and may have been "
+                        "timed in a busy spell: read these shares as unreliable", ", ".join(above))
     return peak
 
 
