@@ -169,6 +169,7 @@ def test_a_cache_built_with_skip_still_fails_a_strict_run(tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # processes, signals or servers: `make test-slow`
 def test_parallel_jobs_build_the_cache_once(ct_root, tmp_path):
     script = (
         "import sys, logging; logging.basicConfig(level=logging.INFO)\n"

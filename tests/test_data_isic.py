@@ -399,6 +399,7 @@ def test_a_synthetic_count_has_one_home_the_yaml(name, count):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # processes, signals or servers: `make test-slow`
 def test_parallel_jobs_share_one_synthetic_root(tmp_path):
     root = tmp_path / "shared_root"
     script = (

@@ -24,6 +24,7 @@ def client_of(outputs: Path) -> MlflowClient:
     return MlflowClient(f"sqlite:///{outputs / 'mlflow.db'}")
 
 
+@pytest.mark.slow  # processes, signals or servers: `make test-slow`
 def test_a_joblib_sweep_is_one_parent_run_and_its_report_ignores_other_runs(tmp_path):
     outputs = tmp_path / "out"
     run_pipeline(outputs, *TINY, "prune.ratio=0.5", "evaluate.runtimes=[]")  # a job outside the sweep, before it

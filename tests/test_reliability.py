@@ -240,6 +240,7 @@ def test_a_prune_that_keeps_more_than_asked_says_so_and_marks_the_run(tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # processes, signals or servers: `make test-slow`
 def test_sigterm_is_one_line_and_the_run_killed(tmp_path):
     outputs = tmp_path / "out"
     proc = launch(outputs, *TINY, "train.epochs=500")
