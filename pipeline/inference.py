@@ -162,7 +162,8 @@ def _device(model: nn.Module) -> torch.device:
 
 
 # The channels-last memory layout of an input of each rank: NHWC for images, NDHWC for volumes (oneDNN's convolutions
-# run on it without reordering; on a pruned 3D UNet a third faster than NCDHW, docs/PERFORMANCE.md)
+# run on it without reordering). The evaluate stage deploys images in NHWC and keeps volumes NCDHW: NDHWC made a
+# pruned 3D UNet up to 1.17x faster and the unpruned one 1.16x slower (docs/PERFORMANCE.md, 3D); the bench times both
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 

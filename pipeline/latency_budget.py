@@ -104,8 +104,9 @@ def interleaved_timer(device: torch.device, threads: Optional[int], warmup: int,
 
 
 def deployed_probe(model: nn.Module, input_shape: tuple[int, ...], device: torch.device) -> Probe:
-    """The network as the evaluate stage times it (`latency_ms`): BatchNorm folded, channels_last, batch 1."""
-    prepared = prepare_for_inference(model, input_shape, fold_bn=True, channels_last=True)
+    """The network as the evaluate stage times it (`latency_ms`): BatchNorm folded, channels_last for images
+    (volumes stay NCDHW, as there), batch 1."""
+    prepared = prepare_for_inference(model, input_shape, fold_bn=True, channels_last=len(input_shape) == 4)
     x = prepared.input(torch.randn(input_shape, generator=torch.Generator().manual_seed(0))).to(device)
     return Probe(prepared.model.to(device), x)
 

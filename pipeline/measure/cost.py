@@ -92,7 +92,7 @@ def time_networks(settings, models: dict[str, torch.nn.Module], input_shape: tup
     with tempfile.TemporaryDirectory(prefix="medprune-runtimes-") as work:  # the exported graphs the runtimes read
         for name, model in models.items():
             folded = inference.prepare_for_inference(model, input_shape, fold_bn=bool(e.fold_bn), channels_last=False)
-            deployed_cl = bool(e.channels_last) and len(input_shape) in inference.CHANNELS_LAST
+            deployed_cl = bool(e.channels_last) and len(input_shape) == 4  # images; volumes stay NCDHW (runtimes._build_torch)
             out[name] = {"latency_threads": thread_count(e.threads) if device.type == "cpu" else 0,
                          "latency_bn_folded": folded.folded_bn, "latency_channels_last": int(deployed_cl)}
             if (folded.folded_bn or deployed_cl) and e.latency_eager:

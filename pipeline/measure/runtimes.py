@@ -112,7 +112,7 @@ def deploy(
     are timed by the caller inside profiling.cpu_threads(threads), and `deploy` runs its own torch work
     (compilation, the comparison) at that count when it is given. `work_dir` (needed by the graph runtimes)
     receives the graph `export` makes, as model.onnx. `channels_last` applies to the torch forms with 4-D
-    inputs (NDHWC for 5-D ones). A pair the runtime has no kernels for raises ValueError; a failed torch.compile RuntimeError."""
+    inputs (images; volumes stay NCDHW, docs/PERFORMANCE.md, 3D). A pair the runtime has no kernels for raises ValueError; a failed torch.compile RuntimeError."""
     if runtime not in REGISTRY:
         raise ValueError(f"unknown runtime {runtime!r}: expected one of {', '.join(REGISTRY)}")
     if precision not in PRECISIONS:
@@ -171,8 +171,8 @@ def _build_torch(model: nn.Module, input_shape: tuple[int, ...], precision: str,
     2-deep UNet at 32x32 14 s, the classic UNet at 256x256 11 s), later ones ~5 s; inductor's cache
     (/tmp/torchinductor_<user>) makes a repeat of the same graph take under a second."""
     prepared = inference.Prepared(model, 0, False)
-    if channels_last and len(input_shape) in inference.CHANNELS_LAST:
-        prepared = inference.with_channels_last(prepared)  # a copy
+    if channels_last and len(input_shape) == 4:  # 3D stays NCDHW: NDHWC slowed the unpruned width-32 3D UNet 1.16x
+        prepared = inference.with_channels_last(prepared)  # a copy (docs/PERFORMANCE.md, 3D)
     net = prepared.model
     if precision != "fp32":
         net = _Cast(copy.deepcopy(net) if net is model else net, DTYPES[precision])
