@@ -2,7 +2,7 @@
 """medprune's performance suite (`make bench`): are pruned networks as fast as their FLOPs say, and
 does the pipeline waste time anywhere?
 
-    .venv/bin/python scripts/bench.py                      # everything; < 15 min on a 2-core CPU
+    .venv/bin/python scripts/bench.py                      # everything; ~30 min on a 2-core CPU
     .venv/bin/python scripts/bench.py --quick              # tiny sizes, seconds (tests/test_bench.py)
     .venv/bin/python scripts/bench.py --rows speed --models unet --device cpu
 
