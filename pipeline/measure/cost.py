@@ -66,7 +66,8 @@ def time_networks(settings, models: dict[str, torch.nn.Module], input_shape: tup
     threads and the latency_* timing settings). `reduced`: a precision the device runs natively (or None).
     `keep_graphs` {network: path}: where the ONNX graph that ONNX Runtime ran is kept (the final network's
     final.onnx). `graph_only` {network: ONNX file}: networks that exist only as ONNX (the int8 rows), timed
-    in ONNX Runtime's pass, and in OpenVINO's when evaluate.runtimes has it. A runtime that cannot take a network costs only that form's results (a warning).
+    in ONNX Runtime's pass, and in OpenVINO's when evaluate.runtimes has it. A runtime that cannot take a
+    network costs only that form's results (a warning).
     `repeat`: calls per timing (the figures are per call): a round over many networks otherwise runs each one
     with caches its predecessors filled (a search's front, pipeline/front.py)."""
     import tempfile
@@ -92,7 +93,7 @@ def time_networks(settings, models: dict[str, torch.nn.Module], input_shape: tup
     with tempfile.TemporaryDirectory(prefix="medprune-runtimes-") as work:  # the exported graphs the runtimes read
         for name, model in models.items():
             folded = inference.prepare_for_inference(model, input_shape, fold_bn=bool(e.fold_bn), channels_last=False)
-            deployed_cl = bool(e.channels_last) and len(input_shape) == 4  # images; volumes stay NCDHW (runtimes._build_torch)
+            deployed_cl = bool(e.channels_last) and len(input_shape) == 4  # volumes stay NCDHW (runtimes._build_torch)
             out[name] = {"latency_threads": thread_count(e.threads) if device.type == "cpu" else 0,
                          "latency_bn_folded": folded.folded_bn, "latency_channels_last": int(deployed_cl)}
             if (folded.folded_bn or deployed_cl) and e.latency_eager:

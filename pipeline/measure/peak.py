@@ -5,8 +5,10 @@ reaches on the layers the networks are made of: 3x3 convolutions with bias and R
 convolution-BatchNorm-ReLU), at the levels of a UNet at 256x256 (64 channels at 256², 128 at 128², ... 1024 at
 16², the same FLOPs each), each shape run in each runtime, after a warm-up, for long enough that the clock
 settles, and the best run of all counted. The levels' decoder convolutions (twice the channels in, after the
-skip concatenation) are in the set too: they run a little faster than the encoder's. A network is a sequence of such layers plus work that is not counted
-(pooling, concatenation, up-sampling), so it cannot run faster than its fastest layer does alone.
+skip concatenation) are in the set too: they run a little faster than the encoder's. A network is a sequence
+of such layers plus work that is not counted (pooling, concatenation, up-sampling), so it cannot run faster
+than its fastest layer does alone. (A dilated convolution on a small map is the exception: most of its counted
+taps fall in the zero padding, which the runtimes skip; docs/PERFORMANCE.md, the yardstick.)
 
 What this replaced did not hold: one float32 matmul (1024³) and one 64 -> 64 convolution at 128² in torch. On a
 2-core Intel Xeon (AVX-512 VNNI) that read 108 and 161 GFLOP/s while the unpruned classic UNet ran at 199-250
@@ -66,8 +68,8 @@ def machine_peak(device: torch.device, threads: int | None = None, runtimes: Seq
                  precision: str = "fp32", shapes: Sequence[tuple[int, int, int]] | None = None,
                  warmup_s: float = 0.2, measure_s: float = 0.4) -> dict[str, object]:
     """The best GFLOP/s of `shapes` (channels in, channels out, side; default SHAPES) in each of `runtimes`
-    (pipeline.measure.runtimes names) at `threads` and `precision`. A runtime that has no kernels for `precision` on `device`, or cannot take
-    the layer, is left out (logged). On CUDA only torch runs on the device: the yardstick is torch's there.
+    (pipeline.measure.runtimes names) at `threads` and `precision`. A runtime that has no kernels for
+    `precision` on `device`, or cannot take the layer, is left out (logged). On CUDA only torch runs on the device: the yardstick is torch's there.
 
     Returns peak_gflops (the yardstick), peak_form ("<runtime> <in>-><out>@<side>²", where it was reached) and
     peak_<runtime>_gflops for each runtime measured. About (warmup_s + measure_s) per shape and runtime, plus the
