@@ -73,7 +73,7 @@ def machine_peak(device: torch.device, threads: int | None = None, runtimes: Seq
 
     Returns peak_gflops (the yardstick), peak_form ("<runtime> <in>-><out>@<side>²", where it was reached) and
     peak_<runtime>_gflops for each runtime measured. About (warmup_s + measure_s) per shape and runtime, plus the
-    graph runtimes' export and compilation: ~7 s per runtime at the defaults, once per process and setting (the
+    graph runtimes' export and compilation: ~10 s per runtime at the defaults, once per process and setting (the
     jobs a sweep runs in one process share the measurement)."""
     if device.type == "cuda":
         runtimes = ("torch",)
