@@ -285,8 +285,7 @@ class Runner:
         if variant in ("onnxruntime", INT8):
             self.session = session
         elif variant == OV_INT8:  # `session` is the int8 file here
-            call, predict, _ = runtimes.openvino_graph(session, shape, "fp32", threads)
-            self.deployed = runtimes.Deployed("openvino", "int8", call, predict, float("nan"))
+            self.deployed = runtimes.openvino_graph(session, shape, "fp32", threads)
         elif variant in RUNTIME_VARIANTS:
             runtime, dtype = RUNTIME_VARIANTS[variant]
             folded = inference.prepare_for_inference(model, shape, fold_bn=True, channels_last=False).model.to(device)
@@ -1152,11 +1151,12 @@ def render(results: dict) -> str:
         lines += ["", "| model | round_to | ratio | variant | latency (ms) | p90 (ms) | min (ms) | img/s @batch | speed-up | efficiency | vs eager | GFLOP/s | % peak |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         flops = {(n["model"], n["round_to"], n["ratio"]): n["flops_g"] for n in speed["networks"]}
+        shares = {(p["model"], p["round_to"], p["ratio"], p["variant"]): p["share"] for p in peak_shares(results)}
         for r in speed["latency"]:
             variant = r["variant"] + (f" ({r['device']})" if r["device"] != m["device_type"] else "")
             achieved = flops[(r["model"], r["round_to"], r["ratio"])] / (r["median_ms"] / 1e3)
-            yardstick = _peak_for(results, r["variant"])
-            share = f"{100 * achieved / yardstick:.0f}" if yardstick else "–"
+            share = shares.get((r["model"], r["round_to"], r["ratio"], r["variant"]))
+            share = "–" if share is None else f"{100 * share:.0f}"
             lines.append(f"| {r['model']} | {r['round_to'] or '-'} | {r['ratio']:g} | {variant} | {r['median_ms']:.2f} | "
                          f"{r['p90_ms']:.2f} | {r['min_ms']:.2f} | {_f(r.get('throughput_ips'), '{:.2f}')} | {_f(r['speedup'])}x | "
                          f"{_f(r['efficiency'])} | {_f(r['speedup_vs_eager'])}x | {achieved:.0f} | {share} |")

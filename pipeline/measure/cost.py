@@ -85,8 +85,8 @@ def time_networks(settings, models: dict[str, torch.nn.Module], input_shape: tup
         fns[f"{name}/{REGISTRY['onnxruntime'].form()}"] = ("onnxruntime", inference.onnx_call(session, input_shape))
         if "openvino" in [str(r) for r in e.runtimes]:  # the same int8 file compiled by OpenVINO
             try:
-                call, _, _ = openvino_graph(path, input_shape, "fp32", e.threads)
-                fns[f"{name}/{REGISTRY['openvino'].form()}"] = ("openvino", call)
+                graph = openvino_graph(path, input_shape, "fp32", e.threads)
+                fns[f"{name}/{REGISTRY['openvino'].form()}"] = ("openvino", graph.call)
             except Exception as err:  # noqa: BLE001  (a graph OpenVINO cannot take costs only that form)
                 log.warning("OpenVINO could not compile the %s network (%s: %s); no openvino_latency results", name,
                             type(err).__name__, err)

@@ -21,20 +21,20 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from pipeline.measure.profiling import count_flops, cpu_threads
+from pipeline.measure.profiling import count_flops, cpu_threads, time_calls
 
 log = logging.getLogger(__name__)
 
 # (channels in, channels out, side): the levels of a UNet at 256x256, encoder (c -> c, 4.8 GFLOP each) and decoder
 # (2c -> c, 9.7 GFLOP each)
-SHAPES: tuple[tuple[int, int, int], ...] = tuple((k * c, c, 256 * 64 // c) for c in (64, 128, 256, 512, 1024) for k in (1, 2))
+SHAPES: tuple[tuple[int, int, int], ...] = tuple((k * c, c, 256 * 64 // c)
+                                                 for c in (64, 128, 256, 512, 1024) for k in (1, 2))
 
 
 def _layer(channels_in: int, channels_out: int) -> nn.Module:
@@ -42,23 +42,16 @@ def _layer(channels_in: int, channels_out: int) -> nn.Module:
 
 
 def _best_seconds(call, warmup_s: float, measure_s: float, device: torch.device) -> float:
-    """The fastest of the calls made over `measure_s`, after calling for `warmup_s` (the clock ramps up, the
-    runtime allocates its buffers)."""
-    def timed() -> float:
-        start = time.perf_counter()
+    """The fastest of the calls made over `measure_s` (at least 3), after calling for `warmup_s` (the clock ramps
+    up, the runtime allocates its buffers)."""
+    def synced():
         call()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return time.perf_counter() - start
 
-    end = time.perf_counter() + warmup_s
-    timed()
-    while time.perf_counter() < end:
-        timed()
-    best, end, runs = float("inf"), time.perf_counter() + measure_s, 0
-    while runs < 3 or time.perf_counter() < end:
-        best, runs = min(best, timed()), runs + 1
-    return best
+    endless = 10**9  # the time budgets stop the loops
+    time_calls(synced, warmup=1, runs=endless, max_seconds=warmup_s, min_runs=1)
+    return min(time_calls(synced, warmup=0, runs=endless, max_seconds=measure_s, min_runs=3)) / 1e3
 
 
 _MEASURED: dict[tuple, dict[str, object]] = {}  # one measurement per process and setting: the jobs of a sweep share it
@@ -69,7 +62,8 @@ def machine_peak(device: torch.device, threads: int | None = None, runtimes: Seq
                  warmup_s: float = 0.2, measure_s: float = 0.4) -> dict[str, object]:
     """The best GFLOP/s of `shapes` (channels in, channels out, side; default SHAPES) in each of `runtimes`
     (pipeline.measure.runtimes names) at `threads` and `precision`. A runtime that has no kernels for
-    `precision` on `device`, or cannot take the layer, is left out (logged). On CUDA only torch runs on the device: the yardstick is torch's there.
+    `precision` on `device`, or cannot take the layer, is left out (logged). On CUDA only torch runs on the
+    device: the yardstick is torch's there.
 
     Returns peak_gflops (the yardstick), peak_form ("<runtime> <in>-><out>@<side>²", where it was reached) and
     peak_<runtime>_gflops for each runtime measured. About (warmup_s + measure_s) per shape and runtime, plus the

@@ -285,7 +285,6 @@ def _load_1min() -> float | None:
     return load[0] if load else None
 
 
-@torch.inference_mode()
 def load_average() -> tuple[float, float, float] | None:
     try:
         return os.getloadavg()

@@ -139,21 +139,10 @@ def int8_network(split: TestSplit, path: Path, name: str, reference: torch.nn.Mo
     if openvino_shape:
         from pipeline.measure.runtimes import openvino_graph
 
-        _, predict, _ = openvino_graph(path, openvino_shape, "fp32", split.settings.threads)
-        out["openvino_dice"] = score(split, _Predicting(predict), f"{name}_openvino", export=False)["dice"]
+        module = openvino_graph(path, openvino_shape, "fp32", split.settings.threads).as_module()
+        out["openvino_dice"] = score(split, module, f"{name}_openvino", export=False)["dice"]
         log.info("%s network (int8) in OpenVINO: Dice %.4f", name, out["openvino_dice"])
     return out
-
-
-class _Predicting(torch.nn.Module):
-    """A deployed form's `predict` (float32 CPU logits) as a module on the input's device."""
-
-    def __init__(self, predict):
-        super().__init__()
-        self.predict = predict
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.predict(x).to(x.device)
 
 
 @torch.no_grad()

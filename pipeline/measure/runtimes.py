@@ -112,7 +112,8 @@ def deploy(
     are timed by the caller inside profiling.cpu_threads(threads), and `deploy` runs its own torch work
     (compilation, the comparison) at that count when it is given. `work_dir` (needed by the graph runtimes)
     receives the graph `export` makes, as model.onnx. `channels_last` applies to the torch forms with 4-D
-    inputs (images; volumes stay NCDHW, docs/PERFORMANCE.md, 3D). A pair the runtime has no kernels for raises ValueError; a failed torch.compile RuntimeError."""
+    inputs (images; volumes stay NCDHW, docs/PERFORMANCE.md, 3D). A pair the runtime has no kernels for raises
+    ValueError; a failed torch.compile RuntimeError."""
     if runtime not in REGISTRY:
         raise ValueError(f"unknown runtime {runtime!r}: expected one of {', '.join(REGISTRY)}")
     if precision not in PRECISIONS:
@@ -262,15 +263,16 @@ def _build_openvino(model, input_shape, precision, threads, work_dir: Path, chan
     shapes give the CPU plugin its fastest kernels), made when first needed and kept.
     The CPU plugin's default inference precision is bf16 on a bf16 CPU, so fp32 asks for f32 outright."""
     path = inference.export_onnx(model, work_dir / ONNX_NAME, input_shape, opset=export.opset, dynamo=export.dynamo)
-    call, predict, note = openvino_graph(path, input_shape, precision, threads)
-    return call, predict, note, None, path
+    graph = openvino_graph(path, input_shape, precision, threads)
+    return graph.call, graph.predict, graph.note, None, path
 
 
-def openvino_graph(path: Path, input_shape: tuple[int, ...], precision: str = "fp32", threads: int | None = None):
-    """An ONNX file compiled by OpenVINO's CPU plugin: (call, predict, note), as `deploy`'s forms. `precision` is
-    the inference precision of the float operations; an int8 file (the quantize stage's QDQ graph) runs its
-    quantized convolutions in int8 (VNNI / AMX where the CPU has them) whatever it is, and fp32 keeps the rest
-    in float32 (the CPU plugin's default is bf16 on a bf16 CPU)."""
+def openvino_graph(path: Path, input_shape: tuple[int, ...], precision: str = "fp32",
+                   threads: int | None = None) -> Deployed:
+    """An ONNX file compiled by OpenVINO's CPU plugin, as a `Deployed` form (its max_abs_diff NaN: no reference
+    here; `deploy` measures it). `precision` is the inference precision of the float operations; an int8 file
+    (the quantize stage's QDQ graph) runs its quantized convolutions in int8 (VNNI / AMX where the CPU has them)
+    whatever it is, and fp32 keeps the rest in float32 (the CPU plugin's default is bf16 on a bf16 CPU)."""
     ov = _openvino()
     import openvino.properties as props
     import openvino.properties.hint as hints
@@ -308,7 +310,7 @@ def openvino_graph(path: Path, input_shape: tuple[int, ...], precision: str = "f
         data = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
         return torch.from_numpy(np.array(compiled_for(data.shape[0])(data)[0], dtype=np.float32))
 
-    return call, predict, note
+    return Deployed("openvino", precision, call, predict, float("nan"), note, file=Path(path))
 
 
 # -- the registry ---------------------------------------------------------------------------------

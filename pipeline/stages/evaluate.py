@@ -91,11 +91,11 @@ def _run(ctx: Context, state: RunState) -> RunState:
     int8 = quantized_files(state.quantized) if state.quantized else {}
     if int8:  # made from the last network of the chain (quantize stage), compared with it
         reference = measured[-1]
+        openvino = "openvino" in [str(r) for r in e.runtimes]  # the int8 file is also scored (and timed) there
         for name, path in int8.items():
-            log.info("Evaluating the %s network (int8, ONNX Runtime%s) on the test split", name,
-                     " and OpenVINO" if "openvino" in [str(r) for r in e.runtimes] else "")
+            log.info("Evaluating the %s network (int8, ONNX Runtime%s) on the test split", name, " and OpenVINO" * openvino)
             results[name] = quality.int8_network(split, path, name, models[reference], reference, results[reference],
-                                                 ctx.input_shape if "openvino" in [str(r) for r in e.runtimes] else None)
+                                                 ctx.input_shape if openvino else None)
     # the final network's ONNX graph is kept (and logged with the evaluate folder); the others' are not
     kept = {name: folder / FINAL_ONNX for name in measured if sources["final"] and sources[name] == sources["final"]}
     latency, timed = cost.time_networks(e, models, ctx.input_shape, ctx.device, reduced, volume, keep_graphs=kept,
